@@ -1,0 +1,15 @@
+# The default experience: clean sentences from tense.txt in a few minutes on a laptop CPU.
+out_dir = "out"
+batch_size = 32
+block_size = 128
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+max_iters = 1200
+warmup_iters = 100
+learning_rate = 1e-3
+min_lr = 1e-4
+eval_interval = 200
+eval_iters = 20
+log_interval = 50

@@ -1,0 +1,292 @@
+"""
+The whole GPT in one file, in the order data flows through it:
+
+    token ids -> token embedding + positional encoding -> n_layer x Block -> LayerNorm -> logits
+    Block: x + attention(LayerNorm(x)), then x + feed_forward(LayerNorm(x))   (pre-LN, GPT-2)
+
+References: "Attention Is All You Need" (Vaswani et al. 2017) for the transformer and the
+sinusoidal positions; GPT-2 (Radford et al. 2019) for pre-LayerNorm, learned positions,
+tied embeddings and the scaled initialisation; nanoGPT for the shape of this file.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304  # GPT-2's 50,257 padded up to a multiple of 64 (faster matmuls)
+    block_size: int = 256  # the longest context the model sees
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    d_ff: int = 0  # hidden size of the feed-forward network; 0 means 4 * n_embd
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linear layers and LayerNorms (GPT-2: True)
+    pos_encoding: str = "learned"  # 'learned' (GPT-2) or 'sinusoidal' (Vaswani et al.)
+    activation: str = "gelu"  # 'gelu' (GPT-2's tanh approximation) or 'relu' (Vaswani et al.)
+
+    def __post_init__(self):
+        if self.d_ff == 0:
+            self.d_ff = 4 * self.n_embd
+
+
+def check_config(config):
+    """The ways a config can be impossible, each as a message naming the key; [] when fine."""
+    problems = []
+    for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "d_ff"):
+        if getattr(config, key) <= 0:
+            problems.append(f"{key} must be positive, got {getattr(config, key)}")
+    if config.n_head > 0 and config.n_embd % config.n_head:
+        problems.append(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+    if not 0.0 <= config.dropout < 1.0:
+        problems.append(f"dropout must be in [0, 1), got {config.dropout}")
+    if config.pos_encoding not in ("learned", "sinusoidal"):
+        problems.append(f"pos_encoding must be 'learned' or 'sinusoidal', got {config.pos_encoding!r}")
+    if config.activation not in ("gelu", "relu"):
+        problems.append(f"activation must be 'gelu' or 'relu', got {config.activation!r}")
+    return problems
+
+
+def sinusoidal_positions(block_size, n_embd):
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...): section 3.5 of the paper."""
+    position = torch.arange(block_size, dtype=torch.float32).unsqueeze(1)  # (T, 1)
+    frequency = torch.exp(torch.arange(0, n_embd, 2, dtype=torch.float32) * (-math.log(10000.0) / n_embd))
+    pe = torch.zeros(block_size, n_embd)
+    pe[:, 0::2] = torch.sin(position * frequency)
+    pe[:, 1::2] = torch.cos(position * frequency)[:, : n_embd // 2]
+    return pe  # (T, C)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None, pos=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_size): each head attends in its own subspace
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            # KV cache: keys and values of earlier positions never change (causal), so
+            # store them once and attend the new queries to all of them.
+            k_cache, v_cache = cache  # (B, n_head, block_size, head_size)
+            k_cache[:, :, pos : pos + T] = k
+            v_cache[:, :, pos : pos + T] = v
+            k, v = k_cache[:, :, : pos + T], v_cache[:, :, : pos + T]
+        # is_causal masks position i from seeing j > i. One new query (T == 1) may see
+        # every cached key, so it needs no mask. Generation only prefills at pos == 0.
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.d_ff, bias=config.bias)
+        self.c_proj = nn.Linear(config.d_ff, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.relu = config.activation == "relu"
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        h = F.relu(h) if self.relu else F.gelu(h, approximate="tanh")  # tanh: GPT-2's "gelu_new"
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x, cache=None, pos=0):
+        # pre-LN: normalise the input of each sublayer, keep the residual path an identity
+        x = x + self.attn(self.ln_1(x), cache, pos)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        problems = check_config(config)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.pos_encoding == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        else:
+            self.register_buffer("wpe_table", sinusoidal_positions(config.block_size, config.n_embd), persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        # The output layer shares its weight with the token embedding (weight tying,
+        # Press & Wolf 2017): fewer parameters, and it trains better at this size.
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+        self.apply(self._init_weights)
+        # GPT-2: each residual branch adds to the stream, so scale the projections that
+        # write into it by 1/sqrt(2 * n_layer) to keep the stream's variance flat with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=False):
+        """Parameter count (the tied output layer counted once). non_embedding leaves out positions."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.config.pos_encoding == "learned":
+            n -= self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self):
+        """
+        Training FLOPs per token (PaLM, appendix B): 6 per weight (2 forward, 4 backward),
+        plus attention's scores and weighted sum, 12 * n_layer * block_size * n_embd.
+        """
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.block_size * c.n_embd
+
+    def estimate_mfu(self, tokens_per_sec, peak_flops):
+        """Model FLOPs utilisation: the share of the hardware's peak FLOP/s that training uses."""
+        return self.flops_per_token() * tokens_per_sec / peak_flops
+
+    def forward(self, idx, targets=None, caches=None, pos=0):
+        """
+        idx (B, T) token ids -> (logits, loss). With targets (B, T): logits (B, T, V) and
+        the mean cross-entropy. Without: logits of the last position only (B, 1, V),
+        all that generation needs. caches/pos: see generate().
+        """
+        B, T = idx.shape
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}")
+        x = self.wte(idx)  # (B, T, C)
+        if self.config.pos_encoding == "learned":
+            x = x + self.wpe(torch.arange(pos, pos + T, device=idx.device))
+        else:
+            # the paper scales embeddings by sqrt(d_model) so the fixed sinusoids don't drown them
+            x = x * math.sqrt(self.config.n_embd) + self.wpe_table[pos : pos + T]
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i], pos)
+        x = self.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, -1:, :]), None
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    # ------------------------------------------------------------------ generation
+
+    def new_caches(self, batch_size, device=None, dtype=None):
+        """One (keys, values) pair per layer, each (B, n_head, block_size, head_size)."""
+        c = self.config
+        p = self.wte.weight
+        shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+        return [
+            (torch.empty(shape, device=device or p.device, dtype=dtype or p.dtype),
+             torch.empty(shape, device=device or p.device, dtype=dtype or p.dtype))
+            for _ in range(c.n_layer)
+        ]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, greedy=False,
+                 stop_token=None, use_cache=True, generator=None):
+        """
+        Appends up to max_new_tokens tokens to idx (B, T) and returns (B, T + new).
+
+        With the KV cache each new token runs the model on one position. The model sees
+        at most block_size tokens: past that, the oldest fall out of the window, and since
+        every position then moves, the cache is rebuilt from the window (exactly what a
+        full recompute would see). Stops early once every row has produced stop_token.
+        use_cache=False recomputes the whole window for every token (for comparison).
+        """
+        block_size = self.config.block_size
+        caches, cached = None, 0  # cached: how many positions the cache holds
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            window = idx[:, -block_size:]
+            if not use_cache:
+                logits, _ = self(window)
+            elif caches is not None and window.size(1) == cached + 1:
+                logits, _ = self(window[:, -1:], caches=caches, pos=cached)  # one position's work
+                cached += 1
+            else:  # first step, or the window slid: (re)fill the cache from the whole window
+                caches = caches or self.new_caches(idx.size(0))
+                logits, _ = self(window, caches=caches, pos=0)
+                cached = window.size(1)
+            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, greedy, generator)  # (B, 1)
+            idx = torch.cat((idx, next_id), dim=1)
+            if stop_token is not None:
+                finished |= next_id.squeeze(1) == stop_token
+                if bool(finished.all()):
+                    break
+        return idx
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """
+    Sets to -inf every logit outside the top_k largest and outside the nucleus: the
+    smallest set of most likely tokens whose probabilities add up to at least top_p
+    (Holtzman et al. 2019). The most likely token always survives.
+    """
+    logits = logits.clone()
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits[logits < kth] = float("-inf")
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens before it already reach top_p
+        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits[drop] = float("-inf")
+    return logits
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
+    """logits (B, V) of the last position -> next ids (B, 1)."""
+    if greedy:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def configure_optimizer(model, learning_rate, weight_decay, betas, device_type):
+    """
+    AdamW with weight decay on matrices (Linear weights, embeddings) only: decaying
+    biases and LayerNorm gains just pulls them away from their useful values.
+    fused (one kernel for all parameters) where this torch has it for the device.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    try:
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
+    except (RuntimeError, TypeError):  # fused is not built for this device / dtype
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, foreach=True)

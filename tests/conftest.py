@@ -1,0 +1,34 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run_script(script, *args, cwd, check=True, timeout=120):
+    """Runs a project script through its real command line; returns the CompletedProcess."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def tense_lines(n):
+    with open(os.path.join(ROOT, "tense.txt"), encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f][:n]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A folder with 2,000 tense.txt lines prepared into data/ and config/tiny.py trained into out/."""
+    folder = tmp_path_factory.mktemp("tiny_run")
+    (folder / "corpus.txt").write_text("\n".join(tense_lines(2000)) + "\n", encoding="utf-8")
+    run_script("prepare.py", "--input=corpus.txt", cwd=folder)
+    run_script("train.py", os.path.join(ROOT, "config", "tiny.py"), "--out_dir=out", "--max_iters=60", cwd=folder)
+    return folder

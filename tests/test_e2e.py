@@ -1,0 +1,70 @@
+"""The whole pipeline through the real command lines: prepare -> train -> sample."""
+import json
+
+import torch
+
+from common import load_model, save_checkpoint
+from conftest import ROOT, run_script
+from model import GPT, GPTConfig
+
+
+def read_metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_brings_the_loss_down(tiny_run):
+    evals = [m for m in read_metrics(tiny_run / "out") if "val_loss" in m]
+    assert [m["iter"] for m in evals] == [0, 25, 50, 60]
+    assert evals[0]["val_loss"] > 6.0  # about ln(vocab) at the start
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.5
+    steps = [m for m in read_metrics(tiny_run / "out") if "loss" in m]
+    assert steps[-1]["iter"] == 60 and steps[-1]["tokens_per_sec"] > 0 and 0 < steps[-1]["mfu"] < 1
+    checkpoint = torch.load(tiny_run / "out" / "trained.pth", weights_only=True)
+    assert checkpoint["iter_num"] == 60 and checkpoint["tokenizer"]["tokenizer"] == "gpt2-compact"
+    assert checkpoint["model_config"]["n_embd"] == 32 and checkpoint["train_config"]["max_iters"] == 60
+
+
+def test_sample_continues_the_prompt(tiny_run):
+    out = run_script("sample.py", "--ckpt=out/trained.pth", "--start=The baby is", "--num_samples=3",
+                     "--max_new_tokens=20", cwd=tiny_run).stdout
+    samples = out.rstrip("\n").split("\n---------------\n")
+    assert len(samples) == 3
+    for sample in samples:
+        assert sample.startswith("The baby is") and len(sample) > len("The baby is")
+        assert "<|endoftext|>" not in sample
+
+
+def test_same_seed_same_text_other_seed_other_text(tiny_run):
+    args = ["--ckpt=out/trained.pth", "--start=She", "--num_samples=2", "--max_new_tokens=15"]
+    a = run_script("sample.py", *args, "--seed=1", cwd=tiny_run).stdout
+    b = run_script("sample.py", *args, "--seed=1", cwd=tiny_run).stdout
+    c = run_script("sample.py", *args, "--seed=2", cwd=tiny_run).stdout
+    assert a == b and a != c
+
+
+def test_prompt_from_file_and_greedy(tiny_run):
+    (tiny_run / "prompt.txt").write_text("My sister", encoding="utf-8")
+    out = run_script("sample.py", "--ckpt=out/trained.pth", "--start=FILE:prompt.txt", "--greedy",
+                     "--num_samples=2", cwd=tiny_run).stdout
+    first, second = out.rstrip("\n").split("\n---------------\n")
+    assert first.startswith("My sister") and first == second  # greedy is deterministic
+
+
+def test_empty_prompt_starts_a_new_sentence(tiny_run):
+    out = run_script("sample.py", "--ckpt=out/trained.pth", "--num_samples=1", "--max_new_tokens=30", cwd=tiny_run)
+    assert out.stdout.strip() and "<|endoftext|>" not in out.stdout
+    help_text = run_script("sample.py", "--help", cwd=tiny_run).stdout
+    assert "empty --start" in help_text and "end-of-text token" in help_text
+
+
+def test_checkpoint_save_then_load_gives_identical_logits(tmp_path):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=320, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True, pos_encoding="sinusoidal")
+    model = GPT(config).eval()
+    from dataclasses import asdict
+    save_checkpoint({"model": model.state_dict(), "model_config": asdict(config),
+                     "tokenizer": {"tokenizer": "gpt2"}}, str(tmp_path / "trained.pth"))
+    loaded, tokenizer, _ = load_model(str(tmp_path / "trained.pth"))
+    idx = torch.randint(0, 320, (2, 16))
+    assert torch.equal(model(idx, idx)[0], loaded(idx, idx)[0])
+    assert tokenizer.encode("Hello world") == [15496, 995]

@@ -1,0 +1,109 @@
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, configure_optimizer, filter_logits
+
+
+def tiny_config(**overrides):
+    return GPTConfig(**{**dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32), **overrides})
+
+
+@pytest.mark.parametrize("pos_encoding,activation", [("learned", "gelu"), ("sinusoidal", "relu")])
+def test_causal_later_tokens_never_change_earlier_logits(pos_encoding, activation):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(pos_encoding=pos_encoding, activation=activation, bias=True)).eval()
+    idx = torch.randint(0, 64, (2, 12))
+    changed = idx.clone()
+    changed[:, 7:] = torch.randint(0, 64, (2, 5))
+    logits_a, _ = model(idx, idx)
+    logits_b, _ = model(changed, changed)
+    assert torch.allclose(logits_a[:, :7], logits_b[:, :7], atol=1e-6)
+    assert not torch.allclose(logits_a[:, 7:], logits_b[:, 7:])
+
+
+def test_loss_at_init_is_about_log_vocab_size():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=512))
+    idx = torch.randint(0, 512, (8, 16))
+    _, loss = model(idx, torch.randint(0, 512, (8, 16)))
+    assert abs(loss.item() - math.log(512)) < 0.1
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    optimizer = configure_optimizer(model, 3e-3, 0.0, (0.9, 0.99), "cpu")
+    x = torch.randint(0, 64, (4, 16))
+    y = torch.randint(0, 64, (4, 16))
+    for _ in range(200):
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+
+
+def test_output_layer_is_tied_and_residual_projections_are_scaled():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_layer=8, n_embd=64))
+    assert model.lm_head.weight is model.wte.weight
+    std = model.blocks[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(16)) < 0.001
+    assert abs(model.blocks[0].attn.c_attn.weight.std().item() - 0.02) < 0.001
+    # the tied matrix counts once
+    assert model.num_params() == sum(p.numel() for p in set(model.parameters()))
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal"])
+def test_kv_cache_generation_equals_full_recompute(pos_encoding):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(pos_encoding=pos_encoding)).eval()
+    prompt = torch.randint(0, 64, (2, 5))
+    # 30 new tokens: the last 19 run past block_size 16, where the window slides
+    cached = model.generate(prompt, 30, greedy=True, use_cache=True)
+    full = model.generate(prompt, 30, greedy=True, use_cache=False)
+    assert cached.shape == (2, 35)
+    assert torch.equal(cached, full)
+    # and sampled tokens agree too, given the same generator state
+    a = model.generate(prompt, 20, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
+    b = model.generate(prompt, 20, temperature=1.0, top_k=10, use_cache=False, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_generation_stops_at_stop_token():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    prompt = torch.randint(0, 64, (1, 3))
+    first = model.generate(prompt, 1, greedy=True)[0, -1].item()
+    out = model.generate(prompt, 10, greedy=True, stop_token=first)
+    assert out.shape == (1, 4) and out[0, -1].item() == first
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    kept = filter_logits(logits, top_k=3)
+    assert torch.isfinite(kept).tolist() == [[False, True, True, True, False]]
+    assert torch.equal(kept[torch.isfinite(kept)], torch.tensor([5.0, 3.0, 4.0]))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.5, 0.3, 0.15]])
+    logits = probs.log()
+    # 0.5 alone < 0.7; 0.5 + 0.3 = 0.8 >= 0.7: keep those two
+    assert torch.isfinite(filter_logits(logits, top_p=0.7)).tolist() == [[False, True, True, False]]
+    # 0.5 + 0.3 + 0.15 = 0.95 reaches 0.9 exactly with three
+    assert torch.isfinite(filter_logits(logits, top_p=0.9)).tolist() == [[False, True, True, True]]
+    # a tiny p keeps the most likely token only
+    assert torch.isfinite(filter_logits(logits, top_p=0.01)).tolist() == [[False, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=1.0)).all()
+
+
+def test_optimizer_decays_matrices_only():
+    model = GPT(tiny_config(bias=True))
+    optimizer = configure_optimizer(model, 1e-3, 0.1, (0.9, 0.99), "cpu")
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))

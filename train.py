@@ -1,0 +1,359 @@
+"""
+Trains a GPT on the token files prepare.py wrote.
+
+    python train.py config/small.py --batch_size=32
+    python train.py config/small.py --init_from=resume --max_iters=3000
+
+Settings: the defaults below, then each config file named (plain Python assignments),
+then --key=value overrides (Python literals). Writes out_dir/trained.pth (when val loss
+improves, at the end, and on Ctrl-C) and out_dir/metrics.jsonl (one JSON object per log
+line and per evaluation).
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+
+from common import UserError, load_checkpoint, main_guard, parse_config, pick_device, save_checkpoint
+from model import GPT, GPTConfig, check_config, configure_optimizer
+
+DEFAULTS = {
+    # I/O
+    "data_dir": "data",  # where prepare.py wrote train.bin, val.bin, meta.json
+    "out_dir": "out",
+    "init_from": "scratch",  # 'scratch' or 'resume' (continue out_dir/trained.pth)
+    "overwrite": False,  # scratch into an out_dir that has a trained.pth replaces it only if True
+    "eval_interval": 250,
+    "eval_iters": 20,
+    "log_interval": 25,
+    # data
+    "batch_size": 32,
+    "block_size": 128,
+    "grad_accum": 1,  # micro-batches per optimizer step
+    # model (see GPTConfig in model.py)
+    "n_layer": 4,
+    "n_head": 4,
+    "n_embd": 128,
+    "d_ff": 0,
+    "dropout": 0.0,
+    "bias": False,
+    "pos_encoding": "learned",
+    "activation": "gelu",
+    # AdamW, linear warmup then cosine decay to min_lr
+    "learning_rate": 1e-3,
+    "min_lr": 1e-4,
+    "max_iters": 2000,
+    "warmup_iters": 100,
+    "lr_decay_iters": 0,  # 0 means max_iters
+    "weight_decay": 0.1,
+    "beta1": 0.9,
+    "beta2": 0.99,
+    "grad_clip": 1.0,  # 0 disables clipping
+    # system
+    "device": "auto",  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
+    "dtype": "auto",  # 'auto', 'float32', 'bfloat16', 'float16'
+    "seed": 1337,
+    "peak_flops": 0.0,  # FLOP/s that MFU is measured against; 0 measures torch.mm at start
+}
+MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
+
+
+def get_lr(it, config):
+    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
+    decay_iters = config["lr_decay_iters"] or config["max_iters"]
+    if it < config["warmup_iters"]:
+        return config["learning_rate"] * (it + 1) / (config["warmup_iters"] + 1)
+    if it >= decay_iters:
+        return config["min_lr"]
+    progress = (it - config["warmup_iters"]) / max(1, decay_iters - config["warmup_iters"])
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
+    return config["min_lr"] + coeff * (config["learning_rate"] - config["min_lr"])
+
+
+def check_train_config(config):
+    for key in ("batch_size", "block_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
+        if config[key] <= 0:
+            raise UserError(f"config key {key} must be positive, got {config[key]}")
+    for key in ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip"):
+        if config[key] < 0:
+            raise UserError(f"config key {key} must not be negative, got {config[key]}")
+    if config["init_from"] not in ("scratch", "resume"):
+        raise UserError(f"init_from must be 'scratch' or 'resume', got {config['init_from']!r}")
+    if config["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {config['dtype']!r}")
+
+
+def load_data(config):
+    data_dir = config["data_dir"]
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise UserError(f"no prepared data in {data_dir}/ (meta.json is missing): run python prepare.py first, or pass --data_dir=DIR")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    splits = {}
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, f"{split}.bin")
+        n = os.path.getsize(path) // 2 if os.path.isfile(path) else -1
+        if n != meta[f"{split}_tokens"]:
+            raise UserError(f"{path} does not match {meta_path} ({n} tokens, meta.json says {meta[f'{split}_tokens']}): run python prepare.py again")
+        if n < config["block_size"] + 1:
+            fit = max(1, n - 1)
+            raise UserError(
+                f"the {split} split has {n} tokens, fewer than block_size + 1 = {config['block_size'] + 1}: "
+                f"use --block_size={fit} or less"
+                + (", or prepare with a larger --val_fraction" if split == "val" else ", or prepare more text")
+            )
+        splits[split] = np.memmap(path, dtype=np.uint16, mode="r")
+    return splits, meta
+
+
+class Batches:
+    """Random (x, y) windows of one split. Its own RNG, so the data order is part of a checkpoint."""
+
+    def __init__(self, data, batch_size, block_size, device, seed):
+        self.data, self.T, self.device = data, block_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.offsets = np.arange(block_size + 1)  # (T+1,)
+        # batches are written into the same buffers every step, never re-allocated
+        self.x = torch.empty((batch_size, block_size), dtype=torch.int64)
+        self.y = torch.empty((batch_size, block_size), dtype=torch.int64)
+        if device.startswith("cuda"):  # pinned memory lets the copy to the GPU overlap compute
+            self.x, self.y = self.x.pin_memory(), self.y.pin_memory()
+        self.B = batch_size
+
+    def next(self):
+        starts = torch.randint(len(self.data) - self.T, (self.B,), generator=self.generator).numpy()
+        windows = self.data[starts[:, None] + self.offsets]  # (B, T+1) uint16, one gather
+        # targets are the inputs shifted by one: each position predicts the next token
+        np.copyto(self.x.numpy(), windows[:, :-1], casting="unsafe")
+        np.copyto(self.y.numpy(), windows[:, 1:], casting="unsafe")
+        return self.x.to(self.device, non_blocking=True), self.y.to(self.device, non_blocking=True)
+
+
+def train_step(model, optimizer, scaler, batches, lr, config, autocast):
+    """One optimizer step over grad_accum micro-batches; returns the mean loss as a tensor (no sync)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    total = 0.0
+    for _ in range(config["grad_accum"]):
+        x, y = batches.next()
+        with autocast:
+            _, loss = model(x, y)
+        loss = loss / config["grad_accum"]  # the sum of the micro-batches' gradients is the mean's
+        scaler.scale(loss).backward()
+        total = total + loss.detach()
+    if config["grad_clip"] > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def measure_peak_flops(device, dtype, seconds=0.3):
+    """Practical matmul peak of this device: FLOP/s of torch.mm at a size that saturates it."""
+    n = 2048 if device != "cpu" else 1024
+    # its own generator: drawing from the global one would shift the dropout masks of a resumed run
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    torch.mm(a, b)
+    sync()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        runs += 1
+    sync()
+    return 2 * n**3 * runs / (time.perf_counter() - start)
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return "bfloat16"
+        return "float32"  # CPUs without native bf16 run bf16 matmuls far slower than fp32
+    if name == "float16" and not device.startswith("cuda"):
+        raise UserError(f"--dtype=float16 needs a CUDA GPU (device is {device}); use --dtype=bfloat16 or float32")
+    if name == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU has no bfloat16 support; use --dtype=float16 or float32")
+    return name
+
+
+def format_seconds(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def main():
+    config = parse_config(DEFAULTS, sys.argv[1:], doc=__doc__)
+    check_train_config(config)
+    out_dir = config["out_dir"]
+    ckpt_path = os.path.join(out_dir, "trained.pth")
+    resume = config["init_from"] == "resume"
+    if not resume and os.path.exists(ckpt_path) and not config["overwrite"]:
+        raise UserError(f"{ckpt_path} already exists: pass --init_from=resume to continue it, --overwrite=True to replace it, or another --out_dir")
+
+    device = pick_device(config["device"])
+    dtype = pick_dtype(config["dtype"], device)
+    device_type = device.split(":")[0]
+    torch.manual_seed(config["seed"])
+
+    splits, meta = load_data(config)
+    tokenizer_meta = {k: meta[k] for k in meta if k in ("tokenizer", "gpt2_ids")}
+    # the embedding and output layer get a multiple of 64 rows: faster matmuls; the
+    # padding rows are never a target and decode to nothing
+    vocab_size = -(-meta["vocab_size"] // 64) * 64
+    model_config = GPTConfig(vocab_size=vocab_size, **{k: config[k] for k in MODEL_KEYS})
+    problems = check_config(model_config)
+    if problems:
+        raise UserError("; ".join(problems))
+
+    checkpoint = None
+    if resume:
+        checkpoint = load_checkpoint(ckpt_path, map_location=device)
+        if checkpoint["model_config"] != asdict(model_config):
+            diff = [f"{k}: checkpoint {checkpoint['model_config'].get(k)!r}, requested {v!r}"
+                    for k, v in asdict(model_config).items() if checkpoint["model_config"].get(k) != v]
+            raise UserError(f"{ckpt_path} was trained with another model config ({'; '.join(diff)}); pass the same settings or start a new --out_dir")
+        if checkpoint["tokenizer"] != tokenizer_meta:
+            raise UserError(f"{ckpt_path} was trained on data with another tokenizer than {config['data_dir']}/: prepare the same data again or use another --out_dir")
+    os.makedirs(out_dir, exist_ok=True)
+
+    model = GPT(model_config).to(device)
+    optimizer = configure_optimizer(model, config["learning_rate"], config["weight_decay"], (config["beta1"], config["beta2"]), device_type)
+    train_batches = Batches(splits["train"], config["batch_size"], config["block_size"], device, config["seed"])
+    iter_num, best_val_loss = 0, float("inf")
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        train_batches.generator.set_state(checkpoint["rng"]["batches"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device_type == "cuda" and "cuda" in checkpoint["rng"]:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+        print(f"resuming {ckpt_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")
+        if iter_num >= config["max_iters"]:
+            raise UserError(f"{ckpt_path} is already at iteration {iter_num} >= max_iters {config['max_iters']}: pass a larger --max_iters to train on")
+
+    autocast = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    peak = config["peak_flops"] or measure_peak_flops(device, torch.float32 if dtype == "float32" else getattr(torch, dtype))
+    tokens_per_iter = config["batch_size"] * config["block_size"] * config["grad_accum"]
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {vocab_size} ({tokenizer_meta['tokenizer']}); "
+          f"device {device}, {dtype}; {tokens_per_iter:,} tokens per iteration; matmul peak {peak / 1e9:.0f} GFLOP/s")
+
+    def save(reason):
+        save_checkpoint({
+            "model": model.state_dict(),
+            "model_config": asdict(model_config),
+            "train_config": config,
+            "iter_num": iter_num,
+            "best_val_loss": best_val_loss,
+            "optimizer": optimizer.state_dict(),
+            "tokenizer": tokenizer_meta,
+            "rng": {"batches": train_batches.generator.get_state(), "torch": torch.get_rng_state(),
+                    **({"cuda": torch.cuda.get_rng_state()} if device_type == "cuda" else {})},
+        }, ckpt_path)
+        print(f"saved {ckpt_path} at iteration {iter_num} ({reason})")
+
+    @torch.no_grad()
+    def evaluate():
+        """Mean loss over eval_iters batches of each split. The same batches every time
+        (a fixed seed), so successive evaluations compare the model, not the luck of the draw."""
+        model.eval()
+        losses = {}
+        for split in ("train", "val"):
+            batches = Batches(splits[split], config["batch_size"], config["block_size"], device, config["seed"] + 1)
+            total = torch.zeros((), device=device)
+            for _ in range(config["eval_iters"]):
+                x, y = batches.next()
+                with autocast:
+                    total += model(x, y)[1].float()
+            losses[split] = total.item() / config["eval_iters"]
+        model.train()
+        return losses
+
+    metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a" if resume else "w")
+
+    def log(record):
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
+    # Ctrl-C: finish the current iteration, save, exit. A second Ctrl-C kills at once,
+    # which is safe too: the checkpoint is only ever replaced by an atomic rename.
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(True)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    signal.signal(signal.SIGINT, on_sigint)
+
+    step_losses = torch.zeros(config["log_interval"], device=device)  # logged without a sync per step
+    start_iter, t_log, n_logged = iter_num, time.perf_counter(), 0
+    t_start = t_log
+    model.train()
+    while True:
+        if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
+            if iter_num > start_iter or iter_num == 0:
+                t_eval = time.perf_counter()
+                losses = evaluate()
+                print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, val perplexity {math.exp(losses['val']):.2f}")
+                log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "val_ppl": math.exp(losses["val"])})
+                if iter_num > start_iter and losses["val"] < best_val_loss:
+                    best_val_loss = losses["val"]
+                    if iter_num < config["max_iters"]:
+                        save("val loss improved")
+                t_log += time.perf_counter() - t_eval  # ms/iter counts training steps only
+        if iter_num >= config["max_iters"]:
+            break
+
+        lr = get_lr(iter_num, config)
+        loss = train_step(model, optimizer, scaler, train_batches, lr, config, autocast)
+        step_losses[n_logged] = loss
+        n_logged += 1
+        iter_num += 1
+
+        if n_logged == config["log_interval"] or iter_num == config["max_iters"] or interrupted:
+            losses_seen = step_losses[:n_logged].tolist()  # the one sync per log line
+            bad = [i for i, v in enumerate(losses_seen) if not math.isfinite(v)]
+            if bad:
+                it = iter_num - n_logged + bad[0] + 1
+                raise UserError(
+                    f"loss became {losses_seen[bad[0]]} at iteration {it}; stopped without saving, "
+                    f"{ckpt_path} keeps the last good state; try a lower --learning_rate (now {config['learning_rate']})"
+                )
+            now = time.perf_counter()
+            dt = (now - t_log) / n_logged
+            tokens_per_sec = tokens_per_iter / dt
+            mfu = model.estimate_mfu(tokens_per_sec, peak)
+            done = iter_num / config["max_iters"]
+            eta = (now - t_start) / max(1, iter_num - start_iter) * (config["max_iters"] - iter_num)
+            print(f"iter {iter_num}/{config['max_iters']} ({100 * done:.0f}%) | loss {losses_seen[-1]:.4f} | lr {lr:.2e} | "
+                  f"{1000 * dt:.1f} ms/iter, {1 / dt:.1f} it/s | {tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}% | ETA {format_seconds(eta)}", flush=True)
+            log({"iter": iter_num, "loss": losses_seen[-1], "losses": losses_seen, "lr": lr, "ms_per_iter": 1000 * dt,
+                 "tokens_per_sec": tokens_per_sec, "mfu": mfu})
+            t_log, n_logged = now, 0
+        if interrupted:
+            save("interrupted")
+            args = [a for a in sys.argv[1:] if not a.startswith(("--init_from", "--overwrite"))]
+            print(f"interrupted: continue with python train.py {' '.join(args + ['--init_from=resume'])}", file=sys.stderr)
+            metrics.close()
+            sys.exit(130)
+
+    save("end of training")
+    metrics.close()
+    print(f"done: best val loss {best_val_loss:.4f}, {format_seconds(time.perf_counter() - t_start)}")
+
+
+if __name__ == "__main__":
+    main_guard(main)
