@@ -214,15 +214,26 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, greedy=False,
-                 stop_token=None, use_cache=True, generator=None):
+                 stop_token=None, use_cache=True, generator=None, repetition_penalty=1.0):
         """
         Appends up to max_new_tokens tokens to idx (B, T) and returns (B, T + new).
+        Stops early once every row has produced stop_token. See generate_stream.
+        """
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, greedy, stop_token,
+                                        use_cache, generator, repetition_penalty))
+        return torch.cat([idx, *new], dim=1)
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, greedy=False,
+                        stop_token=None, use_cache=True, generator=None, repetition_penalty=1.0):
+        """
+        Yields the next token ids (B, 1) one step at a time, so a caller can print as they come.
 
         With the KV cache each new token runs the model on one position. The model sees
         at most block_size tokens: past that, the oldest fall out of the window, and since
         every position then moves, the cache is rebuilt from the window (exactly what a
-        full recompute would see). Stops early once every row has produced stop_token.
-        use_cache=False recomputes the whole window for every token (for comparison).
+        full recompute would see). use_cache=False recomputes the whole window for every
+        token (for comparison).
         """
         block_size = self.config.block_size
         caches, cached = None, 0  # cached: how many positions the cache holds
@@ -238,13 +249,69 @@ class GPT(nn.Module):
                 caches = caches or self.new_caches(idx.size(0))
                 logits, _ = self(window, caches=caches, pos=0)
                 cached = window.size(1)
-            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, greedy, generator)  # (B, 1)
+            logits = logits[:, -1, :]
+            if repetition_penalty != 1.0:
+                logits = penalize_repetition(logits, idx, repetition_penalty)
+            next_id = sample_next(logits, temperature, top_k, top_p, greedy, generator)  # (B, 1)
             idx = torch.cat((idx, next_id), dim=1)
+            yield next_id
             if stop_token is not None:
                 finished |= next_id.squeeze(1) == stop_token
                 if bool(finished.all()):
-                    break
-        return idx
+                    return
+
+    @torch.no_grad()
+    def beam_search(self, idx, beams, max_new_tokens, stop_token=None, length_penalty=1.0):
+        """
+        The continuation of idx (1, T) with the highest length-normalised log-probability
+        found by keeping the `beams` best partial continuations at each step. Returns
+        (new token ids, their total log-probability). A continuation ends at stop_token;
+        candidates are compared by log-probability / length**length_penalty (Wu et al.
+        2016), so that longer ones are not punished just for having more terms.
+        """
+        block_size = self.config.block_size
+        alive = [(idx[0].tolist(), [], 0.0)]  # (context, new tokens, log-probability)
+        done = []
+        for _ in range(max_new_tokens):
+            contexts = torch.tensor([c[-block_size:] for c, _, _ in alive], device=idx.device)  # (beams, T)
+            logits, _ = self(contexts)
+            logprobs = torch.log_softmax(logits[:, -1, :].float(), dim=-1)  # (beams, V)
+            totals = torch.tensor([lp for _, _, lp in alive], device=idx.device)[:, None] + logprobs
+            best = torch.topk(totals.view(-1), min(beams, totals.numel()))
+            candidates = []
+            for score, flat in zip(best.values.tolist(), best.indices.tolist()):
+                row, token = divmod(flat, logprobs.size(1))
+                context, new, _ = alive[row]
+                candidates.append((context + [token], new + [token], score))
+            alive = []
+            for context, new, score in candidates:
+                (done if token_is(new[-1], stop_token) else alive).append((context, new, score))
+            # stop when no live beam can still beat the best finished one
+            if done and (not alive or max(normalised(c, length_penalty) for c in done) >=
+                         max(normalised(c, length_penalty) for c in alive)):
+                break
+        best = max(done + alive, key=lambda c: normalised(c, length_penalty))
+        return best[1], best[2]
+
+
+def token_is(token, stop_token):
+    return stop_token is not None and token == stop_token
+
+
+def normalised(candidate, length_penalty):
+    _, new, logprob = candidate
+    return logprob / (len(new) ** length_penalty)
+
+
+def penalize_repetition(logits, idx, penalty):
+    """
+    CTRL's repetition penalty (Keskar et al. 2019): for every token already in idx, a
+    positive logit is divided by penalty and a negative one multiplied, so with
+    penalty > 1 a repeat always becomes less likely.
+    """
+    seen = torch.gather(logits, 1, idx)  # (B, T): the logits of the tokens already present
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(1, idx, seen)
 
 
 def filter_logits(logits, top_k=None, top_p=None):
