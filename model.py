@@ -277,25 +277,23 @@ class GPT(nn.Module):
             logits, _ = self(contexts)
             logprobs = torch.log_softmax(logits[:, -1, :].float(), dim=-1)  # (beams, V)
             totals = torch.tensor([lp for _, _, lp in alive], device=idx.device)[:, None] + logprobs
-            best = torch.topk(totals.view(-1), min(beams, totals.numel()))
-            candidates = []
+            # 2 * beams candidates: even if half of them end here, beams live ones remain
+            best = torch.topk(totals.view(-1), min(2 * beams, totals.numel()))
+            alive_next = []
             for score, flat in zip(best.values.tolist(), best.indices.tolist()):
                 row, token = divmod(flat, logprobs.size(1))
                 context, new, _ = alive[row]
-                candidates.append((context + [token], new + [token], score))
-            alive = []
-            for context, new, score in candidates:
-                (done if token_is(new[-1], stop_token) else alive).append((context, new, score))
-            # stop when no live beam can still beat the best finished one
-            if done and (not alive or max(normalised(c, length_penalty) for c in done) >=
-                         max(normalised(c, length_penalty) for c in alive)):
+                if stop_token is not None and token == stop_token:
+                    done.append((context + [token], new + [token], score))
+                elif len(alive_next) < beams:
+                    alive_next.append((context + [token], new + [token], score))
+            alive = alive_next
+            # stop once beams continuations have ended and the best of them beats every live one as it stands
+            done.sort(key=lambda c: normalised(c, length_penalty), reverse=True)
+            if len(done) >= beams and normalised(done[0], length_penalty) >= max(normalised(c, length_penalty) for c in alive):
                 break
         best = max(done + alive, key=lambda c: normalised(c, length_penalty))
         return best[1], best[2]
-
-
-def token_is(token, stop_token):
-    return stop_token is not None and token == stop_token
 
 
 def normalised(candidate, length_penalty):

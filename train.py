@@ -21,7 +21,7 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 
-from common import UserError, load_checkpoint, main_guard, parse_config, pick_device, save_checkpoint
+from common import UserError, atomic_write, load_checkpoint, main_guard, parse_config, pick_device, pyplot, save_checkpoint
 from model import GPT, GPTConfig, check_config, configure_optimizer
 
 DEFAULTS = {
@@ -188,6 +188,30 @@ def pick_dtype(name, device):
     return name
 
 
+def plot_losses(metrics_path, png_path):
+    """train and val loss at each evaluation, and the learning rate, from metrics.jsonl; False without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    with open(metrics_path) as f:
+        records = [json.loads(line) for line in f]
+    evals = [r for r in records if "val_loss" in r]
+    steps = [r for r in records if "lr" in r]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
+    ax_loss.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train")
+    ax_loss.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+    ax_loss.set_ylabel("loss (nats per token)")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot([r["iter"] for r in steps], [r["lr"] for r in steps], color="gray")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("iteration")
+    fig.tight_layout()
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=80))
+    plt.close(fig)
+    return True
+
+
 def format_seconds(s):
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -309,6 +333,7 @@ def main():
                 losses = evaluate()
                 print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, val perplexity {math.exp(losses['val']):.2f}")
                 log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "val_ppl": math.exp(losses["val"])})
+                plot_losses(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"))
                 if iter_num > start_iter and losses["val"] < best_val_loss:
                     best_val_loss = losses["val"]
                     if iter_num < config["max_iters"]:

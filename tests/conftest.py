@@ -32,3 +32,14 @@ def tiny_run(tmp_path_factory):
     run_script("prepare.py", "--input=corpus.txt", cwd=folder)
     run_script("train.py", os.path.join(ROOT, "config", "tiny.py"), "--out_dir=out", "--max_iters=60", cwd=folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A model that has learned some grammar: 10,000 tense.txt lines, 2 layers of 64, 400 steps (~15 s)."""
+    folder = tmp_path_factory.mktemp("trained_run")
+    (folder / "corpus.txt").write_text("\n".join(tense_lines(10000)) + "\n", encoding="utf-8")
+    run_script("prepare.py", "--input=corpus.txt", cwd=folder)
+    run_script("train.py", os.path.join(ROOT, "config", "tiny.py"), "--out_dir=out", "--max_iters=400",
+               "--n_embd=64", "--batch_size=32", "--eval_interval=400", "--warmup_iters=20", cwd=folder, timeout=300)
+    return folder
