@@ -10,8 +10,11 @@ between train and val (a seeded random choice), so val holds sentences the model
 saw; both files keep the text's order.
 
 By default the ids are compact (see tokenizer.py): GPT-2's BPE renumbered to the tokens
-the text uses. --full_vocab keeps plain GPT-2 ids.
+the text uses. --full_vocab keeps plain GPT-2 ids. --tokenizer=char gives one id per
+character of the text, --tokenizer=word a word-level vocabulary (--vocab_size,
+--min_frequency); their vocabularies are built from the whole text.
 """
+import collections
 import hashlib
 import itertools
 import json
@@ -31,6 +34,9 @@ DEFAULTS = {
     "seed": 1337,
     "full_vocab": False,  # True: plain GPT-2 ids (a model with all 50,257 tokens)
     "errors": "strict",  # 'strict': stop at bytes that are not UTF-8; 'replace': use U+FFFD
+    "tokenizer": "gpt2",  # 'gpt2' (BPE), 'char' (one id per character) or 'word' (word level)
+    "vocab_size": 5000,  # word: at most this many ids, the most frequent words first
+    "min_frequency": 2,  # word: rarer words become <unk>
 }
 BATCH_BYTES = 1 << 22  # lines are read, decoded and tokenized about 4 MB at a time
 PROGRESS_BYTES = 8 << 20  # inputs larger than this print their progress
@@ -98,6 +104,12 @@ def main():
     path, out_dir = config["input"], config["out_dir"]
     if not 0.0 < config["val_fraction"] < 1.0:
         raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {config['val_fraction']}")
+    if config["tokenizer"] not in ("gpt2", "char", "word"):
+        raise UserError(f"--tokenizer must be gpt2, char or word, got {config['tokenizer']!r}")
+    if config["full_vocab"] and config["tokenizer"] != "gpt2":
+        raise UserError(f"--full_vocab applies to --tokenizer=gpt2 only (got --tokenizer={config['tokenizer']})")
+    if config["tokenizer"] == "word" and not 4 < config["vocab_size"] <= 65536:
+        raise UserError(f"--vocab_size must be between 5 and 65536 (4 ids are special tokens), got {config['vocab_size']}")
     if config["errors"] not in ("strict", "replace"):
         raise UserError(f"--errors must be 'strict' or 'replace', got {config['errors']!r}")
     if not os.path.isfile(path):
@@ -105,15 +117,24 @@ def main():
     size = os.path.getsize(path)
     check_writable(out_dir)
 
-    # Pass 1: check the text decodes, count its lines, hash it.
-    sha, n_lines = hashlib.sha256(), 0
+    # Pass 1: check the text decodes, count its lines, hash it (char/word: count their pieces).
+    sha, n_lines, counts = hashlib.sha256(), 0, collections.Counter()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             sha.update(block)
+    piece_tokenizer = {"char": tok.Char, "word": tok.Word}.get(config["tokenizer"])
     for _, lines in read_batches(path, config["errors"]):
-        n_lines += sum(1 for line in lines if line.strip())  # blank lines are dropped
+        lines = [line for line in lines if line.strip()]  # blank lines are dropped
+        n_lines += len(lines)
+        if piece_tokenizer:
+            for line in lines:
+                counts.update(piece_tokenizer.pieces(line))
     if n_lines == 0:
         raise UserError(f"{path} has no text (it is empty or only whitespace); give it at least a few lines")
+    if config["tokenizer"] == "char":
+        tokenizer = tok.Char.from_counts(counts)
+    elif config["tokenizer"] == "word":
+        tokenizer = tok.Word.from_counts(counts, config["vocab_size"], config["min_frequency"])
 
     # Which lines go to val: a seeded random choice of whole (non-blank) lines.
     rng = np.random.default_rng(config["seed"])
@@ -122,15 +143,24 @@ def main():
     is_val[rng.choice(n_lines, size=min(n_val, n_lines), replace=False)] = True
 
     # Pass 2: tokenize a batch of lines at a time on every core; hold only numpy arrays.
-    enc, eot, threads = tok.gpt2_encoding(), tok.GPT2_EOT, os.cpu_count() or 1
+    enc, threads = tok.gpt2_encoding(), os.cpu_count() or 1
+    eot = tokenizer.eot if piece_tokenizer else tok.GPT2_EOT
     parts = {"train": [], "val": []}
+    chars = {"train": 0, "val": 0}  # characters per split, a line's end counted as one
     first_line, started = 0, time.time()
     for done_bytes, lines in read_batches(path, config["errors"]):
         lines = [line for line in lines if line.strip()]
-        ids = encode_lines(enc, lines, threads)  # every line's tokens, each followed by end-of-text
+        if piece_tokenizer:
+            per_line = [tokenizer.encode(line) + [eot] for line in lines]
+            ids = np.fromiter(itertools.chain.from_iterable(per_line), dtype=np.uint16, count=sum(map(len, per_line)))
+        else:
+            ids = encode_lines(enc, lines, threads)  # every line's tokens, each followed by end-of-text
+        line_is_val = is_val[first_line : first_line + len(lines)]
+        for line, v in zip(lines, line_is_val.tolist()):
+            chars["val" if v else "train"] += len(line) + 1
         ends = np.flatnonzero(ids == eot)  # one per line
         tokens_per_line = np.diff(ends, prepend=-1)
-        to_val = np.repeat(is_val[first_line : first_line + len(lines)], tokens_per_line)
+        to_val = np.repeat(line_is_val, tokens_per_line)
         parts["train"].append(ids[~to_val])
         parts["val"].append(ids[to_val])
         first_line += len(lines)
@@ -146,7 +176,9 @@ def main():
                 f"add more lines{' or raise --val_fraction' if split == 'val' else ''}"
             )
 
-    if config["full_vocab"]:
+    if piece_tokenizer:
+        pass  # built in pass 1
+    elif config["full_vocab"]:
         tokenizer = tok.GPT2()
     else:
         used = np.flatnonzero(np.bincount(np.concatenate(list(data.values())), minlength=tok.GPT2_EOT + 1))
@@ -164,6 +196,8 @@ def main():
         "val_tokens": int(len(data["val"])),
         "train_lines": line_counts["train"],
         "val_lines": line_counts["val"],
+        "train_chars": chars["train"],
+        "val_chars": chars["val"],
         "source": os.path.abspath(path),
         "source_sha256": sha.hexdigest(),
         "val_fraction": config["val_fraction"],

@@ -88,6 +88,12 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(config["seed"])
 
     def prompt_ids(self, prompt):
+        unknown = self.tokenizer.unknown(prompt)
+        if unknown:
+            what = "characters" if self.tokenizer.name == "char" else "words"
+            effect = "dropped" if self.tokenizer.name == "char" else "read as <unk>"
+            print(f"note: {len(unknown)} {what} of the prompt are not in the vocabulary, {effect}: "
+                  f"{' '.join(map(repr, unknown[:10]))}{' ...' if len(unknown) > 10 else ''}", file=sys.stderr)
         ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot]
         block_size = self.model.config.block_size
         if len(ids) > block_size:

@@ -12,6 +12,9 @@ GPT-2's BPE but renumbers the tokens that occur (plus the 256 single-byte tokens
 end-of-text) densely as 0..n-1, so the model's embedding and output layer shrink to n rows.
 A token the corpus never had is spelled with single-byte tokens, so every text encodes.
 
+Beside them, two tokenizers to compare it with: Char (one id per character) and Word
+(the classic word-level tokenizer with a capped vocabulary and <unk>).
+
 Every tokenizer here has the same interface: encode(text) -> list of ids,
 decode(ids) -> text, .eot (the end-of-text id) and .vocab_size (how many ids it uses),
 and meta() -> the plain dict that from_meta() rebuilds it from (stored in meta.json and
@@ -20,6 +23,7 @@ in trained.pth).
 import functools
 import hashlib
 import os
+import re
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -90,6 +94,9 @@ class GPT2:
     def decode(self, ids):
         return self.enc.decode([i for i in ids if 0 <= i < self.vocab_size])
 
+    def unknown(self, text):
+        return []  # byte-level: every text encodes
+
     def meta(self):
         return {"tokenizer": "gpt2"}
 
@@ -130,6 +137,91 @@ class CompactGPT2(GPT2):
         return {"tokenizer": "gpt2-compact", "gpt2_ids": self.gpt2_ids}
 
 
+
+
+class Char:
+    """One id per distinct character of the corpus, after end-of-text (id 0)."""
+
+    name = "char"
+
+    def __init__(self, chars):
+        self.chars = ["<|endoftext|>"] + list(chars)  # id -> character
+        self.ids = {ch: i for i, ch in enumerate(self.chars)}
+        self.eot = 0
+        self.vocab_size = len(self.chars)
+
+    @classmethod
+    def from_counts(cls, counts):
+        return cls(sorted(counts))
+
+    @staticmethod
+    def pieces(line):
+        return line  # what from_counts counts: the characters
+
+    def unknown(self, text):
+        """The characters of text that have no id (encode drops them)."""
+        return sorted({ch for ch in text if ch not in self.ids})
+
+    def encode(self, text):
+        return [self.ids[ch] for ch in text if ch in self.ids]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids if 0 < i < self.vocab_size)
+
+    def meta(self):
+        return {"tokenizer": "char", "chars": self.chars[1:]}
+
+
+class Word:
+    """
+    The classic word-level tokenizer: lowercase the text, cut it into words and
+    punctuation marks, and give an id to each word the corpus has at least
+    min_frequency times, most frequent first, up to vocab_size ids in all. Every other
+    word becomes <unk>. Four special tokens come first: padding, unknown, beginning and
+    end of sequence (the end-of-text token of this tokenizer).
+    """
+
+    name = "word"
+    SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    PATTERN = re.compile(r"\w+(?:'\w+)*|[^\w\s]")  # words (with inner apostrophes: o'clock) or single marks
+    NO_SPACE_BEFORE = set(".,!?;:)]}'\"")
+
+    def __init__(self, words):
+        self.words = self.SPECIALS + list(words)  # id -> word
+        self.ids = {w: i for i, w in enumerate(self.words)}
+        self.pad, self.unk, self.bos, self.eot = 0, 1, 2, 3
+        self.vocab_size = len(self.words)
+
+    @classmethod
+    def from_counts(cls, counts, vocab_size, min_frequency):
+        frequent = sorted((w for w, n in counts.items() if n >= min_frequency), key=lambda w: (-counts[w], w))
+        return cls(frequent[: max(0, vocab_size - len(cls.SPECIALS))])
+
+    @classmethod
+    def pieces(cls, text):
+        """Cleaning: lowercase, then words and punctuation marks; white space only separates."""
+        return cls.PATTERN.findall(text.lower())
+
+    def unknown(self, text):
+        """The words of text that are not in the vocabulary (encode maps them to <unk>)."""
+        return sorted({w for w in self.pieces(text) if w not in self.ids})
+
+    def encode(self, text):
+        return [self.ids.get(w, self.unk) for w in self.pieces(text)]
+
+    def decode(self, ids):
+        out = ""
+        for i in ids:
+            if i in (self.pad, self.bos, self.eot) or not 0 <= i < self.vocab_size:
+                continue
+            word = self.words[i]
+            out += word if not out or word in self.NO_SPACE_BEFORE else " " + word
+        return out
+
+    def meta(self):
+        return {"tokenizer": "word", "words": self.words[len(self.SPECIALS):]}
+
+
 def from_meta(meta):
     """Rebuilds the tokenizer that meta() described (from meta.json or a checkpoint)."""
     kind = meta.get("tokenizer")
@@ -137,4 +229,8 @@ def from_meta(meta):
         return GPT2()
     if kind == "gpt2-compact":
         return CompactGPT2(meta["gpt2_ids"])
+    if kind == "char":
+        return Char(meta["chars"])
+    if kind == "word":
+        return Word(meta["words"])
     raise ValueError(f"unknown tokenizer {kind!r}")

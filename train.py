@@ -23,6 +23,7 @@ import torch
 
 from common import UserError, atomic_write, load_checkpoint, main_guard, parse_config, pick_device, pyplot, save_checkpoint
 from model import GPT, GPTConfig, check_config, configure_optimizer
+from tokenizer import from_meta as tokenizer_from_meta
 
 DEFAULTS = {
     # I/O
@@ -232,7 +233,7 @@ def main():
     torch.manual_seed(config["seed"])
 
     splits, meta = load_data(config)
-    tokenizer_meta = {k: meta[k] for k in meta if k in ("tokenizer", "gpt2_ids")}
+    tokenizer_meta = tokenizer_from_meta(meta).meta()  # just what decoding needs, for the checkpoint
     # the embedding and output layer get a multiple of 64 rows: faster matmuls; the
     # padding rows are never a target and decode to nothing
     vocab_size = -(-meta["vocab_size"] // 64) * 64
