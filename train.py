@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ DEFAULTS = {
     # I/O
     "data_dir": "data",  # where prepare.py wrote train.bin, val.bin, meta.json
     "out_dir": "out",
-    "init_from": "scratch",  # 'scratch' or 'resume' (continue out_dir/trained.pth)
+    "init_from": "scratch",  # 'scratch', 'resume' (continue out_dir/trained.pth) or 'hf:FOLDER' (GPT-2 weights)
     "overwrite": False,  # scratch into an out_dir that has a trained.pth replaces it only if True
     "eval_interval": 250,
     "eval_iters": 20,
@@ -85,8 +85,8 @@ def check_train_config(config):
     for key in ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip"):
         if config[key] < 0:
             raise UserError(f"config key {key} must not be negative, got {config[key]}")
-    if config["init_from"] not in ("scratch", "resume"):
-        raise UserError(f"init_from must be 'scratch' or 'resume', got {config['init_from']!r}")
+    if config["init_from"] not in ("scratch", "resume") and not config["init_from"].startswith("hf:"):
+        raise UserError(f"init_from must be 'scratch', 'resume' or 'hf:FOLDER', got {config['init_from']!r}")
     if config["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {config['dtype']!r}")
 
@@ -213,6 +213,27 @@ def plot_losses(metrics_path, png_path):
     return True
 
 
+def load_gpt2_weights(folder, config, tokenizer_meta):
+    """(GPTConfig, state dict) of a Hugging Face GPT-2 folder, cut to config's block_size, for fine-tuning."""
+    from hf import HFError, load_hf
+
+    if tokenizer_meta["tokenizer"] != "gpt2":
+        raise UserError(f"GPT-2 weights need data in GPT-2's own ids, but {config['data_dir']}/ is {tokenizer_meta['tokenizer']}: "
+                        f"prepare it with --full_vocab=True")
+    try:
+        model_config, state = load_hf(folder)
+    except HFError as e:
+        raise UserError(str(e)) from None
+    if config["block_size"] > model_config.block_size:
+        raise UserError(f"--block_size={config['block_size']} is longer than the {model_config.block_size} positions of {folder}")
+    # the architecture is the checkpoint's; the context can shrink (fewer learned positions)
+    state["wpe.weight"] = state["wpe.weight"][: config["block_size"]]
+    model_config = replace(model_config, block_size=config["block_size"], dropout=config["dropout"])
+    print(f"initialising from the GPT-2 weights in {folder} (n_layer {model_config.n_layer}, n_head {model_config.n_head}, "
+          f"n_embd {model_config.n_embd}; the model keys of the config are not used)")
+    return model_config, state
+
+
 def format_seconds(s):
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -238,6 +259,9 @@ def main():
     # padding rows are never a target and decode to nothing
     vocab_size = -(-meta["vocab_size"] // 64) * 64
     model_config = GPTConfig(vocab_size=vocab_size, **{k: config[k] for k in MODEL_KEYS})
+    hf_state = None
+    if config["init_from"].startswith("hf:"):
+        model_config, hf_state = load_gpt2_weights(config["init_from"][3:], config, tokenizer_meta)
     problems = check_config(model_config)
     if problems:
         raise UserError("; ".join(problems))
@@ -257,6 +281,8 @@ def main():
     optimizer = configure_optimizer(model, config["learning_rate"], config["weight_decay"], (config["beta1"], config["beta2"]), device_type)
     train_batches = Batches(splits["train"], config["batch_size"], config["block_size"], device, config["seed"])
     iter_num, best_val_loss = 0, float("inf")
+    if hf_state is not None:
+        model.load_state_dict(hf_state)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])

@@ -45,7 +45,7 @@ def test_config_file_that_does_not_parse(tmp_path):
 
 
 def test_shipped_configs_parse():
-    for name in ("tiny", "small", "medium", "large"):
+    for name in ("tiny", "small", "medium", "large", "gpt2"):
         parse_config(DEFAULTS, [f"config/{name}.py"])
 
 

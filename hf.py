@@ -1,0 +1,150 @@
+"""
+To and from Hugging Face's GPT-2 layout: a folder with config.json and model.safetensors
+(or pytorch_model.bin), as transformers' GPT2LMHeadModel saves and loads it.
+
+With pos_encoding='learned', activation='gelu' (GPT-2's tanh approximation), GPT-2's
+BPE ids and layer norms of epsilon 1e-5, model.py computes exactly what GPT-2 does. The
+only difference in the weights is the layout of the matrices: GPT-2 keeps them as
+"Conv1D" (in, out), nn.Linear as (out, in), so they are transposed on the way.
+Nothing here downloads, and transformers itself is not needed.
+"""
+import json
+import os
+import struct
+
+import torch
+
+from model import GPTConfig
+
+# model.py name -> GPT-2 name, per block; the matrices marked True are transposed
+BLOCK_KEYS = {
+    "ln_1.weight": ("ln_1.weight", False), "ln_1.bias": ("ln_1.bias", False),
+    "attn.c_attn.weight": ("attn.c_attn.weight", True), "attn.c_attn.bias": ("attn.c_attn.bias", False),
+    "attn.c_proj.weight": ("attn.c_proj.weight", True), "attn.c_proj.bias": ("attn.c_proj.bias", False),
+    "ln_2.weight": ("ln_2.weight", False), "ln_2.bias": ("ln_2.bias", False),
+    "mlp.c_fc.weight": ("mlp.c_fc.weight", True), "mlp.c_fc.bias": ("mlp.c_fc.bias", False),
+    "mlp.c_proj.weight": ("mlp.c_proj.weight", True), "mlp.c_proj.bias": ("mlp.c_proj.bias", False),
+}
+TOP_KEYS = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+class HFError(Exception):
+    """A folder or checkpoint that cannot be converted; the message says why and what to do."""
+
+
+def read_safetensors(path):
+    """
+    The tensors of a .safetensors file. The format is simple enough to read by hand
+    (8 bytes of header length, a JSON header of names, dtypes, shapes and byte ranges,
+    then the raw data), which spares training and sampling the dependency.
+    """
+    with open(path, "rb") as f:
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_size))
+        data = f.read()
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise HFError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not handle")
+        start, end = info["data_offsets"]
+        flat = torch.frombuffer(bytearray(data[start:end]), dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        tensors[name] = flat.reshape(info["shape"]).float()
+    return tensors
+
+
+def load_hf(folder):
+    """(GPTConfig, state dict for model.GPT) from a Hugging Face GPT-2 folder."""
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise HFError(f"no Hugging Face model in {folder}: put its config.json and model.safetensors "
+                      f"(or pytorch_model.bin) in that folder (nothing is downloaded)")
+    with open(config_path) as f:
+        hf = json.load(f)
+    if hf.get("model_type") != "gpt2":
+        raise HFError(f"{config_path} describes a {hf.get('model_type')!r} model; only GPT-2 ('gpt2') converts")
+    activation = hf.get("activation_function", "gelu_new")
+    checks = {
+        "activation_function": (activation in ("gelu_new", "gelu_pytorch_tanh", "relu"), "gelu_new or relu"),
+        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5) == 1e-5, "1e-5"),
+        "scale_attn_weights": (hf.get("scale_attn_weights", True), "true"),
+        "scale_attn_by_inverse_layer_idx": (not hf.get("scale_attn_by_inverse_layer_idx", False), "false"),
+        "reorder_and_upcast_attn": (not hf.get("reorder_and_upcast_attn", False), "false"),
+        "tie_word_embeddings": (hf.get("tie_word_embeddings", True), "true"),
+    }
+    for key, (ok, wanted) in checks.items():
+        if not ok:
+            raise HFError(f"{config_path}: {key} is {hf.get(key)!r}, but model.py implements only {wanted}")
+    config = GPTConfig(
+        vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+        n_embd=hf["n_embd"], d_ff=hf.get("n_inner") or 0, dropout=hf.get("resid_pdrop", 0.0), bias=True,
+        pos_encoding="learned", activation="relu" if activation == "relu" else "gelu",
+    )
+
+    safetensors_path = os.path.join(folder, "model.safetensors")
+    bin_path = os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(safetensors_path):
+        hf_state = read_safetensors(safetensors_path)
+    elif os.path.isfile(bin_path):
+        hf_state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    else:
+        raise HFError(f"{folder} has a config.json but no weights: put model.safetensors or pytorch_model.bin beside it")
+    # GPT2LMHeadModel saves "transformer.h.0...", GPT2Model (the original release) "h.0..."
+    hf_state = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+
+    state = {}
+    try:
+        for ours, theirs in TOP_KEYS.items():
+            state[ours] = hf_state[theirs]
+        for i in range(config.n_layer):
+            for ours, (theirs, transpose) in BLOCK_KEYS.items():
+                tensor = hf_state[f"h.{i}.{theirs}"]
+                state[f"blocks.{i}.{ours}"] = tensor.t().contiguous() if transpose else tensor
+    except KeyError as e:
+        raise HFError(f"{folder}: the weights lack {e.args[0]}; is this a GPT-2 checkpoint?") from None
+    state["lm_head.weight"] = state["wte.weight"]  # tied
+    return config, state
+
+
+def check_exportable(model_config, tokenizer_name):
+    """Why a checkpoint cannot be GPT-2, as a message with the fix, or None."""
+    fixes = {
+        "pos_encoding": (model_config["pos_encoding"] == "learned", "pos_encoding is 'sinusoidal'; GPT-2 learns its positions: train with --pos_encoding=learned"),
+        "activation": (model_config["activation"] == "gelu", "activation is 'relu'; GPT-2 uses GELU: train with --activation=gelu"),
+        "tokenizer": (tokenizer_name == "gpt2", f"the tokenizer is {tokenizer_name!r}; GPT-2 needs its own 50,257 ids: prepare with --full_vocab=True (and --tokenizer=gpt2)"),
+    }
+    problems = [message for ok, message in fixes.values() if not ok]
+    return "; ".join(problems) or None
+
+
+def to_hf(model_config, state, vocab_size=50257):
+    """(config.json dict, tensors by GPT-2 name) for a model.py checkpoint of GPT-2's architecture."""
+    c = model_config
+    tensors = {}
+    for ours, theirs in TOP_KEYS.items():
+        if ours in state:
+            tensors[f"transformer.{theirs}"] = state[ours]
+        else:  # bias=False: a LayerNorm without bias is one with bias 0
+            tensors[f"transformer.{theirs}"] = torch.zeros(c["n_embd"])
+    # the model's padding rows (never a target) are left out: GPT-2 has exactly 50,257 tokens
+    tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:vocab_size]
+    for i in range(c["n_layer"]):
+        for ours, (theirs, transpose) in BLOCK_KEYS.items():
+            key = f"blocks.{i}.{ours}"
+            if key in state:
+                tensor = state[key].t() if transpose else state[key]
+            else:  # bias=False: zeros act the same
+                weight = state[key.replace(".bias", ".weight")]
+                tensor = torch.zeros(weight.size(0))
+            tensors[f"transformer.h.{i}.{theirs}"] = tensor.float().contiguous()
+    config = {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": vocab_size,
+        "n_positions": c["block_size"], "n_ctx": c["block_size"], "n_embd": c["n_embd"], "n_layer": c["n_layer"],
+        "n_head": c["n_head"], "n_inner": c["d_ff"], "activation_function": "gelu_new",
+        "resid_pdrop": c["dropout"], "embd_pdrop": c["dropout"], "attn_pdrop": c["dropout"],
+        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "bos_token_id": 50256, "eos_token_id": 50256,
+        "tie_word_embeddings": True, "torch_dtype": "float32",
+    }
+    return config, tensors
