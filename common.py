@@ -20,7 +20,8 @@ def main_guard(main):
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank hits the same error: say it once
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -140,6 +141,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
 
+        self.grad_checkpointing = False  # train.py's --grad_checkpointing
         self.apply(self._init_weights)
         # GPT-2: each residual branch adds to the stream, so scale the projections that
         # write into it by 1/sqrt(2 * n_layer) to keep the stream's variance flat with depth.
@@ -191,7 +193,11 @@ class GPT(nn.Module):
             x = x * math.sqrt(self.config.n_embd) + self.wpe_table[pos : pos + T]
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i], pos)
+            if self.grad_checkpointing and self.training:
+                # keep only each block's input; recompute its insides in backward (less memory)
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, None if caches is None else caches[i], pos)
         x = self.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None

@@ -20,6 +20,8 @@ from dataclasses import asdict, fields, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from common import UserError, atomic_write, load_checkpoint, main_guard, parse_config, pick_device, pyplot, save_checkpoint
 from model import GPT, GPTConfig, check_config, configure_optimizer
@@ -62,6 +64,8 @@ DEFAULTS = {
     "dtype": "auto",  # 'auto', 'float32', 'bfloat16', 'float16'
     "seed": 1337,
     "peak_flops": 0.0,  # FLOP/s that MFU is measured against; 0 measures torch.mm at start
+    "compile": False,  # torch.compile the model (pays off on GPUs; see the README for CPU)
+    "grad_checkpointing": False,  # recompute each block's activations in backward: less memory, more time
 }
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
 
@@ -116,38 +120,59 @@ def load_data(config):
 
 
 class Batches:
-    """Random (x, y) windows of one split. Its own RNG, so the data order is part of a checkpoint."""
+    """
+    Random (x, y) windows of one split, a training step's worth at a time. Its own RNG,
+    so the data order is part of a checkpoint. Under DDP every rank draws the same
+    starts for the whole global batch and takes its own share of them: the ranks see
+    different windows, and N ranks see exactly what one process with N times the
+    gradient accumulation would.
+    """
 
-    def __init__(self, data, batch_size, block_size, device, seed):
-        self.data, self.T, self.device = data, block_size, device
+    def __init__(self, data, batch_size, block_size, device, seed, grad_accum=1, rank=0, world_size=1):
+        self.data, self.B, self.T, self.device = data, batch_size, block_size, device
+        self.grad_accum, self.rank, self.world_size = grad_accum, rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.offsets = np.arange(block_size + 1)  # (T+1,)
         # batches are written into the same buffers every step, never re-allocated
         self.x = torch.empty((batch_size, block_size), dtype=torch.int64)
         self.y = torch.empty((batch_size, block_size), dtype=torch.int64)
+        self.copied = None
         if device.startswith("cuda"):  # pinned memory lets the copy to the GPU overlap compute
             self.x, self.y = self.x.pin_memory(), self.y.pin_memory()
-        self.B = batch_size
+            self.copied = torch.cuda.Event()
 
-    def next(self):
-        starts = torch.randint(len(self.data) - self.T, (self.B,), generator=self.generator).numpy()
+    def step(self):
+        """Yields this rank's grad_accum micro-batches (x, y) of one optimizer step, each (B, T)."""
+        n = self.grad_accum * self.world_size
+        starts = torch.randint(len(self.data) - self.T, (n, self.B), generator=self.generator).numpy()
+        for row in starts[self.rank * self.grad_accum : (self.rank + 1) * self.grad_accum]:
+            yield self.load(row)
+
+    def load(self, starts):
         windows = self.data[starts[:, None] + self.offsets]  # (B, T+1) uint16, one gather
+        if self.copied is not None:
+            self.copied.synchronize()  # the last copy out of these buffers has finished
         # targets are the inputs shifted by one: each position predicts the next token
         np.copyto(self.x.numpy(), windows[:, :-1], casting="unsafe")
         np.copyto(self.y.numpy(), windows[:, 1:], casting="unsafe")
-        return self.x.to(self.device, non_blocking=True), self.y.to(self.device, non_blocking=True)
+        x, y = self.x.to(self.device, non_blocking=True), self.y.to(self.device, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        return x, y
 
 
 def train_step(model, optimizer, scaler, batches, lr, config, autocast):
-    """One optimizer step over grad_accum micro-batches; returns the mean loss as a tensor (no sync)."""
+    """One optimizer step over this rank's micro-batches; returns the mean loss as a tensor (no sync)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+    micro_batches = list(range(batches.grad_accum))
     total = 0.0
-    for _ in range(config["grad_accum"]):
-        x, y = batches.next()
-        with autocast:
+    for micro, (x, y) in zip(micro_batches, batches.step()):
+        # DDP averages gradients across ranks in backward; only the last micro-step needs it
+        sync = micro == micro_batches[-1] or not hasattr(model, "no_sync")
+        with autocast, (nullcontext() if sync else model.no_sync()):
             _, loss = model(x, y)
-        loss = loss / config["grad_accum"]  # the sum of the micro-batches' gradients is the mean's
+            loss = loss / batches.grad_accum  # the sum of the micro-batches' gradients is the mean's
         scaler.scale(loss).backward()
         total = total + loss.detach()
     if config["grad_clip"] > 0:
@@ -213,7 +238,7 @@ def plot_losses(metrics_path, png_path):
     return True
 
 
-def load_gpt2_weights(folder, config, tokenizer_meta):
+def load_gpt2_weights(folder, config, tokenizer_meta, say=print):
     """(GPTConfig, state dict) of a Hugging Face GPT-2 folder, cut to config's block_size, for fine-tuning."""
     from hf import HFError, load_hf
 
@@ -229,7 +254,7 @@ def load_gpt2_weights(folder, config, tokenizer_meta):
     # the architecture is the checkpoint's; the context can shrink (fewer learned positions)
     state["wpe.weight"] = state["wpe.weight"][: config["block_size"]]
     model_config = replace(model_config, block_size=config["block_size"], dropout=config["dropout"])
-    print(f"initialising from the GPT-2 weights in {folder} (n_layer {model_config.n_layer}, n_head {model_config.n_head}, "
+    say(f"initialising from the GPT-2 weights in {folder} (n_layer {model_config.n_layer}, n_head {model_config.n_head}, "
           f"n_embd {model_config.n_embd}; the model keys of the config are not used)")
     return model_config, state
 
@@ -237,6 +262,26 @@ def load_gpt2_weights(folder, config, tokenizer_meta):
 def format_seconds(s):
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def setup_distributed(config):
+    """
+    (rank, local_rank, world_size, device). Under torchrun (which sets RANK, LOCAL_RANK and
+    WORLD_SIZE) this joins the process group: NCCL between GPUs, gloo between CPU processes.
+    """
+    if "RANK" not in os.environ:
+        return 0, 0, 1, pick_device(config["device"])
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if config["grad_accum"] % world_size:
+        raise UserError(f"grad_accum ({config['grad_accum']}) must be a multiple of the number of processes ({world_size}): "
+                        f"the micro-batches of a step are shared out among them; try --grad_accum={world_size * max(1, config['grad_accum'] // world_size)}")
+    device = config["device"]
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return rank, local_rank, world_size, device
 
 
 def main():
@@ -248,10 +293,12 @@ def main():
     if not resume and os.path.exists(ckpt_path) and not config["overwrite"]:
         raise UserError(f"{ckpt_path} already exists: pass --init_from=resume to continue it, --overwrite=True to replace it, or another --out_dir")
 
-    device = pick_device(config["device"])
+    rank, local_rank, world_size, device = setup_distributed(config)
+    master = rank == 0  # only rank 0 prints, evaluates and writes files
+    say = print if master else (lambda *args, **kwargs: None)
     dtype = pick_dtype(config["dtype"], device)
     device_type = device.split(":")[0]
-    torch.manual_seed(config["seed"])
+    torch.manual_seed(config["seed"] + rank)  # dropout masks differ between ranks
 
     splits, meta = load_data(config)
     tokenizer_meta = tokenizer_from_meta(meta).meta()  # just what decoding needs, for the checkpoint
@@ -261,7 +308,7 @@ def main():
     model_config = GPTConfig(vocab_size=vocab_size, **{k: config[k] for k in MODEL_KEYS})
     hf_state = None
     if config["init_from"].startswith("hf:"):
-        model_config, hf_state = load_gpt2_weights(config["init_from"][3:], config, tokenizer_meta)
+        model_config, hf_state = load_gpt2_weights(config["init_from"][3:], config, tokenizer_meta, say)
     problems = check_config(model_config)
     if problems:
         raise UserError("; ".join(problems))
@@ -275,36 +322,46 @@ def main():
             raise UserError(f"{ckpt_path} was trained with another model config ({'; '.join(diff)}); pass the same settings or start a new --out_dir")
         if checkpoint["tokenizer"] != tokenizer_meta:
             raise UserError(f"{ckpt_path} was trained on data with another tokenizer than {config['data_dir']}/: prepare the same data again or use another --out_dir")
-    os.makedirs(out_dir, exist_ok=True)
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
 
-    model = GPT(model_config).to(device)
-    optimizer = configure_optimizer(model, config["learning_rate"], config["weight_decay"], (config["beta1"], config["beta2"]), device_type)
-    train_batches = Batches(splits["train"], config["batch_size"], config["block_size"], device, config["seed"])
+    raw_model = GPT(model_config).to(device)  # the model itself: its weights are what we save
+    raw_model.grad_checkpointing = config["grad_checkpointing"]
+    optimizer = configure_optimizer(raw_model, config["learning_rate"], config["weight_decay"], (config["beta1"], config["beta2"]), device_type)
+    train_batches = Batches(splits["train"], config["batch_size"], config["block_size"], device, config["seed"],
+                            config["grad_accum"] // world_size, rank, world_size)
     iter_num, best_val_loss = 0, float("inf")
     if hf_state is not None:
-        model.load_state_dict(hf_state)
+        raw_model.load_state_dict(hf_state)
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        raw_model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         train_batches.generator.set_state(checkpoint["rng"]["batches"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device_type == "cuda" and "cuda" in checkpoint["rng"]:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-        print(f"resuming {ckpt_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")
+        say(f"resuming {ckpt_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")
         if iter_num >= config["max_iters"]:
             raise UserError(f"{ckpt_path} is already at iteration {iter_num} >= max_iters {config['max_iters']}: pass a larger --max_iters to train on")
+    model = raw_model
+    if config["compile"]:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
     autocast = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    peak = config["peak_flops"] or measure_peak_flops(device, torch.float32 if dtype == "float32" else getattr(torch, dtype))
+    peak = config["peak_flops"] or measure_peak_flops(device, getattr(torch, dtype))
     tokens_per_iter = config["batch_size"] * config["block_size"] * config["grad_accum"]
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {vocab_size} ({tokenizer_meta['tokenizer']}); "
-          f"device {device}, {dtype}; {tokens_per_iter:,} tokens per iteration; matmul peak {peak / 1e9:.0f} GFLOP/s")
+    say(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {vocab_size} ({tokenizer_meta['tokenizer']}); "
+        f"device {device}, {dtype}{', compiled' if config['compile'] else ''}; "
+        f"global batch {tokens_per_iter:,} tokens per iteration ({world_size} process(es) x {train_batches.grad_accum} "
+        f"micro-batch(es) x {config['batch_size']} x {config['block_size']}); matmul peak {peak / 1e9:.0f} GFLOP/s")
 
     def save(reason):
         save_checkpoint({
-            "model": model.state_dict(),
+            "model": raw_model.state_dict(),
             "model_config": asdict(model_config),
             "train_config": config,
             "iter_num": iter_num,
@@ -314,26 +371,26 @@ def main():
             "rng": {"batches": train_batches.generator.get_state(), "torch": torch.get_rng_state(),
                     **({"cuda": torch.cuda.get_rng_state()} if device_type == "cuda" else {})},
         }, ckpt_path)
-        print(f"saved {ckpt_path} at iteration {iter_num} ({reason})")
+        say(f"saved {ckpt_path} at iteration {iter_num} ({reason})")
 
     @torch.no_grad()
     def evaluate():
         """Mean loss over eval_iters batches of each split. The same batches every time
         (a fixed seed), so successive evaluations compare the model, not the luck of the draw."""
-        model.eval()
+        raw_model.eval()
         losses = {}
         for split in ("train", "val"):
             batches = Batches(splits[split], config["batch_size"], config["block_size"], device, config["seed"] + 1)
             total = torch.zeros((), device=device)
             for _ in range(config["eval_iters"]):
-                x, y = batches.next()
+                x, y = next(batches.step())
                 with autocast:
-                    total += model(x, y)[1].float()
+                    total += raw_model(x, y)[1].float()
             losses[split] = total.item() / config["eval_iters"]
-        model.train()
+        raw_model.train()
         return losses
 
-    metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a" if resume else "w")
+    metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a" if resume else "w") if master else None
 
     def log(record):
         metrics.write(json.dumps(record) + "\n")
@@ -341,10 +398,10 @@ def main():
 
     # Ctrl-C: finish the current iteration, save, exit. A second Ctrl-C kills at once,
     # which is safe too: the checkpoint is only ever replaced by an atomic rename.
-    interrupted = []
+    interrupted = torch.zeros((), dtype=torch.int32)
 
     def on_sigint(signum, frame):
-        interrupted.append(True)
+        interrupted.fill_(1)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     signal.signal(signal.SIGINT, on_sigint)
@@ -355,10 +412,10 @@ def main():
     model.train()
     while True:
         if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
-            if iter_num > start_iter or iter_num == 0:
+            if master and (iter_num > start_iter or iter_num == 0):
                 t_eval = time.perf_counter()
                 losses = evaluate()
-                print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, val perplexity {math.exp(losses['val']):.2f}")
+                say(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, val perplexity {math.exp(losses['val']):.2f}")
                 log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "val_ppl": math.exp(losses["val"])})
                 plot_losses(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"))
                 if iter_num > start_iter and losses["val"] < best_val_loss:
@@ -374,8 +431,13 @@ def main():
         step_losses[n_logged] = loss
         n_logged += 1
         iter_num += 1
+        if world_size > 1:  # every rank stops at the same step when one of them got Ctrl-C
+            dist.all_reduce(interrupted, op=dist.ReduceOp.MAX)
 
         if n_logged == config["log_interval"] or iter_num == config["max_iters"] or interrupted:
+            if world_size > 1:  # the global batch's loss: the mean over ranks
+                dist.all_reduce(step_losses, op=dist.ReduceOp.SUM)
+                step_losses /= world_size
             losses_seen = step_losses[:n_logged].tolist()  # the one sync per log line
             bad = [i for i, v in enumerate(losses_seen) if not math.isfinite(v)]
             if bad:
@@ -387,25 +449,34 @@ def main():
             now = time.perf_counter()
             dt = (now - t_log) / n_logged
             tokens_per_sec = tokens_per_iter / dt
-            mfu = model.estimate_mfu(tokens_per_sec, peak)
+            mfu = raw_model.estimate_mfu(tokens_per_sec, peak * world_size)
             done = iter_num / config["max_iters"]
             eta = (now - t_start) / max(1, iter_num - start_iter) * (config["max_iters"] - iter_num)
-            print(f"iter {iter_num}/{config['max_iters']} ({100 * done:.0f}%) | loss {losses_seen[-1]:.4f} | lr {lr:.2e} | "
-                  f"{1000 * dt:.1f} ms/iter, {1 / dt:.1f} it/s | {tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}% | ETA {format_seconds(eta)}", flush=True)
-            log({"iter": iter_num, "loss": losses_seen[-1], "losses": losses_seen, "lr": lr, "ms_per_iter": 1000 * dt,
-                 "tokens_per_sec": tokens_per_sec, "mfu": mfu})
+            say(f"iter {iter_num}/{config['max_iters']} ({100 * done:.0f}%) | loss {losses_seen[-1]:.4f} | lr {lr:.2e} | "
+                f"{1000 * dt:.1f} ms/iter, {1 / dt:.1f} it/s | {tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}% | ETA {format_seconds(eta)}", flush=True)
+            if master:
+                log({"iter": iter_num, "loss": losses_seen[-1], "losses": losses_seen, "lr": lr, "ms_per_iter": 1000 * dt,
+                     "tokens_per_sec": tokens_per_sec, "mfu": mfu})
             t_log, n_logged = now, 0
         if interrupted:
-            save("interrupted")
-            args = [a for a in sys.argv[1:] if not a.startswith(("--init_from", "--overwrite"))]
-            print(f"interrupted: continue with python train.py {' '.join(args + ['--init_from=resume'])}", file=sys.stderr)
-            metrics.close()
+            if master:
+                save("interrupted")
+                args = [a for a in sys.argv[1:] if not a.startswith(("--init_from", "--overwrite"))]
+                print(f"interrupted: continue with python train.py {' '.join(args + ['--init_from=resume'])}", file=sys.stderr)
+                metrics.close()
             sys.exit(130)
 
-    save("end of training")
-    metrics.close()
-    print(f"done: best val loss {best_val_loss:.4f}, {format_seconds(time.perf_counter() - t_start)}")
+    if master:
+        save("end of training")
+        metrics.close()
+    say(f"done: best val loss {best_val_loss:.4f}, {format_seconds(time.perf_counter() - t_start)}")
+    if world_size > 1:
+        dist.barrier()  # leave together: a rank that quits early can abort the others' gloo threads
 
 
 if __name__ == "__main__":
-    main_guard(main)
+    try:
+        main_guard(main)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
