@@ -64,7 +64,8 @@ def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed,
     model_config = GPTConfig(vocab_size=-(-vocab_size // 64) * 64, **{k: train_config[k] for k in MODEL_KEYS})
     model = GPT(model_config).to(device)
     optimizer = configure_optimizer(model, 1e-3, 0.1, (0.9, 0.99), device.split(":")[0])
-    batches = Batches(data, train_config["batch_size"], train_config["block_size"], device, seed=0)
+    batches = Batches(data, train_config["batch_size"], train_config["block_size"], device, seed=0,
+                      grad_accum=train_config["grad_accum"])
     autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
     times = []

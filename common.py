@@ -132,14 +132,14 @@ def save_checkpoint(checkpoint, path):
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", missing_hint="train one first with python train.py config/small.py (or pass --ckpt=PATH)"):
     """Loads a checkpoint of this project. weights_only=True: no pickled code ever runs."""
     import pickle
 
     import torch
 
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one first with python train.py config/small.py (or pass --ckpt=PATH)")
+        raise UserError(f"no checkpoint at {path}: {missing_hint}")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
         raise UserError(f"{path} is not a checkpoint (not a torch.save archive, or truncated): pass the trained.pth that train.py wrote")
     try:

@@ -315,7 +315,8 @@ def main():
 
     checkpoint = None
     if resume:
-        checkpoint = load_checkpoint(ckpt_path, map_location=device)
+        checkpoint = load_checkpoint(ckpt_path, map_location=device, missing_hint=(
+            "nothing to resume; leave out --init_from=resume to start a new run, or pass the --out_dir of the run to continue"))
         if checkpoint["model_config"] != asdict(model_config):
             diff = [f"{k}: checkpoint {checkpoint['model_config'].get(k)!r}, requested {v!r}"
                     for k, v in asdict(model_config).items() if checkpoint["model_config"].get(k) != v]

@@ -4,7 +4,7 @@ import json
 import torch
 
 from common import load_model, save_checkpoint
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, tense_lines
 from model import GPT, GPTConfig
 
 
@@ -68,3 +68,18 @@ def test_checkpoint_save_then_load_gives_identical_logits(tmp_path):
     idx = torch.randint(0, 320, (2, 16))
     assert torch.equal(model(idx, idx)[0], loaded(idx, idx)[0])
     assert tokenizer.encode("Hello world") == [15496, 995]
+
+
+def test_bench_json_report(tmp_path):
+    """bench.py end to end on a tiny config (a report's shape and its ratios, never a speed)."""
+    (tmp_path / "in.txt").write_text("\n".join(tense_lines(400)) + "\n")
+    out = run_script("bench.py", "--json", "--config=config/tiny.py", f"--input={tmp_path / 'in.txt'}", "--warmup_steps=1",
+                     "--timed_steps=2", "--gen_tokens=20", "--gen_block_size=64", "--prepare_mb=1", cwd=ROOT, timeout=300).stdout
+    report = json.loads(out)
+    assert report["device"] == "cpu" and report["dtype"] == "float32"
+    assert report["train_compact"]["vocab_size"] < 1000 and report["train_full"]["vocab_size"] == 50304
+    assert report["train_speedup"] == report["train_compact"]["tokens_per_sec"] / report["train_full"]["tokens_per_sec"]
+    gen = report["generation"]
+    assert gen["new_tokens"] == 20 and gen["speedup"] == gen["kv_cache_tokens_per_sec"] / gen["full_recompute_tokens_per_sec"]
+    assert "ms_per_token_at_50" in gen and "ms_per_token_at_500" not in gen  # 500 does not fit a 64-token context
+    assert report["prepare"]["megabytes"] >= 1.0 and report["prepare"]["peak_memory_mb"] > 0

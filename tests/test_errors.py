@@ -85,7 +85,8 @@ def test_train_split_shorter_than_the_context(data_dir, tmp_path):
     (["--n_embd=30", "--n_head=4"], "error: n_embd (30) must be divisible by n_head (4)"),
     (["--n_layer=0"], "error: n_layer must be positive, got 0"),
     (["--batch_size=-1"], "error: config key batch_size must be positive, got -1"),
-    (["--init_from=resume"], "error: no checkpoint at out-tiny/trained.pth: train one first with python train.py config/small.py (or pass --ckpt=PATH)"),
+    (["--init_from=resume"], "error: no checkpoint at out-tiny/trained.pth: nothing to resume; leave out --init_from=resume "
+                             "to start a new run, or pass the --out_dir of the run to continue"),
 ])
 def test_train_bad_settings(data_dir, tmp_path, args, message):
     assert fails("train.py", TINY, f"--data_dir={data_dir / 'data'}", *args, cwd=tmp_path) == message
