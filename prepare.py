@@ -117,24 +117,27 @@ def main():
     size = os.path.getsize(path)
     check_writable(out_dir)
 
-    # Pass 1: check the text decodes, count its lines, hash it (char/word: count their pieces).
+    # Pass 1: check the text decodes, count its lines, hash it; char and word build their vocabulary.
+    kind = config["tokenizer"]
     sha, n_lines, counts = hashlib.sha256(), 0, collections.Counter()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             sha.update(block)
-    piece_tokenizer = {"char": tok.Char, "word": tok.Word}.get(config["tokenizer"])
     for _, lines in read_batches(path, config["errors"]):
         lines = [line for line in lines if line.strip()]  # blank lines are dropped
         n_lines += len(lines)
-        if piece_tokenizer:
-            for line in lines:
-                counts.update(piece_tokenizer.pieces(line))
+        if kind == "char":
+            counts.update(itertools.chain.from_iterable(lines))
+        elif kind == "word":
+            counts.update(itertools.chain.from_iterable(map(tok.Word.pieces, lines)))
     if n_lines == 0:
         raise UserError(f"{path} has no text (it is empty or only whitespace); give it at least a few lines")
-    if config["tokenizer"] == "char":
+    if kind == "char":
         tokenizer = tok.Char.from_counts(counts)
-    elif config["tokenizer"] == "word":
+    elif kind == "word":
         tokenizer = tok.Word.from_counts(counts, config["vocab_size"], config["min_frequency"])
+    else:
+        tokenizer = tok.GPT2()  # made compact after pass 2, once we know which ids the text uses
 
     # Which lines go to val: a seeded random choice of whole (non-blank) lines.
     rng = np.random.default_rng(config["seed"])
@@ -142,24 +145,23 @@ def main():
     is_val = np.zeros(n_lines, dtype=bool)
     is_val[rng.choice(n_lines, size=min(n_val, n_lines), replace=False)] = True
 
-    # Pass 2: tokenize a batch of lines at a time on every core; hold only numpy arrays.
-    enc, threads = tok.gpt2_encoding(), os.cpu_count() or 1
-    eot = tokenizer.eot if piece_tokenizer else tok.GPT2_EOT
+    # Pass 2: tokenize a batch of lines at a time (GPT-2: on every core); hold only numpy arrays.
+    threads = os.cpu_count() or 1
     parts = {"train": [], "val": []}
     chars = {"train": 0, "val": 0}  # characters per split, a line's end counted as one
     first_line, started = 0, time.time()
     for done_bytes, lines in read_batches(path, config["errors"]):
         lines = [line for line in lines if line.strip()]
-        if piece_tokenizer:
-            per_line = [tokenizer.encode(line) + [eot] for line in lines]
-            ids = np.fromiter(itertools.chain.from_iterable(per_line), dtype=np.uint16, count=sum(map(len, per_line)))
+        if kind == "gpt2":
+            ids = encode_lines(tokenizer.enc, lines, threads)  # every line's tokens, each followed by end-of-text
         else:
-            ids = encode_lines(enc, lines, threads)  # every line's tokens, each followed by end-of-text
+            per_line = [tokenizer.encode(line) + [tokenizer.eot] for line in lines]
+            ids = np.fromiter(itertools.chain.from_iterable(per_line), dtype=np.uint16, count=sum(map(len, per_line)))
         line_is_val = is_val[first_line : first_line + len(lines)]
-        for line, v in zip(lines, line_is_val.tolist()):
-            chars["val" if v else "train"] += len(line) + 1
-        ends = np.flatnonzero(ids == eot)  # one per line
-        tokens_per_line = np.diff(ends, prepend=-1)
+        line_chars = np.fromiter(map(len, lines), dtype=np.int64, count=len(lines)) + 1
+        chars["val"] += int(line_chars[line_is_val].sum())
+        chars["train"] += int(line_chars[~line_is_val].sum())
+        tokens_per_line = np.diff(np.flatnonzero(ids == tokenizer.eot), prepend=-1)  # one end-of-text per line
         to_val = np.repeat(line_is_val, tokens_per_line)
         parts["train"].append(ids[~to_val])
         parts["val"].append(ids[to_val])
@@ -176,11 +178,7 @@ def main():
                 f"add more lines{' or raise --val_fraction' if split == 'val' else ''}"
             )
 
-    if piece_tokenizer:
-        pass  # built in pass 1
-    elif config["full_vocab"]:
-        tokenizer = tok.GPT2()
-    else:
+    if kind == "gpt2" and not config["full_vocab"]:
         used = np.flatnonzero(np.bincount(np.concatenate(list(data.values())), minlength=tok.GPT2_EOT + 1))
         tokenizer = tok.CompactGPT2.from_used_ids(used.tolist())
         to_compact = np.zeros(tok.GPT2_EOT + 1, dtype=np.uint16)

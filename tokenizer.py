@@ -154,10 +154,6 @@ class Char:
     def from_counts(cls, counts):
         return cls(sorted(counts))
 
-    @staticmethod
-    def pieces(line):
-        return line  # what from_counts counts: the characters
-
     def unknown(self, text):
         """The characters of text that have no id (encode drops them)."""
         return sorted({ch for ch in text if ch not in self.ids})
