@@ -9,7 +9,7 @@ Measures where the time goes, on this machine, in one run (ratios are what to co
 2. training: ms/iter, tokens/s and MFU of the config's model on tense.txt, with the compact
    vocabulary and with GPT-2's full vocabulary, side by side (median of timed steps)
 3. generation: tokens/s for gen_tokens new tokens with the KV cache and with full
-   recompute, and ms per token at context positions 50 and 500
+   recompute (median of three runs), and ms per token at context positions 50 and 500
 4. prepare: MB/s of prepare.py on a text of prepare_mb MB (tense.txt repeated), and the
    peak memory of that process
 It is a benchmark, not a test: nothing here asserts a speed.
@@ -90,11 +90,14 @@ def bench_generation(train_config, vocab_size, block_size, new_tokens, device):
     result = {"block_size": block_size, "new_tokens": new_tokens}
     for name, use_cache in (("kv_cache", True), ("full_recompute", False)):
         model.generate(prompt, 8, greedy=True, use_cache=use_cache)  # warm-up
-        sync(device)
-        start = time.perf_counter()
-        out = model.generate(prompt, new_tokens, greedy=True, use_cache=use_cache)
-        sync(device)
-        result[f"{name}_tokens_per_sec"] = (out.size(1) - 1) / (time.perf_counter() - start)
+        rates = []
+        for _ in range(3):  # the median of three runs
+            sync(device)
+            start = time.perf_counter()
+            out = model.generate(prompt, new_tokens, greedy=True, use_cache=use_cache)
+            sync(device)
+            rates.append((out.size(1) - 1) / (time.perf_counter() - start))
+        result[f"{name}_tokens_per_sec"] = statistics.median(rates)
     # ms for one new token with a cache that holds `position` tokens
     for position in (50, 500):
         if position + 1 > block_size:

@@ -187,7 +187,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}")
         x = self.wte(idx)  # (B, T, C)
         if self.config.pos_encoding == "learned":
-            x = x + self.wpe(torch.arange(pos, pos + T, device=idx.device))
+            x = x + self.wpe.weight[pos : pos + T]  # rows pos..pos+T-1: an embedding lookup of a range
         else:
             # the paper scales embeddings by sqrt(d_model) so the fixed sinusoids don't drown them
             x = x * math.sqrt(self.config.n_embd) + self.wpe_table[pos : pos + T]
