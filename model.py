@@ -180,7 +180,7 @@ class GPT(nn.Module):
         """
         idx (B, T) token ids -> (logits, loss). With targets (B, T): logits (B, T, V) and
         the mean cross-entropy. Without: logits of the last position only (B, 1, V),
-        all that generation needs. caches/pos: see generate().
+        all that generation needs. caches/pos: the KV cache, see generate_stream().
         """
         B, T = idx.shape
         if pos + T > self.config.block_size:
