@@ -174,14 +174,18 @@ def load_model(path, device="cpu"):
 # ----------------------------------------------------------------------------- devices
 
 def pick_device(name):
+    """'auto' -> the best device here; a named one is checked, so a missing GPU is one clear line."""
     import torch
 
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={name}, but this torch sees no CUDA GPU; use --device=cpu (or auto)")
+    if name == "mps" and not mps:
+        raise UserError("--device=mps, but Apple's Metal backend is not available here; use --device=cpu (or auto)")
+    if name != "cpu" and not name.startswith(("cuda", "mps")):
+        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     return name
 
 

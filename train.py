@@ -100,8 +100,15 @@ def load_data(config):
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise UserError(f"no prepared data in {data_dir}/ (meta.json is missing): run python prepare.py first, or pass --data_dir=DIR")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        tokenizer_from_meta(meta)
+        missing = {"vocab_size", "train_tokens", "val_tokens"} - meta.keys()
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{meta_path} is damaged ({e.__class__.__name__}: {e}): run python prepare.py again") from None
     splits = {}
     for split in ("train", "val"):
         path = os.path.join(data_dir, f"{split}.bin")
@@ -325,6 +332,9 @@ def main():
     if resume:
         checkpoint = load_checkpoint(ckpt_path, map_location=device, missing_hint=(
             "nothing to resume; leave out --init_from=resume to start a new run, or pass the --out_dir of the run to continue"))
+        missing = {"optimizer", "iter_num", "best_val_loss", "rng"} - checkpoint.keys()
+        if missing:
+            raise UserError(f"{ckpt_path} cannot be resumed: it lacks {', '.join(sorted(missing))} (not written by train.py?)")
         if checkpoint["model_config"] != asdict(model_config):
             diff = [f"{k}: checkpoint {checkpoint['model_config'].get(k)!r}, requested {v!r}"
                     for k, v in asdict(model_config).items() if checkpoint["model_config"].get(k) != v]

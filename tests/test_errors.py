@@ -167,3 +167,32 @@ def test_sample_prompt_longer_than_the_context(tiny_run):
                                      "keeping its last 32")
     kept = tokenizer.decode(tokenizer.encode(long_prompt)[-32:])
     assert long_prompt.endswith(kept) and result.stdout.startswith(kept) and len(result.stdout) > len(kept) + 1
+
+
+def test_train_with_damaged_meta_json(data_dir, tmp_path):
+    import shutil as sh
+    sh.copytree(data_dir / "data", tmp_path / "data")
+    (tmp_path / "data" / "meta.json").write_text('{"tokenizer": "gpt2-comp')
+    message = fails("train.py", TINY, cwd=tmp_path)
+    assert message.startswith("error: data/meta.json is damaged (JSONDecodeError") and message.endswith("run python prepare.py again")
+
+
+def test_a_device_that_is_not_there(data_dir, tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    assert fails("train.py", TINY, f"--data_dir={data_dir / 'data'}", "--device=cuda", cwd=tmp_path) == \
+        "error: --device=cuda, but this torch sees no CUDA GPU; use --device=cpu (or auto)"
+    assert fails("sample.py", "--device=tpu", cwd=tmp_path) == \
+        "error: --device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"
+
+
+def test_resume_from_a_checkpoint_that_train_did_not_write(tiny_run, tmp_path):
+    import torch
+    checkpoint = torch.load(tiny_run / "out" / "trained.pth", weights_only=True)
+    del checkpoint["optimizer"], checkpoint["rng"]
+    (tmp_path / "out").mkdir()
+    torch.save(checkpoint, tmp_path / "out" / "trained.pth")
+    message = fails("train.py", TINY, f"--data_dir={tiny_run / 'data'}", "--out_dir=out", "--init_from=resume",
+                    "--max_iters=100", cwd=tmp_path)
+    assert message == "error: out/trained.pth cannot be resumed: it lacks optimizer, rng (not written by train.py?)"
