@@ -121,15 +121,16 @@ def test_export_without_biases_exports_zero_biases(tmp_path, gpt2_shaped_run):
         assert torch.allclose(hf_model(idx).logits, model(idx, idx)[0][..., :50257], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("args,problem", [
-    (["--pos_encoding=sinusoidal"], "pos_encoding is 'sinusoidal'; GPT-2 learns its positions: train with --pos_encoding=learned"),
-    (["--activation=relu"], "activation is 'relu'; GPT-2 uses GELU: train with --activation=gelu"),
+@pytest.mark.parametrize("setting,problem", [
+    ({"pos_encoding": "sinusoidal"}, "pos_encoding is 'sinusoidal'; GPT-2 learns its positions: train with --pos_encoding=learned"),
+    ({"activation": "relu"}, "activation is 'relu'; GPT-2 uses GELU: train with --activation=gelu"),
 ])
-def test_export_refuses_what_gpt2_cannot_be(tmp_path, gpt2_shaped_run, args, problem):
-    run_script("train.py", os.path.join(ROOT, "config", "tiny.py"), f"--data_dir={gpt2_shaped_run / 'data'}",
-               "--out_dir=out", "--max_iters=2", *args, cwd=tmp_path)
-    result = run_script("export.py", "--ckpt=out/trained.pth", "--out=hf", cwd=tmp_path, check=False)
-    assert result.returncode == 1 and result.stderr.strip() == f"error: out/trained.pth is not GPT-2 compatible: {problem}"
+def test_export_refuses_what_gpt2_cannot_be(tmp_path, gpt2_shaped_run, setting, problem):
+    checkpoint = torch.load(gpt2_shaped_run / "out" / "trained.pth", weights_only=True)
+    checkpoint["model_config"].update(setting)  # only the config is read before refusing
+    torch.save(checkpoint, tmp_path / "other.pth")
+    result = run_script("export.py", "--ckpt=other.pth", "--out=hf", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and result.stderr.strip() == f"error: other.pth is not GPT-2 compatible: {problem}"
     assert not (tmp_path / "hf").exists()
 
 
