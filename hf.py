@@ -14,6 +14,7 @@ import struct
 
 import torch
 
+from common import UserError
 from model import GPTConfig
 
 # model.py name -> GPT-2 name, per block; the matrices marked True are transposed
@@ -27,10 +28,6 @@ BLOCK_KEYS = {
 }
 TOP_KEYS = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
-class HFError(Exception):
-    """A folder or checkpoint that cannot be converted; the message says why and what to do."""
 
 
 def read_safetensors(path):
@@ -48,7 +45,7 @@ def read_safetensors(path):
         if name == "__metadata__":
             continue
         if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise HFError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not handle")
+            raise UserError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not handle")
         start, end = info["data_offsets"]
         flat = torch.frombuffer(bytearray(data[start:end]), dtype=SAFETENSORS_DTYPES[info["dtype"]])
         tensors[name] = flat.reshape(info["shape"]).float()
@@ -59,12 +56,12 @@ def load_hf(folder):
     """(GPTConfig, state dict for model.GPT) from a Hugging Face GPT-2 folder."""
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
-        raise HFError(f"no Hugging Face model in {folder}: put its config.json and model.safetensors "
+        raise UserError(f"no Hugging Face model in {folder}: put its config.json and model.safetensors "
                       f"(or pytorch_model.bin) in that folder (nothing is downloaded)")
     with open(config_path) as f:
         hf = json.load(f)
     if hf.get("model_type") != "gpt2":
-        raise HFError(f"{config_path} describes a {hf.get('model_type')!r} model; only GPT-2 ('gpt2') converts")
+        raise UserError(f"{config_path} describes a {hf.get('model_type')!r} model; only GPT-2 ('gpt2') converts")
     activation = hf.get("activation_function", "gelu_new")
     checks = {
         "activation_function": (activation in ("gelu_new", "gelu_pytorch_tanh", "relu"), "gelu_new or relu"),
@@ -76,7 +73,7 @@ def load_hf(folder):
     }
     for key, (ok, wanted) in checks.items():
         if not ok:
-            raise HFError(f"{config_path}: {key} is {hf.get(key)!r}, but model.py implements only {wanted}")
+            raise UserError(f"{config_path}: {key} is {hf.get(key)!r}, but model.py implements only {wanted}")
     config = GPTConfig(
         vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"],
         n_embd=hf["n_embd"], d_ff=hf.get("n_inner") or 0, dropout=hf.get("resid_pdrop", 0.0), bias=True,
@@ -90,7 +87,7 @@ def load_hf(folder):
     elif os.path.isfile(bin_path):
         hf_state = torch.load(bin_path, map_location="cpu", weights_only=True)
     else:
-        raise HFError(f"{folder} has a config.json but no weights: put model.safetensors or pytorch_model.bin beside it")
+        raise UserError(f"{folder} has a config.json but no weights: put model.safetensors or pytorch_model.bin beside it")
     # GPT2LMHeadModel saves "transformer.h.0...", GPT2Model (the original release) "h.0..."
     hf_state = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
 
@@ -103,7 +100,7 @@ def load_hf(folder):
                 tensor = hf_state[f"h.{i}.{theirs}"]
                 state[f"blocks.{i}.{ours}"] = tensor.t().contiguous() if transpose else tensor
     except KeyError as e:
-        raise HFError(f"{folder}: the weights lack {e.args[0]}; is this a GPT-2 checkpoint?") from None
+        raise UserError(f"{folder}: the weights lack {e.args[0]}; is this a GPT-2 checkpoint?") from None
     state["lm_head.weight"] = state["wte.weight"]  # tied
     return config, state
 

@@ -77,14 +77,11 @@ def load_sampling_model(config, device):
         return load_model(config["ckpt"], device)[:2]
     if not config["init_from"].startswith("hf:"):
         raise UserError(f"--init_from must be hf:FOLDER (a Hugging Face GPT-2 folder), got {config['init_from']!r}")
-    from hf import HFError, load_hf
+    from hf import load_hf
     from model import GPT
     from tokenizer import GPT2
 
-    try:
-        model_config, state = load_hf(config["init_from"][3:])
-    except HFError as e:
-        raise UserError(str(e)) from None
+    model_config, state = load_hf(config["init_from"][3:])
     model = GPT(model_config)
     model.load_state_dict(state)
     return model.to(device).eval(), GPT2()

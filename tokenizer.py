@@ -137,15 +137,13 @@ class CompactGPT2(GPT2):
         return {"tokenizer": "gpt2-compact", "gpt2_ids": self.gpt2_ids}
 
 
-
-
 class Char:
     """One id per distinct character of the corpus, after end-of-text (id 0)."""
 
     name = "char"
 
     def __init__(self, chars):
-        self.chars = ["<|endoftext|>"] + list(chars)  # id -> character
+        self.chars = [ENDOFTEXT] + list(chars)  # id -> character
         self.ids = {ch: i for i, ch in enumerate(self.chars)}
         self.eot = 0
         self.vocab_size = len(self.chars)

@@ -9,6 +9,7 @@ then --key=value overrides (Python literals). Writes out_dir/trained.pth (when v
 improves, at the end, and on Ctrl-C) and out_dir/metrics.jsonl (one JSON object per log
 line and per evaluation).
 """
+import functools
 import json
 import math
 import os
@@ -172,11 +173,10 @@ def train_step(model, optimizer, scaler, batches, lr, config, autocast):
     """One optimizer step over this rank's micro-batches; returns the mean loss as a tensor (no sync)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    micro_batches = list(range(batches.grad_accum))
     total = 0.0
-    for micro, (x, y) in zip(micro_batches, batches.step()):
+    for micro, (x, y) in enumerate(batches.step()):
         # DDP averages gradients across ranks in backward; only the last micro-step needs it
-        sync = micro == micro_batches[-1] or not hasattr(model, "no_sync")
+        sync = micro == batches.grad_accum - 1 or not hasattr(model, "no_sync")
         with autocast, (nullcontext() if sync else model.no_sync()):
             _, loss = model(x, y)
             loss = loss / batches.grad_accum  # the sum of the micro-batches' gradients is the mean's
@@ -191,6 +191,7 @@ def train_step(model, optimizer, scaler, batches, lr, config, autocast):
     return total
 
 
+@functools.lru_cache(maxsize=None)  # measured once per process: pick_dtype and the MFU share it
 def measure_peak_flops(device, dtype, seconds=0.3):
     """Practical matmul peak of this device: FLOP/s of torch.mm at a size that saturates it."""
     n = 2048 if device != "cpu" else 1024
@@ -219,7 +220,7 @@ def pick_dtype(name, device):
         if device.startswith("cuda"):
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
         if device == "cpu":
-            ratio = measure_peak_flops(device, torch.bfloat16, 0.2) / measure_peak_flops(device, torch.float32, 0.2)
+            ratio = measure_peak_flops(device, torch.bfloat16) / measure_peak_flops(device, torch.float32)
             return "bfloat16" if ratio > 2 else "float32"
         return "float32"
     if name == "float16" and not device.startswith("cuda"):
@@ -255,15 +256,12 @@ def plot_losses(metrics_path, png_path):
 
 def load_gpt2_weights(folder, config, tokenizer_meta, say=print):
     """(GPTConfig, state dict) of a Hugging Face GPT-2 folder, cut to config's block_size, for fine-tuning."""
-    from hf import HFError, load_hf
+    from hf import load_hf
 
     if tokenizer_meta["tokenizer"] != "gpt2":
         raise UserError(f"GPT-2 weights need data in GPT-2's own ids, but {config['data_dir']}/ is {tokenizer_meta['tokenizer']}: "
                         f"prepare it with --full_vocab=True")
-    try:
-        model_config, state = load_hf(folder)
-    except HFError as e:
-        raise UserError(str(e)) from None
+    model_config, state = load_hf(folder)
     if config["block_size"] > model_config.block_size:
         raise UserError(f"--block_size={config['block_size']} is longer than the {model_config.block_size} positions of {folder}")
     # the architecture is the checkpoint's; the context can shrink (fewer learned positions)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script, tense_lines
-from hf import HFError, load_hf, read_safetensors
+from common import UserError
+from hf import load_hf, read_safetensors
 from model import GPT
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
@@ -69,14 +70,14 @@ def test_our_safetensors_reader_matches_the_package(tmp_path):
 
 
 def test_missing_or_wrong_folders_are_clear_errors(tmp_path):
-    with pytest.raises(HFError, match=r"no Hugging Face model in .*nowhere: put its config.json and model.safetensors"):
+    with pytest.raises(UserError, match=r"no Hugging Face model in .*nowhere: put its config.json and model.safetensors"):
         load_hf(str(tmp_path / "nowhere"))
     os.makedirs(tmp_path / "bert")
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(HFError, match="describes a 'bert' model; only GPT-2"):
+    with pytest.raises(UserError, match="describes a 'bert' model; only GPT-2"):
         load_hf(str(tmp_path / "bert"))
     small_hf_model(scale_attn_by_inverse_layer_idx=True).save_pretrained(tmp_path / "odd")
-    with pytest.raises(HFError, match="scale_attn_by_inverse_layer_idx is True, but model.py implements only false"):
+    with pytest.raises(UserError, match="scale_attn_by_inverse_layer_idx is True, but model.py implements only false"):
         load_hf(str(tmp_path / "odd"))
     result = run_script("sample.py", f"--init_from=hf:{tmp_path / 'nowhere'}", cwd=tmp_path, check=False)
     assert result.returncode == 1 and result.stderr.startswith(f"error: no Hugging Face model in {tmp_path / 'nowhere'}")
