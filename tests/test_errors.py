@@ -53,7 +53,7 @@ def test_prepare_output_folder_not_writable(tmp_path):
 def test_prepare_corpus_too_small(tmp_path):
     (tmp_path / "in.txt").write_text("Hi.\n")
     message = fails("prepare.py", "--input=in.txt", cwd=tmp_path)
-    assert message == "error: in.txt is too small: its train split has 0 token(s), at least 2 are needed; add more lines"
+    assert message == "error: in.txt is too small: it has 1 line, and train and val need at least one each; add more lines"
 
 
 # ------------------------------------------------------------------ train.py

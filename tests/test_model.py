@@ -2,8 +2,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from model import GPT, GPTConfig, configure_optimizer, filter_logits
+from model import GPT, GPTConfig, LinearCrossEntropy, configure_optimizer, filter_logits, sample_next
 
 
 def tiny_config(**overrides):
@@ -107,3 +108,67 @@ def test_optimizer_decays_matrices_only():
     assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("n_rows,chunk_rows", [(70, 16), (64, 64), (5, 100)])
+def test_chunked_loss_matches_plain_loss_and_gradients(n_rows, chunk_rows):
+    torch.manual_seed(0)
+    x = torch.randn(n_rows, 32, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3000, 32, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 3000, (n_rows,))
+    plain = F.cross_entropy(x @ weight.T, targets)
+    plain_grads = torch.autograd.grad(plain, (x, weight))
+    chunked = LinearCrossEntropy.apply(x, weight, targets, chunk_rows)
+    chunked_grads = torch.autograd.grad(chunked, (x, weight))
+    assert torch.allclose(chunked, plain, rtol=1e-12, atol=1e-12)
+    for a, b in zip(chunked_grads, plain_grads):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_with_a_big_vocabulary_trains_on_the_chunked_path_with_the_same_loss_and_gradients(dtype):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=4096, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    assert model.chunked_loss  # 4096 >= CHUNKED_LOSS_MIN_VOCAB: the default
+    x, y = torch.randint(0, 4096, (4, 16)), torch.randint(0, 4096, (4, 16))
+    results = []
+    for chunked in (True, False):
+        model.chunked_loss = chunked
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            logits, loss = model(x, y)
+        loss.backward()
+        assert (logits is None) == chunked  # the chunked path never builds the (B, T, V) logits
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert abs(results[0][0] - results[1][0]) < tol
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.allclose(a, b, rtol=tol, atol=tol * 1e-2)
+    model.eval()  # evaluation and scoring get the logits
+    assert model(x, y)[0].shape == (4, 16, 4096)
+
+
+def test_sampling_draws_from_the_softmax_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf"), 0.5]])
+    generator = torch.Generator().manual_seed(0)
+    n = 40000
+    draws = torch.cat([sample_next(logits.expand(1000, -1), 1.0, generator=generator) for _ in range(n // 1000)])
+    counts = torch.bincount(draws[:, 0], minlength=6).double() / n
+    expected = torch.softmax(logits[0].double(), dim=0)
+    assert counts[4] == 0  # no probability, never drawn
+    assert (counts - expected).abs().max() < 0.01  # ~4 standard errors at these probabilities
+    # top_k: only the k largest, in proportion to their probabilities
+    draws = torch.cat([sample_next(logits.expand(1000, -1), 1.0, top_k=2, generator=generator) for _ in range(20)])
+    counts = torch.bincount(draws[:, 0], minlength=6).double() / 20000
+    assert set(draws[:, 0].tolist()) == {0, 1}
+    assert abs(counts[0] - torch.sigmoid(torch.tensor(1.0)).item()) < 0.015
+    # top_p=0.7 keeps {0, 1} (0.60 + 0.22 reaches it); together with top_k=1 only token 0
+    assert set(sample_next(logits.expand(2000, -1), 1.0, top_p=0.7, generator=generator)[:, 0].tolist()) == {0, 1}
+    assert set(sample_next(logits.expand(50, -1), 1.0, top_k=1, top_p=0.7, generator=generator)[:, 0].tolist()) == {0}
+
+
+def test_a_tiny_temperature_is_the_most_likely_token_not_nan():
+    logits = torch.tensor([[30.0, 31.0, -5.0], [1.0, 0.0, 0.5]])
+    for temperature in (1e-30, 1e-45):
+        assert sample_next(logits, temperature).tolist() == [[1], [0]]
+        assert sample_next(logits, temperature, top_k=2, top_p=0.5).tolist() == [[1], [0]]
