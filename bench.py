@@ -12,9 +12,16 @@ Measures where the time goes, on this machine, in one run (ratios are what to co
    recompute (median of three runs), and ms per token at context positions 50 and 500
 4. prepare: MB/s of prepare.py on a text of prepare_mb MB (tense.txt repeated), and the
    peak memory of that process
+5. with --heldout=FILE, quality on text the model has not seen: prepare.py holds out the
+   last 10% of FILE (--split=last), train.py trains the config for quality_steps steps,
+   and the held-out text is scored in bits per byte (lower is better; comparable across
+   tokenizers) for: the compact vocabulary with the old byte fallback, the compact
+   vocabulary closed under GPT-2's merges (today's), GPT-2's full vocabulary, and the
+   three --example settings.
 It is a benchmark, not a test: nothing here asserts a speed.
 """
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -26,10 +33,11 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from common import main_guard, parse_config, pick_device
+import tokenizer as tok
+from common import UserError, atomic_write, load_model, main_guard, parse_config, pick_device
 from model import GPT, GPTConfig, configure_optimizer
 from train import DEFAULTS as TRAIN_DEFAULTS
-from train import MODEL_KEYS, Batches, measure_peak_flops, pick_dtype, train_step
+from train import MODEL_KEYS, Batches, measure_peak_flops, pick_dtype, total_nats, train_step
 
 DEFAULTS = {
     "config": "config/small.py",
@@ -41,14 +49,22 @@ DEFAULTS = {
     "gen_tokens": 500,
     "gen_block_size": 512,  # the generation model's context (>= gen_tokens + 1 keeps it all cached)
     "prepare_mb": 50,
+    "heldout": "",  # a text file for the held-out quality figures (e.g. ../shared/data/alice.txt); empty skips them
+    "quality_steps": 200,  # training steps of each held-out quality run
     "json": False,
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def run_script(script, *args):
+    done = subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True, text=True)
+    if done.returncode:
+        raise UserError(f"{script} {' '.join(args)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return done
+
+
 def prepare_data(path, folder, full_vocab):
-    subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), f"--input={path}", f"--out_dir={folder}",
-                    f"--full_vocab={full_vocab}"], check=True, capture_output=True)
+    run_script("prepare.py", f"--input={path}", f"--out_dir={folder}", f"--full_vocab={full_vocab}")
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
     return np.memmap(os.path.join(folder, "train.bin"), dtype=np.uint16, mode="r"), meta["vocab_size"]
@@ -59,10 +75,28 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed, peak):
+def reset_peak_memory():
+    """Starts a new peak-resident-memory measurement of this process (Linux); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_mb():
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 1024
+
+
+def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed, peak, chunked_loss=None):
     torch.manual_seed(0)
     model_config = GPTConfig(vocab_size=-(-vocab_size // 64) * 64, **{k: train_config[k] for k in MODEL_KEYS})
     model = GPT(model_config).to(device)
+    if chunked_loss is not None:
+        model.chunked_loss = chunked_loss
+    measure_memory = device == "cpu" and reset_peak_memory()
     optimizer = configure_optimizer(model, 1e-3, 0.1, (0.9, 0.99), device.split(":")[0])
     batches = Batches(data, train_config["batch_size"], train_config["block_size"], device, seed=0,
                       grad_accum=train_config["grad_accum"])
@@ -78,7 +112,8 @@ def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed,
     seconds = statistics.median(times)
     tokens_per_sec = train_config["batch_size"] * train_config["block_size"] * train_config["grad_accum"] / seconds
     return {"vocab_size": model_config.vocab_size, "params_M": model.num_params() / 1e6, "ms_per_iter": 1000 * seconds,
-            "tokens_per_sec": tokens_per_sec, "mfu": model.estimate_mfu(tokens_per_sec, peak)}
+            "tokens_per_sec": tokens_per_sec, "mfu": model.estimate_mfu(tokens_per_sec, peak),
+            "chunked_loss": model.chunked_loss, "peak_memory_mb": peak_memory_mb() if measure_memory else None}
 
 
 @torch.no_grad()
@@ -115,6 +150,82 @@ def bench_generation(train_config, vocab_size, block_size, new_tokens, device):
     return result
 
 
+@torch.no_grad()
+def bench_sampling(train_config, vocab_sizes, block_size, new_tokens, device):
+    """Tokens/s of sample.py's default decoding (temperature 0.8, KV cache) for each vocabulary size."""
+    rates = {}
+    for name, vocab_size in vocab_sizes.items():
+        torch.manual_seed(0)
+        config = GPTConfig(vocab_size=-(-vocab_size // 64) * 64, **{**{k: train_config[k] for k in MODEL_KEYS}, "block_size": block_size})
+        model = GPT(config).to(device).eval()
+        prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
+        generator = torch.Generator(device=device).manual_seed(0)
+        model.generate(prompt, 8, temperature=0.8, generator=generator)  # warm-up
+        runs = []
+        for _ in range(3):
+            sync(device)
+            start = time.perf_counter()
+            out = model.generate(prompt, new_tokens, temperature=0.8, generator=generator)
+            sync(device)
+            runs.append((out.size(1) - 1) / (time.perf_counter() - start))
+        rates[name] = statistics.median(runs)
+    return rates
+
+
+def legacy_compact(folder):
+    """
+    Rewrites a prepared compact folder with the old compact vocabulary: the train split's
+    GPT-2 tokens, the 256 bytes and end-of-text, anything else spelled in single bytes.
+    """
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)
+    new = tok.from_meta(meta)
+    gpt2_ids = np.array(new.gpt2_ids)
+    train = gpt2_ids[np.fromfile(os.path.join(folder, "train.bin"), dtype=np.uint16)]  # the same tokens, GPT-2's ids
+    old = tok.CompactGPT2(sorted(set(np.unique(train).tolist()) | set(tok.single_byte_ids()) | {tok.GPT2_EOT}), "bytes")
+    to_old = np.zeros(tok.GPT2_EOT + 1, dtype=np.uint16)
+    to_old[old.gpt2_ids] = np.arange(old.vocab_size)
+    val = np.fromfile(os.path.join(folder, "val.bin"), dtype=np.uint16).tolist()
+    ends = [i for i, t in enumerate(val) if t == new.eot]
+    texts = [new.decode(val[s + 1 : e]) for s, e in zip([-1] + ends[:-1], ends)]
+    data = {"train": to_old[train], "val": tok.encode_examples(old, texts)}
+    for split, arr in data.items():
+        atomic_write(os.path.join(folder, f"{split}.bin"), arr.tofile)
+    meta.update(old.meta(), vocab_size=old.vocab_size, eot=old.eot, train_tokens=len(data["train"]), val_tokens=len(data["val"]))
+    atomic_write(os.path.join(folder, "meta.json"), lambda f: f.write(json.dumps(meta).encode()))
+
+
+QUALITY_VARIANTS = [  # (name, prepare.py options, old byte fallback)
+    ("compact, byte fallback (before)", ["--example=paragraph"], True),
+    ("compact, merge-closed (now)", ["--example=paragraph"], False),
+    ("full GPT-2 vocabulary", ["--example=paragraph", "--full_vocab=True"], False),
+    ("compact, --example=line", ["--example=line"], False),
+    ("compact, --example=file", ["--example=file"], False),
+]
+
+
+def bench_quality(text, steps, config_path, dtype):
+    """Bits per byte on the held-out last 10% of text after `steps` training steps, per variant."""
+    results = {}
+    for name, options, old_fallback in QUALITY_VARIANTS:
+        with tempfile.TemporaryDirectory() as folder:
+            run_script("prepare.py", f"--input={text}", f"--out_dir={folder}/data", "--split=last", "--val_fraction=0.1", *options)
+            if old_fallback:
+                legacy_compact(f"{folder}/data")
+            start = time.perf_counter()
+            run_script("train.py", config_path, f"--data_dir={folder}/data", f"--out_dir={folder}/out", f"--max_iters={steps}",
+                       f"--eval_interval={steps}", f"--dtype={dtype}")
+            seconds = time.perf_counter() - start
+            model, _, checkpoint = load_model(f"{folder}/out/trained.pth")
+            with open(f"{folder}/data/meta.json") as f:
+                meta = json.load(f)
+            val = np.fromfile(f"{folder}/data/val.bin", dtype=np.uint16)
+            nats, n = total_nats(model, val, model.config.block_size)
+        results[name] = {"bits_per_byte": nats / math.log(2) / meta["val_bytes"], "vocab_size": meta["vocab_size"],
+                         "val_tokens": n + 1, "train_seconds": seconds, "steps": steps}
+    return results
+
+
 def bench_prepare(source, megabytes):
     with open(source, "rb") as f:
         text = f.read()
@@ -149,45 +260,68 @@ def main():
                                     for name in ("float32", "bfloat16")}
     peak = report["matmul_peak_gflops"][dtype] * 1e9
 
+    if opts["heldout"] and not os.path.isfile(opts["heldout"]):
+        raise UserError(f"--heldout={opts['heldout']} is not a file: pass a UTF-8 text, or leave it empty to skip the quality figures")
     with tempfile.TemporaryDirectory() as folder:
         compact_data, compact_vocab = prepare_data(opts["input"], os.path.join(folder, "compact"), False)
         full_data, full_vocab = prepare_data(opts["input"], os.path.join(folder, "full"), True)
-        report["train_compact"] = bench_training(train_config, compact_data, compact_vocab, device, dtype,
-                                                 opts["warmup_steps"], opts["timed_steps"], peak)
-        report["train_full"] = bench_training(train_config, full_data, full_vocab, device, dtype,
-                                              opts["warmup_steps"], opts["timed_steps"], peak)
+        timing = (device, dtype, opts["warmup_steps"], opts["timed_steps"], peak)
+        report["train_compact"] = bench_training(train_config, compact_data, compact_vocab, *timing)
+        report["train_full"] = bench_training(train_config, full_data, full_vocab, *timing)
+        # the same full-vocabulary run with the output layer and loss in one piece, as before LinearCrossEntropy
+        report["train_full_plain_loss"] = bench_training(train_config, full_data, full_vocab, *timing, chunked_loss=False)
     report["train_speedup"] = report["train_compact"]["tokens_per_sec"] / report["train_full"]["tokens_per_sec"]
+    report["chunked_loss_speedup"] = report["train_full"]["tokens_per_sec"] / report["train_full_plain_loss"]["tokens_per_sec"]
     gen = bench_generation(train_config, compact_vocab, opts["gen_block_size"], opts["gen_tokens"], device)
     gen["speedup"] = gen["kv_cache_tokens_per_sec"] / gen["full_recompute_tokens_per_sec"]
     if "ms_per_token_at_500" in gen:
         gen["ratio_500_to_50"] = gen["ms_per_token_at_500"] / gen["ms_per_token_at_50"]
+    gen["sampled_tokens_per_sec"] = bench_sampling(train_config, {"compact": compact_vocab, "full": full_vocab},
+                                                   opts["gen_block_size"], opts["gen_tokens"], device)
     report["generation"] = gen
     if opts["prepare_mb"] > 0:
         report["prepare"] = bench_prepare(opts["input"], opts["prepare_mb"])
+    if opts["heldout"]:
+        report["heldout"] = {"text": opts["heldout"], **bench_quality(opts["heldout"], opts["quality_steps"], opts["config"], dtype)}
 
     if opts["json"]:
         print(json.dumps(report, indent=1))
         return
-    c, f = report["train_compact"], report["train_full"]
+    c, f, p = report["train_compact"], report["train_full"], report["train_full_plain_loss"]
     print(f"device {device}, {dtype}, torch {report['torch']}, {report['threads']} threads, {opts['config']}")
     print(f"{'matmul peak (torch.mm)':34} float32 {report['matmul_peak_gflops']['float32']:8.1f} GFLOP/s   "
           f"bfloat16 {report['matmul_peak_gflops']['bfloat16']:8.1f} GFLOP/s")
-    print(f"{'training':34} {'compact vocab':>16} {'full vocab':>16} {'ratio':>8}")
-    print(f"{'  vocab rows':34} {c['vocab_size']:>16,} {f['vocab_size']:>16,}")
-    print(f"{'  parameters (M)':34} {c['params_M']:>16.2f} {f['params_M']:>16.2f}")
-    print(f"{'  ms/iter (median)':34} {c['ms_per_iter']:>16.1f} {f['ms_per_iter']:>16.1f}")
-    print(f"{'  tokens/s':34} {c['tokens_per_sec']:>16,.0f} {f['tokens_per_sec']:>16,.0f} {report['train_speedup']:>7.1f}x")
-    print(f"{'  MFU (of the measured peak)':34} {100 * c['mfu']:>15.1f}% {100 * f['mfu']:>15.1f}%")
+    print(f"{'training':34} {'compact vocab':>16} {'full vocab':>16} {'ratio':>8} {'full, plain loss':>17}")
+    print(f"{'  vocab rows':34} {c['vocab_size']:>16,} {f['vocab_size']:>16,} {'':>8} {p['vocab_size']:>17,}")
+    print(f"{'  parameters (M)':34} {c['params_M']:>16.2f} {f['params_M']:>16.2f} {'':>8} {p['params_M']:>17.2f}")
+    print(f"{'  ms/iter (median)':34} {c['ms_per_iter']:>16.1f} {f['ms_per_iter']:>16.1f} {'':>8} {p['ms_per_iter']:>17.1f}")
+    print(f"{'  tokens/s':34} {c['tokens_per_sec']:>16,.0f} {f['tokens_per_sec']:>16,.0f} {report['train_speedup']:>7.1f}x "
+          f"{p['tokens_per_sec']:>17,.0f}")
+    print(f"{'  MFU (of the measured peak)':34} {100 * c['mfu']:>15.1f}% {100 * f['mfu']:>15.1f}% {'':>8} {100 * p['mfu']:>16.1f}%")
+    if c["peak_memory_mb"] is not None:
+        print(f"{'  peak resident memory (MB)':34} {c['peak_memory_mb']:>16,.0f} {f['peak_memory_mb']:>16,.0f} {'':>8} "
+              f"{p['peak_memory_mb']:>17,.0f}")
+    print(f"{'  chunked loss (full vocab)':34} {'on' if c['chunked_loss'] else 'off':>16} {'on':>16} {'':>8} {'off':>17}   "
+          f"chunked is {report['chunked_loss_speedup']:.2f}x the plain loss")
     print(f"{'generation':34} {'KV cache':>16} {'full recompute':>16} {'ratio':>8}")
     label = f"  tokens/s ({gen['new_tokens']} new, block {gen['block_size']})"
     print(f"{label:34} {gen['kv_cache_tokens_per_sec']:>16,.0f} {gen['full_recompute_tokens_per_sec']:>16,.0f} {gen['speedup']:>7.1f}x")
     if "ratio_500_to_50" in gen:
         print(f"{'  ms/token at position 50, 500':34} {gen['ms_per_token_at_50']:>16.2f} {gen['ms_per_token_at_500']:>16.2f} "
               f"{gen['ratio_500_to_50']:>7.2f}x")
+    sampled = gen["sampled_tokens_per_sec"]
+    print(f"{'  sampled tokens/s, T=0.8':34} {'compact vocab':>16} {'full vocab':>16}")
+    print(f"{'':34} {sampled['compact']:>16,.0f} {sampled['full']:>16,.0f} {sampled['compact'] / sampled['full']:>7.2f}x")
     if "prepare" in report:
         p = report["prepare"]
         print(f"{'prepare':34} {p['megabytes']:.0f} MB in {p['seconds']:.1f} s: {p['mb_per_sec']:.1f} MB/s, "
               f"peak memory {p['peak_memory_mb']:.0f} MB, {p['threads']} threads")
+    if "heldout" in report:
+        print(f"held-out quality: last 10% of {opts['heldout']}, {opts['quality_steps']} steps of {opts['config']}")
+        print(f"{'':34} {'bits per byte':>16} {'vocab':>8} {'train time':>11}")
+        for name, _, _ in QUALITY_VARIANTS:
+            q = report["heldout"][name]
+            print(f"{'  ' + name:34} {q['bits_per_byte']:>16.3f} {q['vocab_size']:>8,} {q['train_seconds']:>10.0f}s")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -172,3 +173,24 @@ def test_a_tiny_temperature_is_the_most_likely_token_not_nan():
     for temperature in (1e-30, 1e-45):
         assert sample_next(logits, temperature).tolist() == [[1], [0]]
         assert sample_next(logits, temperature, top_k=2, top_p=0.5).tolist() == [[1], [0]]
+
+
+@pytest.mark.parametrize("n_tokens,block_size", [(50, 16), (17, 16), (9, 16), (40, 7)])
+def test_total_nats_scores_every_token_once(n_tokens, block_size):
+    from train import total_nats
+    model = GPT(tiny_config(block_size=block_size, vocab_size=64))
+    torch.nn.init.zeros_(model.lm_head.weight)  # logits all 0: uniform over the 64 ids, ln 64 nats a token
+    tokens = np.arange(n_tokens) % 64
+    nats, counted = total_nats(model, tokens, block_size, batch_size=3)
+    assert counted == n_tokens - 1 and math.isclose(nats, counted * math.log(64), rel_tol=1e-5)
+    assert model.training  # left as it was found
+
+
+def test_total_nats_equals_the_loss_of_one_window_when_the_split_fits():
+    from train import total_nats
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    tokens = torch.randint(0, 64, (17,))
+    nats, counted = total_nats(model, tokens.numpy(), 16)
+    _, loss = model(tokens[None, :-1], tokens[None, 1:])
+    assert counted == 16 and math.isclose(nats, 16 * loss.item(), rel_tol=1e-5)
