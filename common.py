@@ -30,9 +30,10 @@ def main_guard(main):
 def parse_config(defaults, argv, allow_files=True, doc=None):
     """
     defaults, then each config file (plain Python assignments), then --key=value
-    overrides (Python literals; anything that is not a literal is a string). Every key
-    must exist in defaults and keep its type (an int may stand for a float; a key whose
-    default is None takes any literal).
+    overrides (Python literals; anything that is not a literal is a string; an option
+    whose default is a string takes the text as written). Every key must exist in
+    defaults and keep its type (an int may stand for a float; a key whose default is
+    None takes any literal).
     """
     if "-h" in argv or "--help" in argv:
         print((doc or "").strip() + "\n\noptions (--key=value) and their defaults:")
@@ -54,7 +55,9 @@ def parse_config(defaults, argv, allow_files=True, doc=None):
                 else:
                     _check_key(key, defaults, arg)
                     raise UserError(f"{arg} needs a value: write --{key}=VALUE")
-            _apply(config, defaults, {key: _literal(text)}, origin=arg)
+            # a text option takes the text as written (--start=1984 is the text "1984")
+            value = text if isinstance(defaults.get(key), str) else _literal(text)
+            _apply(config, defaults, {key: value}, origin=arg)
     return config
 
 
@@ -104,16 +107,38 @@ def _apply(config, defaults, updates, origin):
 
 # ----------------------------------------------------------------------------- files
 
+class _RecordingWriter:
+    """A file whose write() remembers the OSError it raised: torch.save turns that into a C++ error."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 def atomic_write(path, write):
     """
     write(f) fills a temporary file in path's folder, which then replaces path in one
     rename: a crash at any moment leaves the old file or the new one, never half of one.
+    A write that fails (a full disk, a file-size limit, a folder that went away) is a
+    one-line UserError that names the path and the reason; the old file stays as it was.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
+    tmp, writer = None, None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            writer = _RecordingWriter(f)
+            write(writer)
             f.flush()
             os.fsync(f.fileno())
         # mkstemp makes the file private (0600); give it the mode a plain open() would
@@ -121,9 +146,50 @@ def atomic_write(path, write):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        error = writer.error if writer is not None and writer.error is not None else e
+        if isinstance(error, OSError):
+            raise UserError(f"cannot write {path} ({error.strerror or error}); {kept}") from None
         raise
+
+
+def check_seed(config, key="seed"):
+    if not 0 <= config[key] < 2**32:
+        raise UserError(f"--{key} must be a whole number from 0 to 2**32 - 1, got {config[key]}")
+
+
+def check_writable_folder(folder, key):
+    """folder (made if missing) can take files, or a UserError that names the option."""
+    if not folder:
+        raise UserError(f"--{key} is empty: pass --{key}=DIR")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"--{key}={folder} is a file, not a folder: pass --{key}=DIR")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to folder {folder} ({e.strerror}); choose another with --{key}=DIR") from None
+
+
+def check_output_file(path, key, extensions=None):
+    """path can be written as a new file (its folder exists and is writable; its ending is one of extensions)."""
+    if not path:
+        raise UserError(f"--{key} is empty: pass --{key}=FILE")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"--{key}={path} is a folder: pass a file name")
+    if not os.path.isdir(folder):
+        raise UserError(f"--{key}={path}: the folder {os.path.dirname(path)} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"--{key}={path}: the folder {os.path.dirname(path) or '.'} is not writable")
+    ending = os.path.splitext(path)[1].lstrip(".").lower()
+    if extensions is not None and ending not in extensions:
+        raise UserError(f"--{key}={path}: cannot write a .{ending or '(no ending)'} file; use one of .{', .'.join(sorted(extensions))}")
 
 
 def save_checkpoint(checkpoint, path):
@@ -158,6 +224,8 @@ def load_checkpoint(path, map_location="cpu", missing_hint="train one first with
 
 def load_model(path, device="cpu"):
     """(model, tokenizer, checkpoint) from a trained.pth, in eval mode on device."""
+    import torch
+
     from model import GPT, GPTConfig
     from tokenizer import from_meta
 
@@ -168,6 +236,10 @@ def load_model(path, device="cpu"):
         tokenizer = from_meta(checkpoint["tokenizer"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"{path} is not a checkpoint this version of the project can load ({e.__class__.__name__}: {str(e).splitlines()[0][:160]})") from None
+    broken = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise UserError(f"{path} holds NaN or infinite weights ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}): "
+                        f"it cannot generate; use a checkpoint from before training diverged")
     return model.to(device).eval(), tokenizer, checkpoint
 
 

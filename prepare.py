@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 import tokenizer as tok
-from common import UserError, atomic_write, main_guard, parse_config
+from common import UserError, atomic_write, check_seed, check_writable_folder, main_guard, parse_config
 
 DEFAULTS = {
     "input": "tense.txt",
@@ -106,21 +106,9 @@ def offset_to_line(path, offset):
         return f.read(offset).count(b"\n") + 1
 
 
-def check_writable(out_dir):
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
-        with open(probe, "wb"):
-            pass
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to output folder {out_dir} ({e.strerror}); choose another with --out_dir=DIR") from None
-
-
 def check_options(config):
     checks = [
         (0.0 < config["val_fraction"] < 1.0, f"--val_fraction must be between 0 and 1 (exclusive), got {config['val_fraction']}"),
-        (config["seed"] >= 0, f"--seed must be 0 or more, got {config['seed']}"),
         (config["example"] in ("line", "paragraph", "file"), f"--example must be line, paragraph or file, got {config['example']!r}"),
         (config["split"] in ("auto", "random", "last"), f"--split must be auto, random or last, got {config['split']!r}"),
         (not (config["example"] == "file" and config["split"] == "random"),
@@ -133,11 +121,11 @@ def check_options(config):
         (config["min_frequency"] >= 1, f"--min_frequency must be 1 or more, got {config['min_frequency']}"),
         (config["errors"] in ("strict", "replace"), f"--errors must be 'strict' or 'replace', got {config['errors']!r}"),
         (config["input"] != "", "--input is empty: pass --input=FILE with a UTF-8 text file"),
-        (config["out_dir"] != "", "--out_dir is empty: pass --out_dir=DIR (a folder for train.bin, val.bin, meta.json)"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    check_seed(config)
     path = config["input"]
     if os.path.isdir(path):
         raise UserError(f"--input={path} is a folder: pass --input=FILE with a UTF-8 text file")
@@ -150,7 +138,7 @@ def main():
     check_options(config)
     path, out_dir, example, kind = config["input"], config["out_dir"], config["example"], config["tokenizer"]
     size = os.path.getsize(path)
-    check_writable(out_dir)
+    check_writable_folder(out_dir, "out_dir")
 
     # Pass 1: check the text decodes, count its examples, hash it; char and word build their vocabulary.
     sha, n_examples, counts, lines, open_lines = hashlib.sha256(), 0, collections.Counter(), 0, 0
@@ -251,12 +239,9 @@ def main():
     }
     # Each file is replaced atomically; meta.json goes last and records the token counts,
     # so train.py can tell if an interrupted run left .bin files that don't match it.
-    try:
-        for split, arr in data.items():
-            atomic_write(os.path.join(out_dir, f"{split}.bin"), arr.tofile)
-        atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    except OSError as e:
-        raise UserError(f"cannot write to output folder {out_dir} ({e.strerror}); choose another with --out_dir=DIR") from None
+    for split, arr in data.items():
+        atomic_write(os.path.join(out_dir, f"{split}.bin"), arr.tofile)
+    atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
     print(
         f"{path}: {n_examples:,} {noun} -> train {meta['train_tokens']:,} tokens ({meta['train_lines']:,} {noun}), "
         f"val {meta['val_tokens']:,} tokens ({meta['val_lines']:,} {noun}); "

@@ -287,6 +287,39 @@ def encode_examples(tokenizer, texts, threads=1):
     return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint16, count=sum(map(len, ids)))
 
 
+META_TYPES = {  # meta.json's fields and their types; the first four must be there
+    "tokenizer": str, "vocab_size": int, "train_tokens": int, "val_tokens": int,
+    "eot": int, "dtype": str, "train_lines": int, "val_lines": int, "train_chars": int, "val_chars": int,
+    "train_bytes": int, "val_bytes": int, "example": str, "split": str, "source": str, "source_sha256": str,
+    "val_fraction": (int, float), "seed": int, "fallback": str, "gpt2_ids": list, "chars": list, "words": list,
+}
+TOKENIZER_LISTS = {"gpt2-compact": ("gpt2_ids", int), "char": ("chars", str), "word": ("words", str)}
+
+
+def check_meta(meta):
+    """What is wrong with a meta.json's contents, as messages; [] when every field has its type."""
+    if not isinstance(meta, dict):
+        return [f"it holds a {type(meta).__name__}, not an object"]
+    problems = [f"{key} is missing" for key in list(META_TYPES)[:4] if key not in meta]
+    for key, kind in META_TYPES.items():
+        value = meta.get(key)
+        if key in meta and (not isinstance(value, kind) or isinstance(value, bool)):
+            problems.append(f"{key} is {value!r}, not a {getattr(kind, '__name__', 'number')}")
+    if problems:
+        return problems
+    for key in ("vocab_size", "train_tokens", "val_tokens"):
+        if meta[key] < (1 if key == "vocab_size" else 0):
+            problems.append(f"{key} is {meta[key]}")
+    if meta["vocab_size"] > 65536:
+        problems.append(f"vocab_size {meta['vocab_size']} does not fit uint16 ids")
+    if meta["tokenizer"] in TOKENIZER_LISTS:
+        key, kind = TOKENIZER_LISTS[meta["tokenizer"]]
+        items = meta.get(key)
+        if not isinstance(items, list) or not all(isinstance(x, kind) and not isinstance(x, bool) for x in items):
+            problems.append(f"{key} is not a list of {kind.__name__}")
+    return problems
+
+
 def from_meta(meta):
     """Rebuilds the tokenizer that meta() described (from meta.json or a checkpoint)."""
     kind = meta.get("tokenizer")

@@ -24,8 +24,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from common import UserError, atomic_write, load_checkpoint, main_guard, parse_config, pick_device, pyplot, save_checkpoint
+from common import (UserError, atomic_write, check_seed, check_writable_folder, load_checkpoint, main_guard, parse_config,
+                    pick_device, pyplot, save_checkpoint)
 from model import GPT, GPTConfig, check_config, configure_optimizer
+from tokenizer import check_meta
 from tokenizer import from_meta as tokenizer_from_meta
 
 DEFAULTS = {
@@ -69,6 +71,8 @@ DEFAULTS = {
     "grad_checkpointing": False,  # recompute each block's activations in backward: less memory, more time
 }
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
+# the meta.json fields that make a data folder what it is (the token counts follow from them)
+DATA_KEYS = ["source_sha256", "tokenizer", "vocab_size", "example", "split", "seed", "val_fraction", "train_tokens", "val_tokens"]
 
 
 def get_lr(it, config):
@@ -94,6 +98,35 @@ def check_train_config(config):
         raise UserError(f"init_from must be 'scratch', 'resume' or 'hf:FOLDER', got {config['init_from']!r}")
     if config["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {config['dtype']!r}")
+    check_seed(config)
+    if not config["data_dir"]:
+        raise UserError("--data_dir is empty: pass the folder prepare.py wrote, --data_dir=DIR")
+    check_writable_folder(config["out_dir"], "out_dir")
+
+
+def lock_out_dir(out_dir):
+    """
+    Holds an OS lock on out_dir/.lock until this process ends, so a second train.py into
+    the same folder refuses at once instead of interleaving checkpoints and logs. The OS
+    drops the lock when a process dies, however it dies: a stale lock never blocks.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; run one train.py per out_dir
+        return None
+    path = os.path.join(out_dir, ".lock")
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        raise UserError(f"another train.py (process {holder}) is training into {out_dir}/ right now: "
+                        f"wait for it to finish, or pass another --out_dir") from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle  # the lock lives as long as this file object
 
 
 def load_data(config):
@@ -102,14 +135,18 @@ def load_data(config):
     if not os.path.isfile(meta_path):
         raise UserError(f"no prepared data in {data_dir}/ (meta.json is missing): run python prepare.py first, or pass --data_dir=DIR")
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        tokenizer_from_meta(meta)
-        missing = {"vocab_size", "train_tokens", "val_tokens"} - meta.keys()
-        if missing:
-            raise KeyError(", ".join(sorted(missing)))
+        with open(meta_path, "rb") as f:
+            try:
+                meta = json.loads(f.read())
+            except ValueError as e:  # not JSON, or not UTF-8
+                raise ValueError(f"not JSON: {e}") from None
+        problems = check_meta(meta)
+        if problems:
+            raise ValueError("; ".join(problems))
+        if tokenizer_from_meta(meta).vocab_size != meta["vocab_size"]:
+            raise ValueError(f"vocab_size {meta['vocab_size']} does not match its tokenizer's")
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{meta_path} is damaged ({e.__class__.__name__}: {e}): run python prepare.py again") from None
+        raise UserError(f"{meta_path} is damaged ({e}): run python prepare.py again") from None
     splits = {}
     for split in ("train", "val"):
         path = os.path.join(data_dir, f"{split}.bin")
@@ -124,6 +161,11 @@ def load_data(config):
                 + (", or prepare with a larger --val_fraction" if split == "val" else ", or prepare more text")
             )
         splits[split] = np.memmap(path, dtype=np.uint16, mode="r")
+        # an id past the vocabulary would crash in the embedding, or train the padding rows silently
+        largest = int(splits[split].max())
+        if largest >= meta["vocab_size"]:
+            raise UserError(f"{path} holds token id {largest}, but {meta_path} says the vocabulary has {meta['vocab_size']} ids: "
+                            f"the files do not belong together; run python prepare.py again")
     return splits, meta
 
 
@@ -227,7 +269,11 @@ def train_step(model, optimizer, scaler, batches, lr, config, autocast):
 
 @functools.lru_cache(maxsize=None)  # measured once per process: pick_dtype and the MFU share it
 def measure_peak_flops(device, dtype, seconds=0.3):
-    """Practical matmul peak of this device: FLOP/s of torch.mm at a size that saturates it."""
+    """
+    Practical matmul peak of this device: FLOP/s of torch.mm at a size that saturates it,
+    the best of six short trials, so that another process busy for a moment does not
+    pass for a slow machine.
+    """
     n = 2048 if device != "cpu" else 1024
     # its own generator: drawing from the global one would shift the dropout masks of a resumed run
     generator = torch.Generator(device=device).manual_seed(0)
@@ -236,12 +282,15 @@ def measure_peak_flops(device, dtype, seconds=0.3):
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     torch.mm(a, b)
     sync()
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.mm(a, b)
-        runs += 1
-    sync()
-    return 2 * n**3 * runs / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(6):
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 6 or runs == 0:
+            torch.mm(a, b)
+            runs += 1
+        sync()
+        best = max(best, 2 * n**3 * runs / (time.perf_counter() - start))
+    return best
 
 
 def pick_dtype(name, device):
@@ -264,15 +313,29 @@ def pick_dtype(name, device):
     return name
 
 
+def read_metrics(path):
+    """The records of metrics.jsonl that parse: a line cut short by a crash, or text from elsewhere, is skipped."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("iter"), int):
+                records.append(record)
+    return records
+
+
 def plot_losses(metrics_path, png_path):
     """train and val loss at each evaluation, and the learning rate, from metrics.jsonl; False without matplotlib."""
     plt = pyplot()
     if plt is None:
         return False
-    with open(metrics_path) as f:
-        records = [json.loads(line) for line in f]
-    evals = [r for r in records if "val_loss" in r]
-    steps = [r for r in records if "lr" in r]
+    records = read_metrics(metrics_path)
+    number = lambda r, key: isinstance(r.get(key), (int, float))  # noqa: E731
+    evals = [r for r in records if number(r, "val_loss") and number(r, "train_loss")]
+    steps = [r for r in records if number(r, "lr")]
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
     ax_loss.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train")
     ax_loss.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
@@ -283,9 +346,16 @@ def plot_losses(metrics_path, png_path):
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("iteration")
     fig.tight_layout()
-    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=80))
-    plt.close(fig)
+    try:
+        atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=80))
+    finally:
+        plt.close(fig)
     return True
+
+
+def data_record(meta):
+    """What a checkpoint remembers of its data, so that resume can refuse data prepared differently."""
+    return {key: meta.get(key) for key in DATA_KEYS}
 
 
 def load_gpt2_weights(folder, config, tokenizer_meta, say=print):
@@ -331,18 +401,102 @@ def setup_distributed(config):
     return rank, local_rank, world_size, device
 
 
+def check_resumable(checkpoint, path, model_config, tokenizer_meta, meta, config):
+    """Refuses, with what differs, a checkpoint that this run cannot continue exactly."""
+    missing = {"optimizer", "iter_num", "best_val_loss", "rng"} - checkpoint.keys()
+    if missing:
+        raise UserError(f"{path} cannot be resumed: it lacks {', '.join(sorted(missing))} (not written by train.py?)")
+    if checkpoint["model_config"] != asdict(model_config):
+        diff = [f"{k}: checkpoint {checkpoint['model_config'].get(k)!r}, requested {v!r}"
+                for k, v in asdict(model_config).items() if checkpoint["model_config"].get(k) != v]
+        raise UserError(f"{path} was trained with another model config ({'; '.join(diff)}); pass the same settings or start a new --out_dir")
+    if checkpoint["tokenizer"] != tokenizer_meta:
+        raise UserError(f"{path} was trained on data with another tokenizer than {config['data_dir']}/: prepare the same data again or use another --out_dir")
+    then, now = checkpoint.get("data"), data_record(meta)
+    if then is not None and then != now:
+        diff = [f"{k} {then.get(k)!r} then, {now[k]!r} now" for k in DATA_KEYS if then.get(k) != now[k]]
+        raise UserError(f"{path} was trained on data prepared differently from {config['data_dir']}/ ({'; '.join(diff)}): "
+                        f"resuming would train on lines it was validated on, or on other text; prepare the data as before, "
+                        f"or start a new --out_dir")
+    if checkpoint["iter_num"] >= config["max_iters"]:
+        raise UserError(f"{path} is already at iteration {checkpoint['iter_num']} >= max_iters {config['max_iters']}: "
+                        f"pass a larger --max_iters to train on")
+
+
+def restore(checkpoint, raw_model, optimizer, batches, device_type):
+    """Puts a run back exactly where the checkpoint left it: weights, optimizer, data order, dropout's RNG."""
+    raw_model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    batches.generator.set_state(checkpoint["rng"]["batches"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if device_type == "cuda" and "cuda" in checkpoint["rng"]:
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+
+
+def schedule_note(checkpoint, config):
+    """A line about the learning rate when a resume changes where the schedule ends, else None."""
+    before = {**config, **{k: checkpoint["train_config"][k] for k in ("max_iters", "lr_decay_iters", "warmup_iters",
+                                                                         "learning_rate", "min_lr") if k in checkpoint.get("train_config", {})}}
+    end = lambda c: c["lr_decay_iters"] or c["max_iters"]  # noqa: E731
+    it = checkpoint["iter_num"]
+    if end(before) == end(config) and get_lr(it, before) == get_lr(it, config):
+        return None
+    return (f"note: the learning-rate schedule now decays until iteration {end(config)} (it was {end(before)}): at iteration {it} "
+            f"the rate goes from {get_lr(it, before):.2e} to {get_lr(it, config):.2e}, so the loss may rise for a while before "
+            f"it falls again. To keep the old schedule, pass --lr_decay_iters={end(before)} (the rate then stays at min_lr)")
+
+
+@torch.no_grad()
+def evaluate(model, splits, config, device, autocast):
+    """Mean loss over eval_iters batches of each split. The same batches every time
+    (a fixed seed), so successive evaluations compare the model, not the luck of the draw."""
+    model.eval()
+    losses = {}
+    for split in ("train", "val"):
+        batches = Batches(splits[split], config["batch_size"], config["block_size"], device, config["seed"] + 1)
+        total = torch.zeros((), device=device)
+        for _ in range(config["eval_iters"]):
+            x, y = next(batches.step())
+            with autocast:
+                total += model(x, y)[1].float()
+        losses[split] = total.item() / config["eval_iters"]
+    model.train()
+    return losses
+
+
+def append_metrics(path, record):
+    """One JSON line; a log, never a reason to stop: a failed write is a warning."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        print(f"warning: could not append to {path} ({e.strerror}); training goes on", file=sys.stderr)
+
+
+def redraw_loss_curve(out_dir):
+    try:
+        plot_losses(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"))
+    except Exception as e:  # noqa: BLE001 - a picture must never stop training
+        print(f"warning: could not draw {out_dir}/loss.png ({str(e).splitlines()[0][:120] if str(e) else e.__class__.__name__}); "
+              f"training goes on", file=sys.stderr)
+
+
 def main():
     config = parse_config(DEFAULTS, sys.argv[1:], doc=__doc__)
     check_train_config(config)
     out_dir = config["out_dir"]
-    ckpt_path = os.path.join(out_dir, "trained.pth")
+    best_path, last_path = os.path.join(out_dir, "trained.pth"), os.path.join(out_dir, "last.pth")
     resume = config["init_from"] == "resume"
-    if not resume and os.path.exists(ckpt_path) and not config["overwrite"]:
-        raise UserError(f"{ckpt_path} already exists: pass --init_from=resume to continue it, --overwrite=True to replace it, or another --out_dir")
+    existing = [p for p in (best_path, last_path) if os.path.exists(p)]
+    if not resume and existing and not config["overwrite"]:
+        args = " ".join(a for a in sys.argv[1:] if not a.startswith("--overwrite"))
+        raise UserError(f"{existing[0]} already exists: to start over, run python train.py {args} --overwrite=True; "
+                        f"to continue it, --init_from=resume; or pass another --out_dir")
 
     rank, local_rank, world_size, device = setup_distributed(config)
     master = rank == 0  # only rank 0 prints, evaluates and writes files
     say = print if master else (lambda *args, **kwargs: None)
+    lock = lock_out_dir(out_dir) if master else None  # noqa: F841 - held until the process ends
     dtype = pick_dtype(config["dtype"], device)
     device_type = device.split(":")[0]
     torch.manual_seed(config["seed"] + rank)  # dropout masks differ between ranks
@@ -360,21 +514,11 @@ def main():
     if problems:
         raise UserError("; ".join(problems))
 
-    checkpoint = None
+    checkpoint, resume_path = None, last_path if os.path.exists(last_path) else best_path
     if resume:
-        checkpoint = load_checkpoint(ckpt_path, map_location=device, missing_hint=(
+        checkpoint = load_checkpoint(resume_path, map_location=device, missing_hint=(
             "nothing to resume; leave out --init_from=resume to start a new run, or pass the --out_dir of the run to continue"))
-        missing = {"optimizer", "iter_num", "best_val_loss", "rng"} - checkpoint.keys()
-        if missing:
-            raise UserError(f"{ckpt_path} cannot be resumed: it lacks {', '.join(sorted(missing))} (not written by train.py?)")
-        if checkpoint["model_config"] != asdict(model_config):
-            diff = [f"{k}: checkpoint {checkpoint['model_config'].get(k)!r}, requested {v!r}"
-                    for k, v in asdict(model_config).items() if checkpoint["model_config"].get(k) != v]
-            raise UserError(f"{ckpt_path} was trained with another model config ({'; '.join(diff)}); pass the same settings or start a new --out_dir")
-        if checkpoint["tokenizer"] != tokenizer_meta:
-            raise UserError(f"{ckpt_path} was trained on data with another tokenizer than {config['data_dir']}/: prepare the same data again or use another --out_dir")
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
+        check_resumable(checkpoint, resume_path, model_config, tokenizer_meta, meta, config)
 
     raw_model = GPT(model_config).to(device)  # the model itself: its weights are what we save
     raw_model.grad_checkpointing = config["grad_checkpointing"]
@@ -385,16 +529,12 @@ def main():
     if hf_state is not None:
         raw_model.load_state_dict(hf_state)
     if checkpoint is not None:
-        raw_model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore(checkpoint, raw_model, optimizer, train_batches, device_type)
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        train_batches.generator.set_state(checkpoint["rng"]["batches"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if device_type == "cuda" and "cuda" in checkpoint["rng"]:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-        say(f"resuming {ckpt_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")
-        if iter_num >= config["max_iters"]:
-            raise UserError(f"{ckpt_path} is already at iteration {iter_num} >= max_iters {config['max_iters']}: pass a larger --max_iters to train on")
+        say(f"resuming {resume_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")
+        note = schedule_note(checkpoint, config)
+        if note:
+            say(note)
     model = raw_model
     if config["compile"]:
         model = torch.compile(model)
@@ -410,8 +550,8 @@ def main():
         f"global batch {tokens_per_iter:,} tokens per iteration ({world_size} process(es) x {train_batches.grad_accum} "
         f"micro-batch(es) x {config['batch_size']} x {config['block_size']}); matmul peak {peak / 1e9:.0f} GFLOP/s")
 
-    def save(reason):
-        save_checkpoint({
+    def save(paths, reason):
+        state = {
             "model": raw_model.state_dict(),
             "model_config": asdict(model_config),
             "train_config": config,
@@ -419,33 +559,17 @@ def main():
             "best_val_loss": best_val_loss,
             "optimizer": optimizer.state_dict(),
             "tokenizer": tokenizer_meta,
+            "data": data_record(meta),
             "rng": {"batches": train_batches.generator.get_state(), "torch": torch.get_rng_state(),
                     **({"cuda": torch.cuda.get_rng_state()} if device_type == "cuda" else {})},
-        }, ckpt_path)
-        say(f"saved {ckpt_path} at iteration {iter_num} ({reason})")
+        }
+        for path in paths:
+            save_checkpoint(state, path)
+        say(f"saved {' and '.join(paths)} at iteration {iter_num} ({reason})")
 
-    @torch.no_grad()
-    def evaluate():
-        """Mean loss over eval_iters batches of each split. The same batches every time
-        (a fixed seed), so successive evaluations compare the model, not the luck of the draw."""
-        raw_model.eval()
-        losses = {}
-        for split in ("train", "val"):
-            batches = Batches(splits[split], config["batch_size"], config["block_size"], device, config["seed"] + 1)
-            total = torch.zeros((), device=device)
-            for _ in range(config["eval_iters"]):
-                x, y = next(batches.step())
-                with autocast:
-                    total += raw_model(x, y)[1].float()
-            losses[split] = total.item() / config["eval_iters"]
-        raw_model.train()
-        return losses
-
-    metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a" if resume else "w") if master else None
-
-    def log(record):
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if master and not resume:
+        atomic_write(metrics_path, lambda f: None)  # a new run starts a new log
 
     # Ctrl-C: finish the current iteration, save, exit. A second Ctrl-C kills at once,
     # which is safe too: the checkpoint is only ever replaced by an atomic rename.
@@ -465,14 +589,15 @@ def main():
         if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
             if master and (iter_num > start_iter or iter_num == 0):
                 t_eval = time.perf_counter()
-                losses = evaluate()
+                losses = evaluate(raw_model, splits, config, device, autocast)
                 say(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, val perplexity {math.exp(losses['val']):.2f}")
-                log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "val_ppl": math.exp(losses["val"])})
-                plot_losses(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"))
-                if iter_num > start_iter and losses["val"] < best_val_loss:
-                    best_val_loss = losses["val"]
-                    if iter_num < config["max_iters"]:
-                        save("val loss improved")
+                if iter_num > start_iter:  # save first: the log and the picture are extras
+                    improved = losses["val"] < best_val_loss
+                    best_val_loss = min(best_val_loss, losses["val"])
+                    save([last_path, best_path] if improved else [last_path], "best val loss so far" if improved else "latest")
+                append_metrics(metrics_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                                              "val_ppl": math.exp(losses["val"])})
+                redraw_loss_curve(out_dir)
                 t_log += time.perf_counter() - t_eval  # ms/iter counts training steps only
         if iter_num >= config["max_iters"]:
             break
@@ -495,32 +620,30 @@ def main():
                 it = iter_num - n_logged + bad[0] + 1
                 raise UserError(
                     f"loss became {losses_seen[bad[0]]} at iteration {it}; stopped without saving, "
-                    f"{ckpt_path} keeps the last good state; try a lower --learning_rate (now {config['learning_rate']})"
+                    f"{last_path} keeps the last good state; try a lower --learning_rate (now {config['learning_rate']})"
                 )
             now = time.perf_counter()
             dt = (now - t_log) / n_logged
             tokens_per_sec = tokens_per_iter / dt
             mfu = raw_model.estimate_mfu(tokens_per_sec, peak * world_size)
-            done = iter_num / config["max_iters"]
-            eta = (now - t_start) / max(1, iter_num - start_iter) * (config["max_iters"] - iter_num)
-            say(f"iter {iter_num}/{config['max_iters']} ({100 * done:.0f}%) | loss {losses_seen[-1]:.4f} | lr {lr:.2e} | "
-                f"{1000 * dt:.1f} ms/iter, {1 / dt:.1f} it/s | {tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}% | ETA {format_seconds(eta)}", flush=True)
+            eta = dt * (config["max_iters"] - iter_num)  # at the pace of the last log_interval iterations
+            say(f"iter {iter_num}/{config['max_iters']} ({100 * iter_num / config['max_iters']:.0f}%) | loss {losses_seen[-1]:.4f} | "
+                f"lr {lr:.2e} | {1000 * dt:.1f} ms/iter, {1 / dt:.1f} it/s | {tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}% | "
+                f"ETA {format_seconds(eta)}", flush=True)
             if master:
-                log({"iter": iter_num, "loss": losses_seen[-1], "losses": losses_seen, "lr": lr, "ms_per_iter": 1000 * dt,
-                     "tokens_per_sec": tokens_per_sec, "mfu": mfu})
+                append_metrics(metrics_path, {"iter": iter_num, "loss": losses_seen[-1], "losses": losses_seen, "lr": lr,
+                                              "ms_per_iter": 1000 * dt, "tokens_per_sec": tokens_per_sec, "mfu": mfu})
             t_log, n_logged = now, 0
         if interrupted:
             if master:
-                save("interrupted")
+                save([last_path], "interrupted")
                 args = [a for a in sys.argv[1:] if not a.startswith(("--init_from", "--overwrite"))]
                 print(f"interrupted: continue with python train.py {' '.join(args + ['--init_from=resume'])}", file=sys.stderr)
-                metrics.close()
             sys.exit(130)
 
-    if master:
-        save("end of training")
-        metrics.close()
-    say(f"done: best val loss {best_val_loss:.4f}, {format_seconds(time.perf_counter() - t_start)}")
+    say(f"done: best val loss {best_val_loss:.4f}, {format_seconds(time.perf_counter() - t_start)}; "
+        f"{best_path} is the best model, {last_path} the latest state")
+    say(f"sample from it: python sample.py{'' if best_path == os.path.join('out', 'trained.pth') else ' --ckpt=' + best_path}")
     if world_size > 1:
         dist.barrier()  # leave together: a rank that quits early can abort the others' gloo threads
 

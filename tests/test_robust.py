@@ -23,7 +23,8 @@ def test_atomic_write_crash_before_rename_keeps_the_old_file(tmp_path, monkeypat
         raise OSError("simulated crash between write and rename")
 
     monkeypatch.setattr(common.os, "replace", crash)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(common.UserError, match=f"^cannot write {target} \\(simulated crash between write and rename\\); "
+                                               f"the previous file is unchanged$"):
         common.atomic_write(str(target), lambda f: f.write(b"new checkpoint"))
     assert target.read_bytes() == b"old checkpoint"
     assert os.listdir(tmp_path) == ["trained.pth"]  # no temporary file left behind
@@ -61,12 +62,12 @@ def test_resume_is_exact(tiny_run, tmp_path):
     run_script("train.py", *common_args, "--out_dir=straight", "--max_iters=40", cwd=tmp_path)
     run_script("train.py", *common_args, "--out_dir=split", "--max_iters=20", cwd=tmp_path)
     out = run_script("train.py", *common_args, "--out_dir=split", "--max_iters=40", "--init_from=resume", cwd=tmp_path)
-    assert "resuming split/trained.pth at iteration 20" in out.stdout
+    assert "resuming split/last.pth at iteration 20" in out.stdout
     straight, split = losses_by_iter(tmp_path / "straight"), losses_by_iter(tmp_path / "split")
     assert sorted(straight) == sorted(split) == list(range(1, 41))
     assert [split[i] for i in range(21, 41)] == [straight[i] for i in range(21, 41)]
-    a = torch.load(tmp_path / "straight" / "trained.pth", weights_only=True)["model"]
-    b = torch.load(tmp_path / "split" / "trained.pth", weights_only=True)["model"]
+    a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "split" / "last.pth", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -83,13 +84,15 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(tiny_run, tmp_path):
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
-    assert "(interrupted)" in stdout and "saved out/trained.pth at iteration" in stdout
+    assert "(interrupted)" in stdout and "saved out/last.pth at iteration" in stdout
     assert "continue with python train.py" in stderr and "--init_from=resume" in stderr
-    saved = torch.load(tmp_path / "out" / "trained.pth", weights_only=True)["iter_num"]
+    saved = torch.load(tmp_path / "out" / "last.pth", weights_only=True)["iter_num"]
+    assert not (tmp_path / "out" / "trained.pth").exists()  # no evaluation yet: no best model
     assert 5 <= saved < 100000
     out = run_script("train.py", TINY, f"--data_dir={tiny_run / 'data'}", "--out_dir=out", "--init_from=resume",
                      f"--max_iters={saved + 10}", cwd=tmp_path)
-    assert f"resuming out/trained.pth at iteration {saved}" in out.stdout
+    assert f"resuming out/last.pth at iteration {saved}" in out.stdout
+    assert torch.load(tmp_path / "out" / "last.pth", weights_only=True)["iter_num"] == saved + 10
     assert torch.load(tmp_path / "out" / "trained.pth", weights_only=True)["iter_num"] == saved + 10
 
 

@@ -144,8 +144,8 @@ def test_training_works_without_matplotlib(tiny_run, tmp_path):
                              f"--data_dir={tiny_run / 'data'}", "--out_dir=out", "--max_iters=30"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "saved out/trained.pth at iteration 30" in result.stdout
-    assert sorted(os.listdir(tmp_path / "out")) == ["metrics.jsonl", "trained.pth"]
+    assert "saved out/last.pth and out/trained.pth at iteration 30" in result.stdout
+    assert sorted(os.listdir(tmp_path / "out")) == [".lock", "last.pth", "metrics.jsonl", "trained.pth"]
 
 
 def test_attention_heatmaps(tiny_run, tmp_path):
