@@ -15,7 +15,7 @@ import struct
 import torch
 
 from common import UserError
-from model import GPTConfig
+from model import GPT, GPTConfig, check_config
 
 # model.py name -> GPT-2 name, per block; the matrices marked True are transposed
 BLOCK_KEYS = {
@@ -36,19 +36,23 @@ def read_safetensors(path):
     (8 bytes of header length, a JSON header of names, dtypes, shapes and byte ranges,
     then the raw data), which spares training and sampling the dependency.
     """
-    with open(path, "rb") as f:
-        (header_size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_size))
-        data = f.read()
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise UserError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not handle")
-        start, end = info["data_offsets"]
-        flat = torch.frombuffer(bytearray(data[start:end]), dtype=SAFETENSORS_DTYPES[info["dtype"]])
-        tensors[name] = flat.reshape(info["shape"]).float()
+    try:
+        with open(path, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_size))
+            data = f.read()
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise UserError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not handle")
+            start, end = info["data_offsets"]
+            flat = torch.frombuffer(bytearray(data[start:end]), dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            tensors[name] = flat.reshape(info["shape"]).float()
+    except (struct.error, ValueError, TypeError, KeyError, AttributeError, RuntimeError, MemoryError, OverflowError) as e:
+        raise UserError(f"{path} is not a readable safetensors file (damaged or truncated: {e.__class__.__name__}); "
+                        f"save or copy the model again") from None
     return tensors
 
 
@@ -58,8 +62,13 @@ def load_hf(folder):
     if not os.path.isfile(config_path):
         raise UserError(f"no Hugging Face model in {folder}: put its config.json and model.safetensors "
                       f"(or pytorch_model.bin) in that folder (nothing is downloaded)")
-    with open(config_path) as f:
-        hf = json.load(f)
+    try:
+        with open(config_path, "rb") as f:
+            hf = json.loads(f.read())
+    except ValueError as e:
+        raise UserError(f"{config_path} is not JSON ({e}); save or copy the model again") from None
+    if not isinstance(hf, dict):
+        raise UserError(f"{config_path} holds a {type(hf).__name__}, not a JSON object of settings; save or copy the model again")
     if hf.get("model_type") != "gpt2":
         raise UserError(f"{config_path} describes a {hf.get('model_type')!r} model; only GPT-2 ('gpt2') converts")
     activation = hf.get("activation_function", "gelu_new")
@@ -74,18 +83,28 @@ def load_hf(folder):
     for key, (ok, wanted) in checks.items():
         if not ok:
             raise UserError(f"{config_path}: {key} is {hf.get(key)!r}, but model.py implements only {wanted}")
+    for key in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"):  # before GPTConfig sees them
+        if not isinstance(hf.get(key), int) or isinstance(hf.get(key), bool) or hf[key] <= 0:
+            raise UserError(f"{config_path}: {key} is {hf.get(key)!r}, not a positive whole number; save or copy the model again")
     config = GPTConfig(
         vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"],
         n_embd=hf["n_embd"], d_ff=hf.get("n_inner") or 0, dropout=hf.get("resid_pdrop", 0.0), bias=True,
         pos_encoding="learned", activation="relu" if activation == "relu" else "gelu",
     )
+    problems = check_config(config)
+    if problems:
+        raise UserError(f"{config_path}: {'; '.join(problems)}")
 
     safetensors_path = os.path.join(folder, "model.safetensors")
     bin_path = os.path.join(folder, "pytorch_model.bin")
     if os.path.isfile(safetensors_path):
         hf_state = read_safetensors(safetensors_path)
     elif os.path.isfile(bin_path):
-        hf_state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        try:
+            hf_state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - refused pickles and damaged archives alike
+            raise UserError(f"{bin_path} is not a readable weights-only checkpoint ({e.__class__.__name__}); "
+                            f"use model.safetensors, or save the model again") from None
     else:
         raise UserError(f"{folder} has a config.json but no weights: put model.safetensors or pytorch_model.bin beside it")
     # GPT2LMHeadModel saves "transformer.h.0...", GPT2Model (the original release) "h.0..."
@@ -102,6 +121,12 @@ def load_hf(folder):
     except KeyError as e:
         raise UserError(f"{folder}: the weights lack {e.args[0]}; is this a GPT-2 checkpoint?") from None
     state["lm_head.weight"] = state["wte.weight"]  # tied
+    with torch.device("meta"):  # the shapes config.json promises, without allocating a model
+        expected = GPT(config).state_dict()
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise UserError(f"{folder}: {name} has shape {tuple(tensor.shape)}, but config.json gives {tuple(expected[name].shape)}; "
+                            f"the weights and config.json do not belong together")
     return config, state
 
 

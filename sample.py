@@ -16,13 +16,14 @@ An empty --start (the default) starts from the end-of-text token: the model begi
 new sentence of its own. A prompt longer than the model's context keeps its last
 block_size tokens (a note says so on stderr). The same --seed gives the same text.
 """
+import glob
 import math
 import os
 import sys
 
 import torch
 
-from common import UserError, load_model, main_guard, parse_config, pick_device, pyplot
+from common import UserError, atomic_write, check_output_file, check_seed, load_model, main_guard, parse_config, pick_device, pyplot
 
 DEFAULTS = {
     "ckpt": "out/trained.pth",
@@ -41,7 +42,7 @@ DEFAULTS = {
     "temperatures": None,  # e.g. 0.2,0.8,1.2: the same prompt at each temperature, side by side
     "beam": 0,  # > 0: beam search with this many beams instead of sampling
     "length_penalty": 1.0,  # beam search ranks by log-probability / length**length_penalty
-    "score": "",  # a text to score: per-token log-probabilities and perplexity
+    "score": None,  # a text to score: per-token log-probabilities and perplexity
     "attention": "",  # a PNG path: heatmaps of every layer's and head's attention (needs matplotlib)
     "interactive": False,  # a prompt loop on standard input; /help lists its commands
 }
@@ -50,9 +51,10 @@ HELP = """commands: /temperature X  /top_k N (0 = off)  /top_p X  /greedy (on/of
 
 
 def check_sampling(config):
+    """The sampling settings, checked (also after each change in the interactive loop); changes nothing."""
     if not config["greedy"] and config["temperature"] <= 0:
         raise UserError(f"--temperature must be > 0 (got {config['temperature']}); for the most likely token use --greedy")
-    if config["top_k"] is not None and (not isinstance(config["top_k"], int) or config["top_k"] < 1):
+    if config["top_k"] is not None and (not isinstance(config["top_k"], int) or isinstance(config["top_k"], bool) or config["top_k"] < 1):
         raise UserError(f"--top_k must be a whole number >= 1 (got {config['top_k']!r}); leave it out to keep every token")
     if not 0.0 < config["top_p"] <= 1.0:
         raise UserError(f"--top_p must be in (0, 1] (got {config['top_p']}); 1.0 keeps every token")
@@ -61,20 +63,50 @@ def check_sampling(config):
             raise UserError(f"--{key} must be at least 1 (got {config[key]})")
     if config["repetition_penalty"] <= 0:
         raise UserError(f"--repetition_penalty must be > 0 (got {config['repetition_penalty']}); 1.0 turns it off")
+    check_seed(config)
+
+
+def check_options(config):
+    """Every option of this script, before any work; returns the --temperatures as a list of floats (or None)."""
+    check_sampling(config)
     if config["beam"] < 0:
         raise UserError(f"--beam must be >= 1 beams, or 0 to sample (got {config['beam']})")
+    if config["length_penalty"] < 0:
+        raise UserError(f"--length_penalty must be 0 or more (got {config['length_penalty']})")
     temps = config["temperatures"]
     if temps is not None:
         temps = temps if isinstance(temps, (tuple, list)) else (temps,)
-        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in temps):
+        if not temps or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in temps):
             raise UserError(f"--temperatures must be numbers > 0 separated by commas, like 0.2,0.8,1.2 (got {config['temperatures']!r})")
-        config["temperatures"] = [float(t) for t in temps]
+        temps = [float(t) for t in temps]
+    if config["score"] is not None:
+        config["score"] = str(config["score"])  # --score=1984 is the text "1984"
+        if not config["score"].strip():
+            raise UserError('--score is empty: give the text to score, like --score="The baby is sleeping."')
+    modes = [f"--{key}" for key in ("interactive", "score", "beam", "temperatures") if config[key] not in (False, None, 0)]
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(modes)} are different modes: use one at a time")
+    if config["attention"]:
+        if modes:
+            raise UserError(f"--attention draws the attention of the first sample; it does not combine with {modes[0]}")
+        plt = pyplot()
+        if plt is None:
+            raise UserError("--attention needs matplotlib: pip install matplotlib")
+        check_output_file(config["attention"], "attention", set(plt.figure().canvas.get_supported_filetypes()))
+        plt.close("all")
+    return temps
 
 
 def load_sampling_model(config, device):
     """(model, tokenizer) from --ckpt, or from a Hugging Face GPT-2 folder with --init_from=hf:FOLDER."""
     if not config["init_from"]:
-        return load_model(config["ckpt"], device)[:2]
+        ckpt = config["ckpt"]
+        if not os.path.isfile(ckpt):
+            found = sorted(glob.glob(os.path.join("*", "trained.pth")))
+            hint = (f"found {', '.join(found)}: pass --ckpt={found[0]}" if found else
+                    "train one first with python train.py config/small.py (or pass --ckpt=PATH)")
+            raise UserError(f"no checkpoint at {ckpt}: {hint}")
+        return load_model(ckpt, device)[:2]
     if not config["init_from"].startswith("hf:"):
         raise UserError(f"--init_from must be hf:FOLDER (a Hugging Face GPT-2 folder), got {config['init_from']!r}")
     from hf import load_hf
@@ -93,7 +125,8 @@ def read_prompt(start):
         if not os.path.isfile(path):
             raise UserError(f"prompt file {path} does not exist (from --start=FILE:{path})")
         with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
+            # the file's last line break (echo and editors add one) is not part of the prompt
+            return f.read().removesuffix("\n").removesuffix("\r")
     return start
 
 
@@ -194,9 +227,7 @@ def attention_maps(model, ids, device):
 
 
 def plot_attention(maps, labels, path):
-    plt = pyplot()
-    if plt is None:
-        raise UserError("--attention needs matplotlib: pip install matplotlib")
+    plt = pyplot()  # there: check_options checked
     n_layer, n_head = len(maps), maps[0].size(0)
     size = max(2.5, 0.25 * len(labels))
     fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head, size * n_layer), squeeze=False)
@@ -209,8 +240,10 @@ def plot_attention(maps, labels, path):
             ax.set_yticks(range(len(labels)), labels, fontsize=6)
     fig.suptitle("attention: row = query token, column = key token it attends to")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format=os.path.splitext(path)[1][1:].lower(), dpi=80))
+    finally:
+        plt.close(fig)
 
 
 def interactive(sampler, stream):
@@ -264,7 +297,7 @@ def interactive(sampler, stream):
 
 def main():
     config = parse_config(DEFAULTS, sys.argv[1:], allow_files=False, doc=__doc__)
-    check_sampling(config)
+    temperatures = check_options(config)
     prompt = read_prompt(config["start"])
     device = pick_device(config["device"])
     model, tokenizer = load_sampling_model(config, device)
@@ -274,7 +307,7 @@ def main():
     if config["interactive"]:
         interactive(sampler, stream)
         return
-    if config["score"]:
+    if config["score"] is not None:
         scores = score_text(model, tokenizer, config["score"], device)
         for piece, logprob in scores:
             print(f"{piece!r:>16} {logprob:9.4f}")
@@ -289,20 +322,24 @@ def main():
         print(f"beam search, {config['beam']} beams: log-probability {logprob:.4f} over {n} tokens "
               f"({logprob / n:.4f} per token)")
         return
-    if config["temperatures"]:
-        width = max(len(f"{t:g}") for t in config["temperatures"])
+    if temperatures:
+        width = max(len(f"{t:g}") for t in temperatures)
         for i in range(config["num_samples"]):
-            for t in config["temperatures"]:
+            for t in temperatures:
                 print(f"temperature {t:<{width}g} | {sampler.sample(prompt_ids, temperature=t)}")
             if i < config["num_samples"] - 1:
                 print()
         return
+    num_samples = config["num_samples"]
+    if config["greedy"] and num_samples > 1:
+        print(f"note: --greedy gives the same text every time, so it is printed once (not {num_samples} times)", file=sys.stderr)
+        num_samples = 1
     texts = []
-    for i in range(config["num_samples"]):
+    for i in range(num_samples):
         texts.append(sampler.sample(prompt_ids, stream=stream))
         if not stream:
             print(texts[-1])
-        if i < config["num_samples"] - 1:
+        if i < num_samples - 1:
             print("---------------")
     if config["attention"]:
         ids = sampler.prompt_ids(texts[0])
