@@ -293,6 +293,7 @@ META_TYPES = {  # meta.json's fields and their types; the first four must be the
     "train_bytes": int, "val_bytes": int, "example": str, "split": str, "source": str, "source_sha256": str,
     "val_fraction": (int, float), "seed": int, "fallback": str, "gpt2_ids": list, "chars": list, "words": list,
 }
+KIND_WORDS = {int: "a whole number", str: "text", list: "a list", (int, float): "a number"}
 TOKENIZER_LISTS = {"gpt2-compact": ("gpt2_ids", int), "char": ("chars", str), "word": ("words", str)}
 
 
@@ -304,7 +305,7 @@ def check_meta(meta):
     for key, kind in META_TYPES.items():
         value = meta.get(key)
         if key in meta and (not isinstance(value, kind) or isinstance(value, bool)):
-            problems.append(f"{key} is {value!r}, not a {getattr(kind, '__name__', 'number')}")
+            problems.append(f"{key} is {value!r}, not {KIND_WORDS[kind]}")
     if problems:
         return problems
     for key in ("vocab_size", "train_tokens", "val_tokens"):
@@ -316,7 +317,7 @@ def check_meta(meta):
         key, kind = TOKENIZER_LISTS[meta["tokenizer"]]
         items = meta.get(key)
         if not isinstance(items, list) or not all(isinstance(x, kind) and not isinstance(x, bool) for x in items):
-            problems.append(f"{key} is not a list of {kind.__name__}")
+            problems.append(f"{key} is not a list of {'whole numbers' if kind is int else 'texts'}")
     return problems
 
 

@@ -406,18 +406,18 @@ def check_resumable(checkpoint, path, model_config, tokenizer_meta, meta, config
     missing = {"optimizer", "iter_num", "best_val_loss", "rng"} - checkpoint.keys()
     if missing:
         raise UserError(f"{path} cannot be resumed: it lacks {', '.join(sorted(missing))} (not written by train.py?)")
-    if checkpoint["model_config"] != asdict(model_config):
-        diff = [f"{k}: checkpoint {checkpoint['model_config'].get(k)!r}, requested {v!r}"
-                for k, v in asdict(model_config).items() if checkpoint["model_config"].get(k) != v]
-        raise UserError(f"{path} was trained with another model config ({'; '.join(diff)}); pass the same settings or start a new --out_dir")
-    if checkpoint["tokenizer"] != tokenizer_meta:
-        raise UserError(f"{path} was trained on data with another tokenizer than {config['data_dir']}/: prepare the same data again or use another --out_dir")
     then, now = checkpoint.get("data"), data_record(meta)
     if then is not None and then != now:
         diff = [f"{k} {then.get(k)!r} then, {now[k]!r} now" for k in DATA_KEYS if then.get(k) != now[k]]
         raise UserError(f"{path} was trained on data prepared differently from {config['data_dir']}/ ({'; '.join(diff)}): "
                         f"resuming would train on lines it was validated on, or on other text; prepare the data as before, "
                         f"or start a new --out_dir")
+    if checkpoint["model_config"] != asdict(model_config):
+        diff = [f"{k}: checkpoint {checkpoint['model_config'].get(k)!r}, requested {v!r}"
+                for k, v in asdict(model_config).items() if checkpoint["model_config"].get(k) != v]
+        raise UserError(f"{path} was trained with another model config ({'; '.join(diff)}); pass the same settings or start a new --out_dir")
+    if checkpoint["tokenizer"] != tokenizer_meta:
+        raise UserError(f"{path} was trained on data with another tokenizer than {config['data_dir']}/: prepare the same data again or use another --out_dir")
     if checkpoint["iter_num"] >= config["max_iters"]:
         raise UserError(f"{path} is already at iteration {checkpoint['iter_num']} >= max_iters {config['max_iters']}: "
                         f"pass a larger --max_iters to train on")

@@ -4,18 +4,9 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, run_script, tense_lines
+from conftest import ROOT, fails, run_script, tense_lines
 
 TINY = os.path.join(ROOT, "config", "tiny.py")
-
-
-def fails(script, *args, cwd):
-    result = run_script(script, *args, cwd=cwd, check=False)
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 # ------------------------------------------------------------------ prepare.py
