@@ -248,8 +248,20 @@ def bench_prepare(source, megabytes):
             "peak_memory_mb": peak_kb / 1024, "threads": os.cpu_count()}
 
 
+def check_options(opts):
+    for key, least in (("warmup_steps", 0), ("timed_steps", 1), ("gen_tokens", 1), ("gen_block_size", 2), ("prepare_mb", 0),
+                       ("quality_steps", 1)):
+        if opts[key] < least:
+            raise UserError(f"--{key} must be at least {least}, got {opts[key]}")
+    if not os.path.isfile(opts["input"]):
+        raise UserError(f"--input={opts['input']} is not a file: pass a UTF-8 text, like tense.txt")
+    if opts["heldout"] and not os.path.isfile(opts["heldout"]):
+        raise UserError(f"--heldout={opts['heldout']} is not a file: pass a UTF-8 text, or leave it empty to skip the quality figures")
+
+
 def main():
     opts = parse_config(DEFAULTS, sys.argv[1:], allow_files=False, doc=__doc__)
+    check_options(opts)
     train_config = parse_config(TRAIN_DEFAULTS, [opts["config"]])
     device = pick_device(opts["device"])
     dtype = pick_dtype(opts["dtype"], device)
@@ -260,8 +272,6 @@ def main():
                                     for name in ("float32", "bfloat16")}
     peak = report["matmul_peak_gflops"][dtype] * 1e9
 
-    if opts["heldout"] and not os.path.isfile(opts["heldout"]):
-        raise UserError(f"--heldout={opts['heldout']} is not a file: pass a UTF-8 text, or leave it empty to skip the quality figures")
     with tempfile.TemporaryDirectory() as folder:
         compact_data, compact_vocab = prepare_data(opts["input"], os.path.join(folder, "compact"), False)
         full_data, full_vocab = prepare_data(opts["input"], os.path.join(folder, "full"), True)
