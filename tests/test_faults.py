@@ -227,7 +227,7 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     ("sample.py", ["--attention=a.png", "--beam=3"], "--attention draws the attention of the first sample; it does not combine with --beam"),
     ("sample.py", ["--score=Hi", "--beam=2"], "--score and --beam are different modes: use one at a time"),
     ("bench.py", ["--timed_steps=0"], "--timed_steps must be at least 1, got 0"),
-    ("bench.py", ["--heldout=nope.txt"], "--heldout=nope.txt is not a file: pass a UTF-8 text, or leave it empty"),
+    ("bench.py", ["--input=in.txt", "--heldout=nope.txt"], "--heldout=nope.txt is not a file: pass a UTF-8 text, or leave it empty"),
     ("bench.py", ["--input=nope.txt"], "--input=nope.txt is not a file: pass a UTF-8 text, like tense.txt"),
     ("export.py", ["--ckpt=afile"], "afile is not a checkpoint (not a torch.save archive, or truncated)"),
     ("export.py", ["--ckpt=nope.pth"], "no checkpoint at nope.pth"),
