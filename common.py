@@ -21,8 +21,13 @@ def main_guard(main):
         main()
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank hits the same error: say it once
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(1)
+
+
+def one_line(text):
+    """A message with the line breaks a user's own text may carry (a file name, a value) shown as \\n."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 # ----------------------------------------------------------------------------- config

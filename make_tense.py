@@ -8,10 +8,23 @@ Every sentence is built from a subject, a verb with its five forms, an object th
 suits the verb, one of twelve tenses, one of three forms (affirmative, negative,
 question) and, most of the time, a time phrase that agrees with the tense
 ("yesterday" only with the past simple, "by tomorrow" only with the future perfect).
-The output is deterministic for a given seed.
+A statement puts its time phrase first some of the time, with the comma English uses
+("Yesterday, the baby ate an apple."); a question keeps it last. The output is
+deterministic for a given seed.
+
+These tables are the grammar: eval.py parses the model's sentences with them (parse()).
 """
 import random
 import sys
+
+from common import UserError, atomic_write, check_seed, main_guard, parse_config
+
+DEFAULTS = {
+    "n": 100000,  # how many distinct sentences
+    "seed": 1337,
+    "out": "tense.txt",
+    "time_first": 0.3,  # share of statements with a time phrase that put it first
+}
 
 # (text at the start of a sentence, person, kind). person: 1s, 2, 3s, 1p, 3p.
 # kind decides which verbs make sense: a baby does not drive a bus.
@@ -98,7 +111,7 @@ def be(person, past):
     return {"1s": "am", "3s": "is"}.get(person, "are")
 
 
-def sentence(subject, person, verb, obj, tense, form, time):
+def sentence(subject, person, verb, obj, tense, form, time, time_first=False):
     """Returns one sentence. form is 'affirmative', 'negative' or 'question'."""
     base, third, past, participle, ing = verb.split()
     s3 = person == "3s"
@@ -121,19 +134,20 @@ def sentence(subject, person, verb, obj, tense, form, time):
     aux, main, do_support = table[tense]
     if not aux and form != "affirmative":
         aux, main = [do_support], base  # "She does not eat", "Did she eat?"
-    tail = " ".join(w for w in (obj, time) if w)
-    if form == "affirmative":
-        words = [subject, *aux, main]
+    inner = subject if subject.split()[0] in NAMES else subject[0].lower() + subject[1:]  # inside a sentence
+    if form == "question":
+        words = [aux[0].capitalize(), inner, *aux[1:], main]
     elif form == "negative":
         words = [subject, aux[0], "not", *aux[1:], main]
     else:
-        inner = subject if subject.split()[0] in NAMES else subject[0].lower() + subject[1:]
-        words = [aux[0].capitalize(), inner, *aux[1:], main]
-    text = " ".join(words) + (" " + tail if tail else "")
+        words = [subject, *aux, main]
+    if time and time_first and form != "question":
+        return f"{time[0].upper()}{time[1:]}, {' '.join([inner, *words[1:], obj])}."
+    text = " ".join(w for w in (*words, obj, time) if w)
     return text + ("?" if form == "question" else ".")
 
 
-def generate(n, seed):
+def generate(n, seed, time_first=0.3):
     rng = random.Random(seed)
     seen, out = set(), []
     # Sample combinations until n distinct sentences; every tense and form is drawn
@@ -147,7 +161,7 @@ def generate(n, seed):
         form = rng.choice(["affirmative", "affirmative", "negative", "question"])
         obj = rng.choice(objects)
         time = rng.choice(TIMES[tense]) if rng.random() < 0.8 else ""
-        text = sentence(subject, person, verb, obj, tense, form, time)
+        text = sentence(subject, person, verb, obj, tense, form, time, time_first=rng.random() < time_first)
         if text not in seen:
             seen.add(text)
             out.append(text)
@@ -155,14 +169,79 @@ def generate(n, seed):
     return out
 
 
-if __name__ == "__main__":
-    opts = {"n": 100000, "seed": 1337, "out": "tense.txt"}
-    for arg in sys.argv[1:]:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if key not in opts or not value:
-            sys.exit(f"error: unknown option {arg!r}; use --n=N, --seed=S, --out=FILE")
-        opts[key] = type(opts[key])(value)
-    lines = generate(opts["n"], opts["seed"])
-    with open(opts["out"], "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+PHRASE_TENSES = {}  # time phrase -> the tenses it agrees with ("today": present continuous and perfect)
+for _tense, _phrases in TIMES.items():
+    for _phrase in _phrases:
+        PHRASE_TENSES.setdefault(_phrase, set()).add(_tense)
+
+
+def cores(lowercase=False):
+    """
+    {sentence without its time phrase and final mark: [(subject, kind, verb base, tense, form, object), ...]}
+    for every subject, verb, object, tense and form (a list: "They read a book" is present and past), whether or not that subject may do that
+    verb (a sentence where it may not is grammatical, and wrong about the world). Statements
+    are there twice: as they start a sentence, and as they follow "Yesterday, ".
+    lowercase: keys in lower case, for a word-level model's text.
+    """
+    table = {}
+    for subject, person, kind in SUBJECTS:
+        for verb, objects, _ in VERBS:
+            for obj in objects:
+                for tense in TENSES:
+                    for form in ("affirmative", "negative", "question"):
+                        info = (subject, kind, verb.split()[0], tense, form, obj)
+                        keys = [sentence(subject, person, verb, obj, tense, form, "")[:-1]]
+                        if form != "question":  # the core after a leading time phrase: "the baby ate an apple"
+                            keys.append(sentence(subject, person, verb, obj, tense, form, "now", time_first=True)[5:-1])
+                        for key in keys:
+                            table.setdefault(key.lower() if lowercase else key, []).append(info)
+    return table
+
+
+WHO = {verb.split()[0]: who for verb, _, who in VERBS}
+
+
+def parse(text, table, lowercase=False):
+    """
+    What a sentence is by this grammar, or None if the grammar cannot make it:
+    {"tense", "form", "time" (the phrase or ""), "time_first", "agrees" (the time phrase fits
+    the tense, or there is none), "sensible" (the subject may do the verb)}. table is cores(lowercase).
+    """
+    if lowercase:
+        text = text.lower()
+    if not text.endswith((".", "?")):
+        return None
+    question, body, time, first = text.endswith("?"), text[:-1], "", False
+    for phrase in PHRASE_TENSES:
+        said = phrase.lower() if lowercase else phrase
+        lead = f"{said}, " if lowercase else f"{said[0].upper()}{said[1:]}, "
+        if not question and body.startswith(lead) and body[len(lead):] in table:
+            body, time, first = body[len(lead):], phrase, True
+            break
+        if body.endswith(" " + said) and body[: -len(said) - 1] in table and len(said) > len(time):
+            time = phrase  # the longest phrase that leaves a sentence: "last night", not "night"
+    if time and not first:
+        body = body[: -len(time) - 1]
+    readings = [r for r in table.get(body, []) if (r[4] == "question") == question]
+    if not readings or (first and body[0].isupper() and body.split()[0] not in NAMES):
+        return None  # not a sentence of the grammar, a question without "?", or "Yesterday, The baby ..."
+    # of two readings ("They read a book": present or past), the one the time phrase agrees with
+    subject, kind, verb, tense, form, obj = next((r for r in readings if time and r[3] in PHRASE_TENSES[time]), readings[0])
+    return {"tense": tense, "form": form, "time": time, "time_first": first,
+            "agrees": not time or tense in PHRASE_TENSES[time], "sensible": kind in WHO[verb]}
+
+
+def main():
+    opts = parse_config(DEFAULTS, sys.argv[1:], allow_files=False, doc=__doc__)
+    check_seed(opts)
+    if opts["n"] < 1:
+        raise UserError(f"--n must be at least 1, got {opts['n']}")
+    if not 0.0 <= opts["time_first"] <= 1.0:
+        raise UserError(f"--time_first must be between 0 and 1, got {opts['time_first']}")
+    lines = generate(opts["n"], opts["seed"], opts["time_first"])
+    atomic_write(opts["out"], lambda f: f.write(("\n".join(lines) + "\n").encode("utf-8")))
     print(f"wrote {len(lines):,} sentences to {opts['out']}")
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -74,6 +74,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.keep_weights = False  # True: the explicit path, which keeps its (B, n_head, T, T) weights
 
     def forward(self, x, cache=None, pos=0):
         B, T, C = x.shape
@@ -87,11 +88,19 @@ class CausalSelfAttention(nn.Module):
             k_cache[:, :, pos : pos + T] = k
             v_cache[:, :, pos : pos + T] = v
             k, v = k_cache[:, :, : pos + T], v_cache[:, :, : pos + T]
-        # is_causal masks position i from seeing j > i. One new query (T == 1) may see
-        # every cached key, so it needs no mask. Generation only prefills at pos == 0.
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1
-        )
+        if self.keep_weights:
+            # the same attention written out, for a caller that wants to see the weights
+            # (sample.py --attention): softmax(q k^T / sqrt(head_size)), j > i masked
+            scores = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, n_head, T, T_keys)
+            future = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).triu(k.size(2) - T + 1)
+            self.weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+            y = self.weights @ v
+        else:
+            # is_causal masks position i from seeing j > i. One new query (T == 1) may see
+            # every cached key, so it needs no mask. Generation only prefills at pos == 0.
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1
+            )
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -217,6 +226,18 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, V)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
+
+    @torch.no_grad()
+    def attention_weights(self, idx):
+        """Every layer's attention weights for idx (1, T), from the model's own attention: [(n_head, T, T)]."""
+        for block in self.blocks:
+            block.attn.keep_weights = True
+        try:
+            self(idx)
+            return [block.attn.weights[0] for block in self.blocks]
+        finally:
+            for block in self.blocks:
+                block.attn.keep_weights, block.attn.weights = False, None
 
     # ------------------------------------------------------------------ generation
 

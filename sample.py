@@ -206,26 +206,6 @@ def score_text(model, tokenizer, text, device):
     return list(zip(pieces, logprobs.tolist()))
 
 
-@torch.no_grad()
-def attention_maps(model, ids, device):
-    """Every layer's attention weights for ids: a list of (n_head, T, T) tensors."""
-    inputs = []
-    hooks = [block.attn.register_forward_pre_hook(lambda module, args: inputs.append(args[0])) for block in model.blocks]
-    model(torch.tensor([ids[-model.config.block_size:]], device=device))
-    for hook in hooks:
-        hook.remove()
-    maps = []
-    for block, x in zip(model.blocks, inputs):  # x: the attention's input, ln_1 of the stream (1, T, C)
-        B, T, C = x.shape
-        q, k, _ = block.attn.c_attn(x).split(C, dim=2)
-        H = block.attn.n_head
-        q, k = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k))  # (1, H, T, hs)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(C // H)  # (1, H, T, T)
-        scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool, device=device), 1), float("-inf"))
-        maps.append(torch.softmax(scores, dim=-1)[0].float().cpu())
-    return maps
-
-
 def plot_attention(maps, labels, path):
     plt = pyplot()  # there: check_options checked
     n_layer, n_head = len(maps), maps[0].size(0)
@@ -343,7 +323,7 @@ def main():
             print("---------------")
     if config["attention"]:
         ids = sampler.prompt_ids(texts[0])
-        maps = attention_maps(model, ids, device)
+        maps = [m.float().cpu() for m in model.attention_weights(torch.tensor([ids[-model.config.block_size:]], device=device))]
         labels = [tokenizer.decode([t]) if t != tokenizer.eot else "<end>" for t in ids]
         plot_attention(maps, labels, config["attention"])
         print(f"saved attention heatmaps of {len(maps)} layers x {maps[0].size(0)} heads to {config['attention']}", file=sys.stderr)

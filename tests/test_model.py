@@ -194,3 +194,30 @@ def test_total_nats_equals_the_loss_of_one_window_when_the_split_fits():
     nats, counted = total_nats(model, tokens.numpy(), 16)
     _, loss = model(tokens[None, :-1], tokens[None, 1:])
     assert counted == 16 and math.isclose(nats, 16 * loss.item(), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal"])
+def test_attention_weights_reproduce_the_fast_path(pos_encoding):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(pos_encoding=pos_encoding)).eval()
+    idx = torch.randint(0, 64, (1, 12))
+    fast, _ = model(idx, idx)
+    weights = model.attention_weights(idx)
+    assert len(weights) == 2 and weights[0].shape == (2, 12, 12)
+    assert torch.allclose(weights[0].sum(-1), torch.ones(2, 12)) and weights[0].triu(1).abs().max() == 0  # causal rows
+    for block in model.blocks:  # the explicit path, kept on, gives the fast path's output
+        block.attn.keep_weights = True
+    explicit, _ = model(idx, idx)
+    assert torch.allclose(explicit, fast, atol=1e-5)
+    # and with a KV cache: one new query against every cached key
+    for block in model.blocks:
+        block.attn.keep_weights = False
+    caches = model.new_caches(1)
+    model(idx[:, :11], caches=caches, pos=0)
+    fast_step, _ = model(idx[:, 11:], caches=caches, pos=11)
+    for block in model.blocks:
+        block.attn.keep_weights = True
+    caches = model.new_caches(1)
+    model(idx[:, :11], caches=caches, pos=0)
+    explicit_step, _ = model(idx[:, 11:], caches=caches, pos=11)
+    assert torch.allclose(explicit_step, fast_step, atol=1e-5) and torch.allclose(explicit_step[0, -1], fast[0, -1], atol=1e-5)

@@ -1,0 +1,272 @@
+"""
+Shows what a trained model learned, as numbers.
+
+    python eval.py                                   # out/trained.pth on the data it was trained on
+    python eval.py --ckpt=out-tiny/trained.pth --json
+    python eval.py --num_samples=500 --probe_per_tense=50 --picture=probe.png
+
+1. Held-out loss, comparable across tokenizers: val loss, perplexity and bits per byte
+   (total nats over the val split / ln 2 / its UTF-8 bytes). A char model and a GPT-2
+   model cut the same text into different tokens; per byte they compare.
+2. For a model trained on tense.txt (its val text parses with make_tense.py's grammar),
+   the grammar check: num_samples sentences, half from an empty prompt and half from the
+   grammar's subjects, and the share that the grammar can produce (grammatical), whose
+   time phrase agrees with the verb's tense (tense_agreement, of those with a time phrase),
+   that break who-does-what (semantic_errors: a baby driving a bus), and that are not a
+   line of the training text (novel).
+3. A minimal-pairs probe: held-out statements of each tense, each scored after a time
+   phrase of each of the twelve tenses ("Yesterday, the baby ate an apple." against
+   "Tomorrow, the baby ate an apple."): the model "prefers" the tense whose phrase makes
+   the rest of the sentence most likely. Accuracy per tense (chance: 1 in 12), and a
+   12 x 12 picture of verb tense x preferred tense (with matplotlib).
+Other models get part 1 and a one-line note.
+"""
+import json
+import math
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+import make_tense as grammar
+from common import UserError, atomic_write, check_output_file, check_seed, load_model, main_guard, parse_config, pick_device, pyplot
+from tokenizer import check_meta
+from tokenizer import from_meta as tokenizer_from_meta
+from train import total_nats
+
+DEFAULTS = {
+    "ckpt": "out/trained.pth",
+    "data_dir": "",  # the prepared data to score; empty: the data_dir the checkpoint was trained on
+    "num_samples": 240,  # sentences to sample for the grammar check
+    "temperature": 0.8,  # of those samples (sample.py's default)
+    "max_new_tokens": 60,
+    "probe_per_tense": 25,  # held-out statements per tense in the minimal-pairs probe
+    "picture": "",  # PNG of the probe's 12 x 12 table; empty: probe.png beside the checkpoint
+    "batch_size": 64,
+    "seed": 1337,
+    "device": "auto",
+    "json": False,  # print the report as JSON
+}
+TENSES = grammar.TENSES
+# the phrases that agree with one tense only: a probe must not offer "today" as another tense
+ONLY = {t: [p for p in grammar.TIMES[t] if grammar.PHRASE_TENSES[p] == {t}] for t in TENSES}
+
+
+def check_options(config):
+    for key in ("num_samples", "max_new_tokens", "probe_per_tense", "batch_size"):
+        if config[key] < 1:
+            raise UserError(f"--{key} must be at least 1, got {config[key]}")
+    if config["temperature"] <= 0:
+        raise UserError(f"--temperature must be > 0, got {config['temperature']}")
+    check_seed(config)
+    if config["picture"]:
+        check_output_file(config["picture"], "picture", {"png"})
+
+
+def load_split(data_dir, split, tokenizer_meta):
+    """(token ids of a split, meta.json) of a prepared folder, refusing one the checkpoint's tokenizer cannot read."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise UserError(f"no prepared data in {data_dir}/ (meta.json is missing): pass --data_dir=DIR, the folder prepare.py wrote")
+    try:
+        with open(meta_path, "rb") as f:
+            meta = json.loads(f.read())
+    except ValueError as e:
+        raise UserError(f"{meta_path} is damaged (not JSON: {e}): run python prepare.py again") from None
+    problems = check_meta(meta)
+    if problems:
+        raise UserError(f"{meta_path} is damaged ({'; '.join(problems)}): run python prepare.py again")
+    if tokenizer_from_meta(meta).meta() != tokenizer_meta:
+        raise UserError(f"{data_dir}/ was prepared with another tokenizer than the checkpoint's: pass the --data_dir it was trained on")
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.isfile(path) or os.path.getsize(path) // 2 != meta[f"{split}_tokens"]:
+        raise UserError(f"{path} is missing or does not match {meta_path}: run python prepare.py again")
+    return np.fromfile(path, dtype=np.uint16), meta
+
+
+def split_lines(ids, tokenizer):
+    """The examples of a split (between end-of-text tokens), as text."""
+    ids = ids.tolist()
+    ends = [i for i, t in enumerate(ids) if t == tokenizer.eot]
+    return [tokenizer.decode(ids[s + 1 : e]) for s, e in zip([-1] + ends[:-1], ends)]
+
+
+def held_out_loss(model, val, meta, tokenizer, batch_size):
+    nats, counted = total_nats(model, val, model.config.block_size, batch_size)
+    val_bytes = meta.get("val_bytes")
+    if val_bytes is None:  # a folder prepared before meta.json counted bytes: one line break per example
+        val_bytes = sum(len(line.encode()) + 1 for line in split_lines(val, tokenizer))
+    return {"val_loss": nats / counted, "val_perplexity": math.exp(nats / counted),
+            "bits_per_byte": nats / math.log(2) / val_bytes, "val_tokens": counted + 1, "val_bytes": val_bytes}
+
+
+@torch.no_grad()
+def sample_sentences(model, tokenizer, config, device):
+    """num_samples sentences: half from an empty prompt, half spread over the grammar's subjects."""
+    generator = torch.Generator(device=device).manual_seed(config["seed"])
+    n = config["num_samples"]
+    prompts = [("", n - n // 2)] + [(s, k) for s, k in zip((s for s, _, _ in grammar.SUBJECTS), spread(n // 2, len(grammar.SUBJECTS))) if k]
+    texts = []
+    for prompt, count in prompts:
+        ids = [tokenizer.eot] + tokenizer.encode(prompt)
+        idx = torch.tensor([ids] * count, device=device)
+        out = model.generate(idx, config["max_new_tokens"], temperature=config["temperature"],
+                             stop_token=tokenizer.eot, generator=generator)
+        for row in out[:, len(ids):].tolist():
+            row = row[: row.index(tokenizer.eot)] if tokenizer.eot in row else row
+            texts.append(tokenizer.decode(ids[1:] + row).strip())
+    return texts
+
+
+def spread(total, parts):
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def grammar_check(texts, train_lines, lowercase):
+    table = grammar.cores(lowercase)
+    parsed = [grammar.parse(t, table, lowercase) for t in texts]
+    good = [(t, p) for t, p in zip(texts, parsed) if p is not None]
+    timed = [p for _, p in good if p["time"]]
+    known = {line.lower() for line in train_lines} if lowercase else set(train_lines)
+    share = lambda part, whole: part / whole if whole else 0.0  # noqa: E731
+    return {
+        "samples": len(texts),
+        "grammatical": share(len(good), len(texts)),
+        "tense_agreement": share(sum(p["agrees"] for p in timed), len(timed)),
+        "with_time_phrase": len(timed),
+        "semantic_errors": share(sum(not p["sensible"] for _, p in good), len(good)),
+        "novel": share(sum((t.lower() if lowercase else t) not in known for t, _ in good), len(good)),
+        "examples_bad": [t for t, p in zip(texts, parsed) if p is None][:5],
+    }
+
+
+@torch.no_grad()
+def continuation_logprobs(model, pairs, batch_size):
+    """log p(rest | prefix) for each (prefix ids, rest ids), batched (rows padded on the right)."""
+    device = model.wte.weight.device
+    scores = []
+    for i in range(0, len(pairs), batch_size):
+        batch = pairs[i : i + batch_size]
+        seqs = [p + r for p, r in batch]
+        width = max(map(len, seqs))
+        x = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
+        logits, _ = model(x[:, :-1], x[:, 1:].contiguous())
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(2, x[:, 1:, None])[..., 0]  # (B, width - 1)
+        for row, (prefix, rest) in enumerate(batch):
+            scores.append(logprobs[row, len(prefix) - 1 : len(prefix) - 1 + len(rest)].sum().item())
+    return scores
+
+
+def probe(model, tokenizer, config, train_lines):
+    """Per tense, held-out statements scored after a time phrase of every tense: the 12 x 12 preference counts."""
+    rng = random.Random(config["seed"])
+    known = set(train_lines)
+    pairs, truth = [], []
+    for t_index, tense in enumerate(TENSES):
+        made = 0
+        while made < config["probe_per_tense"]:
+            subject, person, kind = rng.choice(grammar.SUBJECTS)
+            verb, objects, who = rng.choice(grammar.VERBS)
+            if kind not in who:
+                continue
+            phrase = rng.choice(ONLY[tense])
+            form = rng.choice(["affirmative", "negative"])
+            sentence = grammar.sentence(subject, person, verb, rng.choice(objects), tense, form, phrase, time_first=True)
+            if sentence in known:
+                continue  # held out: the model never saw this sentence
+            rest = tokenizer.encode(sentence[len(phrase):]) + [tokenizer.eot]  # ", the baby ate an apple." and the end
+            for other in TENSES:
+                lead = rng.choice(ONLY[other]) if other != tense else phrase
+                pairs.append(([tokenizer.eot] + tokenizer.encode(lead[0].upper() + lead[1:]), rest))
+            truth.append(t_index)
+            made += 1
+    scores = np.array(continuation_logprobs(model, pairs, config["batch_size"])).reshape(len(truth), len(TENSES))
+    counts = np.zeros((len(TENSES), len(TENSES)), dtype=int)
+    for t_index, row in zip(truth, scores):
+        counts[t_index, int(row.argmax())] += 1
+    return counts
+
+
+def draw_probe(counts, path):
+    plt = pyplot()
+    if plt is None:
+        return False
+    shares = counts / counts.sum(axis=1, keepdims=True)
+    fig, ax = plt.subplots(figsize=(8, 7))
+    ax.imshow(shares, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(TENSES)), TENSES, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(TENSES)), TENSES, fontsize=8)
+    ax.set_xlabel("the tense whose time phrase the model prefers")
+    ax.set_ylabel("the verb's tense")
+    for i in range(len(TENSES)):
+        for j in range(len(TENSES)):
+            if counts[i, j]:
+                ax.text(j, i, f"{shares[i, j]:.0%}", ha="center", va="center", fontsize=6, color="white" if shares[i, j] < 0.5 else "black")
+    ax.set_title("minimal pairs: which time phrase makes the sentence most likely")
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    finally:
+        plt.close(fig)
+    return True
+
+
+def main():
+    config = parse_config(DEFAULTS, sys.argv[1:], allow_files=False, doc=__doc__)
+    check_options(config)
+    device = pick_device(config["device"])
+    model, tokenizer, checkpoint = load_model(config["ckpt"], device)
+    data_dir = config["data_dir"] or checkpoint.get("train_config", {}).get("data_dir") or "data"
+    val, meta = load_split(data_dir, "val", checkpoint["tokenizer"])
+    torch.manual_seed(config["seed"])
+    report = {"ckpt": config["ckpt"], "data_dir": data_dir, "tokenizer": tokenizer.name,
+              **held_out_loss(model, val, meta, tokenizer, config["batch_size"])}
+
+    val_lines = split_lines(val, tokenizer)
+    lowercase = tokenizer.name == "word"  # the word tokenizer lowercases its text
+    table = grammar.cores(lowercase)
+    parses = sum(grammar.parse(line, table, lowercase) is not None for line in val_lines[:500])
+    notes = []
+    if val_lines and parses >= 0.9 * min(len(val_lines), 500):
+        train_lines = split_lines(load_split(data_dir, "train", checkpoint["tokenizer"])[0], tokenizer)
+        report.update(grammar_check(sample_sentences(model, tokenizer, config, device), train_lines, lowercase))
+        counts = probe(model, tokenizer, config, train_lines)
+        per_tense = counts.diagonal() / counts.sum(axis=1)
+        report["probe_accuracy"] = float(per_tense.mean())
+        report["probe_per_tense"] = {t: float(a) for t, a in zip(TENSES, per_tense)}
+        report["probe_chance"] = 1 / len(TENSES)
+        report["probe_counts"] = counts.tolist()
+        picture = config["picture"] or os.path.join(os.path.dirname(config["ckpt"]) or ".", "probe.png")
+        if draw_probe(counts, picture):
+            report["picture"] = picture
+        else:
+            notes.append("no picture of the probe: pip install matplotlib")
+    else:
+        notes.append(f"the grammar check and the probe are for models trained on tense.txt; {data_dir}/'s val text is not "
+                     f"its sentences ({parses} of {min(len(val_lines), 500)} parse), so they are skipped")
+
+    if config["json"]:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"{config['ckpt']} on {data_dir}/ val ({report['val_tokens']:,} tokens, {report['val_bytes']:,} bytes): "
+              f"loss {report['val_loss']:.4f}, perplexity {report['val_perplexity']:.3f}, {report['bits_per_byte']:.4f} bits per byte")
+        if "grammatical" in report:
+            print(f"{report['samples']} samples at temperature {config['temperature']}: grammatical {report['grammatical']:.1%}, "
+                  f"tense agreement {report['tense_agreement']:.1%} (of {report['with_time_phrase']} with a time phrase), "
+                  f"who-does-what errors {report['semantic_errors']:.1%}, novel {report['novel']:.1%} (of the grammatical ones)")
+            for bad in report["examples_bad"][:3]:
+                print(f"  not grammatical: {bad!r}")
+            print(f"minimal-pairs probe, {config['probe_per_tense']} held-out statements per tense (chance {1 / len(TENSES):.1%}):")
+            for tense, accuracy in report["probe_per_tense"].items():
+                print(f"  {tense:28} {accuracy:7.1%}")
+            print(f"  {'mean':28} {report['probe_accuracy']:7.1%}")
+            if "picture" in report:
+                print(f"picture: {report['picture']}")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main_guard(main)
