@@ -40,18 +40,18 @@ from train import DEFAULTS as TRAIN_DEFAULTS
 from train import MODEL_KEYS, Batches, measure_peak_flops, pick_dtype, total_nats, train_step
 
 DEFAULTS = {
-    "config": "config/small.py",
-    "input": "tense.txt",
-    "device": "auto",
-    "dtype": "float32",
-    "warmup_steps": 5,
-    "timed_steps": 20,
-    "gen_tokens": 500,
+    "config": "config/small.py",  # the training config whose model is measured
+    "input": "tense.txt",  # the text prepared and trained on
+    "device": "auto",  # 'auto', 'cpu', 'cuda', 'mps'
+    "dtype": "float32",  # 'float32', 'bfloat16', 'float16' or 'auto', as in train.py
+    "warmup_steps": 5,  # untimed training steps first
+    "timed_steps": 20,  # training steps timed (the median counts)
+    "gen_tokens": 500,  # new tokens per generation run
     "gen_block_size": 512,  # the generation model's context (>= gen_tokens + 1 keeps it all cached)
-    "prepare_mb": 50,
+    "prepare_mb": 50,  # size of the text prepare.py is timed on; 0 skips it
     "heldout": "",  # a text file for the held-out quality figures (e.g. ../shared/data/alice.txt); empty skips them
     "quality_steps": 200,  # training steps of each held-out quality run
-    "json": False,
+    "json": False,  # print the report as JSON
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
 

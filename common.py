@@ -41,9 +41,11 @@ def parse_config(defaults, argv, allow_files=True, doc=None):
     None takes any literal).
     """
     if "-h" in argv or "--help" in argv:
-        print((doc or "").strip() + "\n\noptions (--key=value) and their defaults:")
+        meanings = option_meanings(sys.argv[0])
+        print((doc or "").strip() + "\n\noptions (--key=value), their defaults and meanings:")
+        width = max(len(f"--{key}={value!r}") for key, value in defaults.items())
         for key, value in defaults.items():
-            print(f"  --{key}={value!r}")
+            print(f"  {f'--{key}={value!r}':<{width}}  {meanings.get(key, '')}".rstrip())
         sys.exit(0)
     config = dict(defaults)
     for arg in argv:
@@ -64,6 +66,17 @@ def parse_config(defaults, argv, allow_files=True, doc=None):
             value = text if isinstance(defaults.get(key), str) else _literal(text)
             _apply(config, defaults, {key: value}, origin=arg)
     return config
+
+
+def option_meanings(script):
+    """{key: meaning} from the comments beside a script's DEFAULTS: the one place an option is described."""
+    try:
+        with open(script, encoding="utf-8") as f:
+            source = f.read()
+    except OSError:
+        return {}
+    block = re.search(r"^DEFAULTS = \{\n(.*?)^\}", source, flags=re.M | re.S)
+    return dict(re.findall(r'^\s*"(\w+)":[^\n]*?,\s*#\s*(.+)$', block.group(1) if block else "", flags=re.M))
 
 
 def _literal(text):

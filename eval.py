@@ -37,16 +37,16 @@ from tokenizer import from_meta as tokenizer_from_meta
 from train import total_nats
 
 DEFAULTS = {
-    "ckpt": "out/trained.pth",
+    "ckpt": "out/trained.pth",  # the checkpoint to evaluate
     "data_dir": "",  # the prepared data to score; empty: the data_dir the checkpoint was trained on
     "num_samples": 240,  # sentences to sample for the grammar check
     "temperature": 0.8,  # of those samples (sample.py's default)
-    "max_new_tokens": 60,
+    "max_new_tokens": 60,  # the most tokens per sampled sentence
     "probe_per_tense": 25,  # held-out statements per tense in the minimal-pairs probe
     "picture": "",  # PNG of the probe's 12 x 12 table; empty: probe.png beside the checkpoint
-    "batch_size": 64,
-    "seed": 1337,
-    "device": "auto",
+    "batch_size": 64,  # sequences per forward pass when scoring
+    "seed": 1337,  # sampling and the probe's sentences (0 to 2**32 - 1)
+    "device": "auto",  # 'auto', 'cpu', 'cuda', 'mps'
     "json": False,  # print the report as JSON
 }
 TENSES = grammar.TENSES

@@ -24,7 +24,7 @@ from hf import check_exportable, to_hf
 from tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256, gpt2_file
 
 DEFAULTS = {
-    "ckpt": "out/trained.pth",
+    "ckpt": "out/trained.pth",  # the checkpoint to export
     "out": "hf-model",  # the folder to write; one that holds other files needs --overwrite=True
     "overwrite": False,  # True: replace the model files of a non-empty --out folder (other files stay)
 }

@@ -21,8 +21,8 @@ from common import UserError, atomic_write, check_seed, main_guard, parse_config
 
 DEFAULTS = {
     "n": 100000,  # how many distinct sentences
-    "seed": 1337,
-    "out": "tense.txt",
+    "seed": 1337,  # the same seed gives the same file (0 to 2**32 - 1)
+    "out": "tense.txt",  # the file to write
     "time_first": 0.3,  # share of statements with a time phrase that put it first
 }
 

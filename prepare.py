@@ -33,10 +33,10 @@ import tokenizer as tok
 from common import UserError, atomic_write, check_seed, check_writable_folder, main_guard, parse_config
 
 DEFAULTS = {
-    "input": "tense.txt",
-    "out_dir": "data",
-    "val_fraction": 0.1,
-    "seed": 1337,
+    "input": "tense.txt",  # the UTF-8 text file to tokenize
+    "out_dir": "data",  # where train.bin, val.bin and meta.json go
+    "val_fraction": 0.1,  # share of the examples held out for validation
+    "seed": 1337,  # which examples go to validation (0 to 2**32 - 1)
     "example": "line",  # 'line', 'paragraph' (blank-line separated blocks) or 'file' (the whole text as one stream)
     "split": "auto",  # 'random' (seeded choice of examples), 'last' (the end of the text); auto: random, last for file
     "full_vocab": False,  # True: plain GPT-2 ids (a model with all 50,257 tokens)

@@ -26,18 +26,18 @@ import torch
 from common import UserError, atomic_write, check_output_file, check_seed, load_model, main_guard, parse_config, pick_device, pyplot
 
 DEFAULTS = {
-    "ckpt": "out/trained.pth",
+    "ckpt": "out/trained.pth",  # the checkpoint to sample from
     "init_from": "",  # hf:FOLDER samples from Hugging Face GPT-2 weights instead of --ckpt
     "start": "",  # the prompt; FILE:path reads it from a file; empty starts a new sentence
-    "num_samples": 3,
-    "max_new_tokens": 100,
+    "num_samples": 3,  # how many continuations
+    "max_new_tokens": 100,  # the most tokens per continuation
     "temperature": 0.8,  # < 1 sharper, > 1 flatter
     "top_k": None,  # keep only the k most likely tokens
     "top_p": 1.0,  # keep the smallest set of likely tokens whose probability reaches top_p
     "greedy": False,  # always the most likely token (temperature, top_k, top_p unused)
     "repetition_penalty": 1.0,  # > 1 makes tokens already in the text less likely
-    "seed": 1337,
-    "device": "auto",
+    "seed": 1337,  # the same seed gives the same text (0 to 2**32 - 1)
+    "device": "auto",  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
     "stream": None,  # print tokens as they come; None: when writing to a terminal
     "temperatures": None,  # e.g. 0.2,0.8,1.2: the same prompt at each temperature, side by side
     "beam": 0,  # > 0: beam search with this many beams instead of sampling

@@ -33,39 +33,39 @@ from tokenizer import from_meta as tokenizer_from_meta
 DEFAULTS = {
     # I/O
     "data_dir": "data",  # where prepare.py wrote train.bin, val.bin, meta.json
-    "out_dir": "out",
+    "out_dir": "out",  # where trained.pth (best), last.pth (latest), metrics.jsonl and loss.png go
     "init_from": "scratch",  # 'scratch', 'resume' (continue out_dir/trained.pth) or 'hf:FOLDER' (GPT-2 weights)
     "overwrite": False,  # scratch into an out_dir that has a trained.pth replaces it only if True
-    "eval_interval": 250,
-    "eval_iters": 20,
-    "log_interval": 25,
+    "eval_interval": 250,  # evaluate (and save) every this many iterations
+    "eval_iters": 20,  # batches per split in each evaluation
+    "log_interval": 25,  # a progress line every this many iterations
     # data
-    "batch_size": 32,
-    "block_size": 128,
+    "batch_size": 32,  # sequences per micro-batch
+    "block_size": 128,  # context length in tokens
     "grad_accum": 1,  # micro-batches per optimizer step
     # model (see GPTConfig in model.py)
-    "n_layer": 4,
-    "n_head": 4,
-    "n_embd": 128,
-    "d_ff": 0,
-    "dropout": 0.0,
-    "bias": False,
-    "pos_encoding": "learned",
-    "activation": "gelu",
+    "n_layer": 4,  # transformer blocks
+    "n_head": 4,  # attention heads per block
+    "n_embd": 128,  # model width
+    "d_ff": 0,  # feed-forward hidden size; 0 means 4 * n_embd
+    "dropout": 0.0,  # on embeddings, attention weights and residual branches
+    "bias": False,  # biases in Linear layers and LayerNorms (GPT-2: True)
+    "pos_encoding": "learned",  # 'learned' (GPT-2) or 'sinusoidal' (Attention Is All You Need)
+    "activation": "gelu",  # 'gelu' (GPT-2's tanh approximation) or 'relu'
     # AdamW, linear warmup then cosine decay to min_lr
-    "learning_rate": 1e-3,
-    "min_lr": 1e-4,
-    "max_iters": 2000,
-    "warmup_iters": 100,
+    "learning_rate": 1e-3,  # peak learning rate
+    "min_lr": 1e-4,  # the floor of the cosine decay
+    "max_iters": 2000,  # total optimizer steps
+    "warmup_iters": 100,  # linear warmup steps
     "lr_decay_iters": 0,  # 0 means max_iters
-    "weight_decay": 0.1,
-    "beta1": 0.9,
-    "beta2": 0.99,
+    "weight_decay": 0.1,  # AdamW's, on matrices only
+    "beta1": 0.9,  # AdamW's first-moment decay
+    "beta2": 0.99,  # AdamW's second-moment decay
     "grad_clip": 1.0,  # 0 disables clipping
     # system
     "device": "auto",  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
     "dtype": "auto",  # 'auto', 'float32', 'bfloat16', 'float16'
-    "seed": 1337,
+    "seed": 1337,  # model initialisation, dropout and data order (0 to 2**32 - 1)
     "peak_flops": 0.0,  # FLOP/s that MFU is measured against; 0 measures torch.mm at start
     "compile": False,  # torch.compile the model (pays off on GPUs; see the README for CPU)
     "grad_checkpointing": False,  # recompute each block's activations in backward: less memory, more time

@@ -1,6 +1,9 @@
+import os
+
 import pytest
 
 from common import UserError, parse_config
+from conftest import ROOT, run_script
 from train import DEFAULTS, get_lr
 
 BASE = {"batch_size": 32, "learning_rate": 1e-3, "device": "auto", "compile": False, "d_ff": None}
@@ -59,3 +62,22 @@ def test_learning_rate_schedule():
     assert get_lr(5000, config) == pytest.approx(1e-4)
     lrs = [get_lr(i, config) for i in range(100, 1001)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+SCRIPTS = ["prepare.py", "train.py", "sample.py", "eval.py", "bench.py", "export.py", "make_tense.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_option_has_one_meaning_shown_by_help_and_is_in_the_readme(script):
+    import importlib
+
+    from common import option_meanings
+    defaults = importlib.import_module(script[:-3]).DEFAULTS
+    meanings = option_meanings(os.path.join(ROOT, script))
+    assert sorted(meanings) == sorted(defaults), "every key of DEFAULTS has a comment: its meaning"
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    missing = [key for key in defaults if f"`--{key}`" not in readme and f"`{key}`" not in readme and f"--{key}=" not in readme]
+    assert not missing, f"{script} options not in the README: {missing}"
+    shown = run_script(script, "--help", cwd=ROOT).stdout
+    for key, meaning in meanings.items():
+        assert f"--{key}={defaults[key]!r}" in shown and meaning in shown

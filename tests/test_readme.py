@@ -1,0 +1,77 @@
+"""
+The README's commands, run as written, so the README cannot drift from the code: every
+`python ...` line of its code blocks runs in a scratch folder (with a short tense.txt
+and the placeholder files it names) and must exit 0. Training commands get a few
+iterations appended (`--max_iters` and friends, last one wins); everything else is
+exactly the README's text.
+"""
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, tense_lines
+
+# What a command needs that the README leaves to the reader, or why it is run elsewhere.
+ELSEWHERE = {
+    "hf:path/to/gpt2": "needs a downloaded GPT-2 folder: tests/test_hf.py runs the same commands on a small one",
+    "out-gpt2/trained.pth": "needs a GPT-2 shaped checkpoint: tests/test_hf.py exports one",
+    "tests": "the test suite itself",
+}
+SHORT = ["--max_iters=4", "--eval_interval=2", "--eval_iters=1", "--log_interval=2"]
+
+
+def readme_commands():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    commands = []
+    for block in re.findall(r"```\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.removeprefix("$ ").split("  #")[0].split(" | ")[0].strip()
+            for part in line.split(" && "):
+                if part.startswith("python ") and not part.startswith("python -m"):
+                    commands.append(part)
+    return commands
+
+
+def test_the_readme_has_the_commands_this_test_knows():
+    commands = readme_commands()
+    assert commands[0].startswith("python prepare.py") and len(commands) >= 20
+    assert any("--interactive" in c for c in commands) and any("--example=paragraph" in c for c in commands)
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs_as_written(tmp_path):
+    (tmp_path / "tense.txt").write_text("\n".join(tense_lines(3000)) + "\n", encoding="utf-8")
+    book = "\n\n".join(f"Chapter {i}. Once upon a time there was a baby\nwho slept in the garden, and" for i in range(200))
+    for name in ("my.txt", "my_book.txt"):
+        (tmp_path / name).write_text(book + "\n", encoding="utf-8")
+    (tmp_path / "prompt.txt").write_text("The baby is\n", encoding="utf-8")
+    shutil.copytree(os.path.join(ROOT, "config"), tmp_path / "config")
+    ran, trained_to = [], {}  # out_dir -> the iteration its checkpoint reached
+    for command in readme_commands():
+        skip = [why for needle, why in ELSEWHERE.items() if needle in command]
+        if skip:
+            continue
+        args = shlex.split(command)[1:]
+        script = args[0]
+        if script == "make_tense.py" and "--out=" not in command:
+            continue  # would rewrite the short tense.txt the others use; the other make_tense line runs
+        if script == "train.py":
+            out_dir = next((a.split("=", 1)[1] for a in args if a.startswith("--out_dir=")), "out")
+            if "--init_from=resume" in command:  # a few iterations past where the last run stopped
+                trained_to[out_dir] += 4
+                args = args + SHORT + [f"--max_iters={trained_to[out_dir]}"]
+            else:
+                trained_to[out_dir] = 4
+                args = args + SHORT + ([] if "--overwrite" in command else ["--overwrite=True"])
+        stdin = "The baby is\n/greedy\nShe has\n/quit\n" if "--interactive" in command else ""
+        result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args[1:]], cwd=tmp_path, input=stdin,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"README command failed: {command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+        ran.append(command)
+    assert len(ran) >= 15
