@@ -373,11 +373,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             xc, wc = x.to(ctx.dtype), weight.to(ctx.dtype)
             grad_x = torch.empty_like(x)
             grad_w = torch.zeros(weight.shape, device=weight.device, dtype=lse.dtype)
+            scale = grad_loss.to(lse.dtype) / n  # d loss / d (row's cross-entropy)
+            shift = lse[:, None] - torch.log(scale) if scale > 0 else lse[:, None]  # fold scale into the exp
             for s in range(0, n, chunk_rows):
                 rows = slice(s, s + chunk_rows)
-                probs = torch.exp((xc[rows] @ wc.T).to(lse.dtype) - lse[rows, None])  # softmax, (n, V)
-                probs[torch.arange(probs.size(0), device=x.device), targets[rows]] -= 1.0
-                g = (probs * (grad_loss / n)).to(ctx.dtype)  # d loss / d logits
+                g = (xc[rows] @ wc.T).to(lse.dtype)  # (n, V) logits, then in place: scale * softmax
+                g.sub_(shift[rows]).exp_()
+                if not scale > 0:
+                    g.mul_(scale)
+                g[torch.arange(g.size(0), device=x.device), targets[rows]] -= scale  # - scale * one_hot(target)
+                g = g.to(ctx.dtype)  # d loss / d logits
                 grad_x[rows] = g @ wc
                 grad_w += g.T @ xc[rows]
         return grad_x, grad_w.to(weight.dtype), None, None
