@@ -279,6 +279,16 @@ def pick_device(name):
     return name
 
 
+def save_figure(fig, path, dpi=80):
+    """Writes a matplotlib figure atomically, in the format its file ending names, and closes it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format=os.path.splitext(path)[1][1:].lower() or "png", dpi=dpi))
+    finally:
+        plt.close(fig)
+
+
 def pyplot():
     """matplotlib.pyplot drawing to files (no window), or None where matplotlib is not installed."""
     try:

@@ -23,7 +23,8 @@ import sys
 
 import torch
 
-from common import UserError, atomic_write, check_output_file, check_seed, load_model, main_guard, parse_config, pick_device, pyplot
+from common import (UserError, check_output_file, check_seed, load_model, main_guard, parse_config, pick_device, pyplot,
+                    save_figure)
 
 DEFAULTS = {
     "ckpt": "out/trained.pth",  # the checkpoint to sample from
@@ -220,10 +221,7 @@ def plot_attention(maps, labels, path):
             ax.set_yticks(range(len(labels)), labels, fontsize=6)
     fig.suptitle("attention: row = query token, column = key token it attends to")
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format=os.path.splitext(path)[1][1:].lower(), dpi=80))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def interactive(sampler, stream):

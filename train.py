@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from common import (UserError, atomic_write, check_seed, check_writable_folder, load_checkpoint, main_guard, parse_config,
-                    pick_device, pyplot, save_checkpoint)
+                    pick_device, pyplot, save_checkpoint, save_figure)
 from model import GPT, GPTConfig, check_config, configure_optimizer
 from tokenizer import check_meta
 from tokenizer import from_meta as tokenizer_from_meta
@@ -346,10 +346,7 @@ def plot_losses(metrics_path, png_path):
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("iteration")
     fig.tight_layout()
-    try:
-        atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=80))
-    finally:
-        plt.close(fig)
+    save_figure(fig, png_path)
     return True
 
 
