@@ -6,6 +6,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# One thread per process: pytest-xdist already runs a test per core, and most tests start
+# scripts of their own; two threads each on 2 cores spend the time fighting over them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def run_script(script, *args, cwd, check=True, timeout=120, **popen_args):

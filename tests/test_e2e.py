@@ -84,7 +84,7 @@ def test_bench_json_report(tmp_path):
     gen = report["generation"]
     assert gen["new_tokens"] == 20 and gen["speedup"] == gen["kv_cache_tokens_per_sec"] / gen["full_recompute_tokens_per_sec"]
     assert "ms_per_token_at_50" in gen and "ms_per_token_at_500" not in gen  # 500 does not fit a 64-token context
-    assert report["prepare"]["megabytes"] >= 1.0 and report["prepare"]["peak_memory_mb"] > 0
+    assert report["prepare"]["megabytes"] > 0.9 and report["prepare"]["peak_memory_mb"] > 0
     # the full vocabulary trains on the chunked loss by default; the plain one is the comparison
     assert report["train_full"]["chunked_loss"] and not report["train_full_plain_loss"]["chunked_loss"]
     assert not report["train_compact"]["chunked_loss"] and report["train_full"]["peak_memory_mb"] > 0
