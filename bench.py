@@ -97,7 +97,7 @@ def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed,
     if chunked_loss is not None:
         model.chunked_loss = chunked_loss
     measure_memory = device == "cpu" and reset_peak_memory()
-    optimizer = configure_optimizer(model, 1e-3, 0.1, (0.9, 0.99), device.split(":")[0])
+    optimizer = configure_optimizer(model, 1e-3, 0.1, (0.9, 0.99))
     batches = Batches(data, train_config["batch_size"], train_config["block_size"], device, seed=0,
                       grad_accum=train_config["grad_accum"])
     autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()

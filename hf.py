@@ -17,16 +17,17 @@ import torch
 from common import UserError
 from model import GPT, GPTConfig, check_config
 
-# model.py name -> GPT-2 name, per block; the matrices marked True are transposed
+# The names are the same on both sides (model.py follows GPT-2's); per block, the value
+# says whether the tensor is a matrix GPT-2 stores transposed (Conv1D).
 BLOCK_KEYS = {
-    "ln_1.weight": ("ln_1.weight", False), "ln_1.bias": ("ln_1.bias", False),
-    "attn.c_attn.weight": ("attn.c_attn.weight", True), "attn.c_attn.bias": ("attn.c_attn.bias", False),
-    "attn.c_proj.weight": ("attn.c_proj.weight", True), "attn.c_proj.bias": ("attn.c_proj.bias", False),
-    "ln_2.weight": ("ln_2.weight", False), "ln_2.bias": ("ln_2.bias", False),
-    "mlp.c_fc.weight": ("mlp.c_fc.weight", True), "mlp.c_fc.bias": ("mlp.c_fc.bias", False),
-    "mlp.c_proj.weight": ("mlp.c_proj.weight", True), "mlp.c_proj.bias": ("mlp.c_proj.bias", False),
+    "ln_1.weight": False, "ln_1.bias": False,
+    "attn.c_attn.weight": True, "attn.c_attn.bias": False,
+    "attn.c_proj.weight": True, "attn.c_proj.bias": False,
+    "ln_2.weight": False, "ln_2.bias": False,
+    "mlp.c_fc.weight": True, "mlp.c_fc.bias": False,
+    "mlp.c_proj.weight": True, "mlp.c_proj.bias": False,
 }
-TOP_KEYS = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
+TOP_KEYS = ["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"]
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
@@ -112,12 +113,12 @@ def load_hf(folder):
 
     state = {}
     try:
-        for ours, theirs in TOP_KEYS.items():
-            state[ours] = hf_state[theirs]
+        for name in TOP_KEYS:
+            state[name] = hf_state[name]
         for i in range(config.n_layer):
-            for ours, (theirs, transpose) in BLOCK_KEYS.items():
-                tensor = hf_state[f"h.{i}.{theirs}"]
-                state[f"blocks.{i}.{ours}"] = tensor.t().contiguous() if transpose else tensor
+            for name, transpose in BLOCK_KEYS.items():
+                tensor = hf_state[f"h.{i}.{name}"]
+                state[f"blocks.{i}.{name}"] = tensor.t().contiguous() if transpose else tensor
     except KeyError as e:
         raise UserError(f"{folder}: the weights lack {e.args[0]}; is this a GPT-2 checkpoint?") from None
     state["lm_head.weight"] = state["wte.weight"]  # tied
@@ -145,22 +146,22 @@ def to_hf(model_config, state, vocab_size=50257):
     """(config.json dict, tensors by GPT-2 name) for a model.py checkpoint of GPT-2's architecture."""
     c = model_config
     tensors = {}
-    for ours, theirs in TOP_KEYS.items():
-        if ours in state:
-            tensors[f"transformer.{theirs}"] = state[ours]
+    for name in TOP_KEYS:
+        if name in state:
+            tensors[f"transformer.{name}"] = state[name]
         else:  # bias=False: a LayerNorm without bias is one with bias 0
-            tensors[f"transformer.{theirs}"] = torch.zeros(c["n_embd"])
+            tensors[f"transformer.{name}"] = torch.zeros(c["n_embd"])
     # the model's padding rows (never a target) are left out: GPT-2 has exactly 50,257 tokens
     tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:vocab_size]
     for i in range(c["n_layer"]):
-        for ours, (theirs, transpose) in BLOCK_KEYS.items():
-            key = f"blocks.{i}.{ours}"
+        for name, transpose in BLOCK_KEYS.items():
+            key = f"blocks.{i}.{name}"
             if key in state:
                 tensor = state[key].t() if transpose else state[key]
             else:  # bias=False: zeros act the same
                 weight = state[key.replace(".bias", ".weight")]
                 tensor = torch.zeros(weight.size(0))
-            tensors[f"transformer.h.{i}.{theirs}"] = tensor.float().contiguous()
+            tensors[f"transformer.h.{i}.{name}"] = tensor.float().contiguous()
     config = {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": vocab_size,
         "n_positions": c["block_size"], "n_ctx": c["block_size"], "n_embd": c["n_embd"], "n_layer": c["n_layer"],

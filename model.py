@@ -111,11 +111,11 @@ class FeedForward(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, config.d_ff, bias=config.bias)
         self.c_proj = nn.Linear(config.d_ff, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.relu = config.activation == "relu"
+        self.activation = config.activation
 
     def forward(self, x):
         h = self.c_fc(x)
-        h = F.relu(h) if self.relu else F.gelu(h, approximate="tanh")  # tanh: GPT-2's "gelu_new"
+        h = F.relu(h) if self.activation == "relu" else F.gelu(h, approximate="tanh")  # tanh: GPT-2's "gelu_new"
         return self.dropout(self.c_proj(h))
 
 
@@ -259,8 +259,9 @@ class GPT(nn.Module):
         Appends up to max_new_tokens tokens to idx (B, T) and returns (B, T + new).
         Stops early once every row has produced stop_token. See generate_stream.
         """
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, greedy, stop_token,
-                                        use_cache, generator, repetition_penalty))
+        new = list(self.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                        greedy=greedy, stop_token=stop_token, use_cache=use_cache, generator=generator,
+                                        repetition_penalty=repetition_penalty))
         return torch.cat([idx, *new], dim=1)
 
     @torch.inference_mode()  # like no_grad, and skips autograd's version counting: faster steps
@@ -448,7 +449,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, g
     return choice if ids is None else ids.gather(-1, choice)
 
 
-def configure_optimizer(model, learning_rate, weight_decay, betas, device_type):
+def configure_optimizer(model, learning_rate, weight_decay, betas):
     """
     AdamW with weight decay on matrices (Linear weights, embeddings) only: decaying
     biases and LayerNorm gains just pulls them away from their useful values.

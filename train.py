@@ -519,7 +519,7 @@ def main():
 
     raw_model = GPT(model_config).to(device)  # the model itself: its weights are what we save
     raw_model.grad_checkpointing = config["grad_checkpointing"]
-    optimizer = configure_optimizer(raw_model, config["learning_rate"], config["weight_decay"], (config["beta1"], config["beta2"]), device_type)
+    optimizer = configure_optimizer(raw_model, config["learning_rate"], config["weight_decay"], (config["beta1"], config["beta2"]))
     train_batches = Batches(splits["train"], config["batch_size"], config["block_size"], device, config["seed"],
                             config["grad_accum"] // world_size, rank, world_size)
     iter_num, best_val_loss = 0, float("inf")
