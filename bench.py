@@ -185,9 +185,7 @@ def legacy_compact(folder):
     old = tok.CompactGPT2(sorted(set(np.unique(train).tolist()) | set(tok.single_byte_ids()) | {tok.GPT2_EOT}), "bytes")
     to_old = np.zeros(tok.GPT2_EOT + 1, dtype=np.uint16)
     to_old[old.gpt2_ids] = np.arange(old.vocab_size)
-    val = np.fromfile(os.path.join(folder, "val.bin"), dtype=np.uint16).tolist()
-    ends = [i for i, t in enumerate(val) if t == new.eot]
-    texts = [new.decode(val[s + 1 : e]) for s, e in zip([-1] + ends[:-1], ends)]
+    texts = tok.decode_examples(new, np.fromfile(os.path.join(folder, "val.bin"), dtype=np.uint16))
     data = {"train": to_old[train], "val": tok.encode_examples(old, texts)}
     for split, arr in data.items():
         atomic_write(os.path.join(folder, f"{split}.bin"), arr.tofile)

@@ -33,9 +33,9 @@ import torch
 import make_tense as grammar
 from common import (UserError, check_output_file, check_seed, load_model, main_guard, parse_config, pick_device, pyplot,
                     save_figure)
-from tokenizer import check_meta
+from tokenizer import decode_examples
 from tokenizer import from_meta as tokenizer_from_meta
-from train import total_nats
+from train import read_meta, total_nats
 
 DEFAULTS = {
     "ckpt": "out/trained.pth",  # the checkpoint to evaluate
@@ -68,37 +68,20 @@ def check_options(config):
 
 def load_split(data_dir, split, tokenizer_meta):
     """(token ids of a split, meta.json) of a prepared folder, refusing one the checkpoint's tokenizer cannot read."""
-    meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise UserError(f"no prepared data in {data_dir}/ (meta.json is missing): pass --data_dir=DIR, the folder prepare.py wrote")
-    try:
-        with open(meta_path, "rb") as f:
-            meta = json.loads(f.read())
-    except ValueError as e:
-        raise UserError(f"{meta_path} is damaged (not JSON: {e}): run python prepare.py again") from None
-    problems = check_meta(meta)
-    if problems:
-        raise UserError(f"{meta_path} is damaged ({'; '.join(problems)}): run python prepare.py again")
+    meta = read_meta(data_dir)
     if tokenizer_from_meta(meta).meta() != tokenizer_meta:
         raise UserError(f"{data_dir}/ was prepared with another tokenizer than the checkpoint's: pass the --data_dir it was trained on")
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.isfile(path) or os.path.getsize(path) // 2 != meta[f"{split}_tokens"]:
-        raise UserError(f"{path} is missing or does not match {meta_path}: run python prepare.py again")
+        raise UserError(f"{path} is missing or does not match {data_dir}/meta.json: run python prepare.py again")
     return np.fromfile(path, dtype=np.uint16), meta
-
-
-def split_lines(ids, tokenizer):
-    """The examples of a split (between end-of-text tokens), as text."""
-    ids = ids.tolist()
-    ends = [i for i, t in enumerate(ids) if t == tokenizer.eot]
-    return [tokenizer.decode(ids[s + 1 : e]) for s, e in zip([-1] + ends[:-1], ends)]
 
 
 def held_out_loss(model, val, meta, tokenizer, batch_size):
     nats, counted = total_nats(model, val, model.config.block_size, batch_size)
     val_bytes = meta.get("val_bytes")
     if val_bytes is None:  # a folder prepared before meta.json counted bytes: one line break per example
-        val_bytes = sum(len(line.encode()) + 1 for line in split_lines(val, tokenizer))
+        val_bytes = sum(len(line.encode()) + 1 for line in decode_examples(tokenizer, val))
     return {"val_loss": nats / counted, "val_perplexity": math.exp(nats / counted),
             "bits_per_byte": nats / math.log(2) / val_bytes, "val_tokens": counted + 1, "val_bytes": val_bytes}
 
@@ -125,8 +108,8 @@ def spread(total, parts):
     return [total // parts + (i < total % parts) for i in range(parts)]
 
 
-def grammar_check(texts, train_lines, lowercase):
-    table = grammar.cores(lowercase)
+def grammar_check(texts, train_lines, table, lowercase):
+    """Shares of texts by make_tense's grammar; table is grammar.cores(lowercase)."""
     parsed = [grammar.parse(t, table, lowercase) for t in texts]
     good = [(t, p) for t, p in zip(texts, parsed) if p is not None]
     timed = [p for _, p in good if p["time"]]
@@ -222,14 +205,14 @@ def main():
     report = {"ckpt": config["ckpt"], "data_dir": data_dir, "tokenizer": tokenizer.name,
               **held_out_loss(model, val, meta, tokenizer, config["batch_size"])}
 
-    val_lines = split_lines(val, tokenizer)
+    val_lines = decode_examples(tokenizer, val)
     lowercase = tokenizer.name == "word"  # the word tokenizer lowercases its text
     table = grammar.cores(lowercase)
     parses = sum(grammar.parse(line, table, lowercase) is not None for line in val_lines[:500])
     notes = []
     if val_lines and parses >= 0.9 * min(len(val_lines), 500):
-        train_lines = split_lines(load_split(data_dir, "train", checkpoint["tokenizer"])[0], tokenizer)
-        report.update(grammar_check(sample_sentences(model, tokenizer, config, device), train_lines, lowercase))
+        train_lines = decode_examples(tokenizer, load_split(data_dir, "train", checkpoint["tokenizer"])[0])
+        report.update(grammar_check(sample_sentences(model, tokenizer, config, device), train_lines, table, lowercase))
         counts = probe(model, tokenizer, config, train_lines)
         per_tense = counts.diagonal() / counts.sum(axis=1)
         report["probe_accuracy"] = float(per_tense.mean())

@@ -287,6 +287,13 @@ def encode_examples(tokenizer, texts, threads=1):
     return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint16, count=sum(map(len, ids)))
 
 
+def decode_examples(tokenizer, ids):
+    """The examples of a split's ids (each ends with end-of-text), as texts."""
+    ids = [int(i) for i in ids]
+    ends = [i for i, t in enumerate(ids) if t == tokenizer.eot]
+    return [tokenizer.decode(ids[s + 1 : e]) for s, e in zip([-1] + ends[:-1], ends)]
+
+
 META_TYPES = {  # meta.json's fields and their types; the first four must be there
     "tokenizer": str, "vocab_size": int, "train_tokens": int, "val_tokens": int,
     "eot": int, "dtype": str, "train_lines": int, "val_lines": int, "train_chars": int, "val_chars": int,

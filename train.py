@@ -129,8 +129,8 @@ def lock_out_dir(out_dir):
     return handle  # the lock lives as long as this file object
 
 
-def load_data(config):
-    data_dir = config["data_dir"]
+def read_meta(data_dir):
+    """meta.json of a prepared folder, every field checked, or a UserError that says to prepare again."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise UserError(f"no prepared data in {data_dir}/ (meta.json is missing): run python prepare.py first, or pass --data_dir=DIR")
@@ -147,6 +147,13 @@ def load_data(config):
             raise ValueError(f"vocab_size {meta['vocab_size']} does not match its tokenizer's")
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{meta_path} is damaged ({e}): run python prepare.py again") from None
+    return meta
+
+
+def load_data(config):
+    data_dir = config["data_dir"]
+    meta_path = os.path.join(data_dir, "meta.json")
+    meta = read_meta(data_dir)
     splits = {}
     for split in ("train", "val"):
         path = os.path.join(data_dir, f"{split}.bin")
