@@ -34,9 +34,11 @@ import numpy as np
 import torch
 
 import tokenizer as tok
-from common import UserError, atomic_write, load_model, main_guard, parse_config, pick_device
-from model import GPT, GPTConfig, configure_optimizer
+from checkpoint import load_model
+from common import UserError, atomic_write, main_guard, parse_config, pick_device
+from model import GPT, GPTConfig, configure_optimizers
 from train import DEFAULTS as TRAIN_DEFAULTS
+from tokenizer import read_meta
 from train import MODEL_KEYS, Batches, measure_peak_flops, pick_dtype, total_nats, train_step
 
 DEFAULTS = {
@@ -65,8 +67,7 @@ def run_script(script, *args):
 
 def prepare_data(path, folder, full_vocab):
     run_script("prepare.py", f"--input={path}", f"--out_dir={folder}", f"--full_vocab={full_vocab}")
-    with open(os.path.join(folder, "meta.json")) as f:
-        meta = json.load(f)
+    meta = read_meta(folder)
     return np.memmap(os.path.join(folder, "train.bin"), dtype=np.uint16, mode="r"), meta["vocab_size"]
 
 
@@ -97,7 +98,7 @@ def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed,
     if chunked_loss is not None:
         model.chunked_loss = chunked_loss
     measure_memory = device == "cpu" and reset_peak_memory()
-    optimizer = configure_optimizer(model, 1e-3, 0.1, (0.9, 0.99))
+    optimizers = configure_optimizers(model, 1e-3, 0.1, (0.9, 0.99))
     batches = Batches(data, train_config["batch_size"], train_config["block_size"], device, seed=0,
                       grad_accum=train_config["grad_accum"])
     autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
@@ -105,7 +106,7 @@ def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed,
     times = []
     for step in range(warmup + timed):
         start = time.perf_counter()
-        train_step(model, optimizer, scaler, batches, 1e-3, train_config, autocast)
+        train_step(model, optimizers, scaler, batches, 1e-3, train_config, autocast)
         sync(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
@@ -177,8 +178,7 @@ def legacy_compact(folder):
     Rewrites a prepared compact folder with the old compact vocabulary: the train split's
     GPT-2 tokens, the 256 bytes and end-of-text, anything else spelled in single bytes.
     """
-    with open(os.path.join(folder, "meta.json")) as f:
-        meta = json.load(f)
+    meta = read_meta(folder)
     new = tok.from_meta(meta)
     gpt2_ids = np.array(new.gpt2_ids)
     train = gpt2_ids[np.fromfile(os.path.join(folder, "train.bin"), dtype=np.uint16)]  # the same tokens, GPT-2's ids
@@ -215,8 +215,7 @@ def bench_quality(text, steps, config_path, dtype):
                        f"--eval_interval={steps}", f"--dtype={dtype}")
             seconds = time.perf_counter() - start
             model, _, checkpoint = load_model(f"{folder}/out/trained.pth")
-            with open(f"{folder}/data/meta.json") as f:
-                meta = json.load(f)
+            meta = read_meta(f"{folder}/data")
             val = np.fromfile(f"{folder}/data/val.bin", dtype=np.uint16)
             nats, n = total_nats(model, val, model.config.block_size)
         results[name] = {"bits_per_byte": nats / math.log(2) / meta["val_bytes"], "vocab_size": meta["vocab_size"],

@@ -8,7 +8,6 @@ import os
 import re
 import sys
 import tempfile
-import zipfile
 
 
 class UserError(Exception):
@@ -208,57 +207,6 @@ def check_output_file(path, key, extensions=None):
     ending = os.path.splitext(path)[1].lstrip(".").lower()
     if extensions is not None and ending not in extensions:
         raise UserError(f"--{key}={path}: cannot write a .{ending or '(no ending)'} file; use one of .{', .'.join(sorted(extensions))}")
-
-
-def save_checkpoint(checkpoint, path):
-    import torch
-
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
-
-
-def load_checkpoint(path, map_location="cpu", missing_hint="train one first with python train.py config/small.py (or pass --ckpt=PATH)"):
-    """Loads a checkpoint of this project. weights_only=True: no pickled code ever runs."""
-    import pickle
-
-    import torch
-
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: {missing_hint}")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
-        raise UserError(f"{path} is not a checkpoint (not a torch.save archive, or truncated): pass the trained.pth that train.py wrote")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        # weights_only refuses any class or function: name the one that was found
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        raise UserError(f"{path} holds objects other than tensors and plain values{what}, refused for safety: only load checkpoints you trust") from None
-    except Exception as e:  # noqa: BLE001 - a damaged archive fails in many ways
-        raise UserError(f"{path} is not a readable checkpoint (damaged or truncated: {e.__class__.__name__}); train again or restore it") from None
-    if not isinstance(checkpoint, dict) or not {"model", "model_config", "tokenizer"} <= checkpoint.keys():
-        raise UserError(f"{path} is not a checkpoint of this project (it lacks model, model_config or tokenizer)")
-    return checkpoint
-
-
-def load_model(path, device="cpu"):
-    """(model, tokenizer, checkpoint) from a trained.pth, in eval mode on device."""
-    import torch
-
-    from model import GPT, GPTConfig
-    from tokenizer import from_meta
-
-    checkpoint = load_checkpoint(path, map_location=device)
-    try:
-        model = GPT(GPTConfig(**checkpoint["model_config"]))
-        model.load_state_dict(checkpoint["model"])
-        tokenizer = from_meta(checkpoint["tokenizer"])
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        raise UserError(f"{path} is not a checkpoint this version of the project can load ({e.__class__.__name__}: {str(e).splitlines()[0][:160]})") from None
-    broken = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if broken:
-        raise UserError(f"{path} holds NaN or infinite weights ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}): "
-                        f"it cannot generate; use a checkpoint from before training diverged")
-    return model.to(device).eval(), tokenizer, checkpoint
 
 
 # ----------------------------------------------------------------------------- devices

@@ -31,11 +31,13 @@ import numpy as np
 import torch
 
 import make_tense as grammar
-from common import (UserError, check_output_file, check_seed, load_model, main_guard, parse_config, pick_device, pyplot,
+from checkpoint import load_model
+from common import (UserError, check_output_file, check_seed, main_guard, parse_config, pick_device, pyplot,
                     save_figure)
 from tokenizer import decode_examples
 from tokenizer import from_meta as tokenizer_from_meta
-from train import read_meta, total_nats
+from tokenizer import read_meta
+from train import total_nats
 
 DEFAULTS = {
     "ckpt": "out/trained.pth",  # the checkpoint to evaluate
@@ -200,7 +202,7 @@ def main():
     device = pick_device(config["device"])
     model, tokenizer, checkpoint = load_model(config["ckpt"], device)
     data_dir = config["data_dir"] or checkpoint.get("train_config", {}).get("data_dir") or "data"
-    val, meta = load_split(data_dir, "val", checkpoint["tokenizer"])
+    val, meta = load_split(data_dir, "val", checkpoint["tokenizer_meta"])
     torch.manual_seed(config["seed"])
     report = {"ckpt": config["ckpt"], "data_dir": data_dir, "tokenizer": tokenizer.name,
               **held_out_loss(model, val, meta, tokenizer, config["batch_size"])}
@@ -211,7 +213,7 @@ def main():
     parses = sum(grammar.parse(line, table, lowercase) is not None for line in val_lines[:500])
     notes = []
     if val_lines and parses >= 0.9 * min(len(val_lines), 500):
-        train_lines = decode_examples(tokenizer, load_split(data_dir, "train", checkpoint["tokenizer"])[0])
+        train_lines = decode_examples(tokenizer, load_split(data_dir, "train", checkpoint["tokenizer_meta"])[0])
         report.update(grammar_check(sample_sentences(model, tokenizer, config, device), train_lines, table, lowercase))
         counts = probe(model, tokenizer, config, train_lines)
         per_tense = counts.diagonal() / counts.sum(axis=1)

@@ -19,7 +19,8 @@ import os
 import shutil
 import sys
 
-from common import UserError, atomic_write, check_writable_folder, load_checkpoint, main_guard, parse_config
+import checkpoint as ckpt
+from common import UserError, atomic_write, check_writable_folder, main_guard, parse_config
 from hf import check_exportable, to_hf
 from tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256, gpt2_file
 
@@ -41,8 +42,8 @@ def main():
         from safetensors.torch import save
     except ImportError:
         raise UserError("export.py writes safetensors: pip install safetensors") from None
-    checkpoint = load_checkpoint(config["ckpt"])
-    problem = check_exportable(checkpoint["model_config"], checkpoint["tokenizer"]["tokenizer"])
+    checkpoint = ckpt.load(config["ckpt"])
+    problem = check_exportable(checkpoint["model_config"], checkpoint["tokenizer_meta"]["tokenizer"])
     if problem:
         raise UserError(f"{config['ckpt']} is not GPT-2 compatible: {problem}")
     hf_config, tensors = to_hf(checkpoint["model_config"], checkpoint["model"])

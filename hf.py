@@ -11,6 +11,7 @@ Nothing here downloads, and transformers itself is not needed.
 import json
 import os
 import struct
+from dataclasses import replace
 
 import torch
 
@@ -57,8 +58,11 @@ def read_safetensors(path):
     return tensors
 
 
-def load_hf(folder):
-    """(GPTConfig, state dict for model.GPT) from a Hugging Face GPT-2 folder."""
+def load_hf(folder, block_size=None, dropout=None):
+    """
+    A model.GPT with the weights of a Hugging Face GPT-2 folder. block_size: keep only
+    the first positions (a shorter context to fine-tune with); dropout: in place of GPT-2's.
+    """
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise UserError(f"no Hugging Face model in {folder}: put its config.json and model.safetensors "
@@ -128,18 +132,29 @@ def load_hf(folder):
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise UserError(f"{folder}: {name} has shape {tuple(tensor.shape)}, but config.json gives {tuple(expected[name].shape)}; "
                             f"the weights and config.json do not belong together")
-    return config, state
+    if block_size is not None:
+        if block_size > config.block_size:
+            raise UserError(f"--block_size={block_size} is longer than the {config.block_size} positions of {folder}")
+        state["wpe.weight"] = state["wpe.weight"][:block_size]
+        config = replace(config, block_size=block_size)
+    config = replace(config, dropout=config.dropout if dropout is None else dropout)
+    model = GPT(config)
+    model.load_state_dict(state)
+    return model
 
 
 def check_exportable(model_config, tokenizer_name):
-    """Why a checkpoint cannot be GPT-2, as a message with the fix, or None."""
-    fixes = {
-        "pos_encoding": (model_config["pos_encoding"] == "learned", "pos_encoding is 'sinusoidal'; GPT-2 learns its positions: train with --pos_encoding=learned"),
-        "activation": (model_config["activation"] == "gelu", "activation is 'relu'; GPT-2 uses GELU: train with --activation=gelu"),
-        "tokenizer": (tokenizer_name == "gpt2", f"the tokenizer is {tokenizer_name!r}; GPT-2 needs its own 50,257 ids: prepare with --full_vocab=True (and --tokenizer=gpt2)"),
-    }
-    problems = [message for ok, message in fixes.values() if not ok]
-    return "; ".join(problems) or None
+    """Why a checkpoint cannot be GPT-2, as a message with the fix, or None. model_config: a dict."""
+    c = {"norm": "layernorm", "n_kv_head": model_config["n_head"], "qk_norm": False, **model_config}  # older checkpoints lack these
+    fixes = [
+        (c["pos_encoding"] == "learned", f"pos_encoding is {c['pos_encoding']!r}; GPT-2 learns its positions: train with --pos_encoding=learned"),
+        (c["activation"] in ("gelu", "relu"), f"activation is {c['activation']!r}; GPT-2 uses GELU: train with --activation=gelu"),
+        (c["norm"] == "layernorm", f"norm is {c['norm']!r}; GPT-2 uses LayerNorm: train with --norm=layernorm"),
+        (c["n_kv_head"] == c["n_head"], f"n_kv_head is {c['n_kv_head']} (grouped-query attention); GPT-2 gives every head its keys and values: train with --n_kv_head=0"),
+        (not c["qk_norm"], "qk_norm is on; GPT-2 does not normalise queries and keys: train with --qk_norm=False"),
+        (tokenizer_name == "gpt2", f"the tokenizer is {tokenizer_name!r}; GPT-2 needs its own 50,257 ids: prepare with --full_vocab=True (and --tokenizer=gpt2)"),
+    ]
+    return "; ".join(message for ok, message in fixes if not ok) or None
 
 
 def to_hf(model_config, state, vocab_size=50257):
@@ -165,7 +180,8 @@ def to_hf(model_config, state, vocab_size=50257):
     config = {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": vocab_size,
         "n_positions": c["block_size"], "n_ctx": c["block_size"], "n_embd": c["n_embd"], "n_layer": c["n_layer"],
-        "n_head": c["n_head"], "n_inner": c["d_ff"], "activation_function": "gelu_new",
+        "n_head": c["n_head"], "n_inner": c["d_ff"],
+        "activation_function": "relu" if c["activation"] == "relu" else "gelu_new",
         "resid_pdrop": c["dropout"], "embd_pdrop": c["dropout"], "attn_pdrop": c["dropout"],
         "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "bos_token_id": 50256, "eos_token_id": 50256,
         "tie_word_embeddings": True, "torch_dtype": "float32",

@@ -1,12 +1,20 @@
 """
 The whole GPT in one file, in the order data flows through it:
 
-    token ids -> token embedding + positional encoding -> n_layer x Block -> LayerNorm -> logits
-    Block: x + attention(LayerNorm(x)), then x + feed_forward(LayerNorm(x))   (pre-LN, GPT-2)
+    token ids -> token embedding + positional encoding -> n_layer x Block -> norm -> logits
+    Block: x + attention(norm(x)), then x + feed_forward(norm(x))   (pre-norm, GPT-2)
 
 References: "Attention Is All You Need" (Vaswani et al. 2017) for the transformer and the
 sinusoidal positions; GPT-2 (Radford et al. 2019) for pre-LayerNorm, learned positions,
 tied embeddings and the scaled initialisation; nanoGPT for the shape of this file.
+
+The defaults are GPT-2's block. Each newer idea is one switch of GPTConfig, written next
+to the GPT-2 piece it replaces (config/modern.py turns them all on):
+    pos_encoding='rotary'   rotary position embeddings (Su et al. 2021)
+    norm='rmsnorm'          RMSNorm (Zhang & Sennrich 2019)
+    activation='swiglu'     SwiGLU (Shazeer 2020); 'relu2': squared ReLU (So et al. 2021)
+    n_kv_head < n_head      grouped-query attention (Ainslie et al. 2023)
+    qk_norm=True            QK-norm (Henry et al. 2020; Dehghani et al. 2023)
 """
 import math
 from dataclasses import dataclass
@@ -19,6 +27,9 @@ import torch.utils.checkpoint
 
 CHUNKED_LOSS_MIN_VOCAB = 2048  # from this vocabulary size up, training uses LinearCrossEntropy
 CHUNK_ELEMENTS = 3 << 20  # logits per chunk: 12 MB in float32, about what stays in a CPU's cache
+POS_ENCODINGS = ("learned", "sinusoidal", "rotary")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "relu", "relu2", "swiglu")
 
 
 @dataclass
@@ -28,66 +39,112 @@ class GPTConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    d_ff: int = 0  # hidden size of the feed-forward network; 0 means 4 * n_embd
+    d_ff: int = 0  # hidden size of the feed-forward network; 0: 4 * n_embd (swiglu: 8/3 * n_embd, see below)
     dropout: float = 0.0
     bias: bool = False  # biases in Linear layers and LayerNorms (GPT-2: True)
-    pos_encoding: str = "learned"  # 'learned' (GPT-2) or 'sinusoidal' (Vaswani et al.)
-    activation: str = "gelu"  # 'gelu' (GPT-2's tanh approximation) or 'relu' (Vaswani et al.)
+    pos_encoding: str = "learned"  # 'learned' (GPT-2), 'sinusoidal' (Vaswani et al.) or 'rotary' (Su et al.)
+    activation: str = "gelu"  # 'gelu' (GPT-2's tanh approximation), 'relu' (Vaswani et al.), 'relu2' or 'swiglu'
+    norm: str = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm'
+    n_kv_head: int = 0  # key/value heads, a divisor of n_head (grouped-query attention); 0 means n_head
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before their dot product
 
     def __post_init__(self):
         if self.d_ff == 0:
-            self.d_ff = 4 * self.n_embd
+            # SwiGLU has three matrices instead of two: 2/3 of the width keeps the parameter
+            # count (LLaMA's rule), rounded up to a multiple of 32 for the matmuls
+            self.d_ff = -(-8 * self.n_embd // 3 // 32) * 32 if self.activation == "swiglu" else 4 * self.n_embd
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
 
 
 def check_config(config):
     """The ways a config can be impossible, each as a message naming the key; [] when fine."""
     problems = []
-    for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "d_ff"):
+    for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "d_ff", "n_kv_head"):
         if getattr(config, key) <= 0:
             problems.append(f"{key} must be positive, got {getattr(config, key)}")
     if config.n_head > 0 and config.n_embd % config.n_head:
         problems.append(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+    elif config.n_head > 0 and config.pos_encoding == "rotary" and config.n_embd // config.n_head % 2:
+        problems.append(f"rotary positions turn pairs of numbers: the head size n_embd / n_head ({config.n_embd // config.n_head}) must be even")
+    if config.n_kv_head > 0 and config.n_head % config.n_kv_head:
+        problems.append(f"n_kv_head ({config.n_kv_head}) must divide n_head ({config.n_head}): each key/value head serves a group of query heads")
     if not 0.0 <= config.dropout < 1.0:
         problems.append(f"dropout must be in [0, 1), got {config.dropout}")
-    if config.pos_encoding not in ("learned", "sinusoidal"):
-        problems.append(f"pos_encoding must be 'learned' or 'sinusoidal', got {config.pos_encoding!r}")
-    if config.activation not in ("gelu", "relu"):
-        problems.append(f"activation must be 'gelu' or 'relu', got {config.activation!r}")
+    for key, allowed in (("pos_encoding", POS_ENCODINGS), ("activation", ACTIVATIONS), ("norm", NORMS)):
+        if getattr(config, key) not in allowed:
+            problems.append(f"{key} must be one of {', '.join(allowed)}; got {getattr(config, key)!r}")
     return problems
 
 
-def sinusoidal_positions(block_size, n_embd):
-    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...): section 3.5 of the paper."""
-    position = torch.arange(block_size, dtype=torch.float32).unsqueeze(1)  # (T, 1)
-    frequency = torch.exp(torch.arange(0, n_embd, 2, dtype=torch.float32) * (-math.log(10000.0) / n_embd))
-    pe = torch.zeros(block_size, n_embd)
+def sinusoidal_positions(start, length, n_embd, device=None):
+    """Rows start..start+length-1 of PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...): section 3.5."""
+    position = torch.arange(start, start + length, dtype=torch.float32, device=device).unsqueeze(1)  # (T, 1)
+    frequency = torch.exp(torch.arange(0, n_embd, 2, dtype=torch.float32, device=device) * (-math.log(10000.0) / n_embd))
+    pe = torch.zeros(length, n_embd, device=device)
     pe[:, 0::2] = torch.sin(position * frequency)
     pe[:, 1::2] = torch.cos(position * frequency)[:, : n_embd // 2]
     return pe  # (T, C)
 
 
+def rotate(x, start):
+    """
+    Rotary position embedding (Su et al. 2021, RoFormer): the pairs (x_i, x_{i + d/2}) of
+    each head's query or key at position p turn by the angle p * 10000^(-2i/d). A query at
+    p and a key at p' then meet at an angle that depends only on p - p', so attention sees
+    relative positions. x (B, heads, T, d) at positions start..start+T-1.
+    """
+    d = x.size(-1)
+    frequency = 10000.0 ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
+    angle = torch.arange(start, start + x.size(2), device=x.device, dtype=torch.float32)[:, None] * frequency  # (T, d/2)
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def make_norm(config, size):
+    # LayerNorm centres and scales each vector; RMSNorm (Zhang & Sennrich 2019) only
+    # scales it by its root mean square: one reduction fewer, and it trains as well
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(size, eps=1e-5)
+    return nn.LayerNorm(size, bias=config.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_size = config.n_embd // config.n_head
+        kv_size = self.n_kv_head * self.head_size  # grouped-query attention: fewer key/value heads than query heads
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_size, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.rotary = config.pos_encoding == "rotary"
+        if config.qk_norm:
+            # unit-scale queries and keys keep the logits from growing without bound (a cause of loss spikes)
+            self.q_norm, self.k_norm = nn.RMSNorm(self.head_size, eps=1e-5), nn.RMSNorm(self.head_size, eps=1e-5)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.keep_weights = False  # True: the explicit path, which keeps its (B, n_head, T, T) weights
 
     def forward(self, x, cache=None, pos=0):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_size): each head attends in its own subspace
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.c_attn(x).split([C, self.n_kv_head * self.head_size, self.n_kv_head * self.head_size], dim=2)
+        # (B, T, heads * head_size) -> (B, heads, T, head_size): each head attends in its own subspace
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2) for t in (k, v))
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary:
+            q, k = rotate(q, pos), rotate(k, pos)  # a cached key keeps the rotation of its own position
         if cache is not None:
             # KV cache: keys and values of earlier positions never change (causal), so
             # store them once and attend the new queries to all of them.
-            k_cache, v_cache = cache  # (B, n_head, block_size, head_size)
+            k_cache, v_cache = cache  # (B, n_kv_head, block_size, head_size)
             k_cache[:, :, pos : pos + T] = k
             v_cache[:, :, pos : pos + T] = v
             k, v = k_cache[:, :, : pos + T], v_cache[:, :, : pos + T]
+        if self.n_kv_head != self.n_head:  # each key/value head serves n_head / n_kv_head query heads
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))  # (B, n_head, T_keys, hs)
         if self.keep_weights:
             # the same attention written out, for a caller that wants to see the weights
             # (sample.py --attention): softmax(q k^T / sqrt(head_size)), j > i masked
@@ -108,27 +165,37 @@ class CausalSelfAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.d_ff, bias=config.bias)
+        self.activation = config.activation
+        # SwiGLU: a gate and a value from two matrices (one matmul here), silu(gate) * value
+        width = 2 * config.d_ff if config.activation == "swiglu" else config.d_ff
+        self.c_fc = nn.Linear(config.n_embd, width, bias=config.bias)
         self.c_proj = nn.Linear(config.d_ff, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.activation = config.activation
 
     def forward(self, x):
         h = self.c_fc(x)
-        h = F.relu(h) if self.activation == "relu" else F.gelu(h, approximate="tanh")  # tanh: GPT-2's "gelu_new"
+        if self.activation == "swiglu":  # Shazeer 2020, "GLU Variants Improve Transformer"
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        elif self.activation == "relu2":  # squared ReLU (So et al. 2021, Primer)
+            h = F.relu(h).square()
+        elif self.activation == "relu":
+            h = F.relu(h)
+        else:
+            h = F.gelu(h, approximate="tanh")  # tanh: GPT-2's "gelu_new"
         return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = FeedForward(config)
 
     def forward(self, x, cache=None, pos=0):
-        # pre-LN: normalise the input of each sublayer, keep the residual path an identity
+        # pre-norm: normalise the input of each sublayer, keep the residual path an identity
         x = x + self.attn(self.ln_1(x), cache, pos)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -144,11 +211,9 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         if config.pos_encoding == "learned":
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        else:
-            self.register_buffer("wpe_table", sinusoidal_positions(config.block_size, config.n_embd), persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = make_norm(config, config.n_embd)
         # The output layer shares its weight with the token embedding (weight tying,
         # Press & Wolf 2017): fewer parameters, and it trains better at this size.
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -159,24 +224,38 @@ class GPT(nn.Module):
         # faster: with a large vocabulary (measured on a 2-core CPU: 1.5x at 50,304 rows, 1.3x at
         # 2,048, but 0.7x at 1,152, where one plain matmul is cheaper than the loop).
         self.chunked_loss = config.vocab_size >= CHUNKED_LOSS_MIN_VOCAB
-        self.apply(self._init_weights)
-        # GPT-2: each residual branch adds to the stream, so scale the projections that
-        # write into it by 1/sqrt(2 * n_layer) to keep the stream's variance flat with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.init_weights()
 
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    @torch.no_grad()
+    def init_weights(self):
+        """
+        GPT-2's initialisation: matrices N(0, 0.02), biases 0, norm gains 1. Each residual
+        branch adds to the stream, so the projections that write into it (c_proj) get
+        0.02 / sqrt(2 * n_layer), which keeps the stream's variance flat with depth.
+        Parameter by parameter in a fixed order from the global RNG, each drawn whole: a
+        model built on the meta device and sharded across processes (train.py --fsdp)
+        gets exactly the numbers one process would, while holding one tensor at a time.
+        """
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue  # nothing to fill yet: to_empty(), then init_weights() again
+            full = torch.empty(p.shape)
+            if name.endswith("c_proj.weight"):
+                full.normal_(0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
+            elif p.dim() >= 2:
+                full.normal_(0.0, 0.02)
+            else:
+                full.fill_(0.0 if name.endswith(".bias") else 1.0)
+            full = full.to(device=p.device, dtype=p.dtype)
+            if hasattr(p, "device_mesh"):  # an FSDP shard (a DTensor): keep this process's part
+                from torch.distributed.tensor import distribute_tensor
+
+                full = distribute_tensor(full, p.device_mesh, p.placements)
+            p.copy_(full)
 
     def num_params(self, non_embedding=False):
         """Parameter count (the tied output layer counted once). non_embedding leaves out positions."""
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(p.numel() for p in self.parameters())  # under FSDP: the whole model's, not a shard's
         if non_embedding and self.config.pos_encoding == "learned":
             n -= self.wpe.weight.numel()
         return n
@@ -207,9 +286,10 @@ class GPT(nn.Module):
         x = self.wte(idx)  # (B, T, C)
         if self.config.pos_encoding == "learned":
             x = x + self.wpe.weight[pos : pos + T]  # rows pos..pos+T-1: an embedding lookup of a range
-        else:
+        elif self.config.pos_encoding == "sinusoidal":
             # the paper scales embeddings by sqrt(d_model) so the fixed sinusoids don't drown them
-            x = x * math.sqrt(self.config.n_embd) + self.wpe_table[pos : pos + T]
+            x = x * math.sqrt(self.config.n_embd) + sinusoidal_positions(pos, T, self.config.n_embd, x.device).to(x.dtype)
+        # rotary: no position is added here; attention rotates its queries and keys instead
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training:
@@ -242,10 +322,10 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ generation
 
     def new_caches(self, batch_size, device=None, dtype=None):
-        """One (keys, values) pair per layer, each (B, n_head, block_size, head_size)."""
+        """One (keys, values) pair per layer, each (B, n_kv_head, block_size, head_size)."""
         c = self.config
         p = self.wte.weight
-        shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+        shape = (batch_size, c.n_kv_head, c.block_size, c.n_embd // c.n_head)
         return [
             (torch.empty(shape, device=device or p.device, dtype=dtype or p.dtype),
              torch.empty(shape, device=device or p.device, dtype=dtype or p.dtype))
@@ -449,18 +529,28 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, g
     return choice if ids is None else ids.gather(-1, choice)
 
 
-def configure_optimizer(model, learning_rate, weight_decay, betas):
+def configure_optimizers(model, learning_rate, weight_decay, betas, kind="adamw"):
     """
-    AdamW with weight decay on matrices (Linear weights, embeddings) only: decaying
-    biases and LayerNorm gains just pulls them away from their useful values.
-    fused (one kernel for all parameters) where this torch has it for the device.
+    The optimizers that train model, as a list (train.py steps each one).
+    'adamw': AdamW with weight decay on matrices (Linear weights, embeddings) only:
+    decaying biases and norm gains just pulls them away from their useful values.
+    'muon': Muon (Jordan et al. 2024) for the blocks' 2-D weight matrices: it replaces
+    each matrix's momentum by the nearest orthogonal matrix (Newton-Schulz iterations),
+    so every direction of the matrix learns at the same rate. The embedding, the output
+    layer tied to it, biases and gains stay with AdamW, as Muon's authors advise.
+    match_rms_adamw scales Muon's step so the same learning rate suits both (Liu et al. 2025).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for name, p in named if kind == "muon" and p.dim() == 2 and name.startswith("blocks.")]
+    with_muon = {id(p) for p in hidden}
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for _, p in named if p.dim() >= 2 and id(p) not in with_muon], "weight_decay": weight_decay},
+        {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
     ]
-    try:
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
-    except (RuntimeError, TypeError):  # fused is not built for this device / dtype
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, foreach=True)
+    try:  # fused: one kernel for all parameters, where this torch has it for the device
+        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)]
+    except (RuntimeError, TypeError):
+        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, foreach=True)]
+    if hidden:
+        optimizers.append(torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"))
+    return optimizers

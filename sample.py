@@ -23,7 +23,8 @@ import sys
 
 import torch
 
-from common import (UserError, check_output_file, check_seed, load_model, main_guard, parse_config, pick_device, pyplot,
+from checkpoint import load_model
+from common import (UserError, check_output_file, check_seed, main_guard, parse_config, pick_device, pyplot,
                     save_figure)
 
 DEFAULTS = {
@@ -111,13 +112,9 @@ def load_sampling_model(config, device):
     if not config["init_from"].startswith("hf:"):
         raise UserError(f"--init_from must be hf:FOLDER (a Hugging Face GPT-2 folder), got {config['init_from']!r}")
     from hf import load_hf
-    from model import GPT
     from tokenizer import GPT2
 
-    model_config, state = load_hf(config["init_from"][3:])
-    model = GPT(model_config)
-    model.load_state_dict(state)
-    return model.to(device).eval(), GPT2()
+    return load_hf(config["init_from"][3:]).to(device).eval(), GPT2()
 
 
 def read_prompt(start):

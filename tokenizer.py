@@ -25,6 +25,7 @@ in trained.pth).
 import functools
 import hashlib
 import itertools
+import json
 import os
 import re
 
@@ -32,6 +33,8 @@ import numpy as np
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str  # "<|endoftext|>", the gpt2 regex
+
+from common import UserError
 
 # The sha256 values of tiktoken_ext/openai_public.py's gpt2() (a test checks they agree).
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -341,3 +344,24 @@ def from_meta(meta):
     if kind == "word":
         return Word(meta["words"])
     raise ValueError(f"unknown tokenizer {kind!r}")
+
+
+def read_meta(data_dir):
+    """meta.json of a prepared folder, every field checked, or a UserError that says to prepare again."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise UserError(f"no prepared data in {data_dir}/ (meta.json is missing): run python prepare.py first, or pass --data_dir=DIR")
+    try:
+        with open(meta_path, "rb") as f:
+            try:
+                meta = json.loads(f.read())
+            except ValueError as e:  # not JSON, or not UTF-8
+                raise ValueError(f"not JSON: {e}") from None
+        problems = check_meta(meta)
+        if problems:
+            raise ValueError("; ".join(problems))
+        if from_meta(meta).vocab_size != meta["vocab_size"]:
+            raise ValueError(f"vocab_size {meta['vocab_size']} does not match its tokenizer's")
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{meta_path} is damaged ({e}): run python prepare.py again") from None
+    return meta

@@ -17,18 +17,21 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel
 
-from common import (UserError, atomic_write, check_seed, check_writable_folder, load_checkpoint, main_guard, parse_config,
-                    pick_device, pyplot, save_checkpoint, save_figure)
-from model import GPT, GPTConfig, check_config, configure_optimizer
-from tokenizer import check_meta
+import checkpoint
+from checkpoint import optimizer_state_by_name
+from common import UserError, atomic_write, check_seed, check_writable_folder, main_guard, parse_config, pick_device, pyplot, save_figure
+from model import GPT, GPTConfig, check_config, configure_optimizers
 from tokenizer import from_meta as tokenizer_from_meta
+from tokenizer import read_meta
 
 DEFAULTS = {
     # I/O
@@ -50,9 +53,13 @@ DEFAULTS = {
     "d_ff": 0,  # feed-forward hidden size; 0 means 4 * n_embd
     "dropout": 0.0,  # on embeddings, attention weights and residual branches
     "bias": False,  # biases in Linear layers and LayerNorms (GPT-2: True)
-    "pos_encoding": "learned",  # 'learned' (GPT-2) or 'sinusoidal' (Attention Is All You Need)
-    "activation": "gelu",  # 'gelu' (GPT-2's tanh approximation) or 'relu'
-    # AdamW, linear warmup then cosine decay to min_lr
+    "pos_encoding": "learned",  # 'learned' (GPT-2), 'sinusoidal' (Attention Is All You Need) or 'rotary' (RoFormer)
+    "activation": "gelu",  # 'gelu' (GPT-2's tanh approximation), 'relu', 'relu2' (squared ReLU) or 'swiglu'
+    "norm": "layernorm",  # 'layernorm' (GPT-2) or 'rmsnorm'
+    "n_kv_head": 0,  # key/value heads, a divisor of n_head (grouped-query attention); 0 means n_head
+    "qk_norm": False,  # RMS-normalise each head's queries and keys before their dot product
+    # optimizer: linear warmup, then cosine decay to min_lr
+    "optimizer": "adamw",  # 'adamw', or 'muon' (Muon for the blocks' matrices, AdamW for the rest)
     "learning_rate": 1e-3,  # peak learning rate
     "min_lr": 1e-4,  # the floor of the cosine decay
     "max_iters": 2000,  # total optimizer steps
@@ -69,10 +76,9 @@ DEFAULTS = {
     "peak_flops": 0.0,  # FLOP/s that MFU is measured against; 0 measures torch.mm at start
     "compile": False,  # torch.compile the model (pays off on GPUs; see the README for CPU)
     "grad_checkpointing": False,  # recompute each block's activations in backward: less memory, more time
+    "fsdp": False,  # under torchrun: shard weights, gradients and optimizer state across the processes (FSDP2)
 }
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
-# the meta.json fields that make a data folder what it is (the token counts follow from them)
-DATA_KEYS = ["source_sha256", "tokenizer", "vocab_size", "example", "split", "seed", "val_fraction", "train_tokens", "val_tokens"]
 
 
 def get_lr(it, config):
@@ -96,6 +102,8 @@ def check_train_config(config):
             raise UserError(f"config key {key} must not be negative, got {config[key]}")
     if config["init_from"] not in ("scratch", "resume") and not config["init_from"].startswith("hf:"):
         raise UserError(f"init_from must be 'scratch', 'resume' or 'hf:FOLDER', got {config['init_from']!r}")
+    if config["optimizer"] not in ("adamw", "muon"):
+        raise UserError(f"optimizer must be 'adamw' or 'muon', got {config['optimizer']!r}")
     if config["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {config['dtype']!r}")
     check_seed(config)
@@ -127,27 +135,6 @@ def lock_out_dir(out_dir):
     handle.write(str(os.getpid()))
     handle.flush()
     return handle  # the lock lives as long as this file object
-
-
-def read_meta(data_dir):
-    """meta.json of a prepared folder, every field checked, or a UserError that says to prepare again."""
-    meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise UserError(f"no prepared data in {data_dir}/ (meta.json is missing): run python prepare.py first, or pass --data_dir=DIR")
-    try:
-        with open(meta_path, "rb") as f:
-            try:
-                meta = json.loads(f.read())
-            except ValueError as e:  # not JSON, or not UTF-8
-                raise ValueError(f"not JSON: {e}") from None
-        problems = check_meta(meta)
-        if problems:
-            raise ValueError("; ".join(problems))
-        if tokenizer_from_meta(meta).vocab_size != meta["vocab_size"]:
-            raise ValueError(f"vocab_size {meta['vocab_size']} does not match its tokenizer's")
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{meta_path} is damaged ({e}): run python prepare.py again") from None
-    return meta
 
 
 def load_data(config):
@@ -252,25 +239,31 @@ def total_nats(model, tokens, block_size, batch_size=8, autocast=nullcontext()):
     return total, counted
 
 
-def train_step(model, optimizer, scaler, batches, lr, config, autocast):
+def train_step(model, optimizers, scaler, batches, lr, config, autocast):
     """One optimizer step over this rank's micro-batches; returns the mean loss as a tensor (no sync)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)  # here, not after the step: the gradients stay to be measured
+        for group in optimizer.param_groups:
+            group["lr"] = lr
     total = 0.0
     for micro, (x, y) in enumerate(batches.step()):
-        # DDP averages gradients across ranks in backward; only the last micro-step needs it
-        sync = micro == batches.grad_accum - 1 or not hasattr(model, "no_sync")
-        with autocast, (nullcontext() if sync else model.no_sync()):
+        # DDP and FSDP average gradients across ranks in backward; only the last micro-step needs it
+        sync = micro == batches.grad_accum - 1
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP
+            model.set_requires_gradient_sync(sync)
+        with autocast, (model.no_sync() if hasattr(model, "no_sync") and not sync else nullcontext()):
             _, loss = model(x, y)
             loss = loss / batches.grad_accum  # the sum of the micro-batches' gradients is the mean's
         scaler.scale(loss).backward()
         total = total + loss.detach()
     if config["grad_clip"] > 0:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
+        # under FSDP the norm is a DTensor summed over every rank's shard: all ranks take part
         torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-    scaler.step(optimizer)
+    for optimizer in optimizers:
+        scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
     return total
 
 
@@ -357,27 +350,19 @@ def plot_losses(metrics_path, png_path):
     return True
 
 
-def data_record(meta):
-    """What a checkpoint remembers of its data, so that resume can refuse data prepared differently."""
-    return {key: meta.get(key) for key in DATA_KEYS}
-
-
 def load_gpt2_weights(folder, config, tokenizer_meta, say=print):
-    """(GPTConfig, state dict) of a Hugging Face GPT-2 folder, cut to config's block_size, for fine-tuning."""
+    """A GPT with the weights of a Hugging Face GPT-2 folder, cut to config's block_size, for fine-tuning."""
     from hf import load_hf
 
     if tokenizer_meta["tokenizer"] != "gpt2":
         raise UserError(f"GPT-2 weights need data in GPT-2's own ids, but {config['data_dir']}/ is {tokenizer_meta['tokenizer']}: "
                         f"prepare it with --full_vocab=True")
-    model_config, state = load_hf(folder)
-    if config["block_size"] > model_config.block_size:
-        raise UserError(f"--block_size={config['block_size']} is longer than the {model_config.block_size} positions of {folder}")
     # the architecture is the checkpoint's; the context can shrink (fewer learned positions)
-    state["wpe.weight"] = state["wpe.weight"][: config["block_size"]]
-    model_config = replace(model_config, block_size=config["block_size"], dropout=config["dropout"])
-    say(f"initialising from the GPT-2 weights in {folder} (n_layer {model_config.n_layer}, n_head {model_config.n_head}, "
-          f"n_embd {model_config.n_embd}; the model keys of the config are not used)")
-    return model_config, state
+    model = load_hf(folder, block_size=config["block_size"], dropout=config["dropout"])
+    c = model.config
+    say(f"initialising from the GPT-2 weights in {folder} (n_layer {c.n_layer}, n_head {c.n_head}, "
+        f"n_embd {c.n_embd}; the model keys of the config are not used)")
+    return model
 
 
 def format_seconds(s):
@@ -405,36 +390,82 @@ def setup_distributed(config):
     return rank, local_rank, world_size, device
 
 
-def check_resumable(checkpoint, path, model_config, tokenizer_meta, meta, config):
-    """Refuses, with what differs, a checkpoint that this run cannot continue exactly."""
-    missing = {"optimizer", "iter_num", "best_val_loss", "rng"} - checkpoint.keys()
-    if missing:
-        raise UserError(f"{path} cannot be resumed: it lacks {', '.join(sorted(missing))} (not written by train.py?)")
-    then, now = checkpoint.get("data"), data_record(meta)
-    if then is not None and then != now:
-        diff = [f"{k} {then.get(k)!r} then, {now[k]!r} now" for k in DATA_KEYS if then.get(k) != now[k]]
-        raise UserError(f"{path} was trained on data prepared differently from {config['data_dir']}/ ({'; '.join(diff)}): "
-                        f"resuming would train on lines it was validated on, or on other text; prepare the data as before, "
-                        f"or start a new --out_dir")
-    if checkpoint["model_config"] != asdict(model_config):
-        diff = [f"{k}: checkpoint {checkpoint['model_config'].get(k)!r}, requested {v!r}"
-                for k, v in asdict(model_config).items() if checkpoint["model_config"].get(k) != v]
-        raise UserError(f"{path} was trained with another model config ({'; '.join(diff)}); pass the same settings or start a new --out_dir")
-    if checkpoint["tokenizer"] != tokenizer_meta:
-        raise UserError(f"{path} was trained on data with another tokenizer than {config['data_dir']}/: prepare the same data again or use another --out_dir")
-    if checkpoint["iter_num"] >= config["max_iters"]:
-        raise UserError(f"{path} is already at iteration {checkpoint['iter_num']} >= max_iters {config['max_iters']}: "
-                        f"pass a larger --max_iters to train on")
+def build_model(gpt_config, config, device, world_size, local_rank, dtype):
+    """
+    (model to train, raw_model: the GPT itself). One process: the GPT. DDP: every process
+    holds the whole model and gradients are averaged in backward. FSDP (Zhao et al. 2023,
+    PyTorch's fully_shard): each Block, then the rest (the tied embedding and output layer),
+    is split across the processes, which gather a unit's weights just before using them;
+    the model is built on the meta device (shapes, no memory) and each process fills only
+    its own shard, so none ever holds the whole model.
+    """
+    if not config["fsdp"]:
+        raw_model = GPT(gpt_config).to(device)
+        raw_model.grad_checkpointing = config["grad_checkpointing"]
+        model = torch.compile(raw_model) if config["compile"] else raw_model
+        if world_size > 1:
+            model = DistributedDataParallel(model, device_ids=[local_rank] if device.startswith("cuda") else None)
+        return model, raw_model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    with torch.device("meta"):
+        model = GPT(gpt_config)
+    model.grad_checkpointing = config["grad_checkpointing"]
+    mesh = init_device_mesh(device.split(":")[0], (world_size,))
+    # bfloat16: weights gathered and used in bfloat16, gradients averaged in float32
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bfloat16" else MixedPrecisionPolicy()
+    for block in model.blocks:
+        if config["compile"]:
+            block.compile()  # per block, before sharding (as torchtitan does)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model, model
 
 
-def restore(checkpoint, raw_model, optimizer, batches, device_type):
+def load_state(raw_model, optimizers, state, fsdp):
+    """
+    Weights (and optimizer state, if given) from whole tensors: a checkpoint or GPT-2's
+    weights. Under FSDP rank 0's copy is sent out and each rank keeps its shard.
+    """
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=fsdp)
+    set_model_state_dict(raw_model, state["model"], options=options)
+    if "optimizer" in state:
+        set_optimizer_state_dict(raw_model, optimizers, optimizer_state_by_name(state["optimizer"], raw_model), options=options)
+
+
+def training_state(raw_model, optimizers, batches, device_type):
+    """
+    Weights, optimizer state and RNG states as whole tensors on the CPU, the same whatever
+    the layout (gathered from the shards under FSDP, so every rank must call this).
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {
+        "model": get_model_state_dict(raw_model, options=options),
+        "optimizer": get_optimizer_state_dict(raw_model, optimizers, options=options),
+        "rng": {"batches": batches.generator.get_state(), "torch": torch.get_rng_state(),
+                **({"cuda": torch.cuda.get_rng_state()} if device_type == "cuda" else {})},
+    }
+
+
+def restore(checkpoint, raw_model, optimizers, batches, device_type, fsdp):
     """Puts a run back exactly where the checkpoint left it: weights, optimizer, data order, dropout's RNG."""
-    raw_model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    load_state(raw_model, optimizers, checkpoint, fsdp)
     batches.generator.set_state(checkpoint["rng"]["batches"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if device_type == "cuda" and "cuda" in checkpoint["rng"]:
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+
+
+def state_megabytes(raw_model, optimizers):
+    """This process's share of weights, gradients and optimizer state, in MB (a shard's under FSDP)."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731 - a DTensor's own part
+    size = lambda ts: sum(local(t).numel() * local(t).element_size() for t in ts) / 1e6  # noqa: E731
+    params = list(raw_model.parameters())
+    states = [v for opt in optimizers for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    return size(params), size(p.grad for p in params if p.grad is not None), size(states)
 
 
 def schedule_note(checkpoint, config):
@@ -485,164 +516,168 @@ def redraw_loss_curve(out_dir):
               f"training goes on", file=sys.stderr)
 
 
-def main():
-    config = parse_config(DEFAULTS, sys.argv[1:], doc=__doc__)
-    check_train_config(config)
-    out_dir = config["out_dir"]
-    best_path, last_path = os.path.join(out_dir, "trained.pth"), os.path.join(out_dir, "last.pth")
-    resume = config["init_from"] == "resume"
-    existing = [p for p in (best_path, last_path) if os.path.exists(p)]
-    if not resume and existing and not config["overwrite"]:
+def refuse_overwrite(config, paths):
+    existing = [p for p in paths if os.path.exists(p)]
+    if config["init_from"] != "resume" and existing and not config["overwrite"]:
         args = " ".join(a for a in sys.argv[1:] if not a.startswith("--overwrite"))
         raise UserError(f"{existing[0]} already exists: to start over, run python train.py {args} --overwrite=True; "
                         f"to continue it, --init_from=resume; or pass another --out_dir")
 
-    rank, local_rank, world_size, device = setup_distributed(config)
-    master = rank == 0  # only rank 0 prints, evaluates and writes files
-    say = print if master else (lambda *args, **kwargs: None)
-    lock = lock_out_dir(out_dir) if master else None  # noqa: F841 - held until the process ends
-    dtype = pick_dtype(config["dtype"], device)
-    device_type = device.split(":")[0]
-    torch.manual_seed(config["seed"] + rank)  # dropout masks differ between ranks
 
-    splits, meta = load_data(config)
-    tokenizer_meta = tokenizer_from_meta(meta).meta()  # just what decoding needs, for the checkpoint
+def choose_model(config, meta, tokenizer_meta, say):
+    """(GPTConfig, whole initial weights or None): the config's model keys, or GPT-2's (init_from=hf:FOLDER)."""
+    if config["init_from"].startswith("hf:"):
+        model = load_gpt2_weights(config["init_from"][3:], config, tokenizer_meta, say)
+        return model.config, {"model": model.state_dict()}
     # the embedding and output layer get a multiple of 64 rows: faster matmuls; the
     # padding rows are never a target and decode to nothing
     vocab_size = -(-meta["vocab_size"] // 64) * 64
-    model_config = GPTConfig(vocab_size=vocab_size, **{k: config[k] for k in MODEL_KEYS})
-    hf_state = None
-    if config["init_from"].startswith("hf:"):
-        model_config, hf_state = load_gpt2_weights(config["init_from"][3:], config, tokenizer_meta, say)
-    problems = check_config(model_config)
+    gpt_config = GPTConfig(vocab_size=vocab_size, **{k: config[k] for k in MODEL_KEYS})
+    problems = check_config(gpt_config)
     if problems:
         raise UserError("; ".join(problems))
+    return gpt_config, None
 
-    checkpoint, resume_path = None, last_path if os.path.exists(last_path) else best_path
+
+def check_layout(config, world_size, dtype):
+    """The combinations of --fsdp, --optimizer and dtype that cannot work, refused before any work."""
+    if config["optimizer"] == "muon" and not hasattr(torch.optim, "Muon"):
+        raise UserError(f"--optimizer=muon needs torch.optim.Muon (torch 2.9 or later; this is {torch.__version__}): "
+                        f"upgrade torch, or use --optimizer=adamw")
+    if not config["fsdp"]:
+        return
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if version < (2, 9):  # 2.6 crashes on CPU; 2.7 and 2.8 sum the ranks' gradients instead of averaging them
+        raise UserError(f"--fsdp=True needs torch 2.9 or later (this is {torch.__version__}); upgrade torch, or train with DDP")
+    if world_size == 1:
+        raise UserError("--fsdp=True shards the model across the processes torchrun starts: "
+                        "run torchrun --nproc_per_node=N train.py ... (one process has nothing to share with)")
+    if config["optimizer"] == "muon":
+        raise UserError("--optimizer=muon orthogonalises whole matrices, which FSDP splits across processes: use --fsdp=False or --optimizer=adamw")
+    if dtype == "float16":
+        raise UserError("--fsdp=True trains in float32 or bfloat16 (float16 would need a sharded loss scaler): use --dtype=bfloat16")
+
+
+def log_progress(step_losses, n_logged, iter_num, lr, seconds, config, raw_model, peak, world_size, metrics_path, master, say):
+    """One progress line and metrics record for the last n_logged steps; stops the run on a NaN or infinite loss."""
+    if world_size > 1:  # the global batch's loss: the mean over ranks
+        dist.all_reduce(step_losses, op=dist.ReduceOp.SUM)
+        step_losses /= world_size
+    losses = step_losses[:n_logged].tolist()  # the one sync per log line
+    bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+    if bad:
+        raise UserError(f"loss became {losses[bad[0]]} at iteration {iter_num - n_logged + bad[0] + 1}; stopped without saving, "
+                        f"{config['out_dir']}/last.pth keeps the last good state; try a lower --learning_rate (now {config['learning_rate']})")
+    dt = seconds / n_logged
+    tokens_per_sec = config["batch_size"] * config["block_size"] * config["grad_accum"] / dt
+    mfu = raw_model.estimate_mfu(tokens_per_sec, peak * world_size)
+    eta = dt * (config["max_iters"] - iter_num)  # at the pace of the last log_interval iterations
+    say(f"iter {iter_num}/{config['max_iters']} ({100 * iter_num / config['max_iters']:.0f}%) | loss {losses[-1]:.4f} | "
+        f"lr {lr:.2e} | {1000 * dt:.1f} ms/iter, {1 / dt:.1f} it/s | {tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}% | "
+        f"ETA {format_seconds(eta)}", flush=True)
+    if master:
+        append_metrics(metrics_path, {"iter": iter_num, "loss": losses[-1], "losses": losses, "lr": lr,
+                                      "ms_per_iter": 1000 * dt, "tokens_per_sec": tokens_per_sec, "mfu": mfu})
+
+
+def main():
+    config = parse_config(DEFAULTS, sys.argv[1:], doc=__doc__)
+    check_train_config(config)
+    out_dir, resume = config["out_dir"], config["init_from"] == "resume"
+    best_path, last_path = os.path.join(out_dir, "trained.pth"), os.path.join(out_dir, "last.pth")
+    refuse_overwrite(config, [best_path, last_path])
+    rank, local_rank, world_size, device = setup_distributed(config)
+    master = rank == 0  # only rank 0 prints and writes files
+    say = print if master else (lambda *args, **kwargs: None)
+    lock = lock_out_dir(out_dir) if master else None  # noqa: F841 - held until the process ends
+    dtype = pick_dtype(config["dtype"], device)
+    check_layout(config, world_size, dtype)
+    device_type = device.split(":")[0]
+    torch.manual_seed(config["seed"] + rank)  # dropout masks differ between ranks; rank 0's weights are everyone's
+
+    splits, meta = load_data(config)
+    tokenizer_meta = tokenizer_from_meta(meta).meta()  # just what decoding needs, for the checkpoint
+    gpt_config, initial = choose_model(config, meta, tokenizer_meta, say)
+    resume_path = last_path if os.path.exists(last_path) else best_path
     if resume:
-        checkpoint = load_checkpoint(resume_path, map_location=device, missing_hint=(
+        initial = checkpoint.load(resume_path, missing_hint=(
             "nothing to resume; leave out --init_from=resume to start a new run, or pass the --out_dir of the run to continue"))
-        check_resumable(checkpoint, resume_path, model_config, tokenizer_meta, meta, config)
+        checkpoint.check_resumable(initial, resume_path, asdict(gpt_config), tokenizer_meta, meta, config)
 
-    raw_model = GPT(model_config).to(device)  # the model itself: its weights are what we save
-    raw_model.grad_checkpointing = config["grad_checkpointing"]
-    optimizer = configure_optimizer(raw_model, config["learning_rate"], config["weight_decay"], (config["beta1"], config["beta2"]))
-    train_batches = Batches(splits["train"], config["batch_size"], config["block_size"], device, config["seed"],
-                            config["grad_accum"] // world_size, rank, world_size)
+    model, raw_model = build_model(gpt_config, config, device, world_size, local_rank, dtype)
+    optimizers = configure_optimizers(raw_model, config["learning_rate"], config["weight_decay"], (config["beta1"], config["beta2"]),
+                                      config["optimizer"])
+    batches = Batches(splits["train"], config["batch_size"], config["block_size"], device, config["seed"],
+                      config["grad_accum"] // world_size, rank, world_size)
     iter_num, best_val_loss = 0, float("inf")
-    if hf_state is not None:
-        raw_model.load_state_dict(hf_state)
-    if checkpoint is not None:
-        restore(checkpoint, raw_model, optimizer, train_batches, device_type)
-        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    if resume:
+        restore(initial, raw_model, optimizers, batches, device_type, config["fsdp"])
+        iter_num, best_val_loss = initial["iter_num"], initial["best_val_loss"]
         say(f"resuming {resume_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")
-        note = schedule_note(checkpoint, config)
-        if note:
+        for note in filter(None, [schedule_note(initial, config)]):
             say(note)
-    model = raw_model
-    if config["compile"]:
-        model = torch.compile(model)
-    if world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    elif initial is not None:
+        load_state(raw_model, optimizers, initial, config["fsdp"])
+    del initial  # the whole weights: under FSDP each rank now keeps only its shard
 
     autocast = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     peak = config["peak_flops"] or measure_peak_flops(device, getattr(torch, dtype))
-    tokens_per_iter = config["batch_size"] * config["block_size"] * config["grad_accum"]
-    say(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {vocab_size} ({tokenizer_meta['tokenizer']}); "
-        f"device {device}, {dtype}{', compiled' if config['compile'] else ''}; "
-        f"global batch {tokens_per_iter:,} tokens per iteration ({world_size} process(es) x {train_batches.grad_accum} "
-        f"micro-batch(es) x {config['batch_size']} x {config['block_size']}); matmul peak {peak / 1e9:.0f} GFLOP/s")
+    layout = "FSDP" if config["fsdp"] else "DDP" if world_size > 1 else "one process"
+    say(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {gpt_config.vocab_size} ({tokenizer_meta['tokenizer']}); "
+        f"device {device}, {dtype}{', compiled' if config['compile'] else ''}, {layout}; global batch "
+        f"{config['batch_size'] * config['block_size'] * config['grad_accum']:,} tokens per iteration ({world_size} process(es) x "
+        f"{batches.grad_accum} micro-batch(es) x {config['batch_size']} x {config['block_size']}); matmul peak {peak / 1e9:.0f} GFLOP/s")
+    record = {"model_config": asdict(gpt_config), "train_config": config, "tokenizer_meta": tokenizer_meta, "data": checkpoint.data_record(meta)}
 
-    def save(paths, reason):
-        state = {
-            "model": raw_model.state_dict(),
-            "model_config": asdict(model_config),
-            "train_config": config,
-            "iter_num": iter_num,
-            "best_val_loss": best_val_loss,
-            "optimizer": optimizer.state_dict(),
-            "tokenizer": tokenizer_meta,
-            "data": data_record(meta),
-            "rng": {"batches": train_batches.generator.get_state(), "torch": torch.get_rng_state(),
-                    **({"cuda": torch.cuda.get_rng_state()} if device_type == "cuda" else {})},
-        }
-        for path in paths:
-            save_checkpoint(state, path)
+    def save(paths, reason):  # every rank: gathering FSDP's shards takes all of them
+        state = {**record, **training_state(raw_model, optimizers, batches, device_type), "iter_num": iter_num, "best_val_loss": best_val_loss}
+        if master:
+            for path in paths:
+                checkpoint.save(state, path)
         say(f"saved {' and '.join(paths)} at iteration {iter_num} ({reason})")
 
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if master and not resume:
         atomic_write(metrics_path, lambda f: None)  # a new run starts a new log
-
     # Ctrl-C: finish the current iteration, save, exit. A second Ctrl-C kills at once,
     # which is safe too: the checkpoint is only ever replaced by an atomic rename.
     interrupted = torch.zeros((), dtype=torch.int32)
-
-    def on_sigint(signum, frame):
-        interrupted.fill_(1)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-    signal.signal(signal.SIGINT, on_sigint)
-
+    signal.signal(signal.SIGINT, lambda signum, frame: (interrupted.fill_(1), signal.signal(signal.SIGINT, signal.SIG_DFL)))
     step_losses = torch.zeros(config["log_interval"], device=device)  # logged without a sync per step
-    start_iter, t_log, n_logged = iter_num, time.perf_counter(), 0
-    t_start = t_log
+    start_iter, t_start, n_logged = iter_num, time.perf_counter(), 0
+    t_log = t_start
     model.train()
     while True:
-        if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
-            if master and (iter_num > start_iter or iter_num == 0):
-                t_eval = time.perf_counter()
-                losses = evaluate(raw_model, splits, config, device, autocast)
-                say(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, val perplexity {math.exp(losses['val']):.2f}")
-                if iter_num > start_iter:  # save first: the log and the picture are extras
-                    improved = losses["val"] < best_val_loss
-                    best_val_loss = min(best_val_loss, losses["val"])
-                    save([last_path, best_path] if improved else [last_path], "best val loss so far" if improved else "latest")
+        if (iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]) and (iter_num > start_iter or iter_num == 0):
+            t_eval = time.perf_counter()
+            losses = evaluate(raw_model, splits, config, device, autocast)  # every rank: under FSDP each holds a shard
+            say(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, val perplexity {math.exp(losses['val']):.2f}")
+            if iter_num > start_iter:  # save first: the log and the picture are extras
+                improved, best_val_loss = losses["val"] < best_val_loss, min(best_val_loss, losses["val"])
+                save([last_path, best_path] if improved else [last_path], "best val loss so far" if improved else "latest")
+            if master:
                 append_metrics(metrics_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
                                               "val_ppl": math.exp(losses["val"])})
                 redraw_loss_curve(out_dir)
-                t_log += time.perf_counter() - t_eval  # ms/iter counts training steps only
+            t_log += time.perf_counter() - t_eval  # ms/iter counts training steps only
         if iter_num >= config["max_iters"]:
             break
-
         lr = get_lr(iter_num, config)
-        loss = train_step(model, optimizer, scaler, train_batches, lr, config, autocast)
-        step_losses[n_logged] = loss
-        n_logged += 1
-        iter_num += 1
+        step_losses[n_logged] = train_step(model, optimizers, scaler, batches, lr, config, autocast)
+        n_logged, iter_num = n_logged + 1, iter_num + 1
+        if iter_num == start_iter + 1:
+            say("memory per process: weights {:.1f} MB, gradients {:.1f} MB, optimizer state {:.1f} MB".format(*state_megabytes(raw_model, optimizers)))
         if world_size > 1:  # every rank stops at the same step when one of them got Ctrl-C
             dist.all_reduce(interrupted, op=dist.ReduceOp.MAX)
-
         if n_logged == config["log_interval"] or iter_num == config["max_iters"] or interrupted:
-            if world_size > 1:  # the global batch's loss: the mean over ranks
-                dist.all_reduce(step_losses, op=dist.ReduceOp.SUM)
-                step_losses /= world_size
-            losses_seen = step_losses[:n_logged].tolist()  # the one sync per log line
-            bad = [i for i, v in enumerate(losses_seen) if not math.isfinite(v)]
-            if bad:
-                it = iter_num - n_logged + bad[0] + 1
-                raise UserError(
-                    f"loss became {losses_seen[bad[0]]} at iteration {it}; stopped without saving, "
-                    f"{last_path} keeps the last good state; try a lower --learning_rate (now {config['learning_rate']})"
-                )
-            now = time.perf_counter()
-            dt = (now - t_log) / n_logged
-            tokens_per_sec = tokens_per_iter / dt
-            mfu = raw_model.estimate_mfu(tokens_per_sec, peak * world_size)
-            eta = dt * (config["max_iters"] - iter_num)  # at the pace of the last log_interval iterations
-            say(f"iter {iter_num}/{config['max_iters']} ({100 * iter_num / config['max_iters']:.0f}%) | loss {losses_seen[-1]:.4f} | "
-                f"lr {lr:.2e} | {1000 * dt:.1f} ms/iter, {1 / dt:.1f} it/s | {tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}% | "
-                f"ETA {format_seconds(eta)}", flush=True)
-            if master:
-                append_metrics(metrics_path, {"iter": iter_num, "loss": losses_seen[-1], "losses": losses_seen, "lr": lr,
-                                              "ms_per_iter": 1000 * dt, "tokens_per_sec": tokens_per_sec, "mfu": mfu})
-            t_log, n_logged = now, 0
+            log_progress(step_losses, n_logged, iter_num, lr, time.perf_counter() - t_log, config, raw_model, peak, world_size,
+                         metrics_path, master, say)
+            t_log, n_logged = time.perf_counter(), 0
         if interrupted:
-            if master:
-                save([last_path], "interrupted")
-                args = [a for a in sys.argv[1:] if not a.startswith(("--init_from", "--overwrite"))]
-                print(f"interrupted: continue with python train.py {' '.join(args + ['--init_from=resume'])}", file=sys.stderr)
+            save([last_path], "interrupted")
+            args = [a for a in sys.argv[1:] if not a.startswith(("--init_from", "--overwrite"))]
+            say(f"interrupted: continue with python train.py {' '.join(args + ['--init_from=resume'])}", file=sys.stderr)
             sys.exit(130)
 
     say(f"done: best val loss {best_val_loss:.4f}, {format_seconds(time.perf_counter() - t_start)}; "

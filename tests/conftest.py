@@ -1,5 +1,4 @@
 import os
-import subprocess
 import sys
 
 import pytest
@@ -10,31 +9,7 @@ sys.path.insert(0, ROOT)
 # scripts of their own; two threads each on 2 cores spend the time fighting over them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-
-def run_script(script, *args, cwd, check=True, timeout=120, **popen_args):
-    """Runs a project script through its real command line; returns the CompletedProcess."""
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, script), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, **popen_args,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def fails(script, *args, cwd):
-    """Runs a script that must refuse: exit code 1, no traceback, one 'error: ...' line; returns that line."""
-    result = run_script(script, *args, cwd=cwd, check=False)
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
-def tense_lines(n):
-    with open(os.path.join(ROOT, "tense.txt"), encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f][:n]
+from helpers import run_script, tense_lines  # noqa: E402 - after the path is set
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import tokenizer as tok
-from conftest import ROOT, run_script, tense_lines
+from helpers import ROOT, run_script, tense_lines
 
 
 def test_char_round_trip_and_ids():

@@ -3,7 +3,7 @@ import os
 import pytest
 
 from common import UserError, parse_config
-from conftest import ROOT, run_script
+from helpers import ROOT, run_script
 from train import DEFAULTS, get_lr
 
 BASE = {"batch_size": 32, "learning_rate": 1e-3, "device": "auto", "compile": False, "d_ff": None}

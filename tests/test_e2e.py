@@ -3,8 +3,9 @@ import json
 
 import torch
 
-from common import load_model, save_checkpoint
-from conftest import ROOT, run_script, tense_lines
+import checkpoint as ckpt
+from checkpoint import load_model
+from helpers import ROOT, run_script, tense_lines
 from model import GPT, GPTConfig
 
 
@@ -20,7 +21,7 @@ def test_training_brings_the_loss_down(tiny_run):
     steps = [m for m in read_metrics(tiny_run / "out") if "loss" in m]
     assert steps[-1]["iter"] == 60 and steps[-1]["tokens_per_sec"] > 0 and 0 < steps[-1]["mfu"] < 1
     checkpoint = torch.load(tiny_run / "out" / "trained.pth", weights_only=True)
-    assert checkpoint["iter_num"] == 60 and checkpoint["tokenizer"]["tokenizer"] == "gpt2-compact"
+    assert checkpoint["iter_num"] == 60 and checkpoint["tokenizer_meta"]["tokenizer"] == "gpt2-compact"
     assert checkpoint["model_config"]["n_embd"] == 32 and checkpoint["train_config"]["max_iters"] == 60
 
 
@@ -64,8 +65,8 @@ def test_checkpoint_save_then_load_gives_identical_logits(tmp_path):
     config = GPTConfig(vocab_size=320, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True, pos_encoding="sinusoidal")
     model = GPT(config).eval()
     from dataclasses import asdict
-    save_checkpoint({"model": model.state_dict(), "model_config": asdict(config),
-                     "tokenizer": {"tokenizer": "gpt2"}}, str(tmp_path / "trained.pth"))
+    ckpt.save({"model": model.state_dict(), "model_config": asdict(config),
+               "tokenizer_meta": {"tokenizer": "gpt2"}}, str(tmp_path / "trained.pth"))
     loaded, tokenizer, _ = load_model(str(tmp_path / "trained.pth"))
     idx = torch.randint(0, 320, (2, 16))
     assert torch.equal(model(idx, idx)[0], loaded(idx, idx)[0])

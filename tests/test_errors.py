@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, fails, run_script, tense_lines
+from helpers import ROOT, fails, run_script, tense_lines
 
 TINY = os.path.join(ROOT, "config", "tiny.py")
 
@@ -151,7 +151,7 @@ def test_sample_prompt_longer_than_the_context(tiny_run):
     long_prompt = " ".join(["The baby is sleeping."] * 20)
     result = run_script("sample.py", "--ckpt=out/trained.pth", f"--start={long_prompt}", "--num_samples=1",
                         "--max_new_tokens=5", cwd=tiny_run)
-    from common import load_model
+    from checkpoint import load_model
     tokenizer = load_model(str(tiny_run / "out" / "trained.pth"))[1]
     n_tokens = len(tokenizer.encode(long_prompt))
     assert n_tokens > 32

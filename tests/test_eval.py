@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import make_tense as grammar
-from conftest import ROOT, fails, run_script, tense_lines
+from helpers import ROOT, fails, run_script, tense_lines
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +66,11 @@ def test_lowercase_parsing_for_the_word_tokenizer():
 
 
 def test_bits_per_byte_of_a_uniform_model_is_log2_of_the_vocabulary_per_token(tiny_run):
-    from common import load_model
+    from checkpoint import load_model
     from eval import held_out_loss, load_split
     model, tokenizer, checkpoint = load_model(str(tiny_run / "out" / "trained.pth"))
     torch.nn.init.zeros_(model.lm_head.weight)  # tied: every logit 0, uniform over the padded vocabulary
-    val, meta = load_split(str(tiny_run / "data"), "val", checkpoint["tokenizer"])
+    val, meta = load_split(str(tiny_run / "data"), "val", checkpoint["tokenizer_meta"])
     report = held_out_loss(model, val, meta, tokenizer, batch_size=4)
     V = model.config.vocab_size
     assert math.isclose(report["val_loss"], math.log(V), rel_tol=1e-5)

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint as ckpt
 import common
-from conftest import ROOT, fails, run_script, tense_lines
+from helpers import ROOT, fails, run_script, tense_lines
 
 TINY = os.path.join(ROOT, "config", "tiny.py")
 
@@ -62,9 +63,9 @@ def test_a_save_that_fails_half_way_leaves_the_old_checkpoint_byte_identical(tmp
             self.f.close()
 
     monkeypatch.setattr(common.os, "fdopen", lambda fd, mode: DiskFills(real_fdopen(fd, mode)))
-    checkpoint = {"model": {"w": torch.randn(100, 100)}, "model_config": {}, "tokenizer": {}}
+    checkpoint = {"model": {"w": torch.randn(100, 100)}, "model_config": {}, "tokenizer_meta": {}}
     with pytest.raises(common.UserError) as raised:
-        common.save_checkpoint(checkpoint, str(target))  # torch.save reports this as a C++ error: we name the cause
+        ckpt.save(checkpoint, str(target))  # torch.save reports this as a C++ error: we name the cause
     assert str(raised.value) == f"cannot write {target} (No space left on device); the previous file is unchanged"
     assert target.read_bytes() == b"the old checkpoint" and os.listdir(tmp_path) == ["trained.pth"]
 

@@ -4,7 +4,7 @@ import re
 import tiktoken_ext.openai_public
 
 import tokenizer as tok
-from conftest import tense_lines
+from helpers import tense_lines
 
 
 def test_gpt2_ids_match_known_values():

@@ -5,10 +5,9 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, run_script, tense_lines
+from helpers import ROOT, run_script, tense_lines
 from common import UserError
 from hf import load_hf, read_safetensors
-from model import GPT
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
 pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
@@ -35,10 +34,9 @@ def test_import_matches_transformers_logits_and_greedy_text(tmp_path):
     hf_model = small_hf_model()
     hf_model.save_pretrained(tmp_path / "hf")
     assert (tmp_path / "hf" / "model.safetensors").exists()
-    config, state = load_hf(str(tmp_path / "hf"))
+    model = load_hf(str(tmp_path / "hf")).eval()
+    config = model.config
     assert (config.vocab_size, config.block_size, config.n_layer, config.n_head, config.n_embd, config.d_ff) == (50257, 64, 2, 3, 48, 192)
-    model = GPT(config).eval()
-    model.load_state_dict(state)
     idx = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf_model(idx).logits
@@ -53,9 +51,7 @@ def test_import_from_pytorch_model_bin(tmp_path):
     os.makedirs(tmp_path / "hf")
     hf_model.config.to_json_file(tmp_path / "hf" / "config.json")
     torch.save(hf_model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
-    config, state = load_hf(str(tmp_path / "hf"))
-    model = GPT(config).eval()
-    model.load_state_dict(state)
+    model = load_hf(str(tmp_path / "hf")).eval()
     idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.allclose(model(idx, idx)[0], hf_model(idx).logits, atol=1e-5, rtol=0)
@@ -97,7 +93,7 @@ def test_export_loads_in_transformers_with_the_same_logits_and_text(gpt2_shaped_
     out = run_script("export.py", f"--ckpt={gpt2_shaped_run / 'out' / 'trained.pth'}", f"--out={tmp_path / 'hf'}", cwd=tmp_path)
     assert out.stdout.startswith(f"wrote {tmp_path / 'hf'}/config.json, model.safetensors")
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
-    from common import load_model
+    from checkpoint import load_model
     model, tokenizer, _ = load_model(str(gpt2_shaped_run / "out" / "trained.pth"))
     idx = torch.tensor([tokenizer.encode("The baby is sleeping in the garden now.")[:6], tokenizer.encode("Did they eat dinner yesterday?")[:6]])
     with torch.no_grad():
@@ -115,7 +111,7 @@ def test_export_without_biases_exports_zero_biases(tmp_path, gpt2_shaped_run):
                "--out_dir=nobias", "--max_iters=5", cwd=tmp_path)
     run_script("export.py", "--ckpt=nobias/trained.pth", "--out=hf", cwd=tmp_path)
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
-    from common import load_model
+    from checkpoint import load_model
     model = load_model(str(tmp_path / "nobias" / "trained.pth"))[0]
     idx = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -124,7 +120,12 @@ def test_export_without_biases_exports_zero_biases(tmp_path, gpt2_shaped_run):
 
 @pytest.mark.parametrize("setting,problem", [
     ({"pos_encoding": "sinusoidal"}, "pos_encoding is 'sinusoidal'; GPT-2 learns its positions: train with --pos_encoding=learned"),
-    ({"activation": "relu"}, "activation is 'relu'; GPT-2 uses GELU: train with --activation=gelu"),
+    ({"pos_encoding": "rotary"}, "pos_encoding is 'rotary'; GPT-2 learns its positions: train with --pos_encoding=learned"),
+    ({"activation": "swiglu"}, "activation is 'swiglu'; GPT-2 uses GELU: train with --activation=gelu"),
+    ({"norm": "rmsnorm"}, "norm is 'rmsnorm'; GPT-2 uses LayerNorm: train with --norm=layernorm"),
+    ({"n_kv_head": 1}, "n_kv_head is 1 (grouped-query attention); GPT-2 gives every head its keys and values: train with --n_kv_head=0"),
+    ({"qk_norm": True, "activation": "relu2"}, "activation is 'relu2'; GPT-2 uses GELU: train with --activation=gelu; "
+                                               "qk_norm is on; GPT-2 does not normalise queries and keys: train with --qk_norm=False"),
 ])
 def test_export_refuses_what_gpt2_cannot_be(tmp_path, gpt2_shaped_run, setting, problem):
     checkpoint = torch.load(gpt2_shaped_run / "out" / "trained.pth", weights_only=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, LinearCrossEntropy, configure_optimizer, filter_logits, sample_next
+from model import GPT, GPTConfig, LinearCrossEntropy, configure_optimizers, filter_logits, sample_next
 
 
 def tiny_config(**overrides):
@@ -36,7 +36,7 @@ def test_loss_at_init_is_about_log_vocab_size():
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     model = GPT(tiny_config())
-    optimizer = configure_optimizer(model, 3e-3, 0.0, (0.9, 0.99))
+    [optimizer] = configure_optimizers(model, 3e-3, 0.0, (0.9, 0.99))
     x = torch.randint(0, 64, (4, 16))
     y = torch.randint(0, 64, (4, 16))
     for _ in range(200):
@@ -104,7 +104,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_optimizer_decays_matrices_only():
     model = GPT(tiny_config(bias=True))
-    optimizer = configure_optimizer(model, 1e-3, 0.1, (0.9, 0.99))
+    [optimizer] = configure_optimizers(model, 1e-3, 0.1, (0.9, 0.99))
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import tokenizer as tok
-from conftest import run_script, tense_lines
+from helpers import run_script, tense_lines
 
 
 def decode_lines(folder, split):

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, tense_lines
+from helpers import ROOT, tense_lines
 
 # What a command needs that the README leaves to the reader, or why it is run elsewhere.
 ELSEWHERE = {

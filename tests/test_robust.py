@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT, run_script
+from helpers import ROOT, run_script
 
 TINY = os.path.join(ROOT, "config", "tiny.py")
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from common import load_model
-from conftest import ROOT, run_script
+from checkpoint import load_model
+from helpers import ROOT, run_script
 from model import GPT, GPTConfig, penalize_repetition
 from sample import score_text
 

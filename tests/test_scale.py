@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from helpers import ROOT, run_script
 from model import GPT, GPTConfig
 
 TINY = os.path.join(ROOT, "config", "tiny.py")
