@@ -208,15 +208,22 @@ class GPT(nn.Module):
         if problems:
             raise ValueError("; ".join(problems))
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        if config.pos_encoding == "learned":
-            self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = make_norm(config, config.n_embd)
+        device = torch.get_default_device()
+        # Shapes first, on the meta device (no memory, no random numbers): each layer's own
+        # initialisation would only be drawn and thrown away, and this way a model built
+        # whole and one sharded by FSDP draw the same numbers in init_weights.
+        with torch.device("meta"):
+            self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+            if config.pos_encoding == "learned":
+                self.wpe = nn.Embedding(config.block_size, config.n_embd)
+            self.drop = nn.Dropout(config.dropout)
+            self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+            self.ln_f = make_norm(config, config.n_embd)
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if device.type != "meta":
+            self.to_empty(device=device)
         # The output layer shares its weight with the token embedding (weight tying,
         # Press & Wolf 2017): fewer parameters, and it trains better at this size.
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
 
         self.grad_checkpointing = False  # train.py's --grad_checkpointing

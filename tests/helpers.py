@@ -1,5 +1,7 @@
 """Helpers the test files share: running the project's scripts as a user would, and sample text."""
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -30,3 +32,20 @@ def fails(script, *args, cwd):
 def tense_lines(n):
     with open(os.path.join(ROOT, "tense.txt"), encoding="utf-8") as f:
         return [line.rstrip("\n") for line in f][:n]
+
+
+def torchrun(*args, cwd, script="train.py", check=True):
+    """script under torchrun with 2 processes on this machine (gloo on a CPU); returns the CompletedProcess."""
+    torchrun_bin = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([torchrun_bin, "--standalone", "--nproc_per_node=2", os.path.join(ROOT, script), *args],
+                            cwd=cwd, capture_output=True, text=True, timeout=240, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"torchrun {script} {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def losses(out_dir):
+    """The loss of every logged step of a run, from its metrics.jsonl."""
+    return [loss for line in (out_dir / "metrics.jsonl").read_text().splitlines() if '"losses"' in line
+            for loss in json.loads(line)["losses"]]
