@@ -12,7 +12,7 @@ def tiny_config(**overrides):
     return GPTConfig(**{**dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32), **overrides})
 
 
-@pytest.mark.parametrize("pos_encoding,activation", [("learned", "gelu"), ("sinusoidal", "relu")])
+@pytest.mark.parametrize("pos_encoding,activation", [("learned", "gelu"), ("sinusoidal", "relu"), ("rotary", "swiglu")])
 def test_causal_later_tokens_never_change_earlier_logits(pos_encoding, activation):
     torch.manual_seed(0)
     model = GPT(tiny_config(pos_encoding=pos_encoding, activation=activation, bias=True)).eval()
