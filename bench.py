@@ -18,6 +18,12 @@ Measures where the time goes, on this machine, in one run (ratios are what to co
    tokenizers) for: the compact vocabulary with the old byte fallback, the compact
    vocabulary closed under GPT-2's merges (today's), GPT-2's full vocabulary, and the
    three --example settings.
+6. with --switch_steps=N, what each modern-block switch buys (model.py's docstring): the
+   config trained N steps on --input, and on --heldout if given, once with GPT-2's block,
+   once per switch and once with all (config/modern.py); per variant the parameters,
+   tokens/s, KV-cache size, val loss after N steps and after the same training seconds
+   (the fastest variant's N steps, interpolated between evaluations), held-out bits per
+   byte, and eval.py's grammar and probe figures for a tense.txt-like input.
 It is a benchmark, not a test: nothing here asserts a speed.
 """
 import json
@@ -39,7 +45,7 @@ from common import UserError, atomic_write, main_guard, parse_config, pick_devic
 from model import GPT, GPTConfig, configure_optimizers
 from train import DEFAULTS as TRAIN_DEFAULTS
 from tokenizer import read_meta
-from train import MODEL_KEYS, Batches, measure_peak_flops, pick_dtype, total_nats, train_step
+from train import MODEL_KEYS, Batches, measure_peak_flops, pick_dtype, read_metrics, total_nats, train_step
 
 DEFAULTS = {
     "config": "config/small.py",  # the training config whose model is measured
@@ -52,7 +58,9 @@ DEFAULTS = {
     "gen_block_size": 512,  # the generation model's context (>= gen_tokens + 1 keeps it all cached)
     "prepare_mb": 50,  # size of the text prepare.py is timed on; 0 skips it
     "heldout": "",  # a text file for the held-out quality figures (e.g. ../shared/data/alice.txt); empty skips them
-    "quality_steps": 200,  # training steps of each held-out quality run
+    "quality_steps": 200,  # training steps of each held-out quality run; 0 skips them
+    "switch_steps": 0,  # training steps of each modern-block switch run; 0 skips them
+    "eval_samples": 500,  # eval.py --num_samples for each switch run on tense.txt
     "json": False,  # print the report as JSON
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -223,6 +231,77 @@ def bench_quality(text, steps, config_path, dtype):
     return results
 
 
+SWITCH_VARIANTS = [  # (name, train.py options): GPT-2's block, each switch alone, all of them
+    ("GPT-2 block", []),
+    ("rotary positions", ["--pos_encoding=rotary"]),
+    ("RMSNorm", ["--norm=rmsnorm"]),
+    ("SwiGLU", ["--activation=swiglu"]),
+    ("squared ReLU", ["--activation=relu2"]),
+    ("GQA (n_kv_head 1)", ["--n_kv_head=1"]),
+    ("QK-norm", ["--qk_norm=True"]),
+    ("Muon", ["--optimizer=muon"]),
+    ("all (config/modern.py)", [os.path.join(HERE, "config", "modern.py")]),
+]
+
+
+def training_seconds(records):
+    """{iteration: seconds of training steps before it} from metrics.jsonl records (evaluations not counted)."""
+    clock, elapsed, last_iter = 0.0, {0: 0.0}, 0
+    for r in records:  # a log line carries the ms/iter of the steps since the one before
+        if "ms_per_iter" in r:
+            clock += r["ms_per_iter"] / 1000 * (r["iter"] - last_iter)
+            elapsed[r["iter"]], last_iter = clock, r["iter"]
+    return elapsed
+
+
+def loss_at_seconds(records, seconds):
+    """Val loss after `seconds` of training steps, interpolated between evaluations."""
+    elapsed = training_seconds(records)
+    points = [(elapsed[r["iter"]], r["val_loss"]) for r in records if "val_loss" in r and r["iter"] in elapsed]
+    for (t0, l0), (t1, l1) in zip(points, points[1:]):
+        if t0 <= seconds <= t1:
+            return l0 + (l1 - l0) * (seconds - t0) / max(t1 - t0, 1e-9)
+    return points[-1][1]
+
+
+def bench_switches(text, heldout, steps, config_path, dtype, eval_samples):
+    """Each modern-block switch alone and all together, against GPT-2's block: see the docstring's item 6."""
+    corpora = [("tense", [f"--input={text}"])] + ([("prose", [f"--input={heldout}", "--split=last", "--val_fraction=0.1",
+                                                            "--example=paragraph"])] if heldout else [])
+    schedule = [f"--max_iters={steps}", f"--eval_interval={max(1, steps // 6)}", f"--log_interval={max(1, steps // 12)}", f"--dtype={dtype}"]
+    results = {name: {} for name, _ in SWITCH_VARIANTS}
+    with tempfile.TemporaryDirectory() as folder:
+        for corpus, options in corpora:
+            run_script("prepare.py", *options, f"--out_dir={folder}/{corpus}")
+            for i, (name, switches) in enumerate(SWITCH_VARIANTS):
+                out = f"{folder}/{corpus}-{i}"
+                run_script("train.py", config_path, *switches, f"--data_dir={folder}/{corpus}", f"--out_dir={out}", *schedule)
+                records = read_metrics(f"{out}/metrics.jsonl")
+                model, _, _ = load_model(f"{out}/last.pth")
+                row = results[name].setdefault(corpus, {})
+                row["records"] = records
+                row["val_loss"] = [r["val_loss"] for r in records if "val_loss" in r][-1]
+                row["tokens_per_sec"] = statistics.median(r["tokens_per_sec"] for r in records if "tokens_per_sec" in r)
+                row["seconds"] = max(training_seconds(records).values())
+                results[name]["params_M"] = model.num_params() / 1e6
+                results[name]["kv_cache_mb"] = sum(t.numel() * t.element_size() for pair in model.new_caches(1) for t in pair) / 1e6
+                if corpus == "prose":
+                    nats, _ = total_nats(model, np.fromfile(f"{folder}/prose/val.bin", dtype=np.uint16), model.config.block_size)
+                    row["bits_per_byte"] = nats / math.log(2) / read_meta(f"{folder}/prose")["val_bytes"]
+                else:
+                    done = run_script("eval.py", f"--ckpt={out}/last.pth", f"--data_dir={folder}/tense", f"--num_samples={eval_samples}",
+                                      "--json=True", f"--picture={out}/probe.png")
+                    report = json.loads(done.stdout)
+                    row.update({k: report[k] for k in ("bits_per_byte", "grammatical", "tense_agreement", "semantic_errors",
+                                                       "probe_accuracy") if k in report})
+        for corpus, _ in corpora:  # the same wall-clock: what the fastest variant needs for its steps
+            budget = min(r[corpus]["seconds"] for r in results.values())
+            for r in results.values():
+                r[corpus]["val_loss_same_seconds"] = loss_at_seconds(r[corpus].pop("records"), budget)
+                r[corpus]["same_seconds"] = budget
+    return results
+
+
 def bench_prepare(source, megabytes):
     with open(source, "rb") as f:
         text = f.read()
@@ -247,7 +326,7 @@ def bench_prepare(source, megabytes):
 
 def check_options(opts):
     for key, least in (("warmup_steps", 0), ("timed_steps", 1), ("gen_tokens", 1), ("gen_block_size", 2), ("prepare_mb", 0),
-                       ("quality_steps", 1)):
+                       ("quality_steps", 0), ("switch_steps", 0), ("eval_samples", 1)):
         if opts[key] < least:
             raise UserError(f"--{key} must be at least {least}, got {opts[key]}")
     if not os.path.isfile(opts["input"]):
@@ -288,8 +367,10 @@ def main():
     report["generation"] = gen
     if opts["prepare_mb"] > 0:
         report["prepare"] = bench_prepare(opts["input"], opts["prepare_mb"])
-    if opts["heldout"]:
+    if opts["heldout"] and opts["quality_steps"]:
         report["heldout"] = {"text": opts["heldout"], **bench_quality(opts["heldout"], opts["quality_steps"], opts["config"], dtype)}
+    if opts["switch_steps"]:
+        report["switches"] = bench_switches(opts["input"], opts["heldout"], opts["switch_steps"], opts["config"], dtype, opts["eval_samples"])
 
     if opts["json"]:
         print(json.dumps(report, indent=1))
@@ -329,6 +410,30 @@ def main():
         for name, _, _ in QUALITY_VARIANTS:
             q = report["heldout"][name]
             print(f"{'  ' + name:34} {q['bits_per_byte']:>16.3f} {q['vocab_size']:>8,} {q['train_seconds']:>10.0f}s")
+    if "switches" in report:
+        print_switches(report["switches"], opts)
+
+
+def print_switches(switches, opts):
+    steps = opts["switch_steps"]
+    first = next(iter(switches.values()))
+    print(f"modern-block switches: {steps} steps of {opts['config']} on {opts['input']}"
+          f" (val loss at the same time: {first['tense']['same_seconds']:.0f} s of training)")
+    print(f"{'':24} {'params M':>8} {'KV MB':>6} {'tok/s':>7} {'val loss':>8} {'same time':>9} {'bits/B':>7} {'gramm.':>7} "
+          f"{'agree':>6} {'who-what':>8} {'probe':>6}")
+    pct = lambda row, key: f"{100 * row[key]:.1f}%" if key in row else "-"  # noqa: E731
+    for name, r in switches.items():
+        t = r["tense"]
+        print(f"{name:24} {r['params_M']:>8.3f} {r['kv_cache_mb']:>6.2f} {t['tokens_per_sec']:>7,.0f} {t['val_loss']:>8.4f} "
+              f"{t['val_loss_same_seconds']:>9.4f} {t['bits_per_byte']:>7.4f} {pct(t, 'grammatical'):>7} {pct(t, 'tense_agreement'):>6} "
+              f"{pct(t, 'semantic_errors'):>8} {pct(t, 'probe_accuracy'):>6}")
+    if "prose" in first:
+        print(f"held-out prose: {steps} steps on the first 90% of {opts['heldout']}, scored on the last 10% "
+              f"(val loss at the same time: {first['prose']['same_seconds']:.0f} s)")
+        print(f"{'':24} {'tok/s':>7} {'val loss':>8} {'same time':>9} {'bits/B':>7}")
+        for name, r in switches.items():
+            p = r["prose"]
+            print(f"{name:24} {p['tokens_per_sec']:>7,.0f} {p['val_loss']:>8.4f} {p['val_loss_same_seconds']:>9.4f} {p['bits_per_byte']:>7.4f}")
 
 
 if __name__ == "__main__":
