@@ -42,10 +42,10 @@ import torch
 import tokenizer as tok
 from checkpoint import load_model
 from common import UserError, atomic_write, main_guard, parse_config, pick_device
-from model import GPT, GPTConfig, configure_optimizers
+from model import GPT, configure_optimizers
 from train import DEFAULTS as TRAIN_DEFAULTS
 from tokenizer import read_meta
-from train import MODEL_KEYS, Batches, measure_peak_flops, pick_dtype, read_metrics, total_nats, train_step
+from train import Batches, gpt_config_for, measure_peak_flops, pick_dtype, read_metrics, total_nats, train_step
 
 DEFAULTS = {
     "config": "config/small.py",  # the training config whose model is measured
@@ -101,8 +101,8 @@ def peak_memory_mb():
 
 def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed, peak, chunked_loss=None):
     torch.manual_seed(0)
-    model_config = GPTConfig(vocab_size=-(-vocab_size // 64) * 64, **{k: train_config[k] for k in MODEL_KEYS})
-    model = GPT(model_config).to(device)
+    gpt_config = gpt_config_for(train_config, vocab_size)
+    model = GPT(gpt_config).to(device)
     if chunked_loss is not None:
         model.chunked_loss = chunked_loss
     measure_memory = device == "cpu" and reset_peak_memory()
@@ -120,7 +120,7 @@ def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed,
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     tokens_per_sec = train_config["batch_size"] * train_config["block_size"] * train_config["grad_accum"] / seconds
-    return {"vocab_size": model_config.vocab_size, "params_M": model.num_params() / 1e6, "ms_per_iter": 1000 * seconds,
+    return {"vocab_size": gpt_config.vocab_size, "params_M": model.num_params() / 1e6, "ms_per_iter": 1000 * seconds,
             "tokens_per_sec": tokens_per_sec, "mfu": model.estimate_mfu(tokens_per_sec, peak),
             "chunked_loss": model.chunked_loss, "peak_memory_mb": peak_memory_mb() if measure_memory else None}
 
@@ -128,8 +128,7 @@ def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed,
 @torch.no_grad()
 def bench_generation(train_config, vocab_size, block_size, new_tokens, device):
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=-(-vocab_size // 64) * 64, **{**{k: train_config[k] for k in MODEL_KEYS}, "block_size": block_size})
-    model = GPT(config).to(device).eval()
+    model = GPT(gpt_config_for({**train_config, "block_size": block_size}, vocab_size)).to(device).eval()
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     result = {"block_size": block_size, "new_tokens": new_tokens}
     for name, use_cache in (("kv_cache", True), ("full_recompute", False)):
@@ -165,8 +164,7 @@ def bench_sampling(train_config, vocab_sizes, block_size, new_tokens, device):
     rates = {}
     for name, vocab_size in vocab_sizes.items():
         torch.manual_seed(0)
-        config = GPTConfig(vocab_size=-(-vocab_size // 64) * 64, **{**{k: train_config[k] for k in MODEL_KEYS}, "block_size": block_size})
-        model = GPT(config).to(device).eval()
+        model = GPT(gpt_config_for({**train_config, "block_size": block_size}, vocab_size)).to(device).eval()
         prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
         generator = torch.Generator(device=device).manual_seed(0)
         model.generate(prompt, 8, temperature=0.8, generator=generator)  # warm-up

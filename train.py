@@ -508,6 +508,13 @@ def append_metrics(path, record):
         print(f"warning: could not append to {path} ({e.strerror}); training goes on", file=sys.stderr)
 
 
+def log_evaluation(out_dir, iter_num, losses):
+    """An evaluation's line in metrics.jsonl, and loss.png drawn again."""
+    append_metrics(os.path.join(out_dir, "metrics.jsonl"), {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                                                           "val_ppl": math.exp(losses["val"])})
+    redraw_loss_curve(out_dir)
+
+
 def redraw_loss_curve(out_dir):
     try:
         plot_losses(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"))
@@ -524,15 +531,19 @@ def refuse_overwrite(config, paths):
                         f"to continue it, --init_from=resume; or pass another --out_dir")
 
 
+def gpt_config_for(config, vocab_size):
+    """The GPTConfig of a train.py config's model keys, for a vocabulary of vocab_size ids."""
+    # the embedding and output layer get a multiple of 64 rows: faster matmuls; the
+    # padding rows are never a target and decode to nothing
+    return GPTConfig(vocab_size=-(-vocab_size // 64) * 64, **{k: config[k] for k in MODEL_KEYS})
+
+
 def choose_model(config, meta, tokenizer_meta, say):
     """(GPTConfig, whole initial weights or None): the config's model keys, or GPT-2's (init_from=hf:FOLDER)."""
     if config["init_from"].startswith("hf:"):
         model = load_gpt2_weights(config["init_from"][3:], config, tokenizer_meta, say)
         return model.config, {"model": model.state_dict()}
-    # the embedding and output layer get a multiple of 64 rows: faster matmuls; the
-    # padding rows are never a target and decode to nothing
-    vocab_size = -(-meta["vocab_size"] // 64) * 64
-    gpt_config = GPTConfig(vocab_size=vocab_size, **{k: config[k] for k in MODEL_KEYS})
+    gpt_config = gpt_config_for(config, meta["vocab_size"])
     problems = check_config(gpt_config)
     if problems:
         raise UserError("; ".join(problems))
@@ -556,6 +567,29 @@ def check_layout(config, world_size, dtype):
         raise UserError("--optimizer=muon orthogonalises whole matrices, which FSDP splits across processes: use --fsdp=False or --optimizer=adamw")
     if dtype == "float16":
         raise UserError("--fsdp=True trains in float32 or bfloat16 (float16 would need a sharded loss scaler): use --dtype=bfloat16")
+
+
+def describe_run(raw_model, tokenizer_meta, config, device, dtype, world_size, batches, peak):
+    layout = "FSDP" if config["fsdp"] else "DDP" if world_size > 1 else "one process"
+    return (f"model: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {raw_model.config.vocab_size} ({tokenizer_meta['tokenizer']}); "
+            f"device {device}, {dtype}{', compiled' if config['compile'] else ''}, {layout}; global batch "
+            f"{config['batch_size'] * config['block_size'] * config['grad_accum']:,} tokens per iteration ({world_size} process(es) x "
+            f"{batches.grad_accum} micro-batch(es) x {config['batch_size']} x {config['block_size']}); matmul peak {peak / 1e9:.0f} GFLOP/s")
+
+
+def catch_ctrl_c():
+    """
+    A flag that Ctrl-C raises: the loop finishes its iteration, saves and exits. A second
+    Ctrl-C kills at once, which is safe too: checkpoints are only ever replaced by an atomic rename.
+    """
+    interrupted = torch.zeros((), dtype=torch.int32)
+
+    def on_sigint(signum, frame):
+        interrupted.fill_(1)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return interrupted
 
 
 def log_progress(step_losses, n_logged, iter_num, lr, seconds, config, raw_model, peak, world_size, metrics_path, master, say):
@@ -614,8 +648,8 @@ def main():
         restore(initial, raw_model, optimizers, batches, device_type, config["fsdp"])
         iter_num, best_val_loss = initial["iter_num"], initial["best_val_loss"]
         say(f"resuming {resume_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")
-        for note in filter(None, [schedule_note(initial, config)]):
-            say(note)
+        if schedule_note(initial, config):
+            say(schedule_note(initial, config))
     elif initial is not None:
         load_state(raw_model, optimizers, initial, config["fsdp"])
     del initial  # the whole weights: under FSDP each rank now keeps only its shard
@@ -623,15 +657,11 @@ def main():
     autocast = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     peak = config["peak_flops"] or measure_peak_flops(device, getattr(torch, dtype))
-    layout = "FSDP" if config["fsdp"] else "DDP" if world_size > 1 else "one process"
-    say(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {gpt_config.vocab_size} ({tokenizer_meta['tokenizer']}); "
-        f"device {device}, {dtype}{', compiled' if config['compile'] else ''}, {layout}; global batch "
-        f"{config['batch_size'] * config['block_size'] * config['grad_accum']:,} tokens per iteration ({world_size} process(es) x "
-        f"{batches.grad_accum} micro-batch(es) x {config['batch_size']} x {config['block_size']}); matmul peak {peak / 1e9:.0f} GFLOP/s")
-    record = {"model_config": asdict(gpt_config), "train_config": config, "tokenizer_meta": tokenizer_meta, "data": checkpoint.data_record(meta)}
+    say(describe_run(raw_model, tokenizer_meta, config, device, dtype, world_size, batches, peak))
+    about = {"model_config": asdict(gpt_config), "train_config": config, "tokenizer_meta": tokenizer_meta, "data": checkpoint.data_record(meta)}
 
     def save(paths, reason):  # every rank: gathering FSDP's shards takes all of them
-        state = {**record, **training_state(raw_model, optimizers, batches, device_type), "iter_num": iter_num, "best_val_loss": best_val_loss}
+        state = {**about, **training_state(raw_model, optimizers, batches, device_type), "iter_num": iter_num, "best_val_loss": best_val_loss}
         if master:
             for path in paths:
                 checkpoint.save(state, path)
@@ -640,10 +670,7 @@ def main():
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if master and not resume:
         atomic_write(metrics_path, lambda f: None)  # a new run starts a new log
-    # Ctrl-C: finish the current iteration, save, exit. A second Ctrl-C kills at once,
-    # which is safe too: the checkpoint is only ever replaced by an atomic rename.
-    interrupted = torch.zeros((), dtype=torch.int32)
-    signal.signal(signal.SIGINT, lambda signum, frame: (interrupted.fill_(1), signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    interrupted = catch_ctrl_c()
     step_losses = torch.zeros(config["log_interval"], device=device)  # logged without a sync per step
     start_iter, t_start, n_logged = iter_num, time.perf_counter(), 0
     t_log = t_start
@@ -657,9 +684,7 @@ def main():
                 improved, best_val_loss = losses["val"] < best_val_loss, min(best_val_loss, losses["val"])
                 save([last_path, best_path] if improved else [last_path], "best val loss so far" if improved else "latest")
             if master:
-                append_metrics(metrics_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                                              "val_ppl": math.exp(losses["val"])})
-                redraw_loss_curve(out_dir)
+                log_evaluation(out_dir, iter_num, losses)
             t_log += time.perf_counter() - t_eval  # ms/iter counts training steps only
         if iter_num >= config["max_iters"]:
             break
