@@ -64,6 +64,7 @@ def ends(ids, eot):
     return [i for i, t in enumerate(ids) if t == eot]
 
 
+@pytest.mark.slow  # the quick run leaves it out; CI runs it
 @pytest.mark.parametrize("kind", ["char", "word"])
 def test_checkpoint_samples_with_its_own_tokenizer(tmp_path, kind):
     (tmp_path / "in.txt").write_text("\n".join(tense_lines(1000)) + "\n")

@@ -1,6 +1,7 @@
 """The whole pipeline through the real command lines: prepare -> train -> sample."""
 import json
 
+import pytest
 import torch
 
 import checkpoint as ckpt
@@ -73,6 +74,7 @@ def test_checkpoint_save_then_load_gives_identical_logits(tmp_path):
     assert tokenizer.encode("Hello world") == [15496, 995]
 
 
+@pytest.mark.slow  # the quick run leaves it out; CI runs it
 def test_bench_json_report(tmp_path):
     """bench.py end to end on a tiny config (a report's shape and its ratios, never a speed)."""
     (tmp_path / "in.txt").write_text("\n".join(tense_lines(400)) + "\n")

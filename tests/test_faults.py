@@ -304,6 +304,7 @@ def test_hf_folders_that_are_damaged(tmp_path, config, weights, message):
     assert fails("sample.py", "--init_from=hf:hf", cwd=tmp_path).startswith("error: " + message)
 
 
+@pytest.mark.slow  # the quick run leaves it out; CI runs it
 def test_export_into_a_folder_with_another_model_refuses_then_replaces_its_files(tmp_path):
     safetensors = pytest.importorskip("safetensors")  # noqa: F841
     (tmp_path / "in.txt").write_text("\n".join(tense_lines(300)) + "\n")

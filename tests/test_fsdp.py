@@ -1,5 +1,6 @@
 """FSDP (train.py --fsdp=True) on CPU: 2 processes under torchrun or spawn, gloo between them."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -54,24 +55,24 @@ def test_fsdp_builds_the_same_weights_and_gradients_as_one_process(tmp_path):
 
 def test_fsdp_trains_and_resumes_like_one_process_in_either_direction(tiny_run, tmp_path):
     common = [TINY, f"--data_dir={tiny_run / 'data'}", "--grad_accum=2", "--log_interval=2", "--eval_interval=4", "--lr_decay_iters=8"]
-    run_script("train.py", *common, "--max_iters=8", "--out_dir=one", cwd=tmp_path)
-    result = torchrun(*common, "--max_iters=8", "--out_dir=fsdp", "--fsdp=True", cwd=tmp_path)
-    assert "FSDP;" in result.stdout and result.stdout.count("saved fsdp/last.pth and fsdp/trained.pth at iteration 8") == 1
-    one = losses(tmp_path / "one")
-    assert len(one) == 8 and losses(tmp_path / "fsdp") == pytest.approx(one, abs=1e-4)
-
-    # written under FSDP, resumed by one process; written by one process, resumed under FSDP
+    # a: 4 steps under FSDP, then one process resumes; b: 4 steps in one process, then FSDP resumes
     torchrun(*common, "--max_iters=4", "--out_dir=a", "--fsdp=True", cwd=tmp_path)
     run_script("train.py", *common, "--max_iters=8", "--out_dir=a", "--init_from=resume", cwd=tmp_path)
     run_script("train.py", *common, "--max_iters=4", "--out_dir=b", cwd=tmp_path)
-    torchrun(*common, "--max_iters=8", "--out_dir=b", "--init_from=resume", "--fsdp=True", cwd=tmp_path)
-    assert losses(tmp_path / "a") == pytest.approx(one, abs=1e-4) and losses(tmp_path / "b") == pytest.approx(one, abs=1e-4)
+    shutil.copytree(tmp_path / "b", tmp_path / "one")
+    run_script("train.py", *common, "--max_iters=8", "--out_dir=one", "--init_from=resume", cwd=tmp_path)  # the reference
+    result = torchrun(*common, "--max_iters=8", "--out_dir=b", "--init_from=resume", "--fsdp=True", cwd=tmp_path)
+    assert "FSDP;" in result.stdout and result.stdout.count("saved b/last.pth and b/trained.pth at iteration 8") == 1
+    one = losses(tmp_path / "one")
+    assert len(one) == 8
+    assert losses(tmp_path / "a") == pytest.approx(one, abs=1e-4)  # its first 4 steps trained under FSDP
+    assert losses(tmp_path / "b") == pytest.approx(one, abs=1e-4)  # its last 4
 
     # the FSDP checkpoint is an ordinary one: whole weights, loadable with weights_only, sampled from
-    checkpoint = torch.load(tmp_path / "fsdp" / "trained.pth", weights_only=True)
+    checkpoint = torch.load(tmp_path / "b" / "trained.pth", weights_only=True)
     assert checkpoint["model"]["wte.weight"].shape == (1152, 32) and checkpoint["iter_num"] == 8
     assert all(isinstance(name, str) for name in checkpoint["optimizer"]["state"])
-    sampled = run_script("sample.py", "--ckpt=fsdp/trained.pth", "--start=The baby", "--num_samples=1", "--max_new_tokens=5", cwd=tmp_path)
+    sampled = run_script("sample.py", "--ckpt=b/trained.pth", "--start=The baby", "--num_samples=1", "--max_new_tokens=5", cwd=tmp_path)
     assert sampled.stdout.startswith("The baby")
 
 

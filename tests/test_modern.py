@@ -111,6 +111,7 @@ def test_muon_steps_the_hidden_matrices_and_adamw_the_rest():
     assert all(not torch.equal(before[name], p) for name, p in named.items() if p.dim() == 2)
 
 
+@pytest.mark.slow  # the quick run leaves it out; CI runs it
 def test_modern_config_with_muon_resumes_exactly(tiny_run, tmp_path):
     common = [os.path.join(ROOT, "config", "tiny.py"), os.path.join(ROOT, "config", "modern.py"), f"--data_dir={tiny_run / 'data'}",
               "--log_interval=1", "--lr_decay_iters=12", "--eval_interval=6", "--dropout=0.1"]
