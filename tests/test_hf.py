@@ -106,6 +106,20 @@ def test_export_loads_in_transformers_with_the_same_logits_and_text(gpt2_shaped_
     assert hf_tokenizer("Hello world")["input_ids"] == [15496, 995]
 
 
+def test_a_relu_model_exports_as_gpt2_with_relu(gpt2_shaped_run, tmp_path):
+    checkpoint = torch.load(gpt2_shaped_run / "out" / "trained.pth", weights_only=True)
+    checkpoint["model_config"]["activation"] = "relu"  # the same weights, computed with ReLU
+    torch.save(checkpoint, tmp_path / "relu.pth")
+    run_script("export.py", "--ckpt=relu.pth", "--out=hf", cwd=tmp_path)
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert hf_model.config.activation_function == "relu"
+    from checkpoint import load_model
+    model = load_model(str(tmp_path / "relu.pth"))[0]
+    idx = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(hf_model(idx).logits, model(idx, idx)[0][..., :50257], atol=1e-5, rtol=0)
+
+
 def test_export_without_biases_exports_zero_biases(tmp_path, gpt2_shaped_run):
     run_script("train.py", os.path.join(ROOT, "config", "tiny.py"), f"--data_dir={gpt2_shaped_run / 'data'}",
                "--out_dir=nobias", "--max_iters=5", cwd=tmp_path)
