@@ -141,12 +141,13 @@ def main():
     check_writable_folder(out_dir, "out_dir")
 
     # Pass 1: check the text decodes, count its examples, hash it; char and word build their vocabulary.
-    sha, n_examples, counts, lines, open_lines = hashlib.sha256(), 0, collections.Counter(), 0, 0
+    sha, n_examples, counts, lines, open_lines, has_text = hashlib.sha256(), 0, collections.Counter(), 0, 0, False
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             sha.update(block)
     for _, examples in read_examples(path, config["errors"], example):
         n_examples += len(examples)
+        has_text = has_text or any(not e.isspace() for e in examples if e)
         if kind == "char":
             counts.update(itertools.chain.from_iterable(examples))
         elif kind == "word":
@@ -155,7 +156,7 @@ def main():
             lines += len(examples)
             open_lines += sum(not line.rstrip().endswith(SENTENCE_END) for line in examples)
     noun = {"line": "lines", "paragraph": "paragraphs", "file": "lines"}[example]
-    if n_examples == 0 or (example == "file" and size == 0):
+    if not has_text:  # --example=file keeps blank lines as examples: count only text
         raise UserError(f"{path} has no text (it is empty or only whitespace); give it at least a few lines")
     if n_examples < 2:
         raise UserError(f"{path} is too small: it has 1 {noun[:-1]}, and train and val need at least one each; add more {noun}")

@@ -16,10 +16,11 @@ def test_prepare_missing_input(tmp_path):
         "error: input file nope.txt does not exist; pass --input=FILE with a UTF-8 text file"
 
 
+@pytest.mark.parametrize("example", ["line", "paragraph", "file"])
 @pytest.mark.parametrize("content", [b"", b"  \n\t\n   \n"])
-def test_prepare_empty_or_whitespace_input(tmp_path, content):
+def test_prepare_empty_or_whitespace_input(tmp_path, content, example):
     (tmp_path / "in.txt").write_bytes(content)
-    assert fails("prepare.py", "--input=in.txt", cwd=tmp_path) == \
+    assert fails("prepare.py", "--input=in.txt", f"--example={example}", cwd=tmp_path) == \
         "error: in.txt has no text (it is empty or only whitespace); give it at least a few lines"
 
 
