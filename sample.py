@@ -204,6 +204,13 @@ def score_text(model, tokenizer, text, device):
     return list(zip(pieces, logprobs.tolist()))
 
 
+def token_label(tokenizer, token):
+    """A token as a heatmap label: what a font cannot draw (a newline, a control byte) as its escape."""
+    if token == tokenizer.eot:
+        return "<end>"
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in tokenizer.decode([token]))
+
+
 def plot_attention(maps, labels, path):
     plt = pyplot()  # there: check_options checked
     n_layer, n_head = len(maps), maps[0].size(0)
@@ -319,7 +326,7 @@ def main():
     if config["attention"]:
         ids = sampler.prompt_ids(texts[0])
         maps = [m.float().cpu() for m in model.attention_weights(torch.tensor([ids[-model.config.block_size:]], device=device))]
-        labels = [tokenizer.decode([t]) if t != tokenizer.eot else "<end>" for t in ids]
+        labels = [token_label(tokenizer, t) for t in ids]
         plot_attention(maps, labels, config["attention"])
         print(f"saved attention heatmaps of {len(maps)} layers x {maps[0].size(0)} heads to {config['attention']}", file=sys.stderr)
 

@@ -155,3 +155,12 @@ def test_attention_heatmaps(tiny_run, tmp_path):
     assert result.stderr.strip() == f"saved attention heatmaps of 2 layers x 2 heads to {tmp_path / 'attn.png'}"
     width, height = png_size(tmp_path / "attn.png")
     assert width == height and width >= 400  # a 2 x 2 grid of square maps
+
+
+def test_attention_labels_escape_what_a_font_cannot_draw():
+    from sample import token_label
+    from tokenizer import GPT2
+
+    gpt2 = GPT2()
+    assert [token_label(gpt2, t) for t in gpt2.encode("a\nb\x08 c")] == ["a", "\\n", "b", "\\x08", " c"]
+    assert token_label(gpt2, gpt2.eot) == "<end>"
