@@ -28,7 +28,6 @@ Measures where the time goes, on this machine, in one run (ratios are what to co
 It is a benchmark, not a test: nothing here asserts a speed.
 """
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -44,9 +43,9 @@ import tokenizer as tok
 from checkpoint import load_model
 from common import UserError, atomic_write, main_guard, parse_config, pick_device
 from model import GPT, configure_optimizers
+from eval import held_out_loss
 from train import DEFAULTS as TRAIN_DEFAULTS
-from tokenizer import read_meta
-from train import Batches, gpt_config_for, measure_peak_flops, pick_dtype, read_metrics, total_nats, train_step
+from train import Batches, gpt_config_for, measure_peak_flops, pick_dtype, read_metrics, train_step
 
 DEFAULTS = {
     "config": "config/small.py",  # the training config whose model is measured
@@ -76,7 +75,7 @@ def run_script(script, *args):
 
 def prepare_data(path, folder, full_vocab):
     run_script("prepare.py", f"--input={path}", f"--out_dir={folder}", f"--full_vocab={full_vocab}")
-    meta = read_meta(folder)
+    meta = tok.read_meta(folder)
     return np.memmap(os.path.join(folder, "train.bin"), dtype=np.uint16, mode="r"), meta["vocab_size"]
 
 
@@ -185,7 +184,7 @@ def legacy_compact(folder):
     Rewrites a prepared compact folder with the old compact vocabulary: the train split's
     GPT-2 tokens, the 256 bytes and end-of-text, anything else spelled in single bytes.
     """
-    meta = read_meta(folder)
+    meta = tok.read_meta(folder)
     new = tok.from_meta(meta)
     gpt2_ids = np.array(new.gpt2_ids)
     train = gpt2_ids[np.fromfile(os.path.join(folder, "train.bin"), dtype=np.uint16)]  # the same tokens, GPT-2's ids
@@ -209,6 +208,14 @@ QUALITY_VARIANTS = [  # (name, prepare.py options, old byte fallback)
 ]
 
 
+def score_held_out(ckpt, data_dir):
+    """(model, eval.py's held-out figures: val loss, bits per byte, ...; and the vocabulary) of a checkpoint on a folder's val split."""
+    model, tokenizer, _ = load_model(ckpt)
+    meta = tok.read_meta(data_dir)
+    val = np.fromfile(os.path.join(data_dir, "val.bin"), dtype=np.uint16)
+    return model, {**held_out_loss(model, val, meta, tokenizer, batch_size=8), "vocab_size": meta["vocab_size"]}
+
+
 def bench_quality(text, steps, config_path, dtype):
     """Bits per byte on the held-out last 10% of text after `steps` training steps, per variant."""
     results = {}
@@ -221,12 +228,9 @@ def bench_quality(text, steps, config_path, dtype):
             run_script("train.py", config_path, f"--data_dir={folder}/data", f"--out_dir={folder}/out", f"--max_iters={steps}",
                        f"--eval_interval={steps}", f"--dtype={dtype}")
             seconds = time.perf_counter() - start
-            model, _, checkpoint = load_model(f"{folder}/out/trained.pth")
-            meta = read_meta(f"{folder}/data")
-            val = np.fromfile(f"{folder}/data/val.bin", dtype=np.uint16)
-            nats, n = total_nats(model, val, model.config.block_size)
-        results[name] = {"bits_per_byte": nats / math.log(2) / meta["val_bytes"], "vocab_size": meta["vocab_size"],
-                         "val_tokens": n + 1, "train_seconds": seconds, "steps": steps}
+            model, scores = score_held_out(f"{folder}/out/trained.pth", f"{folder}/data")
+        results[name] = {"bits_per_byte": scores["bits_per_byte"], "vocab_size": scores["vocab_size"],
+                         "val_tokens": scores["val_tokens"], "train_seconds": seconds, "steps": steps}
     return results
 
 
@@ -272,23 +276,19 @@ def bench_switches(text, heldout, steps, config_path, dtype, eval_samples):
                 out = f"{folder}/{corpus}-{i}"
                 run_script("train.py", config_path, *switches, f"--data_dir={folder}/{corpus}", f"--out_dir={out}", *schedule)
                 records = read_metrics(f"{out}/metrics.jsonl")
-                model, _, _ = load_model(f"{out}/trained.pth")
-                row = results[name].setdefault(corpus, {})
+                model, scores = score_held_out(f"{out}/trained.pth", f"{folder}/{corpus}")
+                row = results[name].setdefault(corpus, {"bits_per_byte": scores["bits_per_byte"]})
                 row["records"] = records
                 row["val_loss"] = min(r["val_loss"] for r in records if "val_loss" in r)
                 row["tokens_per_sec"] = statistics.median(r["tokens_per_sec"] for r in records if "tokens_per_sec" in r)
                 row["seconds"] = max(training_seconds(records).values())
                 results[name]["params_M"] = model.num_params() / 1e6
                 results[name]["kv_cache_mb"] = sum(t.numel() * t.element_size() for pair in model.new_caches(1) for t in pair) / 1e6
-                if corpus == "prose":
-                    nats, _ = total_nats(model, np.fromfile(f"{folder}/prose/val.bin", dtype=np.uint16), model.config.block_size)
-                    row["bits_per_byte"] = nats / math.log(2) / read_meta(f"{folder}/prose")["val_bytes"]
-                else:
+                if corpus == "tense":  # eval.py's grammar and probe figures
                     done = run_script("eval.py", f"--ckpt={out}/trained.pth", f"--data_dir={folder}/tense", f"--num_samples={eval_samples}",
                                       "--json=True", f"--picture={out}/probe.png")
                     report = json.loads(done.stdout)
-                    row.update({k: report[k] for k in ("bits_per_byte", "grammatical", "tense_agreement", "semantic_errors",
-                                                       "probe_accuracy") if k in report})
+                    row.update({k: report[k] for k in ("grammatical", "tense_agreement", "semantic_errors", "probe_accuracy") if k in report})
         for corpus, _ in corpora:  # the same wall-clock: what the fastest variant needs for its steps
             budget = min(r[corpus]["seconds"] for r in results.values())
             for r in results.values():
