@@ -59,13 +59,25 @@ def load(path, map_location="cpu", missing_hint="train one first with python tra
     return checkpoint
 
 
+def cannot_load(path, e):
+    return UserError(f"{path} is not a checkpoint this version of the project can load ({e.__class__.__name__}: {str(e).splitlines()[0][:160]})")
+
+
+def gpt_config_of(checkpoint, path):
+    """The checkpoint's GPTConfig; keys added to GPTConfig since it was written take their defaults."""
+    try:
+        return GPTConfig(**checkpoint["model_config"])
+    except TypeError as e:  # a key this version does not know
+        raise cannot_load(path, e) from None
+
+
 def build_model(checkpoint, path):
     """The GPT a checkpoint describes, with its weights, or a UserError."""
     try:
-        model = GPT(GPTConfig(**checkpoint["model_config"]))
+        model = GPT(gpt_config_of(checkpoint, path))
         model.load_state_dict(checkpoint["model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        raise UserError(f"{path} is not a checkpoint this version of the project can load ({e.__class__.__name__}: {str(e).splitlines()[0][:160]})") from None
+        raise cannot_load(path, e) from None
     broken = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if broken:
         raise UserError(f"{path} holds NaN or infinite weights ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}): "
@@ -110,7 +122,7 @@ def check_resumable(checkpoint, path, model_config, tokenizer_meta, meta, config
         raise UserError(f"{path} was trained on data prepared differently from {config['data_dir']}/ ({'; '.join(diff)}): "
                         f"resuming would train on lines it was validated on, or on other text; prepare the data as before, "
                         f"or start a new --out_dir")
-    saved = vars(GPTConfig(**checkpoint["model_config"]))  # keys added to GPTConfig since: their defaults
+    saved = vars(gpt_config_of(checkpoint, path))
     if saved != model_config:
         diff = [f"{k}: checkpoint {saved.get(k)!r}, requested {v!r}" for k, v in model_config.items() if saved.get(k) != v]
         raise UserError(f"{path} was trained with another model config ({'; '.join(diff)}); pass the same settings or start a new --out_dir")

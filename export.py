@@ -43,10 +43,11 @@ def main():
     except ImportError:
         raise UserError("export.py writes safetensors: pip install safetensors") from None
     checkpoint = ckpt.load(config["ckpt"])
-    problem = check_exportable(checkpoint["model_config"], checkpoint["tokenizer_meta"]["tokenizer"])
+    model_config = vars(ckpt.gpt_config_of(checkpoint, config["ckpt"]))  # with the keys older checkpoints lack
+    problem = check_exportable(model_config, checkpoint["tokenizer_meta"]["tokenizer"])
     if problem:
         raise UserError(f"{config['ckpt']} is not GPT-2 compatible: {problem}")
-    hf_config, tensors = to_hf(checkpoint["model_config"], checkpoint["model"])
+    hf_config, tensors = to_hf(model_config, checkpoint["model"])
 
     out = config["out"]
     check_writable_folder(out, "out")

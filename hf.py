@@ -144,8 +144,8 @@ def load_hf(folder, block_size=None, dropout=None):
 
 
 def check_exportable(model_config, tokenizer_name):
-    """Why a checkpoint cannot be GPT-2, as a message with the fix, or None. model_config: a dict."""
-    c = {"norm": "layernorm", "n_kv_head": model_config["n_head"], "qk_norm": False, **model_config}  # older checkpoints lack these
+    """Why a checkpoint cannot be GPT-2, as a message with the fix, or None. model_config: a GPTConfig as a dict."""
+    c = model_config
     fixes = [
         (c["pos_encoding"] == "learned", f"pos_encoding is {c['pos_encoding']!r}; GPT-2 learns its positions: train with --pos_encoding=learned"),
         (c["activation"] in ("gelu", "relu"), f"activation is {c['activation']!r}; GPT-2 uses GELU: train with --activation=gelu"),

@@ -98,6 +98,23 @@ def test_resume_with_another_model_config_names_the_keys(tiny_run, tmp_path):
                        "d_ff: checkpoint 128, requested 256); pass the same settings or start a new --out_dir")
 
 
+@pytest.mark.parametrize("script,args", [
+    ("sample.py", ["--ckpt=out/last.pth"]),
+    ("export.py", ["--ckpt=out/last.pth", "--out=hf"]),
+    ("train.py", [TINY, "--data_dir=DATA", "--out_dir=out", "--init_from=resume", "--max_iters=100"]),
+])
+def test_a_checkpoint_with_a_model_key_this_version_lacks_is_one_line_everywhere(tiny_run, tmp_path, script, args):
+    import torch
+
+    shutil.copytree(tiny_run / "out", tmp_path / "out")
+    checkpoint = torch.load(tmp_path / "out" / "last.pth", weights_only=True)
+    checkpoint["model_config"]["future_switch"] = True  # written by a later version
+    torch.save(checkpoint, tmp_path / "out" / "last.pth")
+    message = fails(script, *(a.replace("DATA", str(tiny_run / "data")) for a in args), cwd=tmp_path)
+    assert message == ("error: out/last.pth is not a checkpoint this version of the project can load (TypeError: "
+                       "GPTConfig.__init__() got an unexpected keyword argument 'future_switch')")
+
+
 def test_scratch_run_does_not_overwrite_a_checkpoint_unless_asked(tiny_run, tmp_path):
     shutil.copytree(tiny_run / "out", tmp_path / "out")
     before = (tmp_path / "out" / "trained.pth").read_bytes()

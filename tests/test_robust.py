@@ -121,3 +121,25 @@ def test_a_checkpoint_carrying_code_is_refused_and_never_runs(tiny_run, tmp_path
         assert result.stderr.strip() == ("error: out/trained.pth holds objects other than tensors and plain values (posix.system), "
                                           "refused for safety: only load checkpoints you trust")
         assert not marker.exists()
+
+
+def test_optimizer_state_of_an_older_checkpoint_is_translated_to_parameter_names():
+    """Checkpoints written before the optimizer state was keyed by name numbered the parameters."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from checkpoint import optimizer_state_by_name
+    from model import GPT, GPTConfig, configure_optimizers
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, bias=True))
+    [optimizer] = configure_optimizers(model, 1e-3, 0.1, (0.9, 0.99))
+    idx = torch.randint(0, 64, (2, 16))
+    model(idx, idx)[1].backward()
+    optimizer.step()
+    named = get_optimizer_state_dict(model, [optimizer], options=StateDictOptions(full_state_dict=True))
+    translated = optimizer_state_by_name(optimizer.state_dict(), model)  # the numbered layout
+    assert sorted(translated["state"]) == sorted(named["state"]) == sorted(name for name, _ in model.named_parameters())
+    for name, state in named["state"].items():
+        assert torch.equal(translated["state"][name]["exp_avg"], state["exp_avg"]), name
+    assert [g["params"] for g in translated["param_groups"]] == [g["params"] for g in named["param_groups"]]
+    assert optimizer_state_by_name(named, model) is named  # already by name: unchanged
