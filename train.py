@@ -27,7 +27,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint
-from checkpoint import optimizer_state_by_name
 from common import UserError, atomic_write, check_seed, check_writable_folder, main_guard, parse_config, pick_device, pyplot, save_figure
 from model import GPT, GPTConfig, check_config, configure_optimizers
 from tokenizer import from_meta as tokenizer_from_meta
@@ -433,7 +432,7 @@ def load_state(raw_model, optimizers, state, fsdp):
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=fsdp)
     set_model_state_dict(raw_model, state["model"], options=options)
     if "optimizer" in state:
-        set_optimizer_state_dict(raw_model, optimizers, optimizer_state_by_name(state["optimizer"], raw_model), options=options)
+        set_optimizer_state_dict(raw_model, optimizers, checkpoint.optimizer_state_by_name(state["optimizer"], raw_model), options=options)
 
 
 def training_state(raw_model, optimizers, batches, device_type):
@@ -450,13 +449,13 @@ def training_state(raw_model, optimizers, batches, device_type):
     }
 
 
-def restore(checkpoint, raw_model, optimizers, batches, device_type, fsdp):
-    """Puts a run back exactly where the checkpoint left it: weights, optimizer, data order, dropout's RNG."""
-    load_state(raw_model, optimizers, checkpoint, fsdp)
-    batches.generator.set_state(checkpoint["rng"]["batches"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    if device_type == "cuda" and "cuda" in checkpoint["rng"]:
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+def restore(saved, raw_model, optimizers, batches, device_type, fsdp):
+    """Puts a run back exactly where the saved checkpoint left it: weights, optimizer, data order, dropout's RNG."""
+    load_state(raw_model, optimizers, saved, fsdp)
+    batches.generator.set_state(saved["rng"]["batches"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if device_type == "cuda" and "cuda" in saved["rng"]:
+        torch.cuda.set_rng_state(saved["rng"]["cuda"])
 
 
 def state_megabytes(raw_model, optimizers):
@@ -468,12 +467,12 @@ def state_megabytes(raw_model, optimizers):
     return size(params), size(p.grad for p in params if p.grad is not None), size(states)
 
 
-def schedule_note(checkpoint, config):
+def schedule_note(saved, config):
     """A line about the learning rate when a resume changes where the schedule ends, else None."""
-    before = {**config, **{k: checkpoint["train_config"][k] for k in ("max_iters", "lr_decay_iters", "warmup_iters",
-                                                                         "learning_rate", "min_lr") if k in checkpoint.get("train_config", {})}}
+    before = {**config, **{k: saved["train_config"][k] for k in ("max_iters", "lr_decay_iters", "warmup_iters",
+                                                                    "learning_rate", "min_lr") if k in saved.get("train_config", {})}}
     end = lambda c: c["lr_decay_iters"] or c["max_iters"]  # noqa: E731
-    it = checkpoint["iter_num"]
+    it = saved["iter_num"]
     if end(before) == end(config) and get_lr(it, before) == get_lr(it, config):
         return None
     return (f"note: the learning-rate schedule now decays until iteration {end(config)} (it was {end(before)}): at iteration {it} "
@@ -648,8 +647,8 @@ def main():
         restore(initial, raw_model, optimizers, batches, device_type, config["fsdp"])
         iter_num, best_val_loss = initial["iter_num"], initial["best_val_loss"]
         say(f"resuming {resume_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")
-        if schedule_note(initial, config):
-            say(schedule_note(initial, config))
+        for note in filter(None, [schedule_note(initial, config)]):  # a changed schedule gets a line
+            say(note)
     elif initial is not None:
         load_state(raw_model, optimizers, initial, config["fsdp"])
     del initial  # the whole weights: under FSDP each rank now keeps only its shard
