@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 
 
 class UserError(Exception):
@@ -15,11 +16,15 @@ class UserError(Exception):
 
 
 def main_guard(main):
-    """Runs main(); a UserError becomes 'error: ...' on stderr and exit code 1."""
+    """Runs main(); a UserError becomes 'error: ...' on stderr and exit code 1 (under torchrun, said once)."""
     try:
         main()
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank hits the same error: say it once
+        rank = int(os.environ.get("RANK", "0"))
+        if rank:  # under torchrun every rank usually hits the same error: rank 0 says it and torchrun stops the rest
+            time.sleep(5)  # meanwhile; one still here has an error of its own
+            print(f"error (rank {rank}): {one_line(str(e))}", file=sys.stderr)
+        else:
             print(f"error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(1)
 

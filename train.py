@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
@@ -711,9 +712,34 @@ def main():
         dist.barrier()  # leave together: a rank that quits early can abort the others' gloo threads
 
 
+def leave_process_group(code):
+    """
+    Ends a torchrun process: leaves the process group, then exits at once (os._exit)
+    instead of through Python's shutdown. Why: a gloo worker thread drops its references
+    to a finished collective's tensors a moment after the collective completes; if that
+    moment falls in the interpreter's shutdown, the thread cannot take the GIL and the
+    process aborts ("terminate called without an active exception", exit code 1 from
+    torchrun) after a run that succeeded and saved. Every file is closed by now. After a
+    failure the group is not destroyed: another rank may be inside a collective, which
+    destroying would wait on forever.
+    """
+    if code == 0 and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    try:
+    if "RANK" not in os.environ:
         main_guard(main)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    else:
+        try:
+            main_guard(main)
+            code = 0
+        except SystemExit as e:  # a UserError (1), Ctrl-C (130)
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        leave_process_group(code)

@@ -34,6 +34,22 @@ def test_ddp_error_on_every_rank_exits_without_hanging(tiny_run, tmp_path):
     assert result.stderr.count("error: grad_accum (1) must be a multiple of the number of processes (2)") == 1
 
 
+def test_an_error_only_a_later_rank_hits_is_still_said(monkeypatch, capsys):
+    import common
+
+    def main():
+        raise common.UserError("no data/train.bin on this machine")
+
+    waits = []
+    monkeypatch.setattr(common.time, "sleep", waits.append)  # the wait that lets rank 0 speak first when all ranks fail alike
+    for rank, said in (("0", "error: no data/train.bin on this machine\n"), ("1", "error (rank 1): no data/train.bin on this machine\n")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_info:
+            common.main_guard(main)
+        assert exit_info.value.code == 1 and capsys.readouterr().err == said
+    assert waits == [5]
+
+
 def test_bfloat16_autocast_trains_on_cpu(tiny_run, tmp_path):
     out = run_script("train.py", TINY, f"--data_dir={tiny_run / 'data'}", "--dtype=bfloat16", "--out_dir=bf16",
                      "--max_iters=40", "--log_interval=10", cwd=tmp_path).stdout
