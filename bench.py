@@ -16,7 +16,8 @@ Measures where the time goes, on this machine, in one run (ratios are what to co
    last 10% of FILE (--split=last), train.py trains the config for quality_steps steps,
    and the held-out text is scored in bits per byte (lower is better; comparable across
    tokenizers) for: the compact vocabulary with the old byte fallback, the compact
-   vocabulary closed under GPT-2's merges (today's), GPT-2's full vocabulary, and the
+   vocabulary closed under GPT-2's merges with every train token, with the tokens seen
+   at least twice or four times (today's default), GPT-2's full vocabulary, and the
    three --example settings.
 6. with --switch_steps=N, what each modern-block switch buys (model.py's docstring): the
    config trained N steps on --input, and on --heldout if given, once with GPT-2's block,
@@ -200,8 +201,10 @@ def legacy_compact(folder):
 
 
 QUALITY_VARIANTS = [  # (name, prepare.py options, old byte fallback)
-    ("compact, byte fallback (before)", ["--example=paragraph"], True),
-    ("compact, merge-closed (now)", ["--example=paragraph"], False),
+    ("compact, byte fallback (first)", ["--example=paragraph", "--min_frequency=1"], True),
+    ("compact, every train token", ["--example=paragraph", "--min_frequency=1"], False),
+    ("compact, --min_frequency=2", ["--example=paragraph", "--min_frequency=2"], False),
+    ("compact, --min_frequency=4 (now)", ["--example=paragraph"], False),
     ("full GPT-2 vocabulary", ["--example=paragraph", "--full_vocab=True"], False),
     ("compact, --example=line", ["--example=line"], False),
     ("compact, --example=file", ["--example=file"], False),

@@ -15,7 +15,9 @@ end of its text). A file stream is split at a line break that far from its end. 
 files keep the text's order.
 
 By default the ids are compact (see tokenizer.py): a smaller BPE cut out of GPT-2's, made
-of the tokens the train split uses. --full_vocab keeps plain GPT-2 ids. --tokenizer=char
+of the tokens the train split uses at least --min_frequency times (a rarer one is split
+into pieces the vocabulary keeps, as an unseen word will be). --full_vocab keeps plain
+GPT-2 ids. --tokenizer=char
 gives one id per character of the text, --tokenizer=word a word-level vocabulary
 (--vocab_size, --min_frequency); their vocabularies are built from the whole text.
 """
@@ -43,8 +45,10 @@ DEFAULTS = {
     "errors": "strict",  # 'strict': stop at bytes that are not UTF-8; 'replace': use U+FFFD
     "tokenizer": "gpt2",  # 'gpt2' (BPE), 'char' (one id per character) or 'word' (word level)
     "vocab_size": 5000,  # word: at most this many ids, the most frequent words first
-    "min_frequency": 2,  # word: rarer words become <unk>
+    "min_frequency": 0,  # a token seen fewer times gets no id (gpt2: split into kept pieces; word: <unk>); 0: 4 for gpt2, 2 for word
 }
+# gpt2: 4 gave the best held-out bits per byte on Alice (README, "Training on your own text")
+MIN_FREQUENCY = {"gpt2": 4, "word": 2}
 BATCH_BYTES = 1 << 22  # lines are read, decoded and tokenized about 4 MB at a time
 PROGRESS_BYTES = 8 << 20  # inputs larger than this print their progress
 SENTENCE_END = tuple('.!?:;"\'\u201d\u2019')  # a line that ends with none of these ends mid-sentence
@@ -118,7 +122,7 @@ def check_options(config):
          f"--full_vocab applies to --tokenizer=gpt2 only (got --tokenizer={config['tokenizer']})"),
         (config["tokenizer"] != "word" or 4 < config["vocab_size"] <= 65536,
          f"--vocab_size must be between 5 and 65536 (4 ids are special tokens), got {config['vocab_size']}"),
-        (config["min_frequency"] >= 1, f"--min_frequency must be 1 or more, got {config['min_frequency']}"),
+        (config["min_frequency"] >= 0, f"--min_frequency must be 1 or more (0: the tokenizer's default), got {config['min_frequency']}"),
         (config["errors"] in ("strict", "replace"), f"--errors must be 'strict' or 'replace', got {config['errors']!r}"),
         (config["input"] != "", "--input is empty: pass --input=FILE with a UTF-8 text file"),
     ]
@@ -133,11 +137,38 @@ def check_options(config):
         raise UserError(f"input file {path} does not exist; pass --input=FILE with a UTF-8 text file")
 
 
+def tokenize_split(path, errors, example, is_val, split, tokenizer):
+    """(uint16 ids, {examples, chars, bytes}) of one split's examples: a batch at a time, GPT-2 on every core."""
+    threads, size = os.cpu_count() or 1, os.path.getsize(path)
+    parts, n, chars, nbytes, first, started = [], 0, 0, 0, 0, time.time()
+    for done, examples in read_examples(path, errors, example):
+        mine = [e for e, v in zip(examples, is_val[first : first + len(examples)]) if v == (split == "val")]
+        first += len(examples)
+        n += len(mine)
+        if example == "file":  # one stream: no end-of-text between its pieces
+            mine = ["".join(mine)] if mine else []
+            parts.append(tok.encode_examples(tokenizer, mine, threads)[:-1])
+        else:
+            parts.append(tok.encode_examples(tokenizer, mine, threads))
+        sep = 0 if example == "file" else 1  # the end-of-text stands for the line break(s) after an example
+        chars += sum(len(e) + sep for e in mine)
+        nbytes += sum(len(e.encode("utf-8", "surrogatepass")) + sep for e in mine)
+        if size > PROGRESS_BYTES and done is not None:
+            rate = done / 1e6 / max(time.time() - started, 1e-9)
+            print(f"{split}: tokenized {done / 1e6:.1f} / {size / 1e6:.1f} MB ({100 * done / size:.0f}%), {rate:.1f} MB/s", flush=True)
+    if example == "file":
+        parts.append(np.array([tokenizer.eot], dtype=np.uint16))
+    ids = np.concatenate(parts)
+    if len(ids) < 2:
+        raise UserError(f"{path} is too small: its {split} split has {len(ids)} token(s), at least 2 are needed; "
+                        f"add more text{' or raise --val_fraction' if split == 'val' else ''}")
+    return ids, {"examples": n, "chars": chars, "bytes": nbytes}
+
+
 def main():
     config = parse_config(DEFAULTS, sys.argv[1:], allow_files=False, doc=__doc__)
     check_options(config)
     path, out_dir, example, kind = config["input"], config["out_dir"], config["example"], config["tokenizer"]
-    size = os.path.getsize(path)
     check_writable_folder(out_dir, "out_dir")
 
     # Pass 1: check the text decodes, count its examples, hash it; char and word build their vocabulary.
@@ -166,7 +197,7 @@ def main():
                             f"with end-of-text: use --tokenizer=gpt2")
         tokenizer = tok.Char.from_counts(counts)
     elif kind == "word":
-        tokenizer = tok.Word.from_counts(counts, config["vocab_size"], config["min_frequency"])
+        tokenizer = tok.Word.from_counts(counts, config["vocab_size"], config["min_frequency"] or MIN_FREQUENCY[kind])
     else:
         tokenizer = tok.GPT2()  # made compact after the train split, once we know which ids it uses
     if lines >= 20 and open_lines > lines / 2:
@@ -183,40 +214,18 @@ def main():
 
     # Pass 2 tokenizes the train examples, pass 3 the val ones with the finished tokenizer (the
     # compact vocabulary is the train split's): a batch at a time, GPT-2 on every core.
-    threads = os.cpu_count() or 1
     data, counted = {}, {}
-    for split in ("train", "val"):
-        if split == "val" and kind == "gpt2" and not config["full_vocab"]:
-            used = np.flatnonzero(np.bincount(data["train"], minlength=tok.GPT2_EOT + 1))
-            tokenizer = tok.CompactGPT2.from_used_ids(used.tolist())
-            to_compact = np.zeros(tok.GPT2_EOT + 1, dtype=np.uint16)
-            to_compact[tokenizer.gpt2_ids] = np.arange(tokenizer.vocab_size, dtype=np.uint16)
-            data["train"] = to_compact[data["train"]]  # the same tokens: the compact BPE encodes them alike
-        parts, n, chars, nbytes, first, started = [], 0, 0, 0, 0, time.time()
-        for done, examples in read_examples(path, config["errors"], example):
-            mine = [e for e, v in zip(examples, is_val[first : first + len(examples)]) if v == (split == "val")]
-            first += len(examples)
-            n += len(mine)
-            if example == "file":  # one stream: no end-of-text between its pieces
-                mine = ["".join(mine)] if mine else []
-                parts.append(tok.encode_examples(tokenizer, mine, threads)[:-1])
-            else:
-                parts.append(tok.encode_examples(tokenizer, mine, threads))
-            sep = 0 if example == "file" else 1  # the end-of-text stands for the line break(s) after an example
-            chars += sum(len(e) + sep for e in mine)
-            nbytes += sum(len(e.encode("utf-8", "surrogatepass")) + sep for e in mine)
-            if size > PROGRESS_BYTES and done is not None:
-                rate = done / 1e6 / max(time.time() - started, 1e-9)
-                print(f"{split}: tokenized {done / 1e6:.1f} / {size / 1e6:.1f} MB ({100 * done / size:.0f}%), {rate:.1f} MB/s", flush=True)
-        if example == "file":
-            parts.append(np.array([tokenizer.eot], dtype=np.uint16))
-        data[split] = np.concatenate(parts)
-        counted[split] = {"examples": n, "chars": chars, "bytes": nbytes}
-        if len(data[split]) < 2:
-            raise UserError(
-                f"{path} is too small: its {split} split has {len(data[split])} token(s), at least 2 are needed; "
-                f"add more text{' or raise --val_fraction' if split == 'val' else ''}"
-            )
+    data["train"], counted["train"] = tokenize_split(path, config["errors"], example, is_val, "train", tokenizer)
+    if kind == "gpt2" and not config["full_vocab"]:
+        counts = np.bincount(data["train"], minlength=tok.GPT2_EOT + 1)
+        tokenizer = tok.CompactGPT2.from_used_ids(np.flatnonzero(counts >= (config["min_frequency"] or MIN_FREQUENCY[kind])).tolist())
+        to_compact = np.full(tok.GPT2_EOT + 1, -1, dtype=np.int64)
+        to_compact[tokenizer.gpt2_ids] = np.arange(tokenizer.vocab_size)
+        if (to_compact[np.flatnonzero(counts)] >= 0).all():
+            data["train"] = to_compact[data["train"]].astype(np.uint16)  # the same tokens: the compact BPE encodes them alike
+        else:  # tokens rarer than --min_frequency now split into pieces the model sees elsewhere too: encode again
+            data["train"], _ = tokenize_split(path, config["errors"], example, is_val, "train", tokenizer)
+    data["val"], counted["val"] = tokenize_split(path, config["errors"], example, is_val, "val", tokenizer)
 
     meta = {
         **tokenizer.meta(),

@@ -213,7 +213,7 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     ("prepare.py", ["--input="], "--input is empty: pass --input=FILE with a UTF-8 text file"),
     ("prepare.py", ["--input=."], "--input=. is a folder: pass --input=FILE with a UTF-8 text file"),
     ("prepare.py", ["--example=sentence"], "--example must be line, paragraph or file, got 'sentence'"),
-    ("prepare.py", ["--min_frequency=0", "--tokenizer=word"], "--min_frequency must be 1 or more, got 0"),
+    ("prepare.py", ["--min_frequency=-1", "--tokenizer=word"], "--min_frequency must be 1 or more (0: the tokenizer's default), got -1"),
     ("train.py", [TINY, "--seed=-5"], "--seed must be a whole number from 0 to 2**32 - 1, got -5"),
     ("train.py", [TINY, "--seed=99999999999999999999"], "--seed must be a whole number from 0 to 2**32 - 1, got 99999999999999999999"),
     ("train.py", [TINY, "--out_dir="], "--out_dir is empty: pass --out_dir=DIR"),

@@ -51,7 +51,7 @@ def test_same_seed_same_split_other_seed_other_split(tmp_path):
 
 def test_compact_and_full_vocab_files_hold_the_same_text(tmp_path):
     (tmp_path / "in.txt").write_text("\n".join(tense_lines(200)) + "\n", encoding="utf-8")
-    run_script("prepare.py", "--input=in.txt", "--out_dir=compact", cwd=tmp_path)
+    run_script("prepare.py", "--input=in.txt", "--out_dir=compact", "--min_frequency=1", cwd=tmp_path)
     run_script("prepare.py", "--input=in.txt", "--out_dir=full", "--full_vocab=True", cwd=tmp_path)
     for split in ("train", "val"):
         compact_lines, compact_meta = decode_lines(tmp_path / "compact", split)
@@ -146,3 +146,21 @@ def test_val_words_unseen_in_train_use_learned_pieces(tmp_path):
     # the vocabulary is the train split's: " grinned" is not in it, so it becomes " grin" "n" "ed", not 8 bytes
     ids = np.fromfile(tmp_path / "data" / "val.bin", dtype=np.uint16).tolist()
     assert [tokenizer.decode([i]) for i in ids[:-1]] == ["The", " cat", " grin", "n", "ed", "."]
+
+
+def test_a_token_train_has_too_rarely_is_split_into_pieces_it_has_more_often(tmp_path):
+    lines = ["The grin was wide and the cat was planned."] * 30 + ["The cat grinned."] + ["The cat sat."] * 4
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+    pieces = {}
+    for min_frequency in (1, 2):
+        out = f"--out_dir=min{min_frequency}"
+        run_script("prepare.py", "--input=in.txt", "--split=last", "--val_fraction=0.1", f"--min_frequency={min_frequency}", out, cwd=tmp_path)
+        train, meta = split_at_eot(tmp_path / f"min{min_frequency}", "train")
+        assert train == lines[:-4]  # the same text either way
+        tokenizer = tok.from_meta(meta)
+        ids = np.fromfile(tmp_path / f"min{min_frequency}" / "train.bin", dtype=np.uint16).tolist()
+        ends = [i for i, t in enumerate(ids) if t == tokenizer.eot]
+        pieces[min_frequency] = [tokenizer.decode([t]) for t in ids[ends[-2] + 1 : ends[-1]]]  # the last train line's
+    # " grinned" occurs once: kept as GPT-2's one token only with --min_frequency=1; else its pieces
+    assert pieces[1] == ["The", " cat", " grinned", "."]
+    assert pieces[2] == ["The", " cat", " grin", "n", "ed", "."]
