@@ -123,6 +123,12 @@ def check_options(config):
         (config["tokenizer"] != "word" or 4 < config["vocab_size"] <= 65536,
          f"--vocab_size must be between 5 and 65536 (4 ids are special tokens), got {config['vocab_size']}"),
         (config["min_frequency"] >= 0, f"--min_frequency must be 1 or more (0: the tokenizer's default), got {config['min_frequency']}"),
+        (config["tokenizer"] == "word" or config["vocab_size"] == DEFAULTS["vocab_size"],
+         f"--vocab_size applies to --tokenizer=word only; a {config['tokenizer']} vocabulary is what the text uses"
+         + (" (--min_frequency makes the compact one smaller)" if config["tokenizer"] == "gpt2" else "")),
+        (config["min_frequency"] == 0 or config["tokenizer"] == "word" or (config["tokenizer"] == "gpt2" and not config["full_vocab"]),
+         "--min_frequency applies to the compact gpt2 vocabulary and to --tokenizer=word: "
+         + ("--full_vocab keeps all of GPT-2's tokens" if config["full_vocab"] else "char keeps every character of the text")),
         (config["errors"] in ("strict", "replace"), f"--errors must be 'strict' or 'replace', got {config['errors']!r}"),
         (config["input"] != "", "--input is empty: pass --input=FILE with a UTF-8 text file"),
     ]

@@ -214,6 +214,12 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     ("prepare.py", ["--input=."], "--input=. is a folder: pass --input=FILE with a UTF-8 text file"),
     ("prepare.py", ["--example=sentence"], "--example must be line, paragraph or file, got 'sentence'"),
     ("prepare.py", ["--min_frequency=-1", "--tokenizer=word"], "--min_frequency must be 1 or more (0: the tokenizer's default), got -1"),
+    ("prepare.py", ["--vocab_size=300"], "--vocab_size applies to --tokenizer=word only; a gpt2 vocabulary is what the text uses "
+                                         "(--min_frequency makes the compact one smaller)"),
+    ("prepare.py", ["--min_frequency=3", "--full_vocab=True"], "--min_frequency applies to the compact gpt2 vocabulary and to "
+                                                               "--tokenizer=word: --full_vocab keeps all of GPT-2's tokens"),
+    ("prepare.py", ["--min_frequency=3", "--tokenizer=char"], "--min_frequency applies to the compact gpt2 vocabulary and to "
+                                                              "--tokenizer=word: char keeps every character of the text"),
     ("train.py", [TINY, "--seed=-5"], "--seed must be a whole number from 0 to 2**32 - 1, got -5"),
     ("train.py", [TINY, "--seed=99999999999999999999"], "--seed must be a whole number from 0 to 2**32 - 1, got 99999999999999999999"),
     ("train.py", [TINY, "--out_dir="], "--out_dir is empty: pass --out_dir=DIR"),
