@@ -230,6 +230,9 @@ def main():
         if (to_compact[np.flatnonzero(counts)] >= 0).all():
             data["train"] = to_compact[data["train"]].astype(np.uint16)  # the same tokens: the compact BPE encodes them alike
         else:  # tokens rarer than --min_frequency now split into pieces the model sees elsewhere too: encode again
+            if os.path.getsize(path) > PROGRESS_BYTES:
+                rare = int((to_compact[np.flatnonzero(counts)] < 0).sum())
+                print(f"train: encoding again with the compact vocabulary ({rare:,} rarer GPT-2 tokens split into pieces)", flush=True)
             data["train"], _ = tokenize_split(path, config["errors"], example, is_val, "train", tokenizer)
     data["val"], counted["val"] = tokenize_split(path, config["errors"], example, is_val, "val", tokenizer)
 
