@@ -581,12 +581,15 @@ def catch_ctrl_c():
     """
     A flag that Ctrl-C raises: the loop finishes its iteration, saves and exits. A second
     Ctrl-C kills at once, which is safe too: checkpoints are only ever replaced by an atomic rename.
+    Under torchrun every Ctrl-C reaches a rank twice (from the terminal, and forwarded by
+    torchrun), so a rank keeps the flag; torchrun kills one still running 30 s later.
     """
     interrupted = torch.zeros((), dtype=torch.int32)
 
     def on_sigint(signum, frame):
         interrupted.fill_(1)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if "RANK" not in os.environ:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     signal.signal(signal.SIGINT, on_sigint)
     return interrupted
@@ -693,13 +696,17 @@ def main():
         n_logged, iter_num = n_logged + 1, iter_num + 1
         if iter_num == start_iter + 1:
             say("memory per process: weights {:.1f} MB, gradients {:.1f} MB, optimizer state {:.1f} MB".format(*state_megabytes(raw_model, optimizers)))
+        # a copy: Ctrl-C may set the flag again between the all-reduce and the checks, and
+        # every rank must decide on the same value or they part ways mid-collective
+        stop = interrupted.clone()
         if world_size > 1:  # every rank stops at the same step when one of them got Ctrl-C
-            dist.all_reduce(interrupted, op=dist.ReduceOp.MAX)
-        if n_logged == config["log_interval"] or iter_num == config["max_iters"] or interrupted:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        stop = bool(stop)
+        if n_logged == config["log_interval"] or iter_num == config["max_iters"] or stop:
             log_progress(step_losses, n_logged, iter_num, lr, time.perf_counter() - t_log, config, raw_model, peak, world_size,
                          metrics_path, master, say)
             t_log, n_logged = time.perf_counter(), 0
-        if interrupted:
+        if stop:
             save([last_path], "interrupted")
             args = [a for a in sys.argv[1:] if not a.startswith(("--init_from", "--overwrite"))]
             say(f"interrupted: continue with python train.py {' '.join(args + ['--init_from=resume'])}", file=sys.stderr)

@@ -34,6 +34,31 @@ def test_ddp_error_on_every_rank_exits_without_hanging(tiny_run, tmp_path):
     assert result.stderr.count("error: grad_accum (1) must be a multiple of the number of processes (2)") == 1
 
 
+def test_ctrl_c_in_a_terminal_stops_every_rank_at_one_step_and_saves(tiny_run, tmp_path):
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    torchrun_bin = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.Popen([torchrun_bin, "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"), TINY,
+                             f"--data_dir={tiny_run / 'data'}", "--out_dir=out", "--grad_accum=2", "--max_iters=100000",
+                             "--log_interval=5", "--eval_interval=100000"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("iter "):  # training is under way
+            break
+    # a terminal's Ctrl-C reaches torchrun and both ranks, and torchrun forwards it again:
+    # each rank sees it twice, which must still mean "finish the step and save", not "die now"
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert "saved out/last.pth at iteration" in stdout and "(interrupted)" in stdout, stderr
+    assert "continue with python train.py" in stderr and "Connection closed by peer" not in stderr
+    saved = torch.load(tmp_path / "out" / "last.pth", weights_only=True)["iter_num"]
+    assert f"saved out/last.pth at iteration {saved} (interrupted)" in stdout and saved >= 5
+
+
 def test_an_error_only_a_later_rank_hits_is_still_said(monkeypatch, capsys):
     import common
 
