@@ -17,9 +17,9 @@ files keep the text's order.
 By default the ids are compact (see tokenizer.py): a smaller BPE cut out of GPT-2's, made
 of the tokens the train split uses at least --min_frequency times (a rarer one is split
 into pieces the vocabulary keeps, as an unseen word will be). --full_vocab keeps plain
-GPT-2 ids. --tokenizer=char
-gives one id per character of the text, --tokenizer=word a word-level vocabulary
-(--vocab_size, --min_frequency); their vocabularies are built from the whole text.
+GPT-2 ids. --tokenizer=char gives one id per character of the text, --tokenizer=word a
+word-level vocabulary (--vocab_size, --min_frequency); their vocabularies are built from
+the whole text.
 """
 import collections
 import hashlib

@@ -128,8 +128,9 @@ def merge_tree(token, ranks):
 
 class CompactGPT2(GPT2):
     """
-    A smaller BPE cut out of GPT-2's: the tokens a corpus uses, closed under their merge
-    trees, renumbered densely 0..n-1 in GPT-2's rank order, end-of-text last.
+    A smaller BPE cut out of GPT-2's: the tokens a corpus uses (prepare.py: those its train
+    split has at least --min_frequency times), closed under their merge trees, renumbered
+    densely 0..n-1 in GPT-2's rank order, end-of-text last.
 
     Encoding runs GPT-2's own merges restricted to that set (a tiktoken Encoding built
     from the subset of GPT-2's ranks). Since every merge that builds a kept token is
