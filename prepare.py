@@ -175,6 +175,7 @@ def main():
     config = parse_config(DEFAULTS, sys.argv[1:], allow_files=False, doc=__doc__)
     check_options(config)
     path, out_dir, example, kind = config["input"], config["out_dir"], config["example"], config["tokenizer"]
+    min_frequency = config["min_frequency"] or MIN_FREQUENCY.get(kind)  # char has none
     check_writable_folder(out_dir, "out_dir")
 
     # Pass 1: check the text decodes, count its examples, hash it; char and word build their vocabulary.
@@ -203,7 +204,7 @@ def main():
                             f"with end-of-text: use --tokenizer=gpt2")
         tokenizer = tok.Char.from_counts(counts)
     elif kind == "word":
-        tokenizer = tok.Word.from_counts(counts, config["vocab_size"], config["min_frequency"] or MIN_FREQUENCY[kind])
+        tokenizer = tok.Word.from_counts(counts, config["vocab_size"], min_frequency)
     else:
         tokenizer = tok.GPT2()  # made compact after the train split, once we know which ids it uses
     if lines >= 20 and open_lines > lines / 2:
@@ -224,7 +225,7 @@ def main():
     data["train"], counted["train"] = tokenize_split(path, config["errors"], example, is_val, "train", tokenizer)
     if kind == "gpt2" and not config["full_vocab"]:
         counts = np.bincount(data["train"], minlength=tok.GPT2_EOT + 1)
-        tokenizer = tok.CompactGPT2.from_used_ids(np.flatnonzero(counts >= (config["min_frequency"] or MIN_FREQUENCY[kind])).tolist())
+        tokenizer = tok.CompactGPT2.from_used_ids(np.flatnonzero(counts >= min_frequency).tolist())
         to_compact = np.full(tok.GPT2_EOT + 1, -1, dtype=np.int64)
         to_compact[tokenizer.gpt2_ids] = np.arange(tokenizer.vocab_size)
         if (to_compact[np.flatnonzero(counts)] >= 0).all():

@@ -651,7 +651,8 @@ def main():
         restore(initial, raw_model, optimizers, batches, device_type, config["fsdp"])
         iter_num, best_val_loss = initial["iter_num"], initial["best_val_loss"]
         say(f"resuming {resume_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")
-        for note in filter(None, [schedule_note(initial, config)]):  # a changed schedule gets a line
+        note = schedule_note(initial, config)  # a changed schedule gets a line
+        if note:
             say(note)
     elif initial is not None:
         load_state(raw_model, optimizers, initial, config["fsdp"])

@@ -34,12 +34,19 @@ def tense_lines(n):
         return [line.rstrip("\n") for line in f][:n]
 
 
-def torchrun(*args, cwd, script="train.py", check=True):
-    """script under torchrun with 2 processes on this machine (gloo on a CPU); returns the CompletedProcess."""
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes share the cores
+
+
+def torchrun_command(*args, script="train.py"):
+    """The command line of script under torchrun with 2 processes on this machine (gloo on a CPU)."""
     torchrun_bin = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([torchrun_bin, "--standalone", "--nproc_per_node=2", os.path.join(ROOT, script), *args],
-                            cwd=cwd, capture_output=True, text=True, timeout=240, env=env)
+    return [torchrun_bin, "--standalone", "--nproc_per_node=2", os.path.join(ROOT, script), *args]
+
+
+def torchrun(*args, cwd, script="train.py", check=True):
+    """script under torchrun with 2 processes; returns the CompletedProcess."""
+    result = subprocess.run(torchrun_command(*args, script=script), cwd=cwd, capture_output=True, text=True, timeout=240,
+                            env=TORCHRUN_ENV)
     if check and result.returncode != 0:
         raise AssertionError(f"torchrun {script} {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result

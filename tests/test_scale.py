@@ -1,11 +1,13 @@
 """Scaling out on CPU: DDP through torchrun (gloo), mixed precision, activation checkpointing."""
 import json
 import os
+import signal
+import subprocess
 
 import pytest
 import torch
 
-from helpers import ROOT, losses, run_script, torchrun
+from helpers import ROOT, TORCHRUN_ENV, losses, run_script, torchrun, torchrun_command
 from model import GPT, GPTConfig
 
 TINY = os.path.join(ROOT, "config", "tiny.py")
@@ -35,17 +37,10 @@ def test_ddp_error_on_every_rank_exits_without_hanging(tiny_run, tmp_path):
 
 
 def test_ctrl_c_in_a_terminal_stops_every_rank_at_one_step_and_saves(tiny_run, tmp_path):
-    import shutil
-    import signal
-    import subprocess
-    import sys
-
-    torchrun_bin = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = subprocess.Popen([torchrun_bin, "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"), TINY,
-                             f"--data_dir={tiny_run / 'data'}", "--out_dir=out", "--grad_accum=2", "--max_iters=100000",
-                             "--log_interval=5", "--eval_interval=100000"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    command = torchrun_command(TINY, f"--data_dir={tiny_run / 'data'}", "--out_dir=out", "--grad_accum=2", "--max_iters=100000",
+                               "--log_interval=5", "--eval_interval=100000")
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=TORCHRUN_ENV,
+                            start_new_session=True)
     for line in proc.stdout:
         if line.startswith("iter "):  # training is under way
             break
