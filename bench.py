@@ -35,18 +35,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-import tokenizer as tok
-from checkpoint import load_model
-from common import UserError, atomic_write, main_guard, parse_config, pick_device
 from model import GPT, configure_optimizers
-from eval import held_out_loss
-from train import DEFAULTS as TRAIN_DEFAULTS
-from train import Batches, gpt_config_for, measure_peak_flops, pick_dtype, read_metrics, train_step
+from tensegpt import tokenizer as tok
+from tensegpt.checkpoint import load_model
+from tensegpt.chunked_loss import ChunkedLoss, use_chunked_loss
+from tensegpt.common import UserError, atomic_write, main_guard, parse_config, pick_device, script_defaults
+from tensegpt.hardware import autocast_for, measure_peak_flops, pick_dtype
+from tensegpt.loss_eval import held_out_loss
+from tensegpt.run_setup import gpt_config_for
+from tensegpt.runlog import read_metrics
 
 DEFAULTS = {
     "config": "config/small.py",  # the training config whose model is measured
@@ -101,29 +102,40 @@ def peak_memory_mb():
 
 
 def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed, peak, chunked_loss=None):
+    """ms per training step (forward, backward, clipping, AdamW) of the config's model: the median of timed steps."""
     torch.manual_seed(0)
     gpt_config = gpt_config_for(train_config, vocab_size)
-    model = GPT(gpt_config).to(device)
-    if chunked_loss is not None:
-        model.chunked_loss = chunked_loss
+    gpt = GPT(gpt_config).to(device)
+    chunked = use_chunked_loss(gpt_config.vocab_size) if chunked_loss is None else chunked_loss
+    model = ChunkedLoss(gpt) if chunked else gpt  # what train.py trains through
     measure_memory = device == "cpu" and reset_peak_memory()
-    optimizers = configure_optimizers(model, 1e-3, 0.1, (0.9, 0.99))
-    batches = Batches(data, train_config["batch_size"], train_config["block_size"], device, seed=0,
-                      grad_accum=train_config["grad_accum"])
-    autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
+    optimizers = configure_optimizers(gpt, 1e-3, 0.1, (0.9, 0.99))
+    autocast, scaler = autocast_for(device, dtype)
+    B, T, accum = train_config["batch_size"], train_config["block_size"], train_config["grad_accum"]
+    generator = torch.Generator().manual_seed(0)
     times = []
     for step in range(warmup + timed):
         start = time.perf_counter()
-        train_step(model, optimizers, scaler, batches, 1e-3, train_config, autocast)
+        for _ in range(accum):
+            starts = torch.randint(len(data) - T, (B, 1), generator=generator).numpy()
+            windows = torch.from_numpy(data[starts + np.arange(T + 1)].astype(np.int64)).to(device)  # (B, T+1)
+            x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+            with autocast:
+                loss = model(x, y)[1] / accum
+            scaler.scale(loss).backward()
+        scaler.unscale_(optimizers[0])
+        torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
+        scaler.step(optimizers[0])
+        scaler.update()
+        optimizers[0].zero_grad(set_to_none=True)
         sync(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    tokens_per_sec = train_config["batch_size"] * train_config["block_size"] * train_config["grad_accum"] / seconds
-    return {"vocab_size": gpt_config.vocab_size, "params_M": model.num_params() / 1e6, "ms_per_iter": 1000 * seconds,
-            "tokens_per_sec": tokens_per_sec, "mfu": model.estimate_mfu(tokens_per_sec, peak),
-            "chunked_loss": model.chunked_loss, "peak_memory_mb": peak_memory_mb() if measure_memory else None}
+    tokens_per_sec = B * T * accum / seconds
+    return {"vocab_size": gpt_config.vocab_size, "params_M": gpt.num_params() / 1e6, "ms_per_iter": 1000 * seconds,
+            "tokens_per_sec": tokens_per_sec, "mfu": gpt.estimate_mfu(tokens_per_sec, peak),
+            "chunked_loss": chunked, "peak_memory_mb": peak_memory_mb() if measure_memory else None}
 
 
 @torch.no_grad()
@@ -340,7 +352,7 @@ def check_options(opts):
 def main():
     opts = parse_config(DEFAULTS, sys.argv[1:], allow_files=False, doc=__doc__)
     check_options(opts)
-    train_config = parse_config(TRAIN_DEFAULTS, [opts["config"]])
+    train_config = parse_config(script_defaults(os.path.join(HERE, "train.py")), [opts["config"]])
     device = pick_device(opts["device"])
     dtype = pick_dtype(opts["dtype"], device)
     report = {"device": device, "dtype": dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -22,7 +22,6 @@ Shows what a trained model learned, as numbers.
 Other models get part 1 and a one-line note.
 """
 import json
-import math
 import os
 import random
 import sys
@@ -30,14 +29,22 @@ import sys
 import numpy as np
 import torch
 
-import make_tense as grammar
-from checkpoint import load_model
-from common import (UserError, check_output_file, check_seed, main_guard, parse_config, pick_device, pyplot,
-                    save_figure)
-from tokenizer import decode_examples
-from tokenizer import from_meta as tokenizer_from_meta
-from tokenizer import read_meta
-from train import total_nats
+from tensegpt import grammar
+from tensegpt.checkpoint import load_model
+from tensegpt.common import (
+    UserError,
+    check_output_file,
+    check_seed,
+    main_guard,
+    parse_config,
+    pick_device,
+    pyplot,
+    save_figure,
+)
+from tensegpt.data import open_split
+from tensegpt.loss_eval import held_out_loss
+from tensegpt.tokenizer import decode_examples, read_meta
+from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 
 DEFAULTS = {
     "ckpt": "out/trained.pth",  # the checkpoint to evaluate
@@ -73,19 +80,7 @@ def load_split(data_dir, split, tokenizer_meta):
     meta = read_meta(data_dir)
     if tokenizer_from_meta(meta).meta() != tokenizer_meta:
         raise UserError(f"{data_dir}/ was prepared with another tokenizer than the checkpoint's: pass the --data_dir it was trained on")
-    path = os.path.join(data_dir, f"{split}.bin")
-    if not os.path.isfile(path) or os.path.getsize(path) // 2 != meta[f"{split}_tokens"]:
-        raise UserError(f"{path} is missing or does not match {data_dir}/meta.json: run python prepare.py again")
-    return np.fromfile(path, dtype=np.uint16), meta
-
-
-def held_out_loss(model, val, meta, tokenizer, batch_size):
-    nats, counted = total_nats(model, val, model.config.block_size, batch_size)
-    val_bytes = meta.get("val_bytes")
-    if val_bytes is None:  # a folder prepared before meta.json counted bytes: one line break per example
-        val_bytes = sum(len(line.encode()) + 1 for line in decode_examples(tokenizer, val))
-    return {"val_loss": nats / counted, "val_perplexity": math.exp(nats / counted),
-            "bits_per_byte": nats / math.log(2) / val_bytes, "val_tokens": counted + 1, "val_bytes": val_bytes}
+    return np.asarray(open_split(data_dir, split, meta)), meta
 
 
 @torch.no_grad()

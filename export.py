@@ -19,10 +19,10 @@ import os
 import shutil
 import sys
 
-import checkpoint as ckpt
-from common import UserError, atomic_write, check_writable_folder, main_guard, parse_config
-from hf import check_exportable, to_hf
-from tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256, gpt2_file
+from tensegpt import checkpoint as ckpt
+from tensegpt.common import UserError, atomic_write, check_writable_folder, main_guard, parse_config
+from tensegpt.hf import check_exportable, to_hf
+from tensegpt.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256, gpt2_file
 
 DEFAULTS = {
     "ckpt": "out/trained.pth",  # the checkpoint to export

@@ -31,8 +31,15 @@ import time
 
 import numpy as np
 
-import tokenizer as tok
-from common import UserError, atomic_write, check_seed, check_writable_folder, main_guard, parse_config
+from tensegpt import tokenizer as tok
+from tensegpt.common import (
+    UserError,
+    atomic_write,
+    check_seed,
+    check_writable_folder,
+    main_guard,
+    parse_config,
+)
 
 DEFAULTS = {
     "input": "tense.txt",  # the UTF-8 text file to tokenize

@@ -16,16 +16,22 @@ An empty --start (the default) starts from the end-of-text token: the model begi
 new sentence of its own. A prompt longer than the model's context keeps its last
 block_size tokens (a note says so on stderr). The same --seed gives the same text.
 """
-import glob
+
 import math
-import os
 import sys
 
 import torch
 
-from checkpoint import load_model
-from common import (UserError, check_output_file, check_seed, main_guard, parse_config, pick_device, pyplot,
-                    save_figure)
+from tensegpt.common import main_guard, parse_config, pick_device
+from tensegpt.decoding import beam_search
+from tensegpt.sampling import (
+    check_options,
+    load_sampling_model,
+    plot_attention,
+    read_prompt,
+    run_command,
+    token_label,
+)
 
 DEFAULTS = {
     "ckpt": "out/trained.pth",  # the checkpoint to sample from
@@ -48,84 +54,9 @@ DEFAULTS = {
     "attention": "",  # a PNG path: heatmaps of every layer's and head's attention (needs matplotlib)
     "interactive": False,  # a prompt loop on standard input; /help lists its commands
 }
-HELP = """commands: /temperature X  /top_k N (0 = off)  /top_p X  /greedy (on/off)  /max_new_tokens N
-          /num_samples N  /repetition_penalty X  /seed N  /settings  /help  /quit (or Ctrl-D)"""
 
 
-def check_sampling(config):
-    """The sampling settings, checked (also after each change in the interactive loop); changes nothing."""
-    if not config["greedy"] and config["temperature"] <= 0:
-        raise UserError(f"--temperature must be > 0 (got {config['temperature']}); for the most likely token use --greedy")
-    if config["top_k"] is not None and (not isinstance(config["top_k"], int) or isinstance(config["top_k"], bool) or config["top_k"] < 1):
-        raise UserError(f"--top_k must be a whole number >= 1 (got {config['top_k']!r}); leave it out to keep every token")
-    if not 0.0 < config["top_p"] <= 1.0:
-        raise UserError(f"--top_p must be in (0, 1] (got {config['top_p']}); 1.0 keeps every token")
-    for key in ("num_samples", "max_new_tokens"):
-        if config[key] < 1:
-            raise UserError(f"--{key} must be at least 1 (got {config[key]})")
-    if config["repetition_penalty"] <= 0:
-        raise UserError(f"--repetition_penalty must be > 0 (got {config['repetition_penalty']}); 1.0 turns it off")
-    check_seed(config)
-
-
-def check_options(config):
-    """Every option of this script, before any work; returns the --temperatures as a list of floats (or None)."""
-    check_sampling(config)
-    if config["beam"] < 0:
-        raise UserError(f"--beam must be >= 1 beams, or 0 to sample (got {config['beam']})")
-    if config["length_penalty"] < 0:
-        raise UserError(f"--length_penalty must be 0 or more (got {config['length_penalty']})")
-    temps = config["temperatures"]
-    if temps is not None:
-        temps = temps if isinstance(temps, (tuple, list)) else (temps,)
-        if not temps or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in temps):
-            raise UserError(f"--temperatures must be numbers > 0 separated by commas, like 0.2,0.8,1.2 (got {config['temperatures']!r})")
-        temps = [float(t) for t in temps]
-    if config["score"] is not None:
-        config["score"] = str(config["score"])  # --score=1984 is the text "1984"
-        if not config["score"].strip():
-            raise UserError('--score is empty: give the text to score, like --score="The baby is sleeping."')
-    modes = [f"--{key}" for key in ("interactive", "score", "beam", "temperatures") if config[key] not in (False, None, 0)]
-    if len(modes) > 1:
-        raise UserError(f"{' and '.join(modes)} are different modes: use one at a time")
-    if config["attention"]:
-        if modes:
-            raise UserError(f"--attention draws the attention of the first sample; it does not combine with {modes[0]}")
-        plt = pyplot()
-        if plt is None:
-            raise UserError("--attention needs matplotlib: pip install matplotlib")
-        check_output_file(config["attention"], "attention", set(plt.figure().canvas.get_supported_filetypes()))
-        plt.close("all")
-    return temps
-
-
-def load_sampling_model(config, device):
-    """(model, tokenizer) from --ckpt, or from a Hugging Face GPT-2 folder with --init_from=hf:FOLDER."""
-    if not config["init_from"]:
-        ckpt = config["ckpt"]
-        if not os.path.isfile(ckpt):
-            found = sorted(glob.glob(os.path.join("*", "trained.pth")))
-            hint = (f"found {', '.join(found)}: pass --ckpt={found[0]}" if found else
-                    "train one first with python train.py config/small.py (or pass --ckpt=PATH)")
-            raise UserError(f"no checkpoint at {ckpt}: {hint}")
-        return load_model(ckpt, device)[:2]
-    if not config["init_from"].startswith("hf:"):
-        raise UserError(f"--init_from must be hf:FOLDER (a Hugging Face GPT-2 folder), got {config['init_from']!r}")
-    from hf import load_hf
-    from tokenizer import GPT2
-
-    return load_hf(config["init_from"][3:]).to(device).eval(), GPT2()
-
-
-def read_prompt(start):
-    if start.startswith("FILE:"):
-        path = start[len("FILE:"):]
-        if not os.path.isfile(path):
-            raise UserError(f"prompt file {path} does not exist (from --start=FILE:{path})")
-        with open(path, encoding="utf-8", errors="replace") as f:
-            # the file's last line break (echo and editors add one) is not part of the prompt
-            return f.read().removesuffix("\n").removesuffix("\r")
-    return start
+# ----------------------------------------------------------------------------- prompt in, text out
 
 
 class Sampler:
@@ -180,11 +111,47 @@ class Sampler:
             print(text[len(shown):] if text.startswith(shown) else "", flush=True)
         return text
 
-    def beam(self, prompt_ids):
-        idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        new, logprob = self.model.beam_search(idx, self.config["beam"], self.config["max_new_tokens"],
-                                              stop_token=self.tokenizer.eot, length_penalty=self.config["length_penalty"])
-        return self.text(prompt_ids, new), logprob, len(new)
+
+
+# ----------------------------------------------------------------------------- the modes
+
+
+def continuations(sampler, prompt_ids, stream):
+    """The default: num_samples continuations of the prompt (printed as they come if stream)."""
+    c, texts = sampler.config, []
+    num_samples = c["num_samples"]
+    if c["greedy"] and num_samples > 1:
+        print(f"note: --greedy gives the same text every time, so it is printed once (not {num_samples} times)",
+              file=sys.stderr)  # fmt: skip
+        num_samples = 1
+    for i in range(num_samples):
+        texts.append(sampler.sample(prompt_ids, stream=stream))
+        if not stream:
+            print(texts[-1])
+        if i < num_samples - 1:
+            print("---------------")
+    return texts
+
+
+def temperature_table(sampler, prompt_ids, temperatures):
+    """--temperatures: the same prompt at each temperature, side by side."""
+    width = max(len(f"{t:g}") for t in temperatures)
+    for i in range(sampler.config["num_samples"]):
+        for t in temperatures:
+            print(f"temperature {t:<{width}g} | {sampler.sample(prompt_ids, temperature=t)}")
+        if i < sampler.config["num_samples"] - 1:
+            print()
+
+
+def beam(sampler, prompt_ids):
+    """--beam: the most likely continuation that beam search finds, and its log-probability."""
+    c = sampler.config
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=sampler.device)
+    new, logprob = beam_search(sampler.model, idx, c["beam"], c["max_new_tokens"], stop_token=sampler.tokenizer.eot,
+                               length_penalty=c["length_penalty"])  # fmt: skip
+    print(sampler.text(prompt_ids, new))
+    print(f"beam search, {c['beam']} beams: log-probability {logprob:.4f} over {len(new)} tokens "
+          f"({logprob / len(new):.4f} per token)")  # fmt: skip
 
 
 @torch.no_grad()
@@ -204,33 +171,26 @@ def score_text(model, tokenizer, text, device):
     return list(zip(pieces, logprobs.tolist()))
 
 
-def token_label(tokenizer, token):
-    """A token as a heatmap label: what a font cannot draw (a newline, a control byte) as its escape."""
-    if token == tokenizer.eot:
-        return "<end>"
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in tokenizer.decode([token]))
+def score(model, tokenizer, text, device):
+    """--score: each token's log-probability, the total and the perplexity."""
+    scores = score_text(model, tokenizer, text, device)
+    for piece, logprob in scores:
+        print(f"{piece!r:>16} {logprob:9.4f}")
+    total = sum(lp for _, lp in scores)
+    print(f"total log-probability {total:.4f} over {len(scores)} tokens, perplexity {math.exp(-total / len(scores)):.3f}")
 
 
-def plot_attention(maps, labels, path):
-    plt = pyplot()  # there: check_options checked
-    n_layer, n_head = len(maps), maps[0].size(0)
-    size = max(2.5, 0.25 * len(labels))
-    fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head, size * n_layer), squeeze=False)
-    for layer, heads in enumerate(maps):
-        for head in range(n_head):
-            ax = axes[layer][head]
-            ax.imshow(heads[head].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
-            ax.set_title(f"layer {layer} head {head}", fontsize=8)
-            ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
-            ax.set_yticks(range(len(labels)), labels, fontsize=6)
-    fig.suptitle("attention: row = query token, column = key token it attends to")
-    fig.tight_layout()
-    save_figure(fig, path)
+def draw_attention(sampler, text, path):
+    """--attention: every layer's and head's attention weights over a text, as heatmaps."""
+    model, tokenizer = sampler.model, sampler.tokenizer
+    ids = sampler.prompt_ids(text)[-model.config.block_size :]
+    maps = [m.float().cpu() for m in model.attention_weights(torch.tensor([ids], device=sampler.device))]
+    plot_attention(maps, [token_label(tokenizer, t) for t in ids], path)
+    print(f"saved attention heatmaps of {len(maps)} layers x {maps[0].size(0)} heads to {path}", file=sys.stderr)
 
 
 def interactive(sampler, stream):
-    """A prompt loop: a line of text is a prompt, a line starting with / changes a setting."""
-    c = sampler.config
+    """--interactive: a line of text is a prompt; a line starting with / changes a setting."""
     print("type a prompt and press Enter; /help for commands, /quit or Ctrl-D to leave", flush=True)
     while True:
         try:
@@ -238,43 +198,17 @@ def interactive(sampler, stream):
         except (EOFError, KeyboardInterrupt):
             print()
             return
-        if not line.startswith("/"):
-            try:
-                for i in range(c["num_samples"]):
-                    text = sampler.sample(sampler.prompt_ids(line), stream=stream)
-                    if not stream:
-                        print(text, flush=True)
-            except KeyboardInterrupt:
-                print()
+        if line.startswith("/"):
+            if not run_command(sampler, line):
+                return
             continue
-        command, _, value = line[1:].strip().partition(" ")
-        if command in ("quit", "exit", "q"):
-            return
-        if command == "help":
-            print(HELP)
-        elif command == "settings":
-            print(", ".join(f"{k}={c[k]}" for k in ("temperature", "top_k", "top_p", "greedy", "max_new_tokens",
-                                                   "num_samples", "repetition_penalty", "seed")))
-        elif command == "greedy":
-            c["greedy"] = not c["greedy"] if not value else value.lower() in ("on", "true", "1")
-            print(f"greedy is {'on' if c['greedy'] else 'off'}")
-        elif command in ("temperature", "top_k", "top_p", "max_new_tokens", "num_samples", "repetition_penalty", "seed"):
-            before = dict(c)
-            try:
-                number = float(value) if command in ("temperature", "top_p", "repetition_penalty") else int(value)
-                c[command] = None if command == "top_k" and number == 0 else number
-                if command == "temperature" and number <= 0:
-                    raise UserError(f"temperature must be > 0 (got {number}); for the most likely token use /greedy")
-                check_sampling(c)
-            except (ValueError, UserError) as e:
-                c.update(before)
-                print(f"error: {e if isinstance(e, UserError) else f'/{command} wants a number, got {value!r}'}")
-                continue
-            if command == "seed":
-                sampler.generator.manual_seed(c["seed"])
-            print(f"{command} = {c[command]}")
-        else:
-            print(f"unknown command /{command}; /help lists them")
+        try:
+            for _ in range(sampler.config["num_samples"]):
+                text = sampler.sample(sampler.prompt_ids(line), stream=stream)
+                if not stream:
+                    print(text, flush=True)
+        except KeyboardInterrupt:
+            print()
 
 
 def main():
@@ -288,47 +222,16 @@ def main():
 
     if config["interactive"]:
         interactive(sampler, stream)
-        return
-    if config["score"] is not None:
-        scores = score_text(model, tokenizer, config["score"], device)
-        for piece, logprob in scores:
-            print(f"{piece!r:>16} {logprob:9.4f}")
-        total = sum(lp for _, lp in scores)
-        print(f"total log-probability {total:.4f} over {len(scores)} tokens, perplexity {math.exp(-total / len(scores)):.3f}")
-        return
-
-    prompt_ids = sampler.prompt_ids(prompt)
-    if config["beam"]:
-        text, logprob, n = sampler.beam(prompt_ids)
-        print(text)
-        print(f"beam search, {config['beam']} beams: log-probability {logprob:.4f} over {n} tokens "
-              f"({logprob / n:.4f} per token)")
-        return
-    if temperatures:
-        width = max(len(f"{t:g}") for t in temperatures)
-        for i in range(config["num_samples"]):
-            for t in temperatures:
-                print(f"temperature {t:<{width}g} | {sampler.sample(prompt_ids, temperature=t)}")
-            if i < config["num_samples"] - 1:
-                print()
-        return
-    num_samples = config["num_samples"]
-    if config["greedy"] and num_samples > 1:
-        print(f"note: --greedy gives the same text every time, so it is printed once (not {num_samples} times)", file=sys.stderr)
-        num_samples = 1
-    texts = []
-    for i in range(num_samples):
-        texts.append(sampler.sample(prompt_ids, stream=stream))
-        if not stream:
-            print(texts[-1])
-        if i < num_samples - 1:
-            print("---------------")
-    if config["attention"]:
-        ids = sampler.prompt_ids(texts[0])
-        maps = [m.float().cpu() for m in model.attention_weights(torch.tensor([ids[-model.config.block_size:]], device=device))]
-        labels = [token_label(tokenizer, t) for t in ids]
-        plot_attention(maps, labels, config["attention"])
-        print(f"saved attention heatmaps of {len(maps)} layers x {maps[0].size(0)} heads to {config['attention']}", file=sys.stderr)
+    elif config["score"] is not None:
+        score(model, tokenizer, config["score"], device)
+    elif config["beam"]:
+        beam(sampler, sampler.prompt_ids(prompt))
+    elif temperatures:
+        temperature_table(sampler, sampler.prompt_ids(prompt), temperatures)
+    else:
+        texts = continuations(sampler, sampler.prompt_ids(prompt), stream)
+        if config["attention"]:
+            draw_attention(sampler, texts[0], config["attention"])
 
 
 if __name__ == "__main__":

@@ -56,3 +56,26 @@ def losses(out_dir):
     """The loss of every logged step of a run, from its metrics.jsonl."""
     return [loss for line in (out_dir / "metrics.jsonl").read_text().splitlines() if '"losses"' in line
             for loss in json.loads(line)["losses"]]
+
+
+def assert_explicit_attention_is_the_fused_one(model, idx):
+    """In every layer, attention() written out equals the fused kernel forward uses, also with a KV cache."""
+    import torch
+    import torch.nn.functional as F
+
+    from model import attention
+
+    with torch.no_grad():
+        x, caches = model.embed(idx), model.new_caches(1)
+        for block, cache in zip(model.blocks, caches):
+            h = block.ln_1(x)
+            q, k, v = block.attn.heads(h)
+            fused = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            assert torch.allclose(attention(q, k, v)[0], fused, atol=1e-5)
+            # one new query against every cached key (the generation step)
+            block.attn.heads(h[:, :-1], cache, pos=0)
+            q, k, v = block.attn.heads(h[:, -1:], cache, pos=idx.size(1) - 1)
+            step = attention(q, k, v)[0]
+            assert torch.allclose(step, F.scaled_dot_product_attention(q, k, v), atol=1e-5)
+            assert torch.allclose(step, fused[:, :, -1:], atol=1e-5)
+            x = block(x)

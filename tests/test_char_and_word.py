@@ -3,9 +3,9 @@ import json
 
 import numpy as np
 import pytest
-
-import tokenizer as tok
 from helpers import ROOT, run_script, tense_lines
+
+from tensegpt import tokenizer as tok
 
 
 def test_char_round_trip_and_ids():

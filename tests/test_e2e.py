@@ -3,11 +3,11 @@ import json
 
 import pytest
 import torch
-
-import checkpoint as ckpt
-from checkpoint import load_model
 from helpers import ROOT, run_script, tense_lines
+
 from model import GPT, GPTConfig
+from tensegpt import checkpoint as ckpt
+from tensegpt.checkpoint import load_model
 
 
 def read_metrics(folder):

@@ -3,7 +3,6 @@ import os
 import shutil
 
 import pytest
-
 from helpers import ROOT, fails, run_script, tense_lines
 
 TINY = os.path.join(ROOT, "config", "tiny.py")
@@ -94,8 +93,9 @@ def test_resume_with_another_model_config_names_the_keys(tiny_run, tmp_path):
     shutil.copytree(tiny_run / "out", tmp_path / "out")
     message = fails("train.py", TINY, f"--data_dir={tiny_run / 'data'}", "--out_dir=out", "--init_from=resume",
                     "--n_embd=64", "--max_iters=100", cwd=tmp_path)
-    assert message == ("error: out/last.pth was trained with another model config (n_embd: checkpoint 32, requested 64; "
-                       "d_ff: checkpoint 128, requested 256); pass the same settings or start a new --out_dir")
+    assert message == ("error: out/last.pth was trained with --n_embd=32 --d_ff=128 and this run asks for --n_embd=64 "
+                       "--d_ff=256: the saved weights are that model's; resume with --n_embd=32 --d_ff=128, or start a "
+                       "new run from scratch (leave out --init_from=resume and pass another --out_dir, or --overwrite=True)")
 
 
 @pytest.mark.parametrize("script,args", [
@@ -169,7 +169,7 @@ def test_sample_prompt_longer_than_the_context(tiny_run):
     long_prompt = " ".join(["The baby is sleeping."] * 20)
     result = run_script("sample.py", "--ckpt=out/trained.pth", f"--start={long_prompt}", "--num_samples=1",
                         "--max_new_tokens=5", cwd=tiny_run)
-    from checkpoint import load_model
+    from tensegpt.checkpoint import load_model
     tokenizer = load_model(str(tiny_run / "out" / "trained.pth"))[1]
     n_tokens = len(tokenizer.encode(long_prompt))
     assert n_tokens > 32

@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 import torch
-
-import make_tense as grammar
 from helpers import ROOT, fails, run_script, tense_lines
+
+from tensegpt import grammar
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,8 @@ def test_lowercase_parsing_for_the_word_tokenizer():
 
 
 def test_bits_per_byte_of_a_uniform_model_is_log2_of_the_vocabulary_per_token(tiny_run):
-    from checkpoint import load_model
     from eval import held_out_loss, load_split
+    from tensegpt.checkpoint import load_model
     model, tokenizer, checkpoint = load_model(str(tiny_run / "out" / "trained.pth"))
     torch.nn.init.zeros_(model.lm_head.weight)  # tied: every logit 0, uniform over the padded vocabulary
     val, meta = load_split(str(tiny_run / "data"), "val", checkpoint["tokenizer_meta"])

@@ -13,10 +13,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
-import checkpoint as ckpt
-import common
 from helpers import ROOT, fails, run_script, tense_lines
+
+from tensegpt import checkpoint as ckpt
+from tensegpt import common
 
 TINY = os.path.join(ROOT, "config", "tiny.py")
 
@@ -92,7 +92,7 @@ def test_a_torn_or_foreign_metrics_line_never_stops_training_or_resume(run_copy)
     out = resume(run_copy)
     assert "saved out/last.pth" in out.stdout and out.stderr == ""
     assert (run_copy / "out" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn from the lines that parse
-    from train import read_metrics
+    from tensegpt.runlog import read_metrics
     records = read_metrics(run_copy / "out" / "metrics.jsonl")
     assert [r["iter"] for r in records if "val_loss" in r][-1] == 70
 
@@ -182,6 +182,94 @@ def test_resume_on_data_prepared_differently_is_refused(run_copy):
     assert "resuming out/last.pth at iteration 60" in resume(run_copy).stdout
 
 
+# ------------------------------------------------------------------ resume refuses what its state cannot serve
+
+def test_every_train_key_has_one_resume_rule():
+    from tensegpt import run_setup
+    from train import DEFAULTS
+
+    tables = [run_setup.RESUME_FREE, run_setup.RESUME_SCHEDULE, set(run_setup.RESUME_NOTED), set(run_setup.RESUME_MATCH)]
+    ruled = [key for table in tables for key in table]
+    assert sorted(ruled) == sorted(DEFAULTS), "each key of train.py's DEFAULTS needs exactly one resume rule"
+
+
+def changed(value):
+    """Another value of the same type, picked at random."""
+    rng = np.random.default_rng()
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + int(rng.integers(1, 5))
+    if isinstance(value, float):
+        return value + float(rng.uniform(0.01, 0.09))
+    return {"adamw": "muon", "muon": "adamw", "learned": "rotary", "gelu": "swiglu", "layernorm": "rmsnorm"}[value]
+
+
+def test_every_must_match_key_changed_on_resume_is_refused_naming_both_values(run_copy, monkeypatch):
+    from tensegpt import run_setup
+    from train import DEFAULTS
+
+    monkeypatch.chdir(run_copy)
+    saved = torch.load(run_copy / "out" / "last.pth", weights_only=True)
+    config = {**DEFAULTS, **saved["train_config"], "max_iters": 100}
+    meta = json.loads((run_copy / "data" / "meta.json").read_text())
+    for key in run_setup.RESUME_MATCH:
+        new = {**config, key: changed(config[key])}
+        if key == "n_head":
+            new["n_embd"] = config["n_embd"]  # a valid model: n_head 2 -> 4 still divides the width
+            new[key] = 4
+        gpt_config = run_setup.gpt_config_for(new, meta["vocab_size"])
+        with pytest.raises(common.UserError) as refused:
+            run_setup.load_resumable("out/last.pth", gpt_config, saved["tokenizer_meta"], meta, new, DEFAULTS)
+        message = str(refused.value)
+        was, now = saved["model_config"].get(key, config[key]), vars(gpt_config).get(key, new[key])
+        trained, asks = message.split(" and this run asks for ")
+        assert f"--{key}={was!r}" in trained.split(" was trained with ")[1].split() and f"--{key}={now!r}" in asks.split(":")[0].split(), message
+        assert message.endswith("or start a new run from scratch (leave out --init_from=resume and pass another --out_dir, "
+                                "or --overwrite=True)")
+    for key in run_setup.RESUME_NOTED:  # these go on, with a line that says what changed
+        new = {**config, key: changed(config[key])}
+        _, notes = run_setup.load_resumable("out/last.pth", run_setup.gpt_config_for(new, meta["vocab_size"]),
+                                            saved["tokenizer_meta"], meta, new, DEFAULTS)
+        assert notes == [f"note: --{key} was {config[key]!r} and is now {new[key]!r}: {run_setup.RESUME_NOTED[key]}"]
+
+
+@pytest.mark.parametrize("before,after", [("muon", "adamw"), ("adamw", "muon")])
+def test_resume_with_another_optimizer_is_one_line_before_any_work(tiny_run, tmp_path, before, after):
+    shutil.copytree(tiny_run / "data", tmp_path / "data")
+    run_script("train.py", TINY, "--out_dir=out", f"--optimizer={before}", "--max_iters=2", "--eval_interval=2", cwd=tmp_path)
+    saved = (tmp_path / "out" / "last.pth").read_bytes()
+    message = fails("train.py", TINY, "--out_dir=out", f"--optimizer={after}", "--init_from=resume", "--max_iters=4",
+                    cwd=tmp_path)
+    assert message == (f"error: out/last.pth was trained with --optimizer={before!r} and this run asks for "
+                       f"--optimizer={after!r}: the saved optimizer state belongs to that optimizer; resume with "
+                       f"--optimizer={before!r}, or start a new run from scratch (leave out --init_from=resume and "
+                       f"pass another --out_dir, or --overwrite=True)")
+    assert (tmp_path / "out" / "last.pth").read_bytes() == saved
+
+
+# ------------------------------------------------------------------ every data file agrees with meta.json
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_torn_or_foreign_data_file_is_one_line_for_every_script(run_copy, split):
+    rng = np.random.default_rng()
+    path = run_copy / "data" / f"{split}.bin"
+    good = path.read_bytes()
+    meta = json.loads((run_copy / "data" / "meta.json").read_text())
+    for change in (int(rng.integers(1, 9)), -int(rng.integers(1, 9))):  # bytes appended (odd or even), or cut
+        path.write_bytes(good + rng.bytes(change) if change > 0 else good[:change])
+        size = len(good) + change
+        expected = (f"error: data/{split}.bin has {size:,} bytes, but data/meta.json says {meta[f'{split}_tokens']:,} "
+                    f"uint16 tokens ({len(good):,} bytes): the file is torn or from another folder; "
+                    f"run python prepare.py again")
+        assert fails("train.py", TINY, "--out_dir=new", cwd=run_copy) == expected
+        assert fails("eval.py", "--ckpt=out/trained.pth", "--data_dir=data", cwd=run_copy) == expected
+    path.unlink()
+    assert fails("train.py", TINY, "--out_dir=new", cwd=run_copy) == (
+        f"error: data/{split}.bin is missing (data/meta.json says it holds {meta[f'{split}_tokens']:,} tokens): "
+        f"run python prepare.py again")
+
+
 def test_char_vocabulary_too_big_for_uint16_is_refused_before_writing(tmp_path):
     text = "".join(chr(c) for c in range(0x20000, 0x20000 + 70000))
     (tmp_path / "in.txt").write_text(text[:35000] + "\n" + text[35000:] + "\n", encoding="utf-8")
@@ -196,7 +284,7 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     (tmp_path / "in.txt").write_bytes(b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode())
     run_script("prepare.py", "--input=in.txt", "--split=last", "--val_fraction=0.1", cwd=tmp_path)
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
-    from tokenizer import from_meta
+    from tensegpt.tokenizer import from_meta
     first = np.fromfile(tmp_path / "data" / "train.bin", dtype=np.uint16).tolist()
     tokenizer = from_meta(meta)
     assert tokenizer.decode(first[: first.index(tokenizer.eot)]) == lines[0]

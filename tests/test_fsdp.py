@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from helpers import ROOT, losses, run_script, torchrun
+
 from model import GPT, GPTConfig
 
 TINY = os.path.join(ROOT, "config", "tiny.py")
@@ -19,12 +19,13 @@ pytestmark = pytest.mark.skipif(tuple(int(p) for p in torch.__version__.split("+
 
 
 def sharded_gradients(rank, world_size, init_file, x, y, out_file):
-    from train import DEFAULTS, build_model, leave_process_group
+    from tensegpt.distributed import build_model, leave_process_group
+    from train import DEFAULTS
 
     os.environ["OMP_NUM_THREADS"] = "1"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.manual_seed(0)
-    model, raw_model = build_model(CONFIG, {**DEFAULTS, "fsdp": True}, "cpu", world_size, rank, "float32")
+    model, raw_model = build_model(CONFIG, {**DEFAULTS, "fsdp": True}, "cpu", world_size, rank, "float32", chunked_loss=False)
     shard = slice(rank * len(x) // world_size, (rank + 1) * len(x) // world_size)
     model(x[shard], y[shard])[1].backward()
     weights = {name: p.full_tensor() for name, p in raw_model.named_parameters()}  # every rank takes part in the gather

@@ -2,9 +2,9 @@ import random
 import re
 
 import tiktoken_ext.openai_public
-
-import tokenizer as tok
 from helpers import tense_lines
+
+from tensegpt import tokenizer as tok
 
 
 def test_gpt2_ids_match_known_values():

@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
-
 from helpers import ROOT, run_script, tense_lines
-from common import UserError
-from hf import load_hf, read_safetensors
+
+from tensegpt.common import UserError
+from tensegpt.hf import load_hf, read_safetensors
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
 pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
@@ -93,7 +93,7 @@ def test_export_loads_in_transformers_with_the_same_logits_and_text(gpt2_shaped_
     out = run_script("export.py", f"--ckpt={gpt2_shaped_run / 'out' / 'trained.pth'}", f"--out={tmp_path / 'hf'}", cwd=tmp_path)
     assert out.stdout.startswith(f"wrote {tmp_path / 'hf'}/config.json, model.safetensors")
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
-    from checkpoint import load_model
+    from tensegpt.checkpoint import load_model
     model, tokenizer, _ = load_model(str(gpt2_shaped_run / "out" / "trained.pth"))
     idx = torch.tensor([tokenizer.encode("The baby is sleeping in the garden now.")[:6], tokenizer.encode("Did they eat dinner yesterday?")[:6]])
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_a_relu_model_exports_as_gpt2_with_relu(gpt2_shaped_run, tmp_path):
     run_script("export.py", "--ckpt=relu.pth", "--out=hf", cwd=tmp_path)
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     assert hf_model.config.activation_function == "relu"
-    from checkpoint import load_model
+    from tensegpt.checkpoint import load_model
     model = load_model(str(tmp_path / "relu.pth"))[0]
     idx = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -125,7 +125,7 @@ def test_export_without_biases_exports_zero_biases(tmp_path, gpt2_shaped_run):
                "--out_dir=nobias", "--max_iters=5", cwd=tmp_path)
     run_script("export.py", "--ckpt=nobias/trained.pth", "--out=hf", cwd=tmp_path)
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
-    from checkpoint import load_model
+    from tensegpt.checkpoint import load_model
     model = load_model(str(tmp_path / "nobias" / "trained.pth"))[0]
     idx = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -5,7 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, LinearCrossEntropy, configure_optimizers, filter_logits, sample_next
+from helpers import assert_explicit_attention_is_the_fused_one
+
+from model import GPT, GPTConfig, configure_optimizers, filter_logits, sample_next
+from tensegpt.chunked_loss import ChunkedLoss, LinearCrossEntropy, use_chunked_loss
 
 
 def tiny_config(**overrides):
@@ -130,14 +133,13 @@ def test_chunked_loss_matches_plain_loss_and_gradients(n_rows, chunk_rows):
 def test_model_with_a_big_vocabulary_trains_on_the_chunked_path_with_the_same_loss_and_gradients(dtype):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=4096, block_size=16, n_layer=1, n_head=2, n_embd=32))
-    assert model.chunked_loss  # 4096 >= CHUNKED_LOSS_MIN_VOCAB: the default
+    assert use_chunked_loss(4096) and not use_chunked_loss(1152)  # train.py's choice for these vocabularies
     x, y = torch.randint(0, 4096, (4, 16)), torch.randint(0, 4096, (4, 16))
     results = []
     for chunked in (True, False):
-        model.chunked_loss = chunked
         model.zero_grad()
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            logits, loss = model(x, y)
+            logits, loss = (ChunkedLoss(model) if chunked else model)(x, y)
         loss.backward()
         assert (logits is None) == chunked  # the chunked path never builds the (B, T, V) logits
         results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
@@ -145,8 +147,7 @@ def test_model_with_a_big_vocabulary_trains_on_the_chunked_path_with_the_same_lo
     assert abs(results[0][0] - results[1][0]) < tol
     for a, b in zip(results[0][1], results[1][1]):
         assert torch.allclose(a, b, rtol=tol, atol=tol * 1e-2)
-    model.eval()  # evaluation and scoring get the logits
-    assert model(x, y)[0].shape == (4, 16, 4096)
+    assert model(x, y)[0].shape == (4, 16, 4096)  # the model's own forward always makes the logits
 
 
 def test_sampling_draws_from_the_softmax_distribution():
@@ -177,7 +178,7 @@ def test_a_tiny_temperature_is_the_most_likely_token_not_nan():
 
 @pytest.mark.parametrize("n_tokens,block_size", [(50, 16), (17, 16), (9, 16), (40, 7)])
 def test_total_nats_scores_every_token_once(n_tokens, block_size):
-    from train import total_nats
+    from tensegpt.loss_eval import total_nats
     model = GPT(tiny_config(block_size=block_size, vocab_size=64))
     torch.nn.init.zeros_(model.lm_head.weight)  # logits all 0: uniform over the 64 ids, ln 64 nats a token
     tokens = np.arange(n_tokens) % 64
@@ -187,7 +188,7 @@ def test_total_nats_scores_every_token_once(n_tokens, block_size):
 
 
 def test_total_nats_equals_the_loss_of_one_window_when_the_split_fits():
-    from train import total_nats
+    from tensegpt.loss_eval import total_nats
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
     tokens = torch.randint(0, 64, (17,))
@@ -201,23 +202,7 @@ def test_attention_weights_reproduce_the_fast_path(pos_encoding):
     torch.manual_seed(0)
     model = GPT(tiny_config(pos_encoding=pos_encoding)).eval()
     idx = torch.randint(0, 64, (1, 12))
-    fast, _ = model(idx, idx)
     weights = model.attention_weights(idx)
     assert len(weights) == 2 and weights[0].shape == (2, 12, 12)
     assert torch.allclose(weights[0].sum(-1), torch.ones(2, 12)) and weights[0].triu(1).abs().max() == 0  # causal rows
-    for block in model.blocks:  # the explicit path, kept on, gives the fast path's output
-        block.attn.keep_weights = True
-    explicit, _ = model(idx, idx)
-    assert torch.allclose(explicit, fast, atol=1e-5)
-    # and with a KV cache: one new query against every cached key
-    for block in model.blocks:
-        block.attn.keep_weights = False
-    caches = model.new_caches(1)
-    model(idx[:, :11], caches=caches, pos=0)
-    fast_step, _ = model(idx[:, 11:], caches=caches, pos=11)
-    for block in model.blocks:
-        block.attn.keep_weights = True
-    caches = model.new_caches(1)
-    model(idx[:, :11], caches=caches, pos=0)
-    explicit_step, _ = model(idx[:, 11:], caches=caches, pos=11)
-    assert torch.allclose(explicit_step, fast_step, atol=1e-5) and torch.allclose(explicit_step[0, -1], fast[0, -1], atol=1e-5)
+    assert_explicit_attention_is_the_fused_one(model, idx)

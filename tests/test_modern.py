@@ -3,8 +3,8 @@ import os
 
 import pytest
 import torch
+from helpers import ROOT, assert_explicit_attention_is_the_fused_one, losses, run_script
 
-from helpers import ROOT, losses, run_script
 from model import GPT, GPTConfig, configure_optimizers, rotate
 
 SWITCHES = {
@@ -35,13 +35,8 @@ def test_each_switch_trains_and_its_kv_cache_equals_a_full_recompute(switch):
     prompt = idx[:2, :5]
     # 30 new tokens: past block_size 16 the window slides and the cache is rebuilt
     assert torch.equal(model.generate(prompt, 30, greedy=True), model.generate(prompt, 30, greedy=True, use_cache=False))
-    # the model's own attention weights (sample.py --attention) give the fast path's output
-    for block in model.blocks:
-        block.attn.keep_weights = True
-    explicit, _ = model(idx, idx)
-    for block in model.blocks:
-        block.attn.keep_weights = False
-    assert torch.allclose(explicit, model(idx, idx)[0], atol=1e-5)
+    # the attention written out (sample.py --attention draws its weights) is the fused kernel's
+    assert_explicit_attention_is_the_fused_one(model, idx[:1])
 
 
 def test_rotary_attention_scores_depend_only_on_relative_position():
@@ -128,9 +123,10 @@ def test_modern_config_with_muon_resumes_exactly(tiny_run, tmp_path):
 
 
 def test_muon_without_torch_optim_muon_is_a_clear_error(monkeypatch):
-    import train
-    from common import UserError
+    from tensegpt import run_setup
+    from train import DEFAULTS
+    from tensegpt.common import UserError
 
     monkeypatch.delattr(torch.optim, "Muon")
     with pytest.raises(UserError, match=r"--optimizer=muon needs torch.optim.Muon \(torch 2.9 or later"):
-        train.check_layout({**train.DEFAULTS, "optimizer": "muon"}, 1, "float32")
+        run_setup.check_layout({**DEFAULTS, "optimizer": "muon"}, 1, "float32")

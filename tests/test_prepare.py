@@ -2,9 +2,9 @@ import json
 
 import numpy as np
 import pytest
-
-import tokenizer as tok
 from helpers import run_script, tense_lines
+
+from tensegpt import tokenizer as tok
 
 
 def decode_lines(folder, split):

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import prepare
-import tokenizer as tok
-from common import UserError, one_line, parse_config
+from tensegpt import tokenizer as tok
+from tensegpt.common import UserError, one_line, parse_config
 from train import DEFAULTS as TRAIN_DEFAULTS
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

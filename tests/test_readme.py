@@ -1,6 +1,6 @@
 """
-The README's commands, run as written, so the README cannot drift from the code: every
-`python ...` line of its code blocks runs in a scratch folder (with a short tense.txt
+The README's and the docs' commands, run as written, so they cannot drift from the code:
+every `python ...` line of their code blocks runs in a scratch folder (with a short tense.txt
 and the placeholder files it names) and must exit 0. Training commands get a few
 iterations appended (`--max_iters` and friends, last one wins); everything else is
 exactly the README's text.
@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import ROOT, tense_lines
 
 # What a command needs that the README leaves to the reader, or why it is run elsewhere.
@@ -25,9 +24,16 @@ ELSEWHERE = {
 SHORT = ["--max_iters=4", "--eval_interval=2", "--eval_iters=1", "--log_interval=2"]
 
 
+# the README first, then the docs pages in the order a reader meets them (later commands use earlier runs)
+PAGES = ["README.md"] + [f"docs/{name}.md" for name in ("preparing-data", "training", "sampling", "eval", "scaling",
+                                                           "tokenizers", "hugging-face", "modern-block", "performance")]
+
+
 def readme_commands():
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        text = f.read()
+    text = ""
+    for page in PAGES:
+        with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+            text += f.read() + "\n"
     commands = []
     for block in re.findall(r"```\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
-
-import common
 from helpers import ROOT, run_script
+
+from tensegpt import common
 
 TINY = os.path.join(ROOT, "config", "tiny.py")
 
@@ -127,8 +127,8 @@ def test_optimizer_state_of_an_older_checkpoint_is_translated_to_parameter_names
     """Checkpoints written before the optimizer state was keyed by name numbered the parameters."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    from checkpoint import optimizer_state_by_name
     from model import GPT, GPTConfig, configure_optimizers
+    from tensegpt.checkpoint import optimizer_state_by_name
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, bias=True))

@@ -6,11 +6,12 @@ import sys
 
 import pytest
 import torch
-
-from checkpoint import load_model
 from helpers import ROOT, run_script
+
 from model import GPT, GPTConfig, penalize_repetition
 from sample import score_text
+from tensegpt.checkpoint import load_model
+from tensegpt.decoding import beam_search
 
 
 def png_size(path):
@@ -81,7 +82,7 @@ def test_beam_search_scores_at_least_as_well_as_greedy(trained_run):
         idx = torch.tensor([tokenizer.encode(prompt)])
         greedy = model.generate(idx, 30, greedy=True, stop_token=tokenizer.eot)[0, idx.size(1):].tolist()
         greedy_logprob = continuation_logprob(model, idx[0].tolist(), greedy)
-        new, logprob = model.beam_search(idx, 5, 30, stop_token=tokenizer.eot)
+        new, logprob = beam_search(model, idx, 5, 30, stop_token=tokenizer.eot)
         assert logprob == pytest.approx(continuation_logprob(model, idx[0].tolist(), new), abs=1e-4)
         assert logprob / len(new) >= greedy_logprob / len(greedy) - 1e-6
     out = run_script("sample.py", "--ckpt=out/trained.pth", "--start=The baby is", "--beam=4", cwd=trained_run).stdout
@@ -159,7 +160,7 @@ def test_attention_heatmaps(tiny_run, tmp_path):
 
 def test_attention_labels_escape_what_a_font_cannot_draw():
     from sample import token_label
-    from tokenizer import GPT2
+    from tensegpt.tokenizer import GPT2
 
     gpt2 = GPT2()
     assert [token_label(gpt2, t) for t in gpt2.encode("a\nb\x08 c")] == ["a", "\\n", "b", "\\x08", " c"]

@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 import torch
-
 from helpers import ROOT, TORCHRUN_ENV, losses, run_script, torchrun, torchrun_command
+
 from model import GPT, GPTConfig
 
 TINY = os.path.join(ROOT, "config", "tiny.py")
@@ -55,7 +55,7 @@ def test_ctrl_c_in_a_terminal_stops_every_rank_at_one_step_and_saves(tiny_run, t
 
 
 def test_an_error_only_a_later_rank_hits_is_still_said(monkeypatch, capsys):
-    import common
+    from tensegpt import common
 
     def main():
         raise common.UserError("no data/train.bin on this machine")

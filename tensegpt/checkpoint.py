@@ -19,9 +19,9 @@ import zipfile
 
 import torch
 
-from common import UserError, atomic_write
 from model import GPT, GPTConfig
-from tokenizer import from_meta as tokenizer_from_meta
+from tensegpt.common import UserError, atomic_write
+from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 
 # the meta.json fields that make a data folder what it is (the token counts follow from them)
 DATA_KEYS = ["source_sha256", "tokenizer", "vocab_size", "example", "split", "seed", "val_fraction", "train_tokens", "val_tokens"]
@@ -111,8 +111,8 @@ def optimizer_state_by_name(state, model):
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
 
 
-def check_resumable(checkpoint, path, model_config, tokenizer_meta, meta, config):
-    """Refuses, with what differs, a checkpoint that this run cannot continue exactly. model_config: a dict."""
+def check_resumable(checkpoint, path, tokenizer_meta, meta, config):
+    """Refuses, with what differs, a checkpoint that is not a run of this data (train.py's settings: run_setup.py)."""
     missing = set(RESUME_KEYS) - checkpoint.keys()
     if missing:
         raise UserError(f"{path} cannot be resumed: it lacks {', '.join(sorted(missing))} (not written by train.py?)")
@@ -122,10 +122,6 @@ def check_resumable(checkpoint, path, model_config, tokenizer_meta, meta, config
         raise UserError(f"{path} was trained on data prepared differently from {config['data_dir']}/ ({'; '.join(diff)}): "
                         f"resuming would train on lines it was validated on, or on other text; prepare the data as before, "
                         f"or start a new --out_dir")
-    saved = vars(gpt_config_of(checkpoint, path))
-    if saved != model_config:
-        diff = [f"{k}: checkpoint {saved.get(k)!r}, requested {v!r}" for k, v in model_config.items() if saved.get(k) != v]
-        raise UserError(f"{path} was trained with another model config ({'; '.join(diff)}); pass the same settings or start a new --out_dir")
     if checkpoint["tokenizer_meta"] != tokenizer_meta:
         raise UserError(f"{path} was trained on data with another tokenizer than {config['data_dir']}/: prepare the same data again or use another --out_dir")
     if checkpoint["iter_num"] >= config["max_iters"]:

@@ -83,6 +83,16 @@ def option_meanings(script):
     return dict(re.findall(r'^\s*"(\w+)":[^\n]*?,\s*#\s*(.+)$', block.group(1) if block else "", flags=re.M))
 
 
+def script_defaults(script):
+    """A script's DEFAULTS, read from its source (a literal dict): its settings without running or importing it."""
+    with open(script, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["DEFAULTS"]:
+            return ast.literal_eval(node.value)
+    raise ValueError(f"{script} has no DEFAULTS")
+
+
 def _literal(text):
     try:
         return ast.literal_eval(text)

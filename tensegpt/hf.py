@@ -15,8 +15,8 @@ from dataclasses import replace
 
 import torch
 
-from common import UserError
 from model import GPT, GPTConfig, check_config
+from tensegpt.common import UserError
 
 # The names are the same on both sides (model.py follows GPT-2's); per block, the value
 # says whether the tensor is a matrix GPT-2 stores transposed (Conv1D).

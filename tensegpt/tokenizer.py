@@ -34,7 +34,7 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str  # "<|endoftext|>", the gpt2 regex
 
-from common import UserError
+from tensegpt.common import UserError
 
 # The sha256 values of tiktoken_ext/openai_public.py's gpt2() (a test checks they agree).
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"

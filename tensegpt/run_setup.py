@@ -1,0 +1,223 @@
+"""
+What train.py checks and decides before its first step: its settings, the out_dir (an OS
+lock, and no silent overwrite of a finished run), the layout, the model to start from
+(new, GPT-2's weights, or a checkpoint to resume) and what a resume changes.
+"""
+
+import os
+import sys
+from dataclasses import fields
+
+import torch
+
+from model import GPTConfig, check_config
+from tensegpt import checkpoint
+from tensegpt.common import UserError, check_seed, check_writable_folder
+
+MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
+
+# What each train.py key may do when a run resumes (--init_from=resume). Every key of
+# train.py's DEFAULTS has a row (tests/test_faults.py walks them all, so a key added later
+# without one fails the suite).
+RESUME_FREE = {  # how the run is carried out or reported: the saved state serves any value
+    "data_dir", "out_dir", "init_from", "overwrite", "eval_interval", "log_interval",
+    "device", "dtype", "peak_flops", "compile", "grad_checkpointing", "fsdp",
+}  # fmt: skip
+RESUME_SCHEDULE = {"max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr"}  # see schedule_note
+RESUME_NOTED = {  # the run goes on differently from here: a line says what changed
+    "batch_size": "each step now sees another number of tokens",
+    "grad_accum": "each step now sees another number of tokens",
+    "weight_decay": "the weights now decay at another rate",
+    "grad_clip": "gradients are now clipped at another norm",
+    "eval_iters": "val losses are now averaged over another number of batches, so they compare less "
+    "exactly with the best one so far",
+}
+RESUME_MATCH = {  # the saved state is right only for the saved value (model keys: its model_config)
+    "optimizer": "the saved optimizer state belongs to that optimizer",
+    "beta1": "the saved moment estimates were averaged with that beta1",
+    "beta2": "the saved moment estimates were averaged with that beta2",
+    "seed": "the evaluation batches (and so the best val loss so far) were drawn with that seed",
+    **{key: "the saved weights are that model's" for key in MODEL_KEYS},
+}
+
+
+def check_train_config(config):
+    positive = ("batch_size", "block_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval")
+    for key in positive:
+        if config[key] <= 0:
+            raise UserError(f"config key {key} must be positive, got {config[key]}")
+    for key in ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip"):
+        if config[key] < 0:
+            raise UserError(f"config key {key} must not be negative, got {config[key]}")
+    if config["init_from"] not in ("scratch", "resume") and not config["init_from"].startswith("hf:"):
+        raise UserError(f"init_from must be 'scratch', 'resume' or 'hf:FOLDER', got {config['init_from']!r}")
+    if config["optimizer"] not in ("adamw", "muon"):
+        raise UserError(f"optimizer must be 'adamw' or 'muon', got {config['optimizer']!r}")
+    if config["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {config['dtype']!r}")
+    check_seed(config)
+    if not config["data_dir"]:
+        raise UserError("--data_dir is empty: pass the folder prepare.py wrote, --data_dir=DIR")
+    check_writable_folder(config["out_dir"], "out_dir")
+
+
+def refuse_overwrite(config, paths):
+    existing = [p for p in paths if os.path.exists(p)]
+    if config["init_from"] != "resume" and existing and not config["overwrite"]:
+        args = " ".join(a for a in sys.argv[1:] if not a.startswith("--overwrite"))
+        raise UserError(
+            f"{existing[0]} already exists: to start over, run python train.py {args} --overwrite=True; "
+            f"to continue it, --init_from=resume; or pass another --out_dir"
+        )
+
+
+def lock_out_dir(out_dir):
+    """
+    Holds an OS lock on out_dir/.lock until this process ends, so a second train.py into
+    the same folder refuses at once instead of interleaving checkpoints and logs. The OS
+    drops the lock when a process dies, however it dies: a stale lock never blocks.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; run one train.py per out_dir
+        return None
+    path = os.path.join(out_dir, ".lock")
+    handle = open(path, "a+")  # noqa: SIM115 - held open for the life of the process
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        raise UserError(
+            f"another train.py (process {holder}) is training into {out_dir}/ right now: "
+            f"wait for it to finish, or pass another --out_dir"
+        ) from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle  # the lock lives as long as this file object
+
+
+def check_layout(config, world_size, dtype):
+    """The combinations of --fsdp, --optimizer and dtype that cannot work, refused before any work."""
+    if config["optimizer"] == "muon" and not hasattr(torch.optim, "Muon"):
+        raise UserError(
+            f"--optimizer=muon needs torch.optim.Muon (torch 2.9 or later; this is {torch.__version__}): "
+            f"upgrade torch, or use --optimizer=adamw"
+        )
+    if not config["fsdp"]:
+        return
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if version < (2, 9):  # 2.6 crashes on CPU; 2.7 and 2.8 sum the ranks' gradients instead of averaging
+        raise UserError(
+            f"--fsdp=True needs torch 2.9 or later (this is {torch.__version__}); upgrade torch, or train with DDP"
+        )
+    if world_size == 1:
+        raise UserError(
+            "--fsdp=True shards the model across the processes torchrun starts: "
+            "run torchrun --nproc_per_node=N train.py ... (one process has nothing to share with)"
+        )
+    if config["optimizer"] == "muon":
+        raise UserError(
+            "--optimizer=muon orthogonalises whole matrices, which FSDP splits across processes: "
+            "use --fsdp=False or --optimizer=adamw"
+        )
+    if dtype == "float16":
+        raise UserError(
+            "--fsdp=True trains in float32 or bfloat16 (float16 would need a sharded loss scaler): "
+            "use --dtype=bfloat16"
+        )
+
+
+def gpt_config_for(config, vocab_size):
+    """The GPTConfig of a train.py config's model keys, for a vocabulary of vocab_size ids."""
+    # the embedding and output layer get a multiple of 64 rows: faster matmuls; the
+    # padding rows are never a target and decode to nothing
+    return GPTConfig(vocab_size=-(-vocab_size // 64) * 64, **{k: config[k] for k in MODEL_KEYS})
+
+
+def choose_model(config, meta, tokenizer_meta, say):
+    """(GPTConfig, whole initial weights or None): the config's model keys, or GPT-2's (init_from=hf:FOLDER)."""
+    if config["init_from"].startswith("hf:"):
+        model = load_gpt2_weights(config["init_from"][3:], config, tokenizer_meta, say)
+        return model.config, {"model": model.state_dict()}
+    gpt_config = gpt_config_for(config, meta["vocab_size"])
+    problems = check_config(gpt_config)
+    if problems:
+        raise UserError("; ".join(problems))
+    return gpt_config, None
+
+
+def load_gpt2_weights(folder, config, tokenizer_meta, say):
+    """A GPT with the weights of a Hugging Face GPT-2 folder, cut to config's block_size, for fine-tuning."""
+    from tensegpt.hf import load_hf
+
+    if tokenizer_meta["tokenizer"] != "gpt2":
+        raise UserError(
+            f"GPT-2 weights need data in GPT-2's own ids, but {config['data_dir']}/ is "
+            f"{tokenizer_meta['tokenizer']}: prepare it with --full_vocab=True"
+        )
+    # the architecture is the checkpoint's; the context can shrink (fewer learned positions)
+    model = load_hf(folder, block_size=config["block_size"], dropout=config["dropout"])
+    c = model.config
+    say(
+        f"initialising from the GPT-2 weights in {folder} (n_layer {c.n_layer}, n_head {c.n_head}, "
+        f"n_embd {c.n_embd}; the model keys of the config are not used)"
+    )
+    return model
+
+
+def load_resumable(path, gpt_config, tokenizer_meta, meta, config, defaults):
+    """
+    (the checkpoint to continue, the lines to say about what this run changes). Refused,
+    before any work, where the saved state cannot serve this run's settings.
+    """
+    saved = checkpoint.load(
+        path,
+        missing_hint="nothing to resume; leave out --init_from=resume to start a new run, "
+        "or pass the --out_dir of the run to continue",
+    )
+    checkpoint.check_resumable(saved, path, tokenizer_meta, meta, config)
+    return saved, resume_changes(saved, path, gpt_config, config, defaults)
+
+
+def resume_changes(saved, path, gpt_config, config, defaults):
+    """
+    The notes for changed RESUME_NOTED keys (RESUME_SCHEDULE's: schedule_note), or a
+    UserError that names every changed RESUME_MATCH key with both values.
+    """
+    # a key the checkpoint lacks was added since it was written: the run had its default
+    then = {**defaults, **saved.get("train_config", {})}
+    now = dict(config)
+    # the model keys as the model has them (d_ff 0 is 4 * n_embd): the checkpoint's own model_config
+    then.update({k: v for k, v in vars(checkpoint.gpt_config_of(saved, path)).items() if k in MODEL_KEYS})
+    now.update({k: v for k, v in vars(gpt_config).items() if k in MODEL_KEYS})
+    changed = [key for key in RESUME_MATCH if then[key] != now[key]]
+    if changed:
+        was = " ".join(f"--{key}={then[key]!r}" for key in changed)
+        asks = " ".join(f"--{key}={now[key]!r}" for key in changed)
+        why = "; ".join(dict.fromkeys(RESUME_MATCH[key] for key in changed))  # each reason once
+        raise UserError(
+            f"{path} was trained with {was} and this run asks for {asks}: {why}; resume with {was}, or start "
+            f"a new run from scratch (leave out --init_from=resume and pass another --out_dir, or --overwrite=True)"
+        )
+    return [
+        f"note: --{key} was {then[key]!r} and is now {now[key]!r}: {why}"
+        for key, why in RESUME_NOTED.items()
+        if then[key] != now[key]
+    ]
+
+
+def schedule_note(saved, config, get_lr):
+    """A line about the learning rate when a resume changes where the schedule ends, else None."""
+    before = {**config, **{k: v for k, v in saved.get("train_config", {}).items() if k in RESUME_SCHEDULE}}
+    end = lambda c: c["lr_decay_iters"] or c["max_iters"]
+    it = saved["iter_num"]
+    if end(before) == end(config) and get_lr(it, before) == get_lr(it, config):
+        return None
+    return (
+        f"note: the learning-rate schedule now decays until iteration {end(config)} (it was {end(before)}): "
+        f"at iteration {it} the rate goes from {get_lr(it, before):.2e} to {get_lr(it, config):.2e}, so the "
+        f"loss may rise for a while before it falls again. To keep the old schedule, pass "
+        f"--lr_decay_iters={end(before)} (the rate then stays at min_lr)"
+    )
