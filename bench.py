@@ -28,6 +28,7 @@ Measures where the time goes, on this machine, in one run (ratios are what to co
    figures for a tense.txt-like input.
 It is a benchmark, not a test: nothing here asserts a speed.
 """
+
 import json
 import os
 import statistics
@@ -39,13 +40,14 @@ import time
 import numpy as np
 import torch
 
-from model import GPT, configure_optimizers
+from model import GPT
 from tensegpt import tokenizer as tok
 from tensegpt.checkpoint import load_model
 from tensegpt.chunked_loss import ChunkedLoss, use_chunked_loss
 from tensegpt.common import UserError, atomic_write, main_guard, parse_config, pick_device, script_defaults
-from tensegpt.hardware import autocast_for, measure_peak_flops, pick_dtype
+from tensegpt.hardware import autocast_for, estimate_mfu, measure_peak_flops, pick_dtype
 from tensegpt.loss_eval import held_out_loss
+from tensegpt.optim import configure_optimizers
 from tensegpt.run_setup import gpt_config_for
 from tensegpt.runlog import read_metrics
 
@@ -59,7 +61,7 @@ DEFAULTS = {
     "gen_tokens": 500,  # new tokens per generation run
     "gen_block_size": 512,  # the generation model's context (>= gen_tokens + 1 keeps it all cached)
     "prepare_mb": 50,  # size of the text prepare.py is timed on; 0 skips it
-    "heldout": "",  # a text file for the held-out quality figures (e.g. ../shared/data/alice.txt); empty skips them
+    "heldout": "",  # a text for the held-out quality figures (e.g. ../shared/data/alice.txt); empty: none
     "quality_steps": 200,  # training steps of each held-out quality run; 0 skips them
     "switch_steps": 0,  # training steps of each modern-block switch run; 0 skips them
     "eval_samples": 500,  # eval.py --num_samples for each switch run on tense.txt
@@ -102,7 +104,7 @@ def peak_memory_mb():
 
 
 def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed, peak, chunked_loss=None):
-    """ms per training step (forward, backward, clipping, AdamW) of the config's model: the median of timed steps."""
+    """ms per training step (forward, backward, clipping, AdamW) of the config's model (median)."""
     torch.manual_seed(0)
     gpt_config = gpt_config_for(train_config, vocab_size)
     gpt = GPT(gpt_config).to(device)
@@ -118,7 +120,9 @@ def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed,
         start = time.perf_counter()
         for _ in range(accum):
             starts = torch.randint(len(data) - T, (B, 1), generator=generator).numpy()
-            windows = torch.from_numpy(data[starts + np.arange(T + 1)].astype(np.int64)).to(device)  # (B, T+1)
+            windows = torch.from_numpy(data[starts + np.arange(T + 1)].astype(np.int64)).to(
+                device
+            )  # (B, T+1)
             x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
             with autocast:
                 loss = model(x, y)[1] / accum
@@ -133,9 +137,15 @@ def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed,
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     tokens_per_sec = B * T * accum / seconds
-    return {"vocab_size": gpt_config.vocab_size, "params_M": gpt.num_params() / 1e6, "ms_per_iter": 1000 * seconds,
-            "tokens_per_sec": tokens_per_sec, "mfu": gpt.estimate_mfu(tokens_per_sec, peak),
-            "chunked_loss": chunked, "peak_memory_mb": peak_memory_mb() if measure_memory else None}
+    return {
+        "vocab_size": gpt_config.vocab_size,
+        "params_M": gpt.num_params() / 1e6,
+        "ms_per_iter": 1000 * seconds,
+        "tokens_per_sec": tokens_per_sec,
+        "mfu": estimate_mfu(gpt, tokens_per_sec, peak),
+        "chunked_loss": chunked,
+        "peak_memory_mb": peak_memory_mb() if measure_memory else None,
+    }
 
 
 @torch.no_grad()
@@ -200,15 +210,25 @@ def legacy_compact(folder):
     meta = tok.read_meta(folder)
     new = tok.from_meta(meta)
     gpt2_ids = np.array(new.gpt2_ids)
-    train = gpt2_ids[np.fromfile(os.path.join(folder, "train.bin"), dtype=np.uint16)]  # the same tokens, GPT-2's ids
-    old = tok.CompactGPT2(sorted(set(np.unique(train).tolist()) | set(tok.single_byte_ids()) | {tok.GPT2_EOT}), "bytes")
+    train = gpt2_ids[
+        np.fromfile(os.path.join(folder, "train.bin"), dtype=np.uint16)
+    ]  # the same tokens, GPT-2's ids
+    old = tok.CompactGPT2(
+        sorted(set(np.unique(train).tolist()) | set(tok.single_byte_ids()) | {tok.GPT2_EOT}), "bytes"
+    )
     to_old = np.zeros(tok.GPT2_EOT + 1, dtype=np.uint16)
     to_old[old.gpt2_ids] = np.arange(old.vocab_size)
     texts = tok.decode_examples(new, np.fromfile(os.path.join(folder, "val.bin"), dtype=np.uint16))
     data = {"train": to_old[train], "val": tok.encode_examples(old, texts)}
     for split, arr in data.items():
         atomic_write(os.path.join(folder, f"{split}.bin"), arr.tofile)
-    meta.update(old.meta(), vocab_size=old.vocab_size, eot=old.eot, train_tokens=len(data["train"]), val_tokens=len(data["val"]))
+    meta.update(
+        old.meta(),
+        vocab_size=old.vocab_size,
+        eot=old.eot,
+        train_tokens=len(data["train"]),
+        val_tokens=len(data["val"]),
+    )
     atomic_write(os.path.join(folder, "meta.json"), lambda f: f.write(json.dumps(meta).encode()))
 
 
@@ -224,11 +244,14 @@ QUALITY_VARIANTS = [  # (name, prepare.py options, old byte fallback)
 
 
 def score_held_out(ckpt, data_dir):
-    """(model, eval.py's held-out figures: val loss, bits per byte, ...; and the vocabulary) of a checkpoint on a folder's val split."""
+    """(model, held-out figures: val loss, bits per byte, ..., vocabulary) of a checkpoint on a val split."""
     model, tokenizer, _ = load_model(ckpt)
     meta = tok.read_meta(data_dir)
     val = np.fromfile(os.path.join(data_dir, "val.bin"), dtype=np.uint16)
-    return model, {**held_out_loss(model, val, meta, tokenizer, batch_size=8), "vocab_size": meta["vocab_size"]}
+    return model, {
+        **held_out_loss(model, val, meta, tokenizer, batch_size=8),
+        "vocab_size": meta["vocab_size"],
+    }
 
 
 def bench_quality(text, steps, config_path, dtype):
@@ -236,16 +259,35 @@ def bench_quality(text, steps, config_path, dtype):
     results = {}
     for name, options, old_fallback in QUALITY_VARIANTS:
         with tempfile.TemporaryDirectory() as folder:
-            run_script("prepare.py", f"--input={text}", f"--out_dir={folder}/data", "--split=last", "--val_fraction=0.1", *options)
+            run_script(
+                "prepare.py",
+                f"--input={text}",
+                f"--out_dir={folder}/data",
+                "--split=last",
+                "--val_fraction=0.1",
+                *options,
+            )
             if old_fallback:
                 legacy_compact(f"{folder}/data")
             start = time.perf_counter()
-            run_script("train.py", config_path, f"--data_dir={folder}/data", f"--out_dir={folder}/out", f"--max_iters={steps}",
-                       f"--eval_interval={steps}", f"--dtype={dtype}")
+            run_script(
+                "train.py",
+                config_path,
+                f"--data_dir={folder}/data",
+                f"--out_dir={folder}/out",
+                f"--max_iters={steps}",
+                f"--eval_interval={steps}",
+                f"--dtype={dtype}",
+            )
             seconds = time.perf_counter() - start
             model, scores = score_held_out(f"{folder}/out/trained.pth", f"{folder}/data")
-        results[name] = {"bits_per_byte": scores["bits_per_byte"], "vocab_size": scores["vocab_size"],
-                         "val_tokens": scores["val_tokens"], "train_seconds": seconds, "steps": steps}
+        results[name] = {
+            "bits_per_byte": scores["bits_per_byte"],
+            "vocab_size": scores["vocab_size"],
+            "val_tokens": scores["val_tokens"],
+            "train_seconds": seconds,
+            "steps": steps,
+        }
     return results
 
 
@@ -263,7 +305,7 @@ SWITCH_VARIANTS = [  # (name, train.py options): GPT-2's block, each switch alon
 
 
 def training_seconds(records):
-    """{iteration: seconds of training steps before it} from metrics.jsonl records (evaluations not counted)."""
+    """{iteration: seconds of training steps before it} from metrics.jsonl records (not evaluations)."""
     clock, elapsed, last_iter = 0.0, {0: 0.0}, 0
     for r in records:  # a log line carries the ms/iter of the steps since the one before
         if "ms_per_iter" in r:
@@ -273,41 +315,81 @@ def training_seconds(records):
 
 
 def best_loss_within(records, seconds):
-    """The best val loss of the evaluations made within `seconds` of training steps (what trained.pth held then)."""
+    """The best val loss of the evaluations within `seconds` of training steps (trained.pth then)."""
     elapsed = training_seconds(records)
-    return min(r["val_loss"] for r in records if "val_loss" in r and elapsed.get(r["iter"], float("inf")) <= seconds * 1.001)
+    return min(
+        r["val_loss"]
+        for r in records
+        if "val_loss" in r and elapsed.get(r["iter"], float("inf")) <= seconds * 1.001
+    )
 
 
 def bench_switches(text, heldout, steps, config_path, dtype, eval_samples):
     """Each modern-block switch alone and all together, against GPT-2's block: see the docstring's item 6."""
-    corpora = [("tense", [f"--input={text}"])] + ([("prose", [f"--input={heldout}", "--split=last", "--val_fraction=0.1",
-                                                            "--example=paragraph"])] if heldout else [])
-    schedule = [f"--max_iters={steps}", f"--eval_interval={max(1, steps // 6)}", f"--log_interval={max(1, steps // 12)}", f"--dtype={dtype}"]
+    corpora = [("tense", [f"--input={text}"])] + (
+        [("prose", [f"--input={heldout}", "--split=last", "--val_fraction=0.1", "--example=paragraph"])]
+        if heldout
+        else []
+    )
+    schedule = [
+        f"--max_iters={steps}",
+        f"--eval_interval={max(1, steps // 6)}",
+        f"--log_interval={max(1, steps // 12)}",
+        f"--dtype={dtype}",
+    ]
     results = {name: {} for name, _ in SWITCH_VARIANTS}
     with tempfile.TemporaryDirectory() as folder:
         for corpus, options in corpora:
             run_script("prepare.py", *options, f"--out_dir={folder}/{corpus}")
             for i, (name, switches) in enumerate(SWITCH_VARIANTS):
                 out = f"{folder}/{corpus}-{i}"
-                run_script("train.py", config_path, *switches, f"--data_dir={folder}/{corpus}", f"--out_dir={out}", *schedule)
+                run_script(
+                    "train.py",
+                    config_path,
+                    *switches,
+                    f"--data_dir={folder}/{corpus}",
+                    f"--out_dir={out}",
+                    *schedule,
+                )
                 records = read_metrics(f"{out}/metrics.jsonl")
-                if corpus == "tense":  # eval.py scores val (bits per byte) and measures the grammar and the probe
+                if (
+                    corpus == "tense"
+                ):  # eval.py scores val (bits per byte) and measures the grammar and the probe
                     model = load_model(f"{out}/trained.pth")[0]
-                    done = run_script("eval.py", f"--ckpt={out}/trained.pth", f"--data_dir={folder}/tense", f"--num_samples={eval_samples}",
-                                      "--json=True", f"--picture={out}/probe.png")
+                    done = run_script(
+                        "eval.py",
+                        f"--ckpt={out}/trained.pth",
+                        f"--data_dir={folder}/tense",
+                        f"--num_samples={eval_samples}",
+                        "--json=True",
+                        f"--picture={out}/probe.png",
+                    )
                     report = json.loads(done.stdout)
-                    row = {k: report[k] for k in ("bits_per_byte", "grammatical", "tense_agreement", "semantic_errors", "probe_accuracy")
-                           if k in report}
+                    row = {
+                        k: report[k]
+                        for k in (
+                            "bits_per_byte",
+                            "grammatical",
+                            "tense_agreement",
+                            "semantic_errors",
+                            "probe_accuracy",
+                        )
+                        if k in report
+                    }
                 else:
                     model, scores = score_held_out(f"{out}/trained.pth", f"{folder}/{corpus}")
                     row = {"bits_per_byte": scores["bits_per_byte"]}
                 results[name][corpus] = row
                 row["records"] = records
                 row["val_loss"] = min(r["val_loss"] for r in records if "val_loss" in r)
-                row["tokens_per_sec"] = statistics.median(r["tokens_per_sec"] for r in records if "tokens_per_sec" in r)
+                row["tokens_per_sec"] = statistics.median(
+                    r["tokens_per_sec"] for r in records if "tokens_per_sec" in r
+                )
                 row["seconds"] = max(training_seconds(records).values())
                 results[name]["params_M"] = model.num_params() / 1e6
-                results[name]["kv_cache_mb"] = sum(t.numel() * t.element_size() for pair in model.new_caches(1) for t in pair) / 1e6
+                results[name]["kv_cache_mb"] = (
+                    sum(t.numel() * t.element_size() for pair in model.new_caches(1) for t in pair) / 1e6
+                )
         for corpus, _ in corpora:  # the same wall-clock: what the fastest variant needs for its steps
             budget = min(r[corpus]["seconds"] for r in results.values())
             for r in results.values():
@@ -327,26 +409,56 @@ def bench_prepare(source, megabytes):
         size = os.path.getsize(big)
         # prepare.py in a child process that reports its own peak resident memory (VmHWM:
         # unlike getrusage's maxrss, it does not count the memory of this process it forked from)
-        runner = ("import os, runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__'); "
-                  "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
+        runner = (
+            "import os, runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, "
+            "os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__'); "
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
+        )
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", runner, os.path.join(HERE, "prepare.py"), f"--input={big}",
-                               f"--out_dir={folder}/data"], check=True, capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                runner,
+                os.path.join(HERE, "prepare.py"),
+                f"--input={big}",
+                f"--out_dir={folder}/data",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - start
     peak_kb = int(done.stdout.split()[-1])
-    return {"megabytes": size / 1e6, "seconds": seconds, "mb_per_sec": size / 1e6 / seconds,
-            "peak_memory_mb": peak_kb / 1024, "threads": os.cpu_count()}
+    return {
+        "megabytes": size / 1e6,
+        "seconds": seconds,
+        "mb_per_sec": size / 1e6 / seconds,
+        "peak_memory_mb": peak_kb / 1024,
+        "threads": os.cpu_count(),
+    }
 
 
 def check_options(opts):
-    for key, least in (("warmup_steps", 0), ("timed_steps", 1), ("gen_tokens", 1), ("gen_block_size", 2), ("prepare_mb", 0),
-                       ("quality_steps", 0), ("switch_steps", 0), ("eval_samples", 1)):
+    for key, least in (
+        ("warmup_steps", 0),
+        ("timed_steps", 1),
+        ("gen_tokens", 1),
+        ("gen_block_size", 2),
+        ("prepare_mb", 0),
+        ("quality_steps", 0),
+        ("switch_steps", 0),
+        ("eval_samples", 1),
+    ):
         if opts[key] < least:
             raise UserError(f"--{key} must be at least {least}, got {opts[key]}")
     if not os.path.isfile(opts["input"]):
         raise UserError(f"--input={opts['input']} is not a file: pass a UTF-8 text, like tense.txt")
     if opts["heldout"] and not os.path.isfile(opts["heldout"]):
-        raise UserError(f"--heldout={opts['heldout']} is not a file: pass a UTF-8 text, or leave it empty to skip the quality figures")
+        raise UserError(
+            f"--heldout={opts['heldout']} is not a file: pass a UTF-8 text, or leave it empty to skip the "
+            "quality figures"
+        )
 
 
 def main():
@@ -355,11 +467,18 @@ def main():
     train_config = parse_config(script_defaults(os.path.join(HERE, "train.py")), [opts["config"]])
     device = pick_device(opts["device"])
     dtype = pick_dtype(opts["dtype"], device)
-    report = {"device": device, "dtype": dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "config": opts["config"]}
+    report = {
+        "device": device,
+        "dtype": dtype,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "config": opts["config"],
+    }
 
-    report["matmul_peak_gflops"] = {name: measure_peak_flops(device, getattr(torch, name), seconds=1.0) / 1e9
-                                    for name in ("float32", "bfloat16")}
+    report["matmul_peak_gflops"] = {
+        name: measure_peak_flops(device, getattr(torch, name), seconds=1.0) / 1e9
+        for name in ("float32", "bfloat16")
+    }
     peak = report["matmul_peak_gflops"][dtype] * 1e9
 
     with tempfile.TemporaryDirectory() as folder:
@@ -368,62 +487,115 @@ def main():
         timing = (device, dtype, opts["warmup_steps"], opts["timed_steps"], peak)
         report["train_compact"] = bench_training(train_config, compact_data, compact_vocab, *timing)
         report["train_full"] = bench_training(train_config, full_data, full_vocab, *timing)
-        # the same full-vocabulary run with the output layer and loss in one piece, as before LinearCrossEntropy
-        report["train_full_plain_loss"] = bench_training(train_config, full_data, full_vocab, *timing, chunked_loss=False)
-    report["train_speedup"] = report["train_compact"]["tokens_per_sec"] / report["train_full"]["tokens_per_sec"]
-    report["chunked_loss_speedup"] = report["train_full"]["tokens_per_sec"] / report["train_full_plain_loss"]["tokens_per_sec"]
+        # the same full-vocabulary run with the output layer and loss in one piece (no ChunkedLoss)
+        report["train_full_plain_loss"] = bench_training(
+            train_config, full_data, full_vocab, *timing, chunked_loss=False
+        )
+    report["train_speedup"] = (
+        report["train_compact"]["tokens_per_sec"] / report["train_full"]["tokens_per_sec"]
+    )
+    report["chunked_loss_speedup"] = (
+        report["train_full"]["tokens_per_sec"] / report["train_full_plain_loss"]["tokens_per_sec"]
+    )
     gen = bench_generation(train_config, compact_vocab, opts["gen_block_size"], opts["gen_tokens"], device)
     gen["speedup"] = gen["kv_cache_tokens_per_sec"] / gen["full_recompute_tokens_per_sec"]
     if "ms_per_token_at_500" in gen:
         gen["ratio_500_to_50"] = gen["ms_per_token_at_500"] / gen["ms_per_token_at_50"]
-    gen["sampled_tokens_per_sec"] = bench_sampling(train_config, {"compact": compact_vocab, "full": full_vocab},
-                                                   opts["gen_block_size"], opts["gen_tokens"], device)
+    gen["sampled_tokens_per_sec"] = bench_sampling(
+        train_config,
+        {"compact": compact_vocab, "full": full_vocab},
+        opts["gen_block_size"],
+        opts["gen_tokens"],
+        device,
+    )
     report["generation"] = gen
     if opts["prepare_mb"] > 0:
         report["prepare"] = bench_prepare(opts["input"], opts["prepare_mb"])
     if opts["heldout"] and opts["quality_steps"]:
-        report["heldout"] = {"text": opts["heldout"], **bench_quality(opts["heldout"], opts["quality_steps"], opts["config"], dtype)}
+        report["heldout"] = {
+            "text": opts["heldout"],
+            **bench_quality(opts["heldout"], opts["quality_steps"], opts["config"], dtype),
+        }
     if opts["switch_steps"]:
-        report["switches"] = bench_switches(opts["input"], opts["heldout"], opts["switch_steps"], opts["config"], dtype, opts["eval_samples"])
+        report["switches"] = bench_switches(
+            opts["input"], opts["heldout"], opts["switch_steps"], opts["config"], dtype, opts["eval_samples"]
+        )
 
     if opts["json"]:
         print(json.dumps(report, indent=1))
         return
     c, f, p = report["train_compact"], report["train_full"], report["train_full_plain_loss"]
     print(f"device {device}, {dtype}, torch {report['torch']}, {report['threads']} threads, {opts['config']}")
-    print(f"{'matmul peak (torch.mm)':34} float32 {report['matmul_peak_gflops']['float32']:8.1f} GFLOP/s   "
-          f"bfloat16 {report['matmul_peak_gflops']['bfloat16']:8.1f} GFLOP/s")
+    print(
+        f"{'matmul peak (torch.mm)':34} float32 {report['matmul_peak_gflops']['float32']:8.1f} GFLOP/s   "
+        f"bfloat16 {report['matmul_peak_gflops']['bfloat16']:8.1f} GFLOP/s"
+    )
     print(f"{'training':34} {'compact vocab':>16} {'full vocab':>16} {'ratio':>8} {'full, plain loss':>17}")
     print(f"{'  vocab rows':34} {c['vocab_size']:>16,} {f['vocab_size']:>16,} {'':>8} {p['vocab_size']:>17,}")
-    print(f"{'  parameters (M)':34} {c['params_M']:>16.2f} {f['params_M']:>16.2f} {'':>8} {p['params_M']:>17.2f}")
-    print(f"{'  ms/iter (median)':34} {c['ms_per_iter']:>16.1f} {f['ms_per_iter']:>16.1f} {'':>8} {p['ms_per_iter']:>17.1f}")
-    print(f"{'  tokens/s':34} {c['tokens_per_sec']:>16,.0f} {f['tokens_per_sec']:>16,.0f} {report['train_speedup']:>7.1f}x "
-          f"{p['tokens_per_sec']:>17,.0f}")
-    print(f"{'  MFU (of the measured peak)':34} {100 * c['mfu']:>15.1f}% {100 * f['mfu']:>15.1f}% {'':>8} {100 * p['mfu']:>16.1f}%")
+    print(
+        f"{'  parameters (M)':34} {c['params_M']:>16.2f} {f['params_M']:>16.2f} {'':>8} "
+        f"{p['params_M']:>17.2f}"
+    )
+    print(
+        f"{'  ms/iter (median)':34} {c['ms_per_iter']:>16.1f} {f['ms_per_iter']:>16.1f} {'':>8} "
+        f"{p['ms_per_iter']:>17.1f}"
+    )
+    print(
+        f"{'  tokens/s':34} {c['tokens_per_sec']:>16,.0f} {f['tokens_per_sec']:>16,.0f} "
+        f"{report['train_speedup']:>7.1f}x "
+        f"{p['tokens_per_sec']:>17,.0f}"
+    )
+    print(
+        f"{'  MFU (of the measured peak)':34} {100 * c['mfu']:>15.1f}% {100 * f['mfu']:>15.1f}% {'':>8} "
+        f"{100 * p['mfu']:>16.1f}%"
+    )
     if c["peak_memory_mb"] is not None:
-        print(f"{'  peak resident memory (MB)':34} {c['peak_memory_mb']:>16,.0f} {f['peak_memory_mb']:>16,.0f} {'':>8} "
-              f"{p['peak_memory_mb']:>17,.0f}")
-    print(f"{'  chunked loss (full vocab)':34} {'on' if c['chunked_loss'] else 'off':>16} {'on':>16} {'':>8} {'off':>17}   "
-          f"chunked is {report['chunked_loss_speedup']:.2f}x the plain loss")
+        print(
+            f"{'  peak resident memory (MB)':34} {c['peak_memory_mb']:>16,.0f} {f['peak_memory_mb']:>16,.0f} "
+            f"{'':>8} "
+            f"{p['peak_memory_mb']:>17,.0f}"
+        )
+    print(
+        f"{'  chunked loss (full vocab)':34} {'on' if c['chunked_loss'] else 'off':>16} {'on':>16} {'':>8} "
+        f"{'off':>17}   "
+        f"chunked is {report['chunked_loss_speedup']:.2f}x the plain loss"
+    )
     print(f"{'generation':34} {'KV cache':>16} {'full recompute':>16} {'ratio':>8}")
     label = f"  tokens/s ({gen['new_tokens']} new, block {gen['block_size']})"
-    print(f"{label:34} {gen['kv_cache_tokens_per_sec']:>16,.0f} {gen['full_recompute_tokens_per_sec']:>16,.0f} {gen['speedup']:>7.1f}x")
+    print(
+        f"{label:34} {gen['kv_cache_tokens_per_sec']:>16,.0f} {gen['full_recompute_tokens_per_sec']:>16,.0f} "
+        f"{gen['speedup']:>7.1f}x"
+    )
     if "ratio_500_to_50" in gen:
-        print(f"{'  ms/token at position 50, 500':34} {gen['ms_per_token_at_50']:>16.2f} {gen['ms_per_token_at_500']:>16.2f} "
-              f"{gen['ratio_500_to_50']:>7.2f}x")
+        print(
+            f"{'  ms/token at position 50, 500':34} {gen['ms_per_token_at_50']:>16.2f} "
+            f"{gen['ms_per_token_at_500']:>16.2f} "
+            f"{gen['ratio_500_to_50']:>7.2f}x"
+        )
     sampled = gen["sampled_tokens_per_sec"]
     print(f"{'  sampled tokens/s, T=0.8':34} {'compact vocab':>16} {'full vocab':>16}")
-    print(f"{'':34} {sampled['compact']:>16,.0f} {sampled['full']:>16,.0f} {sampled['compact'] / sampled['full']:>7.2f}x")
+    print(
+        f"{'':34} {sampled['compact']:>16,.0f} {sampled['full']:>16,.0f} "
+        f"{sampled['compact'] / sampled['full']:>7.2f}x"
+    )
     if "prepare" in report:
         p = report["prepare"]
-        print(f"{'prepare':34} {p['megabytes']:.0f} MB in {p['seconds']:.1f} s: {p['mb_per_sec']:.1f} MB/s, "
-              f"peak memory {p['peak_memory_mb']:.0f} MB, {p['threads']} threads")
+        print(
+            f"{'prepare':34} {p['megabytes']:.0f} MB in {p['seconds']:.1f} s: {p['mb_per_sec']:.1f} MB/s, "
+            f"peak memory {p['peak_memory_mb']:.0f} MB, {p['threads']} threads"
+        )
     if "heldout" in report:
-        print(f"held-out quality: last 10% of {opts['heldout']}, {opts['quality_steps']} steps of {opts['config']}")
+        print(
+            f"held-out quality: last 10% of {opts['heldout']}, {opts['quality_steps']} steps of "
+            f"{opts['config']}"
+        )
         print(f"{'':34} {'bits per byte':>16} {'vocab':>8} {'train time':>11}")
         for name, _, _ in QUALITY_VARIANTS:
             q = report["heldout"][name]
-            print(f"{'  ' + name:34} {q['bits_per_byte']:>16.3f} {q['vocab_size']:>8,} {q['train_seconds']:>10.0f}s")
+            print(
+                f"{'  ' + name:34} {q['bits_per_byte']:>16.3f} {q['vocab_size']:>8,} "
+                f"{q['train_seconds']:>10.0f}s"
+            )
     if "switches" in report:
         print_switches(report["switches"], opts)
 
@@ -431,23 +603,38 @@ def main():
 def print_switches(switches, opts):
     steps = opts["switch_steps"]
     first = next(iter(switches.values()))
-    print(f"modern-block switches: {steps} steps of {opts['config']} on {opts['input']}"
-          f" (best val loss in N steps, and in the {first['tense']['same_seconds']:.0f} s of training the fastest needs for them)")
-    print(f"{'':24} {'params M':>8} {'KV MB':>6} {'tok/s':>7} {'best val':>8} {'same time':>9} {'bits/B':>7} {'gramm.':>7} "
-          f"{'agree':>6} {'who-what':>8} {'probe':>6}")
+    print(
+        f"modern-block switches: {steps} steps of {opts['config']} on {opts['input']}"
+        f" (best val loss in N steps, and in the {first['tense']['same_seconds']:.0f} s of training the "
+        "fastest needs for them)"
+    )
+    print(
+        f"{'':24} {'params M':>8} {'KV MB':>6} {'tok/s':>7} {'best val':>8} {'same time':>9} {'bits/B':>7} "
+        f"{'gramm.':>7} "
+        f"{'agree':>6} {'who-what':>8} {'probe':>6}"
+    )
     pct = lambda row, key: f"{100 * row[key]:.1f}%" if key in row else "-"  # noqa: E731
     for name, r in switches.items():
         t = r["tense"]
-        print(f"{name:24} {r['params_M']:>8.3f} {r['kv_cache_mb']:>6.2f} {t['tokens_per_sec']:>7,.0f} {t['val_loss']:>8.4f} "
-              f"{t['val_loss_same_seconds']:>9.4f} {t['bits_per_byte']:>7.4f} {pct(t, 'grammatical'):>7} {pct(t, 'tense_agreement'):>6} "
-              f"{pct(t, 'semantic_errors'):>8} {pct(t, 'probe_accuracy'):>6}")
+        print(
+            f"{name:24} {r['params_M']:>8.3f} {r['kv_cache_mb']:>6.2f} {t['tokens_per_sec']:>7,.0f} "
+            f"{t['val_loss']:>8.4f} "
+            f"{t['val_loss_same_seconds']:>9.4f} {t['bits_per_byte']:>7.4f} {pct(t, 'grammatical'):>7} "
+            f"{pct(t, 'tense_agreement'):>6} "
+            f"{pct(t, 'semantic_errors'):>8} {pct(t, 'probe_accuracy'):>6}"
+        )
     if "prose" in first:
-        print(f"held-out prose: {steps} steps on the first 90% of {opts['heldout']}, scored on the last 10% "
-              f"(best val loss in N steps and in {first['prose']['same_seconds']:.0f} s)")
+        print(
+            f"held-out prose: {steps} steps on the first 90% of {opts['heldout']}, scored on the last 10% "
+            f"(best val loss in N steps and in {first['prose']['same_seconds']:.0f} s)"
+        )
         print(f"{'':24} {'tok/s':>7} {'best val':>8} {'same time':>9} {'bits/B':>7}")
         for name, r in switches.items():
             p = r["prose"]
-            print(f"{name:24} {p['tokens_per_sec']:>7,.0f} {p['val_loss']:>8.4f} {p['val_loss_same_seconds']:>9.4f} {p['bits_per_byte']:>7.4f}")
+            print(
+                f"{name:24} {p['tokens_per_sec']:>7,.0f} {p['val_loss']:>8.4f} "
+                f"{p['val_loss_same_seconds']:>9.4f} {p['bits_per_byte']:>7.4f}"
+            )
 
 
 if __name__ == "__main__":

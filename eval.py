@@ -21,6 +21,7 @@ Shows what a trained model learned, as numbers.
    12 x 12 picture of verb tense x preferred tense (with matplotlib).
 Other models get part 1 and a one-line note.
 """
+
 import json
 import os
 import random
@@ -49,7 +50,7 @@ from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 DEFAULTS = {
     "ckpt": "out/trained.pth",  # the checkpoint to evaluate
     "data_dir": "",  # the prepared data to score; empty: the data_dir the checkpoint was trained on
-    "num_samples": 1000,  # sentences to sample for the grammar check (at 240 the shares moved by 1-2 points between seeds)
+    "num_samples": 1000,  # sentences sampled for the grammar check (at 240 the shares moved 1-2 points)
     "temperature": 0.8,  # of those samples (sample.py's default)
     "max_new_tokens": 60,  # the most tokens per sampled sentence
     "probe_per_tense": 25,  # held-out statements per tense in the minimal-pairs probe
@@ -76,10 +77,13 @@ def check_options(config):
 
 
 def load_split(data_dir, split, tokenizer_meta):
-    """(token ids of a split, meta.json) of a prepared folder, refusing one the checkpoint's tokenizer cannot read."""
+    """(token ids of a split, meta.json) of a folder, refusing one the checkpoint's tokenizer cannot read."""
     meta = read_meta(data_dir)
     if tokenizer_from_meta(meta).meta() != tokenizer_meta:
-        raise UserError(f"{data_dir}/ was prepared with another tokenizer than the checkpoint's: pass the --data_dir it was trained on")
+        raise UserError(
+            f"{data_dir}/ was prepared with another tokenizer than the checkpoint's: pass the --data_dir it "
+            "was trained on"
+        )
     return np.asarray(open_split(data_dir, split, meta)), meta
 
 
@@ -88,14 +92,23 @@ def sample_sentences(model, tokenizer, config, device):
     """num_samples sentences: half from an empty prompt, half spread over the grammar's subjects."""
     generator = torch.Generator(device=device).manual_seed(config["seed"])
     n = config["num_samples"]
-    prompts = [("", n - n // 2)] + [(s, k) for s, k in zip((s for s, _, _ in grammar.SUBJECTS), spread(n // 2, len(grammar.SUBJECTS))) if k]
+    prompts = [("", n - n // 2)] + [
+        (s, k)
+        for s, k in zip((s for s, _, _ in grammar.SUBJECTS), spread(n // 2, len(grammar.SUBJECTS)))
+        if k
+    ]
     texts = []
     for prompt, count in prompts:
         ids = [tokenizer.eot] + tokenizer.encode(prompt)
         idx = torch.tensor([ids] * count, device=device)
-        out = model.generate(idx, config["max_new_tokens"], temperature=config["temperature"],
-                             stop_token=tokenizer.eot, generator=generator)
-        for row in out[:, len(ids):].tolist():
+        out = model.generate(
+            idx,
+            config["max_new_tokens"],
+            temperature=config["temperature"],
+            stop_token=tokenizer.eot,
+            generator=generator,
+        )
+        for row in out[:, len(ids) :].tolist():
             row = row[: row.index(tokenizer.eot)] if tokenizer.eot in row else row
             texts.append(tokenizer.decode(ids[1:] + row).strip())
     return texts
@@ -134,14 +147,16 @@ def continuation_logprobs(model, pairs, batch_size):
         width = max(map(len, seqs))
         x = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
         logits, _ = model(x[:, :-1], x[:, 1:].contiguous())
-        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(2, x[:, 1:, None])[..., 0]  # (B, width - 1)
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(2, x[:, 1:, None])[
+            ..., 0
+        ]  # (B, width - 1)
         for row, (prefix, rest) in enumerate(batch):
             scores.append(logprobs[row, len(prefix) - 1 : len(prefix) - 1 + len(rest)].sum().item())
     return scores
 
 
 def probe(model, tokenizer, config, train_lines):
-    """Per tense, held-out statements scored after a time phrase of every tense: the 12 x 12 preference counts."""
+    """Per tense, held-out statements scored after a time phrase of every tense: 12 x 12 preference counts."""
     rng = random.Random(config["seed"])
     known = set(train_lines)
     pairs, truth = [], []
@@ -154,16 +169,22 @@ def probe(model, tokenizer, config, train_lines):
                 continue
             phrase = rng.choice(ONLY[tense])
             form = rng.choice(["affirmative", "negative"])
-            sentence = grammar.sentence(subject, person, verb, rng.choice(objects), tense, form, phrase, time_first=True)
+            sentence = grammar.sentence(
+                subject, person, verb, rng.choice(objects), tense, form, phrase, time_first=True
+            )
             if sentence in known:
                 continue  # held out: the model never saw this sentence
-            rest = tokenizer.encode(sentence[len(phrase):]) + [tokenizer.eot]  # ", the baby ate an apple." and the end
+            rest = tokenizer.encode(sentence[len(phrase) :]) + [
+                tokenizer.eot
+            ]  # ", the baby ate an apple." and the end
             for other in TENSES:
                 lead = rng.choice(ONLY[other]) if other != tense else phrase
                 pairs.append(([tokenizer.eot] + tokenizer.encode(lead[0].upper() + lead[1:]), rest))
             truth.append(t_index)
             made += 1
-    scores = np.array(continuation_logprobs(model, pairs, config["batch_size"])).reshape(len(truth), len(TENSES))
+    scores = np.array(continuation_logprobs(model, pairs, config["batch_size"])).reshape(
+        len(truth), len(TENSES)
+    )
     counts = np.zeros((len(TENSES), len(TENSES)), dtype=int)
     for t_index, row in zip(truth, scores):
         counts[t_index, int(row.argmax())] += 1
@@ -184,7 +205,15 @@ def draw_probe(counts, path):
     for i in range(len(TENSES)):
         for j in range(len(TENSES)):
             if counts[i, j]:
-                ax.text(j, i, f"{shares[i, j]:.0%}", ha="center", va="center", fontsize=6, color="white" if shares[i, j] < 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{shares[i, j]:.0%}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if shares[i, j] < 0.5 else "black",
+                )
     ax.set_title("minimal pairs: which time phrase makes the sentence most likely")
     fig.tight_layout()
     save_figure(fig, path)
@@ -199,8 +228,12 @@ def main():
     data_dir = config["data_dir"] or checkpoint.get("train_config", {}).get("data_dir") or "data"
     val, meta = load_split(data_dir, "val", checkpoint["tokenizer_meta"])
     torch.manual_seed(config["seed"])
-    report = {"ckpt": config["ckpt"], "data_dir": data_dir, "tokenizer": tokenizer.name,
-              **held_out_loss(model, val, meta, tokenizer, config["batch_size"])}
+    report = {
+        "ckpt": config["ckpt"],
+        "data_dir": data_dir,
+        "tokenizer": tokenizer.name,
+        **held_out_loss(model, val, meta, tokenizer, config["batch_size"]),
+    }
 
     val_lines = decode_examples(tokenizer, val)
     lowercase = tokenizer.name == "word"  # the word tokenizer lowercases its text
@@ -208,8 +241,12 @@ def main():
     parses = sum(grammar.parse(line, table, lowercase) is not None for line in val_lines[:500])
     notes = []
     if val_lines and parses >= 0.9 * min(len(val_lines), 500):
-        train_lines = decode_examples(tokenizer, load_split(data_dir, "train", checkpoint["tokenizer_meta"])[0])
-        report.update(grammar_check(sample_sentences(model, tokenizer, config, device), train_lines, table, lowercase))
+        train_lines = decode_examples(
+            tokenizer, load_split(data_dir, "train", checkpoint["tokenizer_meta"])[0]
+        )
+        report.update(
+            grammar_check(sample_sentences(model, tokenizer, config, device), train_lines, table, lowercase)
+        )
         counts = probe(model, tokenizer, config, train_lines)
         per_tense = counts.diagonal() / counts.sum(axis=1)
         report["probe_accuracy"] = float(per_tense.mean())
@@ -222,21 +259,36 @@ def main():
         else:
             notes.append("no picture of the probe: pip install matplotlib")
     else:
-        notes.append(f"the grammar check and the probe are for models trained on tense.txt; {data_dir}/'s val text is not "
-                     f"its sentences ({parses} of {min(len(val_lines), 500)} parse), so they are skipped")
+        notes.append(
+            f"the grammar check and the probe are for models trained on tense.txt; {data_dir}/'s val text is "
+            "not "
+            f"its sentences ({parses} of {min(len(val_lines), 500)} parse), so they are skipped"
+        )
 
     if config["json"]:
         print(json.dumps(report, indent=1))
     else:
-        print(f"{config['ckpt']} on {data_dir}/ val ({report['val_tokens']:,} tokens, {report['val_bytes']:,} bytes): "
-              f"loss {report['val_loss']:.4f}, perplexity {report['val_perplexity']:.3f}, {report['bits_per_byte']:.4f} bits per byte")
+        print(
+            f"{config['ckpt']} on {data_dir}/ val ({report['val_tokens']:,} tokens, {report['val_bytes']:,} "
+            "bytes): "
+            f"loss {report['val_loss']:.4f}, perplexity {report['val_perplexity']:.3f}, "
+            f"{report['bits_per_byte']:.4f} bits per byte"
+        )
         if "grammatical" in report:
-            print(f"{report['samples']} samples at temperature {config['temperature']}: grammatical {report['grammatical']:.1%}, "
-                  f"tense agreement {report['tense_agreement']:.1%} (of {report['with_time_phrase']} with a time phrase), "
-                  f"who-does-what errors {report['semantic_errors']:.1%}, novel {report['novel']:.1%} (of the grammatical ones)")
+            print(
+                f"{report['samples']} samples at temperature {config['temperature']}: grammatical "
+                f"{report['grammatical']:.1%}, "
+                f"tense agreement {report['tense_agreement']:.1%} (of {report['with_time_phrase']} with a "
+                "time phrase), "
+                f"who-does-what errors {report['semantic_errors']:.1%}, novel {report['novel']:.1%} (of the "
+                "grammatical ones)"
+            )
             for bad in report["examples_bad"][:3]:
                 print(f"  not grammatical: {bad!r}")
-            print(f"minimal-pairs probe, {config['probe_per_tense']} held-out statements per tense (chance {1 / len(TENSES):.1%}):")
+            print(
+                f"minimal-pairs probe, {config['probe_per_tense']} held-out statements per tense (chance "
+                f"{1 / len(TENSES):.1%}):"
+            )
             for tense, accuracy in report["probe_per_tense"].items():
                 print(f"  {tense:28} {accuracy:7.1%}")
             print(f"  {'mean':28} {report['probe_accuracy']:7.1%}")

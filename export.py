@@ -13,6 +13,7 @@ Only a GPT-2 shaped model converts: learned positions, GELU, and GPT-2's own tok
 (prepare.py --full_vocab=True). A model trained with bias=False exports with zero
 biases, which computes the same. Needs the safetensors package (pip install safetensors).
 """
+
 import fnmatch
 import json
 import os
@@ -31,9 +32,18 @@ DEFAULTS = {
 }
 WRITES = ["config.json", "model.safetensors", "vocab.json", "merges.txt"]
 # what transformers may load a model or tokenizer from: removed on --overwrite, so no stale file wins
-HF_MODEL_FILES = ["pytorch_model*.bin", "model-*.safetensors", "*.index.json", "tf_model.h5", "flax_model.msgpack",
-                  "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                  "added_tokens.json"]
+HF_MODEL_FILES = [
+    "pytorch_model*.bin",
+    "model-*.safetensors",
+    "*.index.json",
+    "tf_model.h5",
+    "flax_model.msgpack",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+]
 
 
 def main():
@@ -43,7 +53,9 @@ def main():
     except ImportError:
         raise UserError("export.py writes safetensors: pip install safetensors") from None
     checkpoint = ckpt.load(config["ckpt"])
-    model_config = vars(ckpt.gpt_config_of(checkpoint, config["ckpt"]))  # with the keys older checkpoints lack
+    model_config = vars(
+        ckpt.gpt_config_of(checkpoint, config["ckpt"])
+    )  # with the keys older checkpoints lack
     problem = check_exportable(model_config, checkpoint["tokenizer_meta"]["tokenizer"])
     if problem:
         raise UserError(f"{config['ckpt']} is not GPT-2 compatible: {problem}")
@@ -53,19 +65,31 @@ def main():
     check_writable_folder(out, "out")
     old = sorted(set(os.listdir(out)) - set(WRITES))
     if old and not config["overwrite"]:
-        raise UserError(f"{out}/ already holds files ({', '.join(old[:4])}{', ...' if len(old) > 4 else ''}): "
-                        f"pass --overwrite=True to replace its model files, or another --out=DIR")
+        raise UserError(
+            f"{out}/ already holds files ({', '.join(old[:4])}{', ...' if len(old) > 4 else ''}): "
+            f"pass --overwrite=True to replace its model files, or another --out=DIR"
+        )
     for name in old:  # another model's weights (pytorch_model.bin, ...) would load in place of ours
         if any(fnmatch.fnmatch(name, pattern) for pattern in HF_MODEL_FILES):
             os.remove(os.path.join(out, name))
-    atomic_write(os.path.join(out, "model.safetensors"), lambda f: f.write(save(tensors, metadata={"format": "pt"})))
-    atomic_write(os.path.join(out, "config.json"), lambda f: f.write(json.dumps(hf_config, indent=2).encode()))
+    atomic_write(
+        os.path.join(out, "model.safetensors"), lambda f: f.write(save(tensors, metadata={"format": "pt"}))
+    )
+    atomic_write(
+        os.path.join(out, "config.json"), lambda f: f.write(json.dumps(hf_config, indent=2).encode())
+    )
     # GPT-2's tokenizer files under the names transformers looks for
-    for source, name, digest in (("encoder.json", "vocab.json", ENCODER_JSON_SHA256), ("vocab.bpe", "merges.txt", VOCAB_BPE_SHA256)):
+    for source, name, digest in (
+        ("encoder.json", "vocab.json", ENCODER_JSON_SHA256),
+        ("vocab.bpe", "merges.txt", VOCAB_BPE_SHA256),
+    ):
         with open(gpt2_file(source, digest), "rb") as src:
             atomic_write(os.path.join(out, name), lambda f, src=src: shutil.copyfileobj(src, f))
     n_params = sum(t.numel() for t in tensors.values())
-    print(f"wrote {out}/config.json, model.safetensors ({n_params / 1e6:.2f}M parameters), vocab.json, merges.txt")
+    print(
+        f"wrote {out}/config.json, model.safetensors ({n_params / 1e6:.2f}M parameters), vocab.json, "
+        "merges.txt"
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ deterministic for a given seed.
 
 The grammar itself (its tables, sentence() and parse()) is tensegpt/grammar.py.
 """
+
 import sys
 
 from tensegpt.common import UserError, atomic_write, check_seed, main_guard, parse_config

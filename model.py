@@ -7,9 +7,8 @@ The whole GPT in one file, in the order data flows through it:
 then generation: the KV cache and the sampling step. It needs only torch: copy it into
 your own project and `from model import GPT, GPTConfig`.
 
-References: "Attention Is All You Need" (Vaswani et al. 2017) for the transformer and the
-sinusoidal positions; GPT-2 (Radford et al. 2019) for pre-LayerNorm, learned positions,
-tied embeddings and the scaled initialisation; nanoGPT for the shape of this file.
+References: "Attention Is All You Need" (Vaswani et al. 2017); GPT-2 (Radford et al. 2019)
+for pre-LayerNorm, learned positions, tied embeddings and the scaled initialisation.
 
 The defaults are GPT-2's block. Each newer idea is one switch of GPTConfig, written next
 to the GPT-2 piece it replaces (config/modern.py turns them all on):
@@ -69,13 +68,11 @@ def check_config(config):
         problems.append(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
     elif config.n_head > 0 and config.pos_encoding == "rotary" and config.n_embd // config.n_head % 2:
         problems.append(
-            f"rotary positions turn pairs of numbers: the head size n_embd / n_head "
-            f"({config.n_embd // config.n_head}) must be even"
+            f"rotary: the head size n_embd / n_head ({config.n_embd // config.n_head}) must be even"
         )
     if config.n_kv_head > 0 and config.n_head % config.n_kv_head:
         problems.append(
-            f"n_kv_head ({config.n_kv_head}) must divide n_head ({config.n_head}): "
-            f"each key/value head serves a group of query heads"
+            f"n_kv_head ({config.n_kv_head}) must divide n_head ({config.n_head}): each serves a group"
         )
     if not 0.0 <= config.dropout < 1.0:
         problems.append(f"dropout must be in [0, 1), got {config.dropout}")
@@ -91,9 +88,8 @@ def check_config(config):
 def sinusoidal_positions(start, length, n_embd, device=None):
     """Rows start..start+length-1 of PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...)."""
     position = torch.arange(start, start + length, dtype=torch.float32, device=device).unsqueeze(1)  # (T, 1)
-    frequency = torch.exp(
-        torch.arange(0, n_embd, 2, dtype=torch.float32, device=device) * (-math.log(10000.0) / n_embd)
-    )
+    i2 = torch.arange(0, n_embd, 2, dtype=torch.float32, device=device)  # 2i
+    frequency = torch.exp(i2 * (-math.log(10000.0) / n_embd))  # 10000^(-2i/d)
     pe = torch.zeros(length, n_embd, device=device)
     pe[:, 0::2] = torch.sin(position * frequency)
     pe[:, 1::2] = torch.cos(position * frequency)[:, : n_embd // 2]
@@ -294,15 +290,6 @@ class GPT(nn.Module):
             n -= self.wpe.weight.numel()
         return n
 
-    def flops_per_token(self):
-        """Training FLOPs per token (PaLM, appendix B): 6 per weight, plus attention's 12 * L * T * C."""
-        c = self.config
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.block_size * c.n_embd
-
-    def estimate_mfu(self, tokens_per_sec, peak_flops):
-        """Model FLOPs utilisation: the share of the hardware's peak FLOP/s that training uses."""
-        return self.flops_per_token() * tokens_per_sec / peak_flops
-
     def forward(self, idx, targets=None, caches=None, pos=0):
         """
         idx (B, T) token ids -> (logits, loss). With targets (B, T), the ids that come next:
@@ -331,7 +318,9 @@ class GPT(nn.Module):
         """Token embedding plus the position of each token (positions pos..pos+T-1): (B, T, C)."""
         T = idx.size(1)
         if pos + T > self.config.block_size:
-            raise ValueError(f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}")
+            raise ValueError(
+                f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}"
+            )
         x = self.wte(idx)  # (B, T, C)
         if self.config.pos_encoding == "learned":
             x = x + self.wpe.weight[pos : pos + T]  # rows pos..pos+T-1: an embedding lookup of a range
@@ -341,15 +330,6 @@ class GPT(nn.Module):
             x = x * math.sqrt(self.config.n_embd) + pe.to(x.dtype)
         # rotary: no position is added here; attention rotates its queries and keys instead
         return self.drop(x)
-
-    @torch.no_grad()
-    def attention_weights(self, idx):
-        """Every layer's attention weights for idx (1, T), written out (attention()): [(n_head, T, T)]."""
-        x, maps = self.embed(idx), []
-        for block in self.blocks:
-            maps.append(attention(*block.attn.heads(block.ln_1(x)))[1][0])
-            x = block(x)
-        return maps
 
     # ------------------------------------------------------------------------- generation
 
@@ -366,8 +346,10 @@ class GPT(nn.Module):
         return torch.cat([idx, *self.generate_stream(idx, max_new_tokens, **sampling)], dim=1)
 
     @torch.inference_mode()  # like no_grad, and skips autograd's version counting: faster steps
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, greedy=False,
-                        stop_token=None, use_cache=True, generator=None, repetition_penalty=1.0):  # fmt: skip
+    def generate_stream(
+        self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, greedy=False,
+        stop_token=None, use_cache=True, generator=None, repetition_penalty=1.0,
+    ):  # fmt: skip
         """
         Yields the next token ids (B, 1) one step at a time, so a caller can print as they come,
         until max_new_tokens or until every row has produced stop_token.
@@ -465,34 +447,3 @@ def penalize_repetition(logits, idx, penalty):
     seen = torch.gather(logits, 1, idx)  # (B, T): the logits of the tokens already present
     seen = torch.where(seen > 0, seen / penalty, seen * penalty)
     return logits.scatter(1, idx, seen)
-
-
-# ----------------------------------------------------------------------------- training
-
-
-def configure_optimizers(model, learning_rate, weight_decay, betas, kind="adamw"):
-    """
-    The optimizers that train model, as a list (train.py steps each one).
-    'adamw': AdamW with weight decay on matrices (Linear weights, embeddings) only:
-    decaying biases and norm gains just pulls them away from their useful values.
-    'muon': Muon (Jordan et al. 2024) for the blocks' 2-D weight matrices: it replaces
-    each matrix's momentum by the nearest orthogonal matrix (Newton-Schulz iterations),
-    so every direction of the matrix learns at the same rate. The embedding, the output
-    layer tied to it, biases and gains stay with AdamW, as Muon's authors advise.
-    match_rms_adamw scales Muon's step so the same learning rate suits both (Liu et al. 2025).
-    """
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    hidden = [p for name, p in named if kind == "muon" and p.dim() == 2 and name.startswith("blocks.")]
-    with_muon = {id(p) for p in hidden}
-    groups = [
-        {"params": [p for _, p in named if p.dim() >= 2 and id(p) not in with_muon], "weight_decay": weight_decay},
-        {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    try:  # fused: one kernel for all parameters, where this torch has it for the device
-        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)]
-    except (RuntimeError, TypeError):
-        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, foreach=True)]
-    if hidden:
-        muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
-        optimizers.append(muon)
-    return optimizers

@@ -21,6 +21,7 @@ GPT-2 ids. --tokenizer=char gives one id per character of the text, --tokenizer=
 word-level vocabulary (--vocab_size, --min_frequency); their vocabularies are built from
 the whole text.
 """
+
 import collections
 import hashlib
 import itertools
@@ -46,19 +47,19 @@ DEFAULTS = {
     "out_dir": "data",  # where train.bin, val.bin and meta.json go
     "val_fraction": 0.1,  # share of the examples held out for validation
     "seed": 1337,  # which examples go to validation (0 to 2**32 - 1)
-    "example": "line",  # 'line', 'paragraph' (blank-line separated blocks) or 'file' (the whole text as one stream)
-    "split": "auto",  # 'random' (seeded choice of examples), 'last' (the end of the text); auto: random, last for file
+    "example": "line",  # 'line', 'paragraph' (blocks between blank lines) or 'file' (the text as one stream)
+    "split": "auto",  # 'random' (seeded choice of examples) or 'last' (the end); auto: random, last for file
     "full_vocab": False,  # True: plain GPT-2 ids (a model with all 50,257 tokens)
     "errors": "strict",  # 'strict': stop at bytes that are not UTF-8; 'replace': use U+FFFD
     "tokenizer": "gpt2",  # 'gpt2' (BPE), 'char' (one id per character) or 'word' (word level)
     "vocab_size": 5000,  # word: at most this many ids, the most frequent words first
-    "min_frequency": 0,  # a token seen fewer times gets no id (gpt2: split into kept pieces; word: <unk>); 0: 4 for gpt2, 2 for word
+    "min_frequency": 0,  # rarer tokens get no id (gpt2: kept pieces; word: <unk>); 0: 4 for gpt2, 2 for word
 }
 # gpt2: 4 gave the best held-out bits per byte on Alice (README, "Training on your own text")
 MIN_FREQUENCY = {"gpt2": 4, "word": 2}
 BATCH_BYTES = 1 << 22  # lines are read, decoded and tokenized about 4 MB at a time
 PROGRESS_BYTES = 8 << 20  # inputs larger than this print their progress
-SENTENCE_END = tuple('.!?:;"\'\u201d\u2019')  # a line that ends with none of these ends mid-sentence
+SENTENCE_END = tuple(".!?:;\"'\u201d\u2019")  # a line that ends with none of these ends mid-sentence
 
 
 def read_batches(path, errors):
@@ -75,7 +76,8 @@ def read_batches(path, errors):
             except UnicodeDecodeError as e:
                 line = offset_to_line(path, offset + e.start)
                 raise UserError(
-                    f"{path} is not UTF-8: byte 0x{chunk[e.start]:02x} at offset {offset + e.start} (line {line}); "
+                    f"{path} is not UTF-8: byte 0x{chunk[e.start]:02x} at offset {offset + e.start} (line "
+                    f"{line}); "
                     f"convert it to UTF-8, or pass --errors=replace to replace bad bytes with U+FFFD"
                 ) from None
             if offset == 0:
@@ -119,24 +121,61 @@ def offset_to_line(path, offset):
 
 def check_options(config):
     checks = [
-        (0.0 < config["val_fraction"] < 1.0, f"--val_fraction must be between 0 and 1 (exclusive), got {config['val_fraction']}"),
-        (config["example"] in ("line", "paragraph", "file"), f"--example must be line, paragraph or file, got {config['example']!r}"),
-        (config["split"] in ("auto", "random", "last"), f"--split must be auto, random or last, got {config['split']!r}"),
-        (not (config["example"] == "file" and config["split"] == "random"),
-         "--example=file is one stream, so its val split is the end of the text: use --split=last (or auto)"),
-        (config["tokenizer"] in ("gpt2", "char", "word"), f"--tokenizer must be gpt2, char or word, got {config['tokenizer']!r}"),
-        (not config["full_vocab"] or config["tokenizer"] == "gpt2",
-         f"--full_vocab applies to --tokenizer=gpt2 only (got --tokenizer={config['tokenizer']})"),
-        (config["tokenizer"] != "word" or 4 < config["vocab_size"] <= 65536,
-         f"--vocab_size must be between 5 and 65536 (4 ids are special tokens), got {config['vocab_size']}"),
-        (config["min_frequency"] >= 0, f"--min_frequency must be 1 or more (0: the tokenizer's default), got {config['min_frequency']}"),
-        (config["tokenizer"] == "word" or config["vocab_size"] == DEFAULTS["vocab_size"],
-         f"--vocab_size applies to --tokenizer=word only; a {config['tokenizer']} vocabulary is what the text uses"
-         + (" (--min_frequency makes the compact one smaller)" if config["tokenizer"] == "gpt2" else "")),
-        (config["min_frequency"] == 0 or config["tokenizer"] == "word" or (config["tokenizer"] == "gpt2" and not config["full_vocab"]),
-         "--min_frequency applies to the compact gpt2 vocabulary and to --tokenizer=word: "
-         + ("--full_vocab keeps all of GPT-2's tokens" if config["full_vocab"] else "char keeps every character of the text")),
-        (config["errors"] in ("strict", "replace"), f"--errors must be 'strict' or 'replace', got {config['errors']!r}"),
+        (
+            0.0 < config["val_fraction"] < 1.0,
+            f"--val_fraction must be between 0 and 1 (exclusive), got {config['val_fraction']}",
+        ),
+        (
+            config["example"] in ("line", "paragraph", "file"),
+            f"--example must be line, paragraph or file, got {config['example']!r}",
+        ),
+        (
+            config["split"] in ("auto", "random", "last"),
+            f"--split must be auto, random or last, got {config['split']!r}",
+        ),
+        (
+            not (config["example"] == "file" and config["split"] == "random"),
+            "--example=file is one stream, so its val split is the end of the text: use --split=last (or "
+            "auto)",
+        ),
+        (
+            config["tokenizer"] in ("gpt2", "char", "word"),
+            f"--tokenizer must be gpt2, char or word, got {config['tokenizer']!r}",
+        ),
+        (
+            not config["full_vocab"] or config["tokenizer"] == "gpt2",
+            f"--full_vocab applies to --tokenizer=gpt2 only (got --tokenizer={config['tokenizer']})",
+        ),
+        (
+            config["tokenizer"] != "word" or 4 < config["vocab_size"] <= 65536,
+            f"--vocab_size must be between 5 and 65536 (4 ids are special tokens), "
+            f"got {config['vocab_size']}",
+        ),
+        (
+            config["min_frequency"] >= 0,
+            f"--min_frequency must be 1 or more (0: the tokenizer's default), got {config['min_frequency']}",
+        ),
+        (
+            config["tokenizer"] == "word" or config["vocab_size"] == DEFAULTS["vocab_size"],
+            f"--vocab_size applies to --tokenizer=word only; a {config['tokenizer']} vocabulary is what the "
+            "text uses"
+            + (" (--min_frequency makes the compact one smaller)" if config["tokenizer"] == "gpt2" else ""),
+        ),
+        (
+            config["min_frequency"] == 0
+            or config["tokenizer"] == "word"
+            or (config["tokenizer"] == "gpt2" and not config["full_vocab"]),
+            "--min_frequency applies to the compact gpt2 vocabulary and to --tokenizer=word: "
+            + (
+                "--full_vocab keeps all of GPT-2's tokens"
+                if config["full_vocab"]
+                else "char keeps every character of the text"
+            ),
+        ),
+        (
+            config["errors"] in ("strict", "replace"),
+            f"--errors must be 'strict' or 'replace', got {config['errors']!r}",
+        ),
         (config["input"] != "", "--input is empty: pass --input=FILE with a UTF-8 text file"),
     ]
     for ok, message in checks:
@@ -151,7 +190,7 @@ def check_options(config):
 
 
 def tokenize_split(path, errors, example, is_val, split, tokenizer):
-    """(uint16 ids, {examples, chars, bytes}) of one split's examples: a batch at a time, GPT-2 on every core."""
+    """(uint16 ids, {examples, chars, bytes}) of a split: a batch at a time, GPT-2 on every core."""
     threads, size = os.cpu_count() or 1, os.path.getsize(path)
     parts, n, chars, nbytes, first, started = [], 0, 0, 0, 0, time.time()
     for done, examples in read_examples(path, errors, example):
@@ -168,13 +207,19 @@ def tokenize_split(path, errors, example, is_val, split, tokenizer):
         nbytes += sum(len(e.encode("utf-8", "surrogatepass")) + sep for e in mine)
         if size > PROGRESS_BYTES and done is not None:
             rate = done / 1e6 / max(time.time() - started, 1e-9)
-            print(f"{split}: tokenized {done / 1e6:.1f} / {size / 1e6:.1f} MB ({100 * done / size:.0f}%), {rate:.1f} MB/s", flush=True)
+            print(
+                f"{split}: tokenized {done / 1e6:.1f} / {size / 1e6:.1f} MB ({100 * done / size:.0f}%), "
+                f"{rate:.1f} MB/s",
+                flush=True,
+            )
     if example == "file":
         parts.append(np.array([tokenizer.eot], dtype=np.uint16))
     ids = np.concatenate(parts)
     if len(ids) < 2:
-        raise UserError(f"{path} is too small: its {split} split has {len(ids)} token(s), at least 2 are needed; "
-                        f"add more text{' or raise --val_fraction' if split == 'val' else ''}")
+        raise UserError(
+            f"{path} is too small: its {split} split has {len(ids)} token(s), at least 2 are needed; "
+            f"add more text{' or raise --val_fraction' if split == 'val' else ''}"
+        )
     return ids, {"examples": n, "chars": chars, "bytes": nbytes}
 
 
@@ -186,7 +231,14 @@ def main():
     check_writable_folder(out_dir, "out_dir")
 
     # Pass 1: check the text decodes, count its examples, hash it; char and word build their vocabulary.
-    sha, n_examples, counts, lines, open_lines, has_text = hashlib.sha256(), 0, collections.Counter(), 0, 0, False
+    sha, n_examples, counts, lines, open_lines, has_text = (
+        hashlib.sha256(),
+        0,
+        collections.Counter(),
+        0,
+        0,
+        False,
+    )
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             sha.update(block)
@@ -204,19 +256,29 @@ def main():
     if not has_text:  # --example=file keeps blank lines as examples: count only text
         raise UserError(f"{path} has no text (it is empty or only whitespace); give it at least a few lines")
     if n_examples < 2:
-        raise UserError(f"{path} is too small: it has 1 {noun[:-1]}, and train and val need at least one each; add more {noun}")
+        raise UserError(
+            f"{path} is too small: it has 1 {noun[:-1]}, and train and val need at least one each; add more "
+            f"{noun}"
+        )
     if kind == "char":
         if len(counts) + 1 > 65536:
-            raise UserError(f"{path} has {len(counts):,} distinct characters, more than the 65,535 that uint16 ids can hold "
-                            f"with end-of-text: use --tokenizer=gpt2")
+            raise UserError(
+                f"{path} has {len(counts):,} distinct characters, more than the 65,535 that uint16 ids can "
+                "hold "
+                f"with end-of-text: use --tokenizer=gpt2"
+            )
         tokenizer = tok.Char.from_counts(counts)
     elif kind == "word":
         tokenizer = tok.Word.from_counts(counts, config["vocab_size"], min_frequency)
     else:
         tokenizer = tok.GPT2()  # made compact after the train split, once we know which ids it uses
     if lines >= 20 and open_lines > lines / 2:
-        print(f"hint: {100 * open_lines // lines}% of the lines of {path} end mid-sentence, as wrapped prose does; with "
-              f"--example=line each line is a separate example. For a book use --example=paragraph (or file)", file=sys.stderr)
+        print(
+            f"hint: {100 * open_lines // lines}% of the lines of {path} end mid-sentence, as wrapped prose "
+            "does; with "
+            f"--example=line each line is a separate example. For a book use --example=paragraph (or file)",
+            file=sys.stderr,
+        )
 
     # Which examples go to val: a seeded random choice, or the last ones.
     n_val = min(n_examples - 1, max(1, round(n_examples * config["val_fraction"])))
@@ -229,18 +291,26 @@ def main():
     # Pass 2 tokenizes the train examples, pass 3 the val ones with the finished tokenizer (the
     # compact vocabulary is the train split's): a batch at a time, GPT-2 on every core.
     data, counted = {}, {}
-    data["train"], counted["train"] = tokenize_split(path, config["errors"], example, is_val, "train", tokenizer)
+    data["train"], counted["train"] = tokenize_split(
+        path, config["errors"], example, is_val, "train", tokenizer
+    )
     if kind == "gpt2" and not config["full_vocab"]:
         counts = np.bincount(data["train"], minlength=tok.GPT2_EOT + 1)
         tokenizer = tok.CompactGPT2.from_used_ids(np.flatnonzero(counts >= min_frequency).tolist())
         to_compact = np.full(tok.GPT2_EOT + 1, -1, dtype=np.int64)
         to_compact[tokenizer.gpt2_ids] = np.arange(tokenizer.vocab_size)
         if (to_compact[np.flatnonzero(counts)] >= 0).all():
-            data["train"] = to_compact[data["train"]].astype(np.uint16)  # the same tokens: the compact BPE encodes them alike
-        else:  # tokens rarer than --min_frequency now split into pieces the model sees elsewhere too: encode again
+            data["train"] = to_compact[data["train"]].astype(
+                np.uint16
+            )  # the same tokens: the compact BPE encodes them alike
+        else:  # rarer tokens than --min_frequency now split into pieces seen elsewhere: encode again
             if os.path.getsize(path) > PROGRESS_BYTES:
                 rare = int((to_compact[np.flatnonzero(counts)] < 0).sum())
-                print(f"train: encoding again with the compact vocabulary ({rare:,} rarer GPT-2 tokens split into pieces)", flush=True)
+                print(
+                    f"train: encoding again with the compact vocabulary ({rare:,} rarer GPT-2 tokens split "
+                    "into pieces)",
+                    flush=True,
+                )
             data["train"], _ = tokenize_split(path, config["errors"], example, is_val, "train", tokenizer)
     data["val"], counted["val"] = tokenize_split(path, config["errors"], example, is_val, "val", tokenizer)
 
@@ -251,7 +321,9 @@ def main():
         "dtype": "uint16",
         "train_tokens": int(len(data["train"])),
         "val_tokens": int(len(data["val"])),
-        "train_lines": counted["train"]["examples"],  # examples; "lines" for the data folders made before --example
+        "train_lines": counted["train"][
+            "examples"
+        ],  # examples; "lines" for the data folders made before --example
         "val_lines": counted["val"]["examples"],
         "train_chars": counted["train"]["chars"],
         "val_chars": counted["val"]["chars"],
@@ -270,9 +342,11 @@ def main():
         atomic_write(os.path.join(out_dir, f"{split}.bin"), arr.tofile)
     atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
     print(
-        f"{path}: {n_examples:,} {noun} -> train {meta['train_tokens']:,} tokens ({meta['train_lines']:,} {noun}), "
+        f"{path}: {n_examples:,} {noun} -> train {meta['train_tokens']:,} tokens ({meta['train_lines']:,} "
+        f"{noun}), "
         f"val {meta['val_tokens']:,} tokens ({meta['val_lines']:,} {noun}); "
-        f"tokenizer {meta['tokenizer']}, vocab {tokenizer.vocab_size:,}; wrote {out_dir}/train.bin, val.bin, meta.json"
+        f"tokenizer {meta['tokenizer']}, vocab {tokenizer.vocab_size:,}; wrote {out_dir}/train.bin, val.bin, "
+        "meta.json"
     )
 
 

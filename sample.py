@@ -25,6 +25,7 @@ import torch
 from tensegpt.common import main_guard, parse_config, pick_device
 from tensegpt.decoding import beam_search
 from tensegpt.sampling import (
+    attention_weights,
     check_options,
     load_sampling_model,
     plot_attention,
@@ -71,13 +72,19 @@ class Sampler:
         if unknown:
             what = "characters" if self.tokenizer.name == "char" else "words"
             effect = "dropped" if self.tokenizer.name == "char" else "read as <unk>"
-            print(f"note: {len(unknown)} {what} of the prompt are not in the vocabulary, {effect}: "
-                  f"{' '.join(map(repr, unknown[:10]))}{' ...' if len(unknown) > 10 else ''}", file=sys.stderr)
+            print(
+                f"note: {len(unknown)} {what} of the prompt are not in the vocabulary, {effect}: "
+                f"{' '.join(map(repr, unknown[:10]))}{' ...' if len(unknown) > 10 else ''}",
+                file=sys.stderr,
+            )
         ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot]
         block_size = self.model.config.block_size
         if len(ids) > block_size:
-            print(f"note: the prompt has {len(ids)} tokens, more than the model's context of {block_size}; "
-                  f"keeping its last {block_size}", file=sys.stderr)
+            print(
+                f"note: the prompt has {len(ids)} tokens, more than the model's context of {block_size}; "
+                f"keeping its last {block_size}",
+                file=sys.stderr,
+            )
             ids = ids[-block_size:]
         return ids
 
@@ -93,8 +100,14 @@ class Sampler:
         c = self.config
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         steps = self.model.generate_stream(
-            idx, c["max_new_tokens"], temperature=temperature or c["temperature"], top_k=c["top_k"], top_p=c["top_p"],
-            greedy=c["greedy"], stop_token=self.tokenizer.eot, generator=self.generator,
+            idx,
+            c["max_new_tokens"],
+            temperature=temperature or c["temperature"],
+            top_k=c["top_k"],
+            top_p=c["top_p"],
+            greedy=c["greedy"],
+            stop_token=self.tokenizer.eot,
+            generator=self.generator,
             repetition_penalty=c["repetition_penalty"],
         )
         new, shown = [], ""
@@ -104,13 +117,12 @@ class Sampler:
                 text = self.text(prompt_ids, new)
                 # a token can end inside a multi-byte character: wait for the rest of it
                 if not text.endswith("\ufffd") and text.startswith(shown):
-                    print(text[len(shown):], end="", flush=True)
+                    print(text[len(shown) :], end="", flush=True)
                     shown = text
         text = self.text(prompt_ids, new)
         if stream:
-            print(text[len(shown):] if text.startswith(shown) else "", flush=True)
+            print(text[len(shown) :] if text.startswith(shown) else "", flush=True)
         return text
-
 
 
 # ----------------------------------------------------------------------------- the modes
@@ -121,8 +133,10 @@ def continuations(sampler, prompt_ids, stream):
     c, texts = sampler.config, []
     num_samples = c["num_samples"]
     if c["greedy"] and num_samples > 1:
-        print(f"note: --greedy gives the same text every time, so it is printed once (not {num_samples} times)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"note: --greedy gives the same text every time, so it is printed once (not {num_samples} times)",
+            file=sys.stderr,
+        )
         num_samples = 1
     for i in range(num_samples):
         texts.append(sampler.sample(prompt_ids, stream=stream))
@@ -147,11 +161,19 @@ def beam(sampler, prompt_ids):
     """--beam: the most likely continuation that beam search finds, and its log-probability."""
     c = sampler.config
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=sampler.device)
-    new, logprob = beam_search(sampler.model, idx, c["beam"], c["max_new_tokens"], stop_token=sampler.tokenizer.eot,
-                               length_penalty=c["length_penalty"])  # fmt: skip
+    new, logprob = beam_search(
+        sampler.model,
+        idx,
+        c["beam"],
+        c["max_new_tokens"],
+        stop_token=sampler.tokenizer.eot,
+        length_penalty=c["length_penalty"],
+    )
     print(sampler.text(prompt_ids, new))
-    print(f"beam search, {c['beam']} beams: log-probability {logprob:.4f} over {len(new)} tokens "
-          f"({logprob / len(new):.4f} per token)")  # fmt: skip
+    print(
+        f"beam search, {c['beam']} beams: log-probability {logprob:.4f} over {len(new)} tokens "
+        f"({logprob / len(new):.4f} per token)"
+    )
 
 
 @torch.no_grad()
@@ -162,7 +184,7 @@ def score_text(model, tokenizer, text, device):
     of end-of-text after it (that the sentence ends there).
     """
     ids = [tokenizer.eot] + tokenizer.encode(text) + [tokenizer.eot]
-    ids = ids[-(model.config.block_size + 1):]
+    ids = ids[-(model.config.block_size + 1) :]
     x = torch.tensor([ids[:-1]], device=device)
     y = torch.tensor([ids[1:]], device=device)
     logits, _ = model(x, y)
@@ -177,16 +199,21 @@ def score(model, tokenizer, text, device):
     for piece, logprob in scores:
         print(f"{piece!r:>16} {logprob:9.4f}")
     total = sum(lp for _, lp in scores)
-    print(f"total log-probability {total:.4f} over {len(scores)} tokens, perplexity {math.exp(-total / len(scores)):.3f}")
+    print(
+        f"total log-probability {total:.4f} over {len(scores)} tokens, perplexity "
+        f"{math.exp(-total / len(scores)):.3f}"
+    )
 
 
 def draw_attention(sampler, text, path):
     """--attention: every layer's and head's attention weights over a text, as heatmaps."""
     model, tokenizer = sampler.model, sampler.tokenizer
     ids = sampler.prompt_ids(text)[-model.config.block_size :]
-    maps = [m.float().cpu() for m in model.attention_weights(torch.tensor([ids], device=sampler.device))]
+    maps = [m.float().cpu() for m in attention_weights(model, torch.tensor([ids], device=sampler.device))]
     plot_attention(maps, [token_label(tokenizer, t) for t in ids], path)
-    print(f"saved attention heatmaps of {len(maps)} layers x {maps[0].size(0)} heads to {path}", file=sys.stderr)
+    print(
+        f"saved attention heatmaps of {len(maps)} layers x {maps[0].size(0)} heads to {path}", file=sys.stderr
+    )
 
 
 def interactive(sampler, stream):

@@ -25,12 +25,12 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from model import configure_optimizers
 from tensegpt import checkpoint, distributed, run_setup
 from tensegpt.chunked_loss import use_chunked_loss
 from tensegpt.common import parse_config
 from tensegpt.data import open_splits
 from tensegpt.hardware import autocast_for, measure_peak_flops, pick_dtype
+from tensegpt.optim import configure_optimizers
 from tensegpt.runlog import RunLog, format_seconds
 from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 
@@ -180,7 +180,8 @@ def evaluate(model, splits, config, device, autocast):
     model.eval()
     losses = {}
     for split in ("train", "val"):
-        batches = Batches(splits[split], config["batch_size"], config["block_size"], device, config["seed"] + 1)
+        B, T = config["batch_size"], config["block_size"]
+        batches = Batches(splits[split], B, T, device, config["seed"] + 1)
         total = torch.zeros((), device=device)
         for _ in range(config["eval_iters"]):
             x, y = next(batches.step())
@@ -206,7 +207,8 @@ def main():
     dtype = pick_dtype(config["dtype"], device)
     run_setup.check_layout(config, world_size, dtype)
     device_type = device.split(":")[0]
-    torch.manual_seed(config["seed"] + rank)  # dropout masks differ between ranks; rank 0's weights are everyone's
+    # dropout masks differ between ranks; rank 0's weights are everyone's
+    torch.manual_seed(config["seed"] + rank)
 
     # the data, and the model to start from: new, GPT-2's weights, or the run to resume
     splits, meta = open_splits(config["data_dir"], config["block_size"])
@@ -214,16 +216,19 @@ def main():
     gpt_config, initial = run_setup.choose_model(config, meta, tokenizer_meta, log.say)
     resume_path = last_path if os.path.exists(last_path) else best_path
     if resume:
-        initial, changes = run_setup.load_resumable(resume_path, gpt_config, tokenizer_meta, meta, config, DEFAULTS)
+        resumed = run_setup.load_resumable(resume_path, gpt_config, tokenizer_meta, meta, config, DEFAULTS)
+        initial, changes = resumed
 
     # model: the GPT (gpt), and what trains it: itself, or with the loss in chunks (big vocabularies)
     chunked = use_chunked_loss(gpt_config.vocab_size)
     model, gpt = distributed.build_model(gpt_config, config, device, world_size, local_rank, dtype, chunked)
     betas = (config["beta1"], config["beta2"])
-    optimizers = configure_optimizers(gpt, config["learning_rate"], config["weight_decay"], betas, config["optimizer"])
-    micro_batches = config["grad_accum"] // world_size  # each process takes its share of a step's micro-batches
-    batches = Batches(splits["train"], config["batch_size"], config["block_size"], device, config["seed"],
-                      micro_batches, rank, world_size)  # fmt: skip
+    optimizers = configure_optimizers(
+        gpt, config["learning_rate"], config["weight_decay"], betas, config["optimizer"]
+    )
+    # each process takes its share of a step's grad_accum micro-batches
+    B, T, micro_batches = config["batch_size"], config["block_size"], config["grad_accum"] // world_size
+    batches = Batches(splits["train"], B, T, device, config["seed"], micro_batches, rank, world_size)
     iter_num, best_val_loss = 0, float("inf")
     if resume:
         distributed.restore(initial, gpt, optimizers, batches.generator, device_type, config["fsdp"])
@@ -239,8 +244,12 @@ def main():
     autocast, scaler = autocast_for(device, dtype)
     peak = config["peak_flops"] or measure_peak_flops(device, getattr(torch, dtype))
     log.describe(gpt, tokenizer_meta, device, dtype, world_size, peak)
-    about = {"model_config": asdict(gpt_config), "train_config": config, "tokenizer_meta": tokenizer_meta,
-             "data": checkpoint.data_record(meta)}  # fmt: skip
+    about = {
+        "model_config": asdict(gpt_config),
+        "train_config": config,
+        "tokenizer_meta": tokenizer_meta,
+        "data": checkpoint.data_record(meta),
+    }
 
     def save(paths, reason):  # every rank: gathering FSDP's shards takes all of them
         state = distributed.training_state(gpt, optimizers, batches.generator, device_type)
@@ -262,7 +271,7 @@ def main():
         at_eval = iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]
         if at_eval and (iter_num > start_iter or iter_num == 0):
             t_eval = time.perf_counter()
-            losses = evaluate(gpt, splits, config, device, autocast)  # every rank: under FSDP each holds a shard
+            losses = evaluate(gpt, splits, config, device, autocast)  # every rank: FSDP needs all shards
             log.evaluation(iter_num, losses)
             if iter_num > start_iter:
                 improved, best_val_loss = losses["val"] < best_val_loss, min(best_val_loss, losses["val"])
@@ -281,13 +290,17 @@ def main():
             log.memory(gpt, optimizers)
         stop = should_stop(world_size)  # the same answer on every rank
         if n_logged == config["log_interval"] or iter_num == config["max_iters"] or stop:
-            losses = distributed.mean_across(step_losses, world_size)[:n_logged].tolist()  # the one sync per line
-            log.progress(iter_num, losses, lr, time.perf_counter() - t_log)
+            mean = distributed.mean_across(
+                step_losses, world_size
+            )  # the global batch's loss, one sync per line
+            log.progress(iter_num, mean[:n_logged].tolist(), lr, time.perf_counter() - t_log)
             t_log, n_logged = time.perf_counter(), 0
         if stop:
             save([last_path], "interrupted")
             args = [a for a in sys.argv[1:] if not a.startswith(("--init_from", "--overwrite"))]
-            log.say(f"interrupted: continue with python train.py {' '.join(args + ['--init_from=resume'])}", sys.stderr)
+            log.say(
+                f"interrupted: continue with python train.py {' '.join(args)} --init_from=resume", sys.stderr
+            )
             sys.exit(130)
 
     log.say(

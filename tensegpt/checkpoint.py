@@ -12,6 +12,7 @@ code ever runs), and how a model is built back from it.
 The optimizer state is keyed by parameter name (torch.distributed.checkpoint's layout),
 so a checkpoint written by one process, by DDP or by FSDP resumes under any of them.
 """
+
 import os
 import pickle
 import re
@@ -24,7 +25,17 @@ from tensegpt.common import UserError, atomic_write
 from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 
 # the meta.json fields that make a data folder what it is (the token counts follow from them)
-DATA_KEYS = ["source_sha256", "tokenizer", "vocab_size", "example", "split", "seed", "val_fraction", "train_tokens", "val_tokens"]
+DATA_KEYS = [
+    "source_sha256",
+    "tokenizer",
+    "vocab_size",
+    "example",
+    "split",
+    "seed",
+    "val_fraction",
+    "train_tokens",
+    "val_tokens",
+]
 RESUME_KEYS = ["optimizer", "iter_num", "best_val_loss", "rng"]
 
 
@@ -37,30 +48,51 @@ def save(checkpoint, path):
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
-def load(path, map_location="cpu", missing_hint="train one first with python train.py config/small.py (or pass --ckpt=PATH)"):
+def load(
+    path,
+    map_location="cpu",
+    missing_hint="train one first with python train.py config/small.py (or pass --ckpt=PATH)",
+):
     """A checkpoint of this project as a dict, or a UserError that says what is wrong with the file."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}: {missing_hint}")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
-        raise UserError(f"{path} is not a checkpoint (not a torch.save archive, or truncated): pass the trained.pth that train.py wrote")
+        raise UserError(
+            f"{path} is not a checkpoint (not a torch.save archive, or truncated): pass the trained.pth that "
+            "train.py wrote"
+        )
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only refuses any class or function: name the one that was found
         found = re.search(r"GLOBAL (\S+)", str(e))
         what = f" ({found.group(1)})" if found else ""
-        raise UserError(f"{path} holds objects other than tensors and plain values{what}, refused for safety: only load checkpoints you trust") from None
+        raise UserError(
+            f"{path} holds objects other than tensors and plain values{what}, refused for safety: only load "
+            "checkpoints you trust"
+        ) from None
     except Exception as e:  # noqa: BLE001 - a damaged archive fails in many ways
-        raise UserError(f"{path} is not a readable checkpoint (damaged or truncated: {e.__class__.__name__}); train again or restore it") from None
+        raise UserError(
+            f"{path} is not a readable checkpoint (damaged or truncated: {e.__class__.__name__}); train "
+            "again or restore it"
+        ) from None
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("tokenizer"), dict):
         checkpoint["tokenizer_meta"] = checkpoint.pop("tokenizer")  # written before the key had its own name
-    if not isinstance(checkpoint, dict) or not {"model", "model_config", "tokenizer_meta"} <= checkpoint.keys():
-        raise UserError(f"{path} is not a checkpoint of this project (it lacks model, model_config or tokenizer_meta)")
+    if (
+        not isinstance(checkpoint, dict)
+        or not {"model", "model_config", "tokenizer_meta"} <= checkpoint.keys()
+    ):
+        raise UserError(
+            f"{path} is not a checkpoint of this project (it lacks model, model_config or tokenizer_meta)"
+        )
     return checkpoint
 
 
 def cannot_load(path, e):
-    return UserError(f"{path} is not a checkpoint this version of the project can load ({e.__class__.__name__}: {str(e).splitlines()[0][:160]})")
+    return UserError(
+        f"{path} is not a checkpoint this version of the project can load ({e.__class__.__name__}: "
+        f"{str(e).splitlines()[0][:160]})"
+    )
 
 
 def gpt_config_of(checkpoint, path):
@@ -78,10 +110,17 @@ def build_model(checkpoint, path):
         model.load_state_dict(checkpoint["model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise cannot_load(path, e) from None
-    broken = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    broken = [
+        name
+        for name, t in model.state_dict().items()
+        if t.is_floating_point() and not torch.isfinite(t).all()
+    ]
     if broken:
-        raise UserError(f"{path} holds NaN or infinite weights ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}): "
-                        f"it cannot generate; use a checkpoint from before training diverged")
+        raise UserError(
+            f"{path} holds NaN or infinite weights "
+            f"({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}): "
+            f"it cannot generate; use a checkpoint from before training diverged"
+        )
     return model
 
 
@@ -92,7 +131,9 @@ def load_model(path, device="cpu"):
     try:
         tokenizer = tokenizer_from_meta(checkpoint["tokenizer_meta"])
     except (TypeError, ValueError, KeyError) as e:
-        raise UserError(f"{path} names a tokenizer this version cannot rebuild ({e.__class__.__name__}: {e}); train again") from None
+        raise UserError(
+            f"{path} names a tokenizer this version cannot rebuild ({e.__class__.__name__}: {e}); train again"
+        ) from None
     return model.to(device).eval(), tokenizer, checkpoint
 
 
@@ -107,23 +148,36 @@ def optimizer_state_by_name(state, model):
         return state
     named = list(model.named_parameters())
     names = [name for name, p in named if p.dim() >= 2] + [name for name, p in named if p.dim() < 2]
-    return {"state": {names[i]: v for i, v in state["state"].items()},
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    return {
+        "state": {names[i]: v for i, v in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
 
 
 def check_resumable(checkpoint, path, tokenizer_meta, meta, config):
-    """Refuses, with what differs, a checkpoint that is not a run of this data (train.py's settings: run_setup.py)."""
+    """Refuses, with what differs, a checkpoint that is not a run on this data (settings: run_setup.py)."""
     missing = set(RESUME_KEYS) - checkpoint.keys()
     if missing:
-        raise UserError(f"{path} cannot be resumed: it lacks {', '.join(sorted(missing))} (not written by train.py?)")
+        raise UserError(
+            f"{path} cannot be resumed: it lacks {', '.join(sorted(missing))} (not written by train.py?)"
+        )
     then, now = checkpoint.get("data"), data_record(meta)
     if then is not None and then != now:
         diff = [f"{k} {then.get(k)!r} then, {now[k]!r} now" for k in DATA_KEYS if then.get(k) != now[k]]
-        raise UserError(f"{path} was trained on data prepared differently from {config['data_dir']}/ ({'; '.join(diff)}): "
-                        f"resuming would train on lines it was validated on, or on other text; prepare the data as before, "
-                        f"or start a new --out_dir")
+        raise UserError(
+            f"{path} was trained on data prepared differently from {config['data_dir']}/ "
+            f"({'; '.join(diff)}): "
+            "resuming would train on lines it was validated on, or on other text; prepare the data as "
+            "before, "
+            f"or start a new --out_dir"
+        )
     if checkpoint["tokenizer_meta"] != tokenizer_meta:
-        raise UserError(f"{path} was trained on data with another tokenizer than {config['data_dir']}/: prepare the same data again or use another --out_dir")
+        raise UserError(
+            f"{path} was trained on data with another tokenizer than {config['data_dir']}/: prepare the same "
+            "data again or use another --out_dir"
+        )
     if checkpoint["iter_num"] >= config["max_iters"]:
-        raise UserError(f"{path} is already at iteration {checkpoint['iter_num']} >= max_iters {config['max_iters']}: "
-                        f"pass a larger --max_iters to train on")
+        raise UserError(
+            f"{path} is already at iteration {checkpoint['iter_num']} >= max_iters {config['max_iters']}: "
+            f"pass a larger --max_iters to train on"
+        )

@@ -4,6 +4,7 @@ model.py's forward makes the whole (B, T, V) logits, which at GPT-2's 50,304 tok
 hundreds of MB a step. train.py trains through ChunkedLoss where that pays
 (use_chunked_loss); evaluation and generation use the model's own forward.
 """
+
 import torch
 import torch.nn as nn
 
@@ -81,7 +82,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 g.sub_(shift[rows]).exp_()
                 if not scale > 0:
                     g.mul_(scale)
-                g[torch.arange(g.size(0), device=x.device), targets[rows]] -= scale  # - scale * one_hot(target)
+                g[torch.arange(g.size(0), device=x.device), targets[rows]] -= (
+                    scale  # - scale * one_hot(target)
+                )
                 g = g.to(ctx.dtype)  # d loss / d logits
                 grad_x[rows] = g @ wc
                 grad_w += g.T @ xc[rows]

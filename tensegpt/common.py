@@ -2,6 +2,7 @@
 Helpers that more than one script needs: the --key=value configurator, one-line errors
 for user mistakes, atomic file writes, safe checkpoint loading and device selection.
 """
+
 import ast
 import difflib
 import os
@@ -21,7 +22,9 @@ def main_guard(main):
         main()
     except UserError as e:
         rank = int(os.environ.get("RANK", "0"))
-        if rank:  # under torchrun every rank usually hits the same error: rank 0 says it and torchrun stops the rest
+        if (
+            rank
+        ):  # under torchrun every rank usually hits the same error: rank 0 says it, torchrun stops the rest
             time.sleep(5)  # meanwhile; one still here has an error of its own
             print(f"error (rank {rank}): {one_line(str(e))}", file=sys.stderr)
         else:
@@ -35,6 +38,7 @@ def one_line(text):
 
 
 # ----------------------------------------------------------------------------- config
+
 
 def parse_config(defaults, argv, allow_files=True, doc=None):
     """
@@ -84,7 +88,7 @@ def option_meanings(script):
 
 
 def script_defaults(script):
-    """A script's DEFAULTS, read from its source (a literal dict): its settings without running or importing it."""
+    """A script's DEFAULTS, read from its source (a literal dict): its settings without importing it."""
     with open(script, encoding="utf-8") as f:
         tree = ast.parse(f.read())
     for node in tree.body:
@@ -111,14 +115,23 @@ def _read_config_file(path):
         exec(compile(source, path, "exec"), {}, namespace)
     except Exception as e:  # noqa: BLE001 - any failure in the file is the file's problem
         line = getattr(e, "lineno", None)
-        raise UserError(f"config file {path} does not parse{f' (line {line})' if line else ''}: {e.__class__.__name__}: {e}") from None
-    return {k: v for k, v in namespace.items() if not k.startswith("_") and not callable(v) and not isinstance(v, type(os))}
+        raise UserError(
+            f"config file {path} does not parse{f' (line {line})' if line else ''}: {e.__class__.__name__}: "
+            f"{e}"
+        ) from None
+    return {
+        k: v
+        for k, v in namespace.items()
+        if not k.startswith("_") and not callable(v) and not isinstance(v, type(os))
+    }
 
 
 def _check_key(key, defaults, origin):
     if key not in defaults:
         close = difflib.get_close_matches(key, defaults, n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(defaults))}"
+        hint = (
+            f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(defaults))}"
+        )
         raise UserError(f"unknown config key {key!r} (from {origin}){hint}")
 
 
@@ -133,11 +146,15 @@ def _apply(config, defaults, updates, origin):
                 value, ok = float(value), True
             if not ok:
                 name = expected.__name__
-                raise UserError(f"config key {key} wants {'an' if name[0] in 'aeiou' else 'a'} {name}, got {value!r} (from {origin})")
+                raise UserError(
+                    f"config key {key} wants {'an' if name[0] in 'aeiou' else 'a'} {name}, got {value!r} "
+                    f"(from {origin})"
+                )
         config[key] = value
 
 
 # ----------------------------------------------------------------------------- files
+
 
 class _RecordingWriter:
     """A file whose write() remembers the OSError it raised: torch.save turns that into a C++ error."""
@@ -205,11 +222,13 @@ def check_writable_folder(folder, key):
             pass
         os.unlink(probe)
     except OSError as e:
-        raise UserError(f"cannot write to folder {folder} ({e.strerror}); choose another with --{key}=DIR") from None
+        raise UserError(
+            f"cannot write to folder {folder} ({e.strerror}); choose another with --{key}=DIR"
+        ) from None
 
 
 def check_output_file(path, key, extensions=None):
-    """path can be written as a new file (its folder exists and is writable; its ending is one of extensions)."""
+    """path can be written as a new file (its folder exists and is writable; its ending is in extensions)."""
     if not path:
         raise UserError(f"--{key} is empty: pass --{key}=FILE")
     folder = os.path.dirname(os.path.abspath(path))
@@ -221,10 +240,14 @@ def check_output_file(path, key, extensions=None):
         raise UserError(f"--{key}={path}: the folder {os.path.dirname(path) or '.'} is not writable")
     ending = os.path.splitext(path)[1].lstrip(".").lower()
     if extensions is not None and ending not in extensions:
-        raise UserError(f"--{key}={path}: cannot write a .{ending or '(no ending)'} file; use one of .{', .'.join(sorted(extensions))}")
+        raise UserError(
+            f"--{key}={path}: cannot write a .{ending or '(no ending)'} file; use one of "
+            f".{', .'.join(sorted(extensions))}"
+        )
 
 
 # ----------------------------------------------------------------------------- devices
+
 
 def pick_device(name):
     """'auto' -> the best device here; a named one is checked, so a missing GPU is one clear line."""
@@ -236,7 +259,9 @@ def pick_device(name):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device={name}, but this torch sees no CUDA GPU; use --device=cpu (or auto)")
     if name == "mps" and not mps:
-        raise UserError("--device=mps, but Apple's Metal backend is not available here; use --device=cpu (or auto)")
+        raise UserError(
+            "--device=mps, but Apple's Metal backend is not available here; use --device=cpu (or auto)"
+        )
     if name != "cpu" and not name.startswith(("cuda", "mps")):
         raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     return name
@@ -247,7 +272,9 @@ def save_figure(fig, path, dpi=80):
     import matplotlib.pyplot as plt
 
     try:
-        atomic_write(path, lambda f: fig.savefig(f, format=os.path.splitext(path)[1][1:].lower() or "png", dpi=dpi))
+        atomic_write(
+            path, lambda f: fig.savefig(f, format=os.path.splitext(path)[1][1:].lower() or "png", dpi=dpi)
+        )
     finally:
         plt.close(fig)
 

@@ -24,7 +24,9 @@ def open_split(data_dir, split, meta=None):
     again = "run python prepare.py again"
     dtype_name = meta.get("dtype", "uint16")
     if dtype_name not in DTYPES:
-        raise UserError(f"{meta_path} says the ids are {dtype_name}, but this version reads {', '.join(DTYPES)}: {again}")
+        raise UserError(
+            f"{meta_path} says the ids are {dtype_name}, but this version reads {', '.join(DTYPES)}: {again}"
+        )
     dtype, expected = np.dtype(dtype_name), meta[f"{split}_tokens"]
     if not os.path.isfile(path):
         raise UserError(f"{path} is missing ({meta_path} says it holds {expected:,} tokens): {again}")
@@ -41,7 +43,8 @@ def open_split(data_dir, split, meta=None):
     largest = int(tokens.max())
     if largest >= meta["vocab_size"]:
         raise UserError(
-            f"{path} holds token id {largest}, but {meta_path} says the vocabulary has {meta['vocab_size']} ids: "
+            f"{path} holds token id {largest}, but {meta_path} says the vocabulary has {meta['vocab_size']} "
+            "ids: "
             f"the files do not belong together; {again}"
         )
     return tokens
@@ -57,6 +60,10 @@ def open_splits(data_dir, block_size):
             raise UserError(
                 f"the {split} split has {n} tokens, fewer than block_size + 1 = {block_size + 1}: "
                 f"use --block_size={max(1, n - 1)} or less"
-                + (", or prepare with a larger --val_fraction" if split == "val" else ", or prepare more text")
+                + (
+                    ", or prepare with a larger --val_fraction"
+                    if split == "val"
+                    else ", or prepare more text"
+                )
             )
     return splits, meta

@@ -1,6 +1,7 @@
 """
 Ways of decoding beneath sample.py's story, beside model.py's sampling step: beam search.
 """
+
 import torch
 
 
@@ -34,7 +35,9 @@ def beam_search(model, idx, beams, max_new_tokens, stop_token=None, length_penal
         alive = alive_next
         # stop once beams continuations have ended and the best of them beats every live one as it stands
         done.sort(key=lambda c: normalised(c, length_penalty), reverse=True)
-        if len(done) >= beams and normalised(done[0], length_penalty) >= max(normalised(c, length_penalty) for c in alive):
+        if len(done) >= beams and normalised(done[0], length_penalty) >= max(
+            normalised(c, length_penalty) for c in alive
+        ):
             break
     best = max(done + alive, key=lambda c: normalised(c, length_penalty))
     return best[1], best[2]

@@ -46,7 +46,8 @@ def setup(config):
     if config["grad_accum"] % world_size:
         fit = world_size * max(1, config["grad_accum"] // world_size)
         raise UserError(
-            f"grad_accum ({config['grad_accum']}) must be a multiple of the number of processes ({world_size}): "
+            f"grad_accum ({config['grad_accum']}) must be a multiple of the number of processes "
+            f"({world_size}): "
             f"the micro-batches of a step are shared out among them; try --grad_accum={fit}"
         )
     device = config["device"]
@@ -183,7 +184,7 @@ def training_state(gpt, optimizers, data_generator, device_type):
 
 
 def restore(saved, gpt, optimizers, data_generator, device_type, fsdp):
-    """Puts a run back exactly where the saved checkpoint left it: weights, optimizer, data order, dropout's RNG."""
+    """Puts a run back exactly where the checkpoint left it: weights, optimizer, data order, dropout's RNG."""
     load_state(gpt, optimizers, saved, fsdp)
     data_generator.set_state(saved["rng"]["batches"])
     torch.set_rng_state(saved["rng"]["torch"])

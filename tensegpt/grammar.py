@@ -4,19 +4,36 @@ tenses and the time phrases that agree with each, and the two things built from 
 sentence() makes a sentence, parse() reads one back (eval.py checks the model's
 sentences with it). make_tense.py writes tense.txt from these tables.
 """
+
 import random
 
 # (text at the start of a sentence, person, kind). person: 1s, 2, 3s, 1p, 3p.
 # kind decides which verbs make sense: a baby does not drive a bus.
 SUBJECTS = [
-    ("I", "1s", "adult"), ("You", "2", "adult"), ("He", "3s", "adult"),
-    ("She", "3s", "adult"), ("We", "1p", "adult"), ("They", "3p", "adult"),
-    ("The baby", "3s", "baby"), ("My sister", "3s", "adult"), ("My brother", "3s", "adult"),
-    ("Our teacher", "3s", "adult"), ("The doctor", "3s", "adult"), ("My father", "3s", "adult"),
-    ("My mother", "3s", "adult"), ("Tom", "3s", "adult"), ("Anna", "3s", "adult"),
-    ("The children", "3p", "child"), ("The boy", "3s", "child"), ("The girl", "3s", "child"),
-    ("My friends", "3p", "adult"), ("The students", "3p", "child"), ("My parents", "3p", "adult"),
-    ("The dog", "3s", "dog"), ("The cat", "3s", "cat"), ("The birds", "3p", "bird"),
+    ("I", "1s", "adult"),
+    ("You", "2", "adult"),
+    ("He", "3s", "adult"),
+    ("She", "3s", "adult"),
+    ("We", "1p", "adult"),
+    ("They", "3p", "adult"),
+    ("The baby", "3s", "baby"),
+    ("My sister", "3s", "adult"),
+    ("My brother", "3s", "adult"),
+    ("Our teacher", "3s", "adult"),
+    ("The doctor", "3s", "adult"),
+    ("My father", "3s", "adult"),
+    ("My mother", "3s", "adult"),
+    ("Tom", "3s", "adult"),
+    ("Anna", "3s", "adult"),
+    ("The children", "3p", "child"),
+    ("The boy", "3s", "child"),
+    ("The girl", "3s", "child"),
+    ("My friends", "3p", "adult"),
+    ("The students", "3p", "child"),
+    ("My parents", "3p", "adult"),
+    ("The dog", "3s", "dog"),
+    ("The cat", "3s", "cat"),
+    ("The birds", "3p", "bird"),
 ]
 NAMES = {"I", "Tom", "Anna"}  # keep their capital letter inside a question
 
@@ -30,10 +47,26 @@ VERBS = [
     ("sleep sleeps slept slept sleeping", ["in the bedroom", "on the sofa", "in the garden"], ALL),
     ("play plays played played playing", ["with a ball", "in the garden", "with the toys"], ALL),
     ("cry cries cried cried crying", ["in the car", "at night", "loudly"], {"baby", "child"}),
-    ("laugh laughs laughed laughed laughing", ["at the clown", "at the joke", "loudly"], {"baby", "adult", "child"}),
-    ("run runs ran run running", ["in the park", "to the station", "along the river"], {"adult", "child", "dog", "cat"}),
-    ("swim swims swam swum swimming", ["in the lake", "in the pool", "across the river"], {"adult", "child", "dog"}),
-    ("walk walks walked walked walking", ["to school", "in the park", "to the shop"], {"adult", "child", "dog"}),
+    (
+        "laugh laughs laughed laughed laughing",
+        ["at the clown", "at the joke", "loudly"],
+        {"baby", "adult", "child"},
+    ),
+    (
+        "run runs ran run running",
+        ["in the park", "to the station", "along the river"],
+        {"adult", "child", "dog", "cat"},
+    ),
+    (
+        "swim swims swam swum swimming",
+        ["in the lake", "in the pool", "across the river"],
+        {"adult", "child", "dog"},
+    ),
+    (
+        "walk walks walked walked walking",
+        ["to school", "in the park", "to the shop"],
+        {"adult", "child", "dog"},
+    ),
     ("read reads read read reading", ["a book", "the newspaper", "a letter", "a story"], PEOPLE),
     ("write writes wrote written writing", ["a letter", "an email", "a story", "a poem"], PEOPLE),
     ("watch watches watched watched watching", ["a film", "the news", "a football match"], PEOPLE),
@@ -69,18 +102,48 @@ VERBS = [
 
 # Time phrases that agree with each tense. Perfect tenses take completion or duration phrases.
 TIMES = {
-    "present simple": ["every day", "every morning", "on Sundays", "twice a week", "every weekend", "after school"],
+    "present simple": [
+        "every day",
+        "every morning",
+        "on Sundays",
+        "twice a week",
+        "every weekend",
+        "after school",
+    ],
     "past simple": ["yesterday", "last night", "last week", "two days ago", "last summer", "in 2019"],
     "future simple": ["tomorrow", "next week", "next month", "soon", "on Friday"],
     "present continuous": ["now", "right now", "at the moment", "today"],
-    "past continuous": ["at eight o'clock last night", "when the phone rang", "all afternoon yesterday", "when we arrived"],
-    "future continuous": ["at this time tomorrow", "at noon tomorrow", "all day next Saturday", "when you arrive"],
+    "past continuous": [
+        "at eight o'clock last night",
+        "when the phone rang",
+        "all afternoon yesterday",
+        "when we arrived",
+    ],
+    "future continuous": [
+        "at this time tomorrow",
+        "at noon tomorrow",
+        "all day next Saturday",
+        "when you arrive",
+    ],
     "present perfect": ["recently", "this week", "today", "many times", "twice this month"],
-    "past perfect": ["before the guests arrived", "by the time we got home", "by last Friday", "before the storm"],
+    "past perfect": [
+        "before the guests arrived",
+        "by the time we got home",
+        "by last Friday",
+        "before the storm",
+    ],
     "future perfect": ["by tomorrow", "by next week", "by the end of the day", "by the time you arrive"],
     "present perfect continuous": ["for two hours", "since this morning", "all day", "for a long time"],
-    "past perfect continuous": ["for an hour before dinner", "for two hours when we arrived", "for a long time before the rain"],
-    "future perfect continuous": ["for three hours by noon", "for a year by next June", "for two hours by the time you arrive"],
+    "past perfect continuous": [
+        "for an hour before dinner",
+        "for two hours when we arrived",
+        "for a long time before the rain",
+    ],
+    "future perfect continuous": [
+        "for three hours by noon",
+        "for a year by next June",
+        "for two hours by the time you arrive",
+    ],
 }
 TENSES = list(TIMES)
 
@@ -159,7 +222,8 @@ for _tense, _phrases in TIMES.items():
 def cores(lowercase=False):
     """
     {sentence without its time phrase and final mark: [(subject, kind, verb base, tense, form, object), ...]}
-    for every subject, verb, object, tense and form (a list: "They read a book" is present and past), whether or not that subject may do that
+    for every subject, verb, object, tense and form (a list: "They read a book" is present and past),
+    whether or not that subject may do that
     verb (a sentence where it may not is grammatical, and wrong about the world). Statements
     are there twice: as they start a sentence, and as they follow "Yesterday, ".
     lowercase: keys in lower case, for a word-level model's text.
@@ -172,8 +236,14 @@ def cores(lowercase=False):
                     for form in ("affirmative", "negative", "question"):
                         info = (subject, kind, verb.split()[0], tense, form, obj)
                         keys = [sentence(subject, person, verb, obj, tense, form, "")[:-1]]
-                        if form != "question":  # the core after a leading time phrase: "the baby ate an apple"
-                            keys.append(sentence(subject, person, verb, obj, tense, form, "now", time_first=True)[5:-1])
+                        if (
+                            form != "question"
+                        ):  # the core after a leading time phrase: "the baby ate an apple"
+                            keys.append(
+                                sentence(subject, person, verb, obj, tense, form, "now", time_first=True)[
+                                    5:-1
+                                ]
+                            )
                         for key in keys:
                             table.setdefault(key.lower() if lowercase else key, []).append(info)
     return table
@@ -196,8 +266,8 @@ def parse(text, table, lowercase=False):
     for phrase in PHRASE_TENSES:
         said = phrase.lower() if lowercase else phrase
         lead = f"{said}, " if lowercase else f"{said[0].upper()}{said[1:]}, "
-        if not question and body.startswith(lead) and body[len(lead):] in table:
-            body, time, first = body[len(lead):], phrase, True
+        if not question and body.startswith(lead) and body[len(lead) :] in table:
+            body, time, first = body[len(lead) :], phrase, True
             break
         if body.endswith(" " + said) and body[: -len(said) - 1] in table and len(said) > len(time):
             time = phrase  # the longest phrase that leaves a sentence: "last night", not "night"
@@ -207,6 +277,14 @@ def parse(text, table, lowercase=False):
     if not readings or (first and body[0].isupper() and body.split()[0] not in NAMES):
         return None  # not a sentence of the grammar, a question without "?", or "Yesterday, The baby ..."
     # of two readings ("They read a book": present or past), the one the time phrase agrees with
-    subject, kind, verb, tense, form, obj = next((r for r in readings if time and r[3] in PHRASE_TENSES[time]), readings[0])
-    return {"tense": tense, "form": form, "time": time, "time_first": first,
-            "agrees": not time or tense in PHRASE_TENSES[time], "sensible": kind in WHO[verb]}
+    subject, kind, verb, tense, form, obj = next(
+        (r for r in readings if time and r[3] in PHRASE_TENSES[time]), readings[0]
+    )
+    return {
+        "tense": tense,
+        "form": form,
+        "time": time,
+        "time_first": first,
+        "agrees": not time or tense in PHRASE_TENSES[time],
+        "sensible": kind in WHO[verb],
+    }

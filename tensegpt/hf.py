@@ -8,6 +8,7 @@ only difference in the weights is the layout of the matrices: GPT-2 keeps them a
 "Conv1D" (in, out), nn.Linear as (out, in), so they are transposed on the way.
 Nothing here downloads, and transformers itself is not needed.
 """
+
 import json
 import os
 import struct
@@ -21,15 +22,26 @@ from tensegpt.common import UserError
 # The names are the same on both sides (model.py follows GPT-2's); per block, the value
 # says whether the tensor is a matrix GPT-2 stores transposed (Conv1D).
 BLOCK_KEYS = {
-    "ln_1.weight": False, "ln_1.bias": False,
-    "attn.c_attn.weight": True, "attn.c_attn.bias": False,
-    "attn.c_proj.weight": True, "attn.c_proj.bias": False,
-    "ln_2.weight": False, "ln_2.bias": False,
-    "mlp.c_fc.weight": True, "mlp.c_fc.bias": False,
-    "mlp.c_proj.weight": True, "mlp.c_proj.bias": False,
+    "ln_1.weight": False,
+    "ln_1.bias": False,
+    "attn.c_attn.weight": True,
+    "attn.c_attn.bias": False,
+    "attn.c_proj.weight": True,
+    "attn.c_proj.bias": False,
+    "ln_2.weight": False,
+    "ln_2.bias": False,
+    "mlp.c_fc.weight": True,
+    "mlp.c_fc.bias": False,
+    "mlp.c_proj.weight": True,
+    "mlp.c_proj.bias": False,
 }
 TOP_KEYS = ["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"]
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
 
 
 def read_safetensors(path):
@@ -48,13 +60,26 @@ def read_safetensors(path):
             if name == "__metadata__":
                 continue
             if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise UserError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not handle")
+                raise UserError(
+                    f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not handle"
+                )
             start, end = info["data_offsets"]
             flat = torch.frombuffer(bytearray(data[start:end]), dtype=SAFETENSORS_DTYPES[info["dtype"]])
             tensors[name] = flat.reshape(info["shape"]).float()
-    except (struct.error, ValueError, TypeError, KeyError, AttributeError, RuntimeError, MemoryError, OverflowError) as e:
-        raise UserError(f"{path} is not a readable safetensors file (damaged or truncated: {e.__class__.__name__}); "
-                        f"save or copy the model again") from None
+    except (
+        struct.error,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        RuntimeError,
+        MemoryError,
+        OverflowError,
+    ) as e:
+        raise UserError(
+            f"{path} is not a readable safetensors file (damaged or truncated: {e.__class__.__name__}); "
+            f"save or copy the model again"
+        ) from None
     return tensors
 
 
@@ -65,17 +90,24 @@ def load_hf(folder, block_size=None, dropout=None):
     """
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
-        raise UserError(f"no Hugging Face model in {folder}: put its config.json and model.safetensors "
-                      f"(or pytorch_model.bin) in that folder (nothing is downloaded)")
+        raise UserError(
+            f"no Hugging Face model in {folder}: put its config.json and model.safetensors "
+            f"(or pytorch_model.bin) in that folder (nothing is downloaded)"
+        )
     try:
         with open(config_path, "rb") as f:
             hf = json.loads(f.read())
     except ValueError as e:
         raise UserError(f"{config_path} is not JSON ({e}); save or copy the model again") from None
     if not isinstance(hf, dict):
-        raise UserError(f"{config_path} holds a {type(hf).__name__}, not a JSON object of settings; save or copy the model again")
+        raise UserError(
+            f"{config_path} holds a {type(hf).__name__}, not a JSON object of settings; save or copy the "
+            "model again"
+        )
     if hf.get("model_type") != "gpt2":
-        raise UserError(f"{config_path} describes a {hf.get('model_type')!r} model; only GPT-2 ('gpt2') converts")
+        raise UserError(
+            f"{config_path} describes a {hf.get('model_type')!r} model; only GPT-2 ('gpt2') converts"
+        )
     activation = hf.get("activation_function", "gelu_new")
     checks = {
         "activation_function": (activation in ("gelu_new", "gelu_pytorch_tanh", "relu"), "gelu_new or relu"),
@@ -90,11 +122,21 @@ def load_hf(folder, block_size=None, dropout=None):
             raise UserError(f"{config_path}: {key} is {hf.get(key)!r}, but model.py implements only {wanted}")
     for key in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"):  # before GPTConfig sees them
         if not isinstance(hf.get(key), int) or isinstance(hf.get(key), bool) or hf[key] <= 0:
-            raise UserError(f"{config_path}: {key} is {hf.get(key)!r}, not a positive whole number; save or copy the model again")
+            raise UserError(
+                f"{config_path}: {key} is {hf.get(key)!r}, not a positive whole number; save or copy the "
+                "model again"
+            )
     config = GPTConfig(
-        vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-        n_embd=hf["n_embd"], d_ff=hf.get("n_inner") or 0, dropout=hf.get("resid_pdrop", 0.0), bias=True,
-        pos_encoding="learned", activation="relu" if activation == "relu" else "gelu",
+        vocab_size=hf["vocab_size"],
+        block_size=hf["n_positions"],
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        d_ff=hf.get("n_inner") or 0,
+        dropout=hf.get("resid_pdrop", 0.0),
+        bias=True,
+        pos_encoding="learned",
+        activation="relu" if activation == "relu" else "gelu",
     )
     problems = check_config(config)
     if problems:
@@ -108,10 +150,14 @@ def load_hf(folder, block_size=None, dropout=None):
         try:
             hf_state = torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - refused pickles and damaged archives alike
-            raise UserError(f"{bin_path} is not a readable weights-only checkpoint ({e.__class__.__name__}); "
-                            f"use model.safetensors, or save the model again") from None
+            raise UserError(
+                f"{bin_path} is not a readable weights-only checkpoint ({e.__class__.__name__}); "
+                f"use model.safetensors, or save the model again"
+            ) from None
     else:
-        raise UserError(f"{folder} has a config.json but no weights: put model.safetensors or pytorch_model.bin beside it")
+        raise UserError(
+            f"{folder} has a config.json but no weights: put model.safetensors or pytorch_model.bin beside it"
+        )
     # GPT2LMHeadModel saves "transformer.h.0...", GPT2Model (the original release) "h.0..."
     hf_state = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
 
@@ -130,11 +176,16 @@ def load_hf(folder, block_size=None, dropout=None):
         expected = GPT(config).state_dict()
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise UserError(f"{folder}: {name} has shape {tuple(tensor.shape)}, but config.json gives {tuple(expected[name].shape)}; "
-                            f"the weights and config.json do not belong together")
+            raise UserError(
+                f"{folder}: {name} has shape {tuple(tensor.shape)}, but config.json gives "
+                f"{tuple(expected[name].shape)}; "
+                f"the weights and config.json do not belong together"
+            )
     if block_size is not None:
         if block_size > config.block_size:
-            raise UserError(f"--block_size={block_size} is longer than the {config.block_size} positions of {folder}")
+            raise UserError(
+                f"--block_size={block_size} is longer than the {config.block_size} positions of {folder}"
+            )
         state["wpe.weight"] = state["wpe.weight"][:block_size]
         config = replace(config, block_size=block_size)
     config = replace(config, dropout=config.dropout if dropout is None else dropout)
@@ -144,15 +195,36 @@ def load_hf(folder, block_size=None, dropout=None):
 
 
 def check_exportable(model_config, tokenizer_name):
-    """Why a checkpoint cannot be GPT-2, as a message with the fix, or None. model_config: a GPTConfig as a dict."""
+    """Why a checkpoint cannot be GPT-2, as a message with the fix, or None. model_config: a dict."""
     c = model_config
     fixes = [
-        (c["pos_encoding"] == "learned", f"pos_encoding is {c['pos_encoding']!r}; GPT-2 learns its positions: train with --pos_encoding=learned"),
-        (c["activation"] in ("gelu", "relu"), f"activation is {c['activation']!r}; GPT-2 uses GELU: train with --activation=gelu"),
-        (c["norm"] == "layernorm", f"norm is {c['norm']!r}; GPT-2 uses LayerNorm: train with --norm=layernorm"),
-        (c["n_kv_head"] == c["n_head"], f"n_kv_head is {c['n_kv_head']} (grouped-query attention); GPT-2 gives every head its keys and values: train with --n_kv_head=0"),
-        (not c["qk_norm"], "qk_norm is on; GPT-2 does not normalise queries and keys: train with --qk_norm=False"),
-        (tokenizer_name == "gpt2", f"the tokenizer is {tokenizer_name!r}; GPT-2 needs its own 50,257 ids: prepare with --full_vocab=True (and --tokenizer=gpt2)"),
+        (
+            c["pos_encoding"] == "learned",
+            f"pos_encoding is {c['pos_encoding']!r}; GPT-2 learns its positions: train with "
+            "--pos_encoding=learned",
+        ),
+        (
+            c["activation"] in ("gelu", "relu"),
+            f"activation is {c['activation']!r}; GPT-2 uses GELU: train with --activation=gelu",
+        ),
+        (
+            c["norm"] == "layernorm",
+            f"norm is {c['norm']!r}; GPT-2 uses LayerNorm: train with --norm=layernorm",
+        ),
+        (
+            c["n_kv_head"] == c["n_head"],
+            f"n_kv_head is {c['n_kv_head']} (grouped-query attention); GPT-2 gives every head its keys and "
+            "values: train with --n_kv_head=0",
+        ),
+        (
+            not c["qk_norm"],
+            "qk_norm is on; GPT-2 does not normalise queries and keys: train with --qk_norm=False",
+        ),
+        (
+            tokenizer_name == "gpt2",
+            f"the tokenizer is {tokenizer_name!r}; GPT-2 needs its own 50,257 ids: prepare with "
+            "--full_vocab=True (and --tokenizer=gpt2)",
+        ),
     ]
     return "; ".join(message for ok, message in fixes if not ok) or None
 
@@ -178,12 +250,24 @@ def to_hf(model_config, state, vocab_size=50257):
                 tensor = torch.zeros(weight.size(0))
             tensors[f"transformer.h.{i}.{name}"] = tensor.float().contiguous()
     config = {
-        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": vocab_size,
-        "n_positions": c["block_size"], "n_ctx": c["block_size"], "n_embd": c["n_embd"], "n_layer": c["n_layer"],
-        "n_head": c["n_head"], "n_inner": c["d_ff"],
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": vocab_size,
+        "n_positions": c["block_size"],
+        "n_ctx": c["block_size"],
+        "n_embd": c["n_embd"],
+        "n_layer": c["n_layer"],
+        "n_head": c["n_head"],
+        "n_inner": c["d_ff"],
         "activation_function": "relu" if c["activation"] == "relu" else "gelu_new",
-        "resid_pdrop": c["dropout"], "embd_pdrop": c["dropout"], "attn_pdrop": c["dropout"],
-        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "bos_token_id": 50256, "eos_token_id": 50256,
-        "tie_word_embeddings": True, "torch_dtype": "float32",
+        "resid_pdrop": c["dropout"],
+        "embd_pdrop": c["dropout"],
+        "attn_pdrop": c["dropout"],
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
     }
     return config, tensors

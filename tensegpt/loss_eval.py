@@ -33,7 +33,9 @@ def total_nats(model, tokens, block_size, batch_size=8, autocast=nullcontext()):
     total, counted, done = 0.0, 0, 0  # done: targets scored so far are tokens[1 : done + 1]
     for i in range(0, len(starts), batch_size):
         batch = starts[i : i + batch_size]
-        windows = torch.from_numpy(np.stack([np.asarray(tokens[s : s + T + 1], dtype=np.int64) for s in batch])).to(device)
+        windows = torch.from_numpy(
+            np.stack([np.asarray(tokens[s : s + T + 1], dtype=np.int64) for s in batch])
+        ).to(device)
         x, y = windows[:, :-1], windows[:, 1:].contiguous()
         with autocast:
             logits, _ = model(x, y)
@@ -53,5 +55,10 @@ def held_out_loss(model, val, meta, tokenizer, batch_size):
     val_bytes = meta.get("val_bytes")
     if val_bytes is None:  # a folder prepared before meta.json counted bytes: one line break per example
         val_bytes = sum(len(line.encode()) + 1 for line in decode_examples(tokenizer, val))
-    return {"val_loss": nats / counted, "val_perplexity": math.exp(nats / counted),
-            "bits_per_byte": nats / math.log(2) / val_bytes, "val_tokens": counted + 1, "val_bytes": val_bytes}
+    return {
+        "val_loss": nats / counted,
+        "val_perplexity": math.exp(nats / counted),
+        "bits_per_byte": nats / math.log(2) / val_bytes,
+        "val_tokens": counted + 1,
+        "val_bytes": val_bytes,
+    }

@@ -20,10 +20,26 @@ MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
 # train.py's DEFAULTS has a row (tests/test_faults.py walks them all, so a key added later
 # without one fails the suite).
 RESUME_FREE = {  # how the run is carried out or reported: the saved state serves any value
-    "data_dir", "out_dir", "init_from", "overwrite", "eval_interval", "log_interval",
-    "device", "dtype", "peak_flops", "compile", "grad_checkpointing", "fsdp",
-}  # fmt: skip
-RESUME_SCHEDULE = {"max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr"}  # see schedule_note
+    "data_dir",
+    "out_dir",
+    "init_from",
+    "overwrite",
+    "eval_interval",
+    "log_interval",
+    "device",
+    "dtype",
+    "peak_flops",
+    "compile",
+    "grad_checkpointing",
+    "fsdp",
+}
+RESUME_SCHEDULE = {
+    "max_iters",
+    "warmup_iters",
+    "lr_decay_iters",
+    "learning_rate",
+    "min_lr",
+}  # see schedule_note
 RESUME_NOTED = {  # the run goes on differently from here: a line says what changed
     "batch_size": "each step now sees another number of tokens",
     "grad_accum": "each step now sees another number of tokens",
@@ -42,7 +58,15 @@ RESUME_MATCH = {  # the saved state is right only for the saved value (model key
 
 
 def check_train_config(config):
-    positive = ("batch_size", "block_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval")
+    positive = (
+        "batch_size",
+        "block_size",
+        "grad_accum",
+        "max_iters",
+        "eval_interval",
+        "eval_iters",
+        "log_interval",
+    )
     for key in positive:
         if config[key] <= 0:
             raise UserError(f"config key {key} must be positive, got {config[key]}")
@@ -110,7 +134,8 @@ def check_layout(config, world_size, dtype):
     version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
     if version < (2, 9):  # 2.6 crashes on CPU; 2.7 and 2.8 sum the ranks' gradients instead of averaging
         raise UserError(
-            f"--fsdp=True needs torch 2.9 or later (this is {torch.__version__}); upgrade torch, or train with DDP"
+            f"--fsdp=True needs torch 2.9 or later (this is {torch.__version__}); upgrade torch, or train "
+            "with DDP"
         )
     if world_size == 1:
         raise UserError(
@@ -137,7 +162,7 @@ def gpt_config_for(config, vocab_size):
 
 
 def choose_model(config, meta, tokenizer_meta, say):
-    """(GPTConfig, whole initial weights or None): the config's model keys, or GPT-2's (init_from=hf:FOLDER)."""
+    """(GPTConfig, whole initial weights or None): the config's model keys, or GPT-2's (hf:FOLDER)."""
     if config["init_from"].startswith("hf:"):
         model = load_gpt2_weights(config["init_from"][3:], config, tokenizer_meta, say)
         return model.config, {"model": model.state_dict()}
@@ -199,7 +224,8 @@ def resume_changes(saved, path, gpt_config, config, defaults):
         why = "; ".join(dict.fromkeys(RESUME_MATCH[key] for key in changed))  # each reason once
         raise UserError(
             f"{path} was trained with {was} and this run asks for {asks}: {why}; resume with {was}, or start "
-            f"a new run from scratch (leave out --init_from=resume and pass another --out_dir, or --overwrite=True)"
+            "a new run from scratch (leave out --init_from=resume and pass another --out_dir, or "
+            "--overwrite=True)"
         )
     return [
         f"note: --{key} was {then[key]!r} and is now {now[key]!r}: {why}"

@@ -11,6 +11,7 @@ import os
 import sys
 
 from tensegpt.common import UserError, atomic_write, pyplot, save_figure
+from tensegpt.hardware import estimate_mfu
 
 
 def format_seconds(s):
@@ -44,10 +45,11 @@ class RunLog:
         c = self.config
         layout = "FSDP" if c["fsdp"] else "DDP" if world_size > 1 else "one process"
         B, T, accum = c["batch_size"], c["block_size"], c["grad_accum"]
-        self.flops_of = lambda tokens_per_sec: model.estimate_mfu(tokens_per_sec, peak * world_size)
+        self.flops_of = lambda tokens_per_sec: estimate_mfu(model, tokens_per_sec, peak * world_size)
         self.say(
             f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {model.config.vocab_size} "
-            f"({tokenizer_meta['tokenizer']}); device {device}, {dtype}{', compiled' if c['compile'] else ''}, "
+            f"({tokenizer_meta['tokenizer']}); device {device}, "
+            f"{dtype}{', compiled' if c['compile'] else ''}, "
             f"{layout}; global batch {B * T * accum:,} tokens per iteration ({world_size} process(es) x "
             f"{accum // world_size} micro-batch(es) x {B} x {T}); matmul peak {peak / 1e9:.0f} GFLOP/s"
         )
@@ -57,7 +59,9 @@ class RunLog:
         local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # a DTensor's own part
         size = lambda ts: sum(local(t).numel() * local(t).element_size() for t in ts) / 1e6
         params = list(model.parameters())
-        states = [v for opt in optimizers for s in opt.state.values() for v in s.values() if hasattr(v, "numel")]
+        states = [
+            v for opt in optimizers for s in opt.state.values() for v in s.values() if hasattr(v, "numel")
+        ]
         grads = size(p.grad for p in params if p.grad is not None)
         self.say(
             f"memory per process: weights {size(params):.1f} MB, gradients {grads:.1f} MB, "
@@ -79,12 +83,22 @@ class RunLog:
         mfu = self.flops_of(tokens_per_sec)
         eta = dt * (c["max_iters"] - iter_num)  # at the pace of the last log_interval iterations
         self.say(
-            f"iter {iter_num}/{c['max_iters']} ({100 * iter_num / c['max_iters']:.0f}%) | loss {losses[-1]:.4f} | "
+            f"iter {iter_num}/{c['max_iters']} ({100 * iter_num / c['max_iters']:.0f}%) | loss "
+            f"{losses[-1]:.4f} | "
             f"lr {lr:.2e} | {1000 * dt:.1f} ms/iter, {1 / dt:.1f} it/s | {tokens_per_sec:,.0f} tok/s | "
             f"MFU {100 * mfu:.1f}% | ETA {format_seconds(eta)}"
         )
-        self.append({"iter": iter_num, "loss": losses[-1], "losses": losses, "lr": lr, "ms_per_iter": 1000 * dt,
-                     "tokens_per_sec": tokens_per_sec, "mfu": mfu})  # fmt: skip
+        self.append(
+            {
+                "iter": iter_num,
+                "loss": losses[-1],
+                "losses": losses,
+                "lr": lr,
+                "ms_per_iter": 1000 * dt,
+                "tokens_per_sec": tokens_per_sec,
+                "mfu": mfu,
+            }
+        )
 
     def evaluation(self, iter_num, losses):
         """The evaluation's line, its record in metrics.jsonl, and loss.png drawn again."""
@@ -92,15 +106,23 @@ class RunLog:
             f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
             f"val perplexity {math.exp(losses['val']):.2f}"
         )
-        self.append({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                     "val_ppl": math.exp(losses["val"])})  # fmt: skip
+        self.append(
+            {
+                "iter": iter_num,
+                "train_loss": losses["train"],
+                "val_loss": losses["val"],
+                "val_ppl": math.exp(losses["val"]),
+            }
+        )
         if not self.master:
             return
         try:
             plot_losses(self.metrics_path, os.path.join(self.out_dir, "loss.png"))
         except Exception as e:  # noqa: BLE001 - a picture must never stop training
             why = str(e).splitlines()[0][:120] if str(e) else e.__class__.__name__
-            print(f"warning: could not draw {self.out_dir}/loss.png ({why}); training goes on", file=sys.stderr)
+            print(
+                f"warning: could not draw {self.out_dir}/loss.png ({why}); training goes on", file=sys.stderr
+            )
 
     def append(self, record):
         if not self.master:
@@ -109,11 +131,14 @@ class RunLog:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
-            print(f"warning: could not append to {self.metrics_path} ({e.strerror}); training goes on", file=sys.stderr)
+            print(
+                f"warning: could not append to {self.metrics_path} ({e.strerror}); training goes on",
+                file=sys.stderr,
+            )
 
 
 def read_metrics(path):
-    """The records of metrics.jsonl that parse: a line cut short by a crash, or text from elsewhere, is skipped."""
+    """The records of metrics.jsonl that parse: a line cut short by a crash, or foreign text, is skipped."""
     records = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -127,7 +152,7 @@ def read_metrics(path):
 
 
 def plot_losses(metrics_path, png_path):
-    """train and val loss at each evaluation, and the learning rate, from metrics.jsonl; False without matplotlib."""
+    """Draws train and val loss and the learning rate from metrics.jsonl; False without matplotlib."""
     plt = pyplot()
     if plt is None:
         return False

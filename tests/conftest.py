@@ -18,7 +18,9 @@ def tiny_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_run")
     (folder / "corpus.txt").write_text("\n".join(tense_lines(2000)) + "\n", encoding="utf-8")
     run_script("prepare.py", "--input=corpus.txt", cwd=folder)
-    run_script("train.py", os.path.join(ROOT, "config", "tiny.py"), "--out_dir=out", "--max_iters=60", cwd=folder)
+    run_script(
+        "train.py", os.path.join(ROOT, "config", "tiny.py"), "--out_dir=out", "--max_iters=60", cwd=folder
+    )
     return folder
 
 
@@ -28,6 +30,16 @@ def trained_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trained_run")
     (folder / "corpus.txt").write_text("\n".join(tense_lines(10000)) + "\n", encoding="utf-8")
     run_script("prepare.py", "--input=corpus.txt", cwd=folder)
-    run_script("train.py", os.path.join(ROOT, "config", "tiny.py"), "--out_dir=out", "--max_iters=400",
-               "--n_embd=64", "--batch_size=32", "--eval_interval=400", "--warmup_iters=20", cwd=folder, timeout=300)
+    run_script(
+        "train.py",
+        os.path.join(ROOT, "config", "tiny.py"),
+        "--out_dir=out",
+        "--max_iters=400",
+        "--n_embd=64",
+        "--batch_size=32",
+        "--eval_interval=400",
+        "--warmup_iters=20",
+        cwd=folder,
+        timeout=300,
+    )
     return folder

@@ -1,4 +1,5 @@
 """Helpers the test files share: running the project's scripts as a user would, and sample text."""
+
 import json
 import os
 import shutil
@@ -12,10 +13,16 @@ def run_script(script, *args, cwd, check=True, timeout=120, **popen_args):
     """Runs a project script through its real command line; returns the CompletedProcess."""
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, script), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, **popen_args,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen_args,
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"{script} {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -45,17 +52,29 @@ def torchrun_command(*args, script="train.py"):
 
 def torchrun(*args, cwd, script="train.py", check=True):
     """script under torchrun with 2 processes; returns the CompletedProcess."""
-    result = subprocess.run(torchrun_command(*args, script=script), cwd=cwd, capture_output=True, text=True, timeout=240,
-                            env=TORCHRUN_ENV)
+    result = subprocess.run(
+        torchrun_command(*args, script=script),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=TORCHRUN_ENV,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"torchrun {script} {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"torchrun {script} {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
 def losses(out_dir):
     """The loss of every logged step of a run, from its metrics.jsonl."""
-    return [loss for line in (out_dir / "metrics.jsonl").read_text().splitlines() if '"losses"' in line
-            for loss in json.loads(line)["losses"]]
+    return [
+        loss
+        for line in (out_dir / "metrics.jsonl").read_text().splitlines()
+        if '"losses"' in line
+        for loss in json.loads(line)["losses"]
+    ]
 
 
 def assert_explicit_attention_is_the_fused_one(model, idx):

@@ -1,4 +1,5 @@
 """The character and word tokenizers beside GPT-2's BPE."""
+
 import json
 
 import numpy as np
@@ -23,7 +24,9 @@ def test_char_round_trip_and_ids():
 def test_word_cleaning_round_trip_is_exact_up_to_lowercase_and_spacing():
     # decode(encode(text)) == the words and marks of text.lower(), joined by single
     # spaces, with no space before . , ! ? ; : ) ] } ' "
-    word = tok.Word.from_counts({w: 5 for w in tok.Word.pieces("the baby is isn't it o'clock ? . , sleeping")}, 100, 1)
+    word = tok.Word.from_counts(
+        {w: 5 for w in tok.Word.pieces("the baby is isn't it o'clock ? . , sleeping")}, 100, 1
+    )
     assert word.decode(word.encode("The  BABY is\tsleeping, isn't it?")) == "the baby is sleeping, isn't it?"
     assert tok.Word.pieces("It's 8 o'clock. Yes!") == ["it's", "8", "o'clock", ".", "yes", "!"]
     for line in ("The baby is sleeping.", "Is the baby sleeping?"):
@@ -47,14 +50,23 @@ def test_word_special_tokens_and_frequency_order():
 def test_prepare_with_each_tokenizer_decodes_back(tmp_path, kind):
     lines = tense_lines(300)
     (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
-    run_script("prepare.py", "--input=in.txt", f"--tokenizer={kind}", *(["--min_frequency=1"] if kind == "word" else []), cwd=tmp_path)
+    run_script(
+        "prepare.py",
+        "--input=in.txt",
+        f"--tokenizer={kind}",
+        *(["--min_frequency=1"] if kind == "word" else []),
+        cwd=tmp_path,
+    )
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
     tokenizer = tok.from_meta(meta)
     assert meta["tokenizer"] == kind and meta["vocab_size"] == tokenizer.vocab_size
     decoded = []
     for split in ("train", "val"):
         ids = np.fromfile(tmp_path / "data" / f"{split}.bin", dtype=np.uint16).tolist()
-        decoded += [tokenizer.decode(ids[s + 1:e]) for s, e in zip([-1] + ends(ids, tokenizer.eot)[:-1], ends(ids, tokenizer.eot))]
+        decoded += [
+            tokenizer.decode(ids[s + 1 : e])
+            for s, e in zip([-1] + ends(ids, tokenizer.eot)[:-1], ends(ids, tokenizer.eot))
+        ]
     expected = lines if kind == "char" else [line.lower() for line in lines]
     assert sorted(decoded) == sorted(expected)
     assert meta["train_chars"] + meta["val_chars"] == sum(len(line) + 1 for line in lines)
@@ -70,18 +82,34 @@ def test_checkpoint_samples_with_its_own_tokenizer(tmp_path, kind):
     (tmp_path / "in.txt").write_text("\n".join(tense_lines(1000)) + "\n")
     run_script("prepare.py", "--input=in.txt", f"--tokenizer={kind}", cwd=tmp_path)
     run_script("train.py", f"{ROOT}/config/tiny.py", "--out_dir=out", "--max_iters=20", cwd=tmp_path)
-    result = run_script("sample.py", "--ckpt=out/trained.pth", "--start=The baby is", "--num_samples=2",
-                        "--max_new_tokens=30", cwd=tmp_path)
+    result = run_script(
+        "sample.py",
+        "--ckpt=out/trained.pth",
+        "--start=The baby is",
+        "--num_samples=2",
+        "--max_new_tokens=30",
+        cwd=tmp_path,
+    )
     samples = result.stdout.rstrip("\n").split("\n---------------\n")
     prompt = "The baby is" if kind == "char" else "the baby is"
     assert len(samples) == 2 and all(s.startswith(prompt) for s in samples)
     assert "<|endoftext|>" not in result.stdout and "<eos>" not in result.stdout
-    unknown = run_script("sample.py", "--ckpt=out/trained.pth", "--start=The b§aby zyzzyva is", "--num_samples=1",
-                         "--max_new_tokens=5", cwd=tmp_path)
+    unknown = run_script(
+        "sample.py",
+        "--ckpt=out/trained.pth",
+        "--start=The b§aby zyzzyva is",
+        "--num_samples=1",
+        "--max_new_tokens=5",
+        cwd=tmp_path,
+    )
     if kind == "word":
-        assert unknown.stderr.strip() == ("note: 4 words of the prompt are not in the vocabulary, read as <unk>: "
-                                          "'aby' 'b' 'zyzzyva' '§'")
+        assert unknown.stderr.strip() == (
+            "note: 4 words of the prompt are not in the vocabulary, read as <unk>: 'aby' 'b' 'zyzzyva' '§'"
+        )
         assert unknown.stdout.startswith("the <unk> <unk> <unk> <unk> is")
     else:
-        assert unknown.stderr.strip() == "note: 1 characters of the prompt are not in the vocabulary, dropped: '§'"
+        assert (
+            unknown.stderr.strip()
+            == "note: 1 characters of the prompt are not in the vocabulary, dropped: '§'"
+        )
         assert unknown.stdout.startswith("The baby zyzzyva is")

@@ -22,14 +22,17 @@ def test_int_is_accepted_for_a_float_and_bare_bool_flag_is_true():
     assert config["compile"] is True
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--batchsize=8"], "unknown config key 'batchsize' (from --batchsize=8); did you mean batch_size?"),
-    (["--batch_size=0.5"], "config key batch_size wants an int, got 0.5 (from --batch_size=0.5)"),
-    (["--batch_size=big"], "config key batch_size wants an int, got 'big' (from --batch_size=big)"),
-    (["--compile=1"], "config key compile wants a bool, got 1 (from --compile=1)"),
-    (["--batch_size"], "--batch_size needs a value: write --batch_size=VALUE"),
-    (["config/nope.py"], "config file config/nope.py does not exist (the configs are in config/)"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--batchsize=8"], "unknown config key 'batchsize' (from --batchsize=8); did you mean batch_size?"),
+        (["--batch_size=0.5"], "config key batch_size wants an int, got 0.5 (from --batch_size=0.5)"),
+        (["--batch_size=big"], "config key batch_size wants an int, got 'big' (from --batch_size=big)"),
+        (["--compile=1"], "config key compile wants a bool, got 1 (from --compile=1)"),
+        (["--batch_size"], "--batch_size needs a value: write --batch_size=VALUE"),
+        (["config/nope.py"], "config file config/nope.py does not exist (the configs are in config/)"),
+    ],
+)
 def test_bad_settings_name_the_key(argv, message):
     with pytest.raises(UserError) as e:
         parse_config(BASE, argv)
@@ -43,7 +46,10 @@ def test_config_file_that_does_not_parse(tmp_path):
         parse_config(BASE, [str(bad)])
     unknown = tmp_path / "unknown.py"
     unknown.write_text("learning_rat = 0.1\n")
-    with pytest.raises(UserError, match=r"unknown config key 'learning_rat' \(from .*unknown.py\); did you mean learning_rate\?"):
+    with pytest.raises(
+        UserError,
+        match=r"unknown config key 'learning_rat' \(from .*unknown.py\); did you mean learning_rate\?",
+    ):
         parse_config(BASE, [str(unknown)])
 
 
@@ -53,7 +59,14 @@ def test_shipped_configs_parse():
 
 
 def test_learning_rate_schedule():
-    config = {**DEFAULTS, "learning_rate": 1e-3, "min_lr": 1e-4, "warmup_iters": 100, "max_iters": 1000, "lr_decay_iters": 0}
+    config = {
+        **DEFAULTS,
+        "learning_rate": 1e-3,
+        "min_lr": 1e-4,
+        "warmup_iters": 100,
+        "max_iters": 1000,
+        "lr_decay_iters": 0,
+    }
     assert get_lr(0, config) == pytest.approx(1e-3 / 101)  # warmup starts small, never at 0
     assert get_lr(99, config) == pytest.approx(1e-3 * 100 / 101)
     assert get_lr(100, config) == pytest.approx(1e-3)  # warmup end: the peak
@@ -72,6 +85,7 @@ def test_every_option_has_one_meaning_shown_by_help(script):
     import importlib
 
     from tensegpt.common import option_meanings
+
     defaults = importlib.import_module(script[:-3]).DEFAULTS
     meanings = option_meanings(os.path.join(ROOT, script))
     assert sorted(meanings) == sorted(defaults), "every key of DEFAULTS has a comment: its meaning"

@@ -60,4 +60,6 @@ def test_each_scripts_option_table_lists_its_defaults(script):
     for keys, values in rows:
         assert len(keys) == len(values), f"{script}: {keys} has {len(values)} defaults"
         for key, value in zip(keys, values):
-            assert written_default_matches(value, defaults[key]), f"{script} --{key}: docs say {value}, DEFAULTS {defaults[key]!r}"
+            assert written_default_matches(value, defaults[key]), (
+                f"{script} --{key}: docs say {value}, DEFAULTS {defaults[key]!r}"
+            )

@@ -1,4 +1,5 @@
 """eval.py: the grammar check, bits per byte, the minimal-pairs probe, and its bad inputs."""
+
 import json
 import math
 import os
@@ -31,26 +32,38 @@ def test_the_grammar_accepts_every_line_of_tense_txt(table):
     assert max(counts) - min(counts) <= 30 and sum(counts) == len(lines)
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("Yesterday, the baby ate an apple.", {"tense": "past simple", "time_first": True, "agrees": True, "sensible": True}),
-    ("By tomorrow, they will have built a house.", {"tense": "future perfect", "agrees": True, "sensible": True}),
-    ("Yesterday, the baby will eat an apple.", {"tense": "future simple", "agrees": False}),  # the wrong tense
-    ("The baby ate an apple tomorrow.", {"tense": "past simple", "agrees": False}),
-    ("The baby drives a bus every day.", {"sensible": False, "agrees": True}),  # who-does-what
-    ("The dog writes a poem.", {"sensible": False, "time": ""}),
-    ("They read a book yesterday.", {"tense": "past simple", "agrees": True}),  # read: present or past
-    ("They read a book every day.", {"tense": "present simple", "agrees": True}),
-    ("the baby drinks some milk on sundays.", None),  # case matters for the GPT-2 and char models
-    ("The baby eat an apple.", None),
-    ("The baby ate an apple", None),  # no full stop
-    ("Did the baby eat an apple.", None),  # a question needs its question mark
-    ("The baby ate an apple?", None),
-    ("Yesterday the baby ate an apple.", None),  # the comma
-    ("Yesterday, The baby ate an apple.", None),
-    ("Yesterday, did the baby eat an apple?", None),  # questions keep the time phrase last
-    ("The baby ate the bus.", None),  # an object the verb never takes
-    ("The baby ate an apple yesterday yesterday.", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (
+            "Yesterday, the baby ate an apple.",
+            {"tense": "past simple", "time_first": True, "agrees": True, "sensible": True},
+        ),
+        (
+            "By tomorrow, they will have built a house.",
+            {"tense": "future perfect", "agrees": True, "sensible": True},
+        ),
+        (
+            "Yesterday, the baby will eat an apple.",
+            {"tense": "future simple", "agrees": False},
+        ),  # the wrong tense
+        ("The baby ate an apple tomorrow.", {"tense": "past simple", "agrees": False}),
+        ("The baby drives a bus every day.", {"sensible": False, "agrees": True}),  # who-does-what
+        ("The dog writes a poem.", {"sensible": False, "time": ""}),
+        ("They read a book yesterday.", {"tense": "past simple", "agrees": True}),  # read: present or past
+        ("They read a book every day.", {"tense": "present simple", "agrees": True}),
+        ("the baby drinks some milk on sundays.", None),  # case matters for the GPT-2 and char models
+        ("The baby eat an apple.", None),
+        ("The baby ate an apple", None),  # no full stop
+        ("Did the baby eat an apple.", None),  # a question needs its question mark
+        ("The baby ate an apple?", None),
+        ("Yesterday the baby ate an apple.", None),  # the comma
+        ("Yesterday, The baby ate an apple.", None),
+        ("Yesterday, did the baby eat an apple?", None),  # questions keep the time phrase last
+        ("The baby ate the bus.", None),  # an object the verb never takes
+        ("The baby ate an apple yesterday yesterday.", None),
+    ],
+)
 def test_the_grammar_rejects_each_kind_of_bad_sentence(table, text, expected):
     parsed = grammar.parse(text, table)
     if expected is None:
@@ -68,48 +81,70 @@ def test_lowercase_parsing_for_the_word_tokenizer():
 def test_bits_per_byte_of_a_uniform_model_is_log2_of_the_vocabulary_per_token(tiny_run):
     from eval import held_out_loss, load_split
     from tensegpt.checkpoint import load_model
+
     model, tokenizer, checkpoint = load_model(str(tiny_run / "out" / "trained.pth"))
     torch.nn.init.zeros_(model.lm_head.weight)  # tied: every logit 0, uniform over the padded vocabulary
     val, meta = load_split(str(tiny_run / "data"), "val", checkpoint["tokenizer_meta"])
     report = held_out_loss(model, val, meta, tokenizer, batch_size=4)
     V = model.config.vocab_size
     assert math.isclose(report["val_loss"], math.log(V), rel_tol=1e-5)
-    assert math.isclose(report["bits_per_byte"], (len(val) - 1) * math.log2(V) / meta["val_bytes"], rel_tol=1e-5)
+    assert math.isclose(
+        report["bits_per_byte"], (len(val) - 1) * math.log2(V) / meta["val_bytes"], rel_tol=1e-5
+    )
     # val_bytes: each line's UTF-8 bytes and its line break
     lines = [line for line in (tiny_run / "corpus.txt").read_text().splitlines()]
     assert meta["val_bytes"] + meta["train_bytes"] == sum(len(line.encode()) + 1 for line in lines)
 
 
 def test_eval_reports_every_figure_in_range_and_draws_the_probe(trained_run, tmp_path):
-    out = run_script("eval.py", f"--ckpt={trained_run / 'out' / 'trained.pth'}", f"--data_dir={trained_run / 'data'}",
-                     "--json", "--num_samples=48", "--probe_per_tense=3", f"--picture={tmp_path / 'probe.png'}",
-                     cwd=tmp_path, timeout=300)
+    out = run_script(
+        "eval.py",
+        f"--ckpt={trained_run / 'out' / 'trained.pth'}",
+        f"--data_dir={trained_run / 'data'}",
+        "--json",
+        "--num_samples=48",
+        "--probe_per_tense=3",
+        f"--picture={tmp_path / 'probe.png'}",
+        cwd=tmp_path,
+        timeout=300,
+    )
     report = json.loads(out.stdout)
     for key in ("grammatical", "tense_agreement", "semantic_errors", "novel", "probe_accuracy"):
         assert 0.0 <= report[key] <= 1.0, key
     assert report["samples"] == 48 and len(report["probe_per_tense"]) == 12
     assert np.array(report["probe_counts"]).sum(axis=1).tolist() == [3] * 12
-    assert report["grammatical"] > 0.25  # 400 steps of a 2-layer model on 10,000 lines already make some sentences
-    assert 0 < report["bits_per_byte"] < 3 and math.isclose(report["val_perplexity"], math.exp(report["val_loss"]))
+    assert (
+        report["grammatical"] > 0.25
+    )  # 400 steps of a 2-layer model on 10,000 lines already make some sentences
+    assert 0 < report["bits_per_byte"] < 3 and math.isclose(
+        report["val_perplexity"], math.exp(report["val_loss"])
+    )
     assert (tmp_path / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_eval_of_a_model_not_trained_on_tense_txt_skips_the_grammar_with_a_note(tmp_path):
     (tmp_path / "in.txt").write_text("\n".join(f"line {i}: {'abc ' * (i % 7)}xyz" for i in range(400)) + "\n")
     run_script("prepare.py", "--input=in.txt", cwd=tmp_path)
-    run_script("train.py", os.path.join(ROOT, "config", "tiny.py"), "--out_dir=out", "--max_iters=5", cwd=tmp_path)
+    run_script(
+        "train.py", os.path.join(ROOT, "config", "tiny.py"), "--out_dir=out", "--max_iters=5", cwd=tmp_path
+    )
     result = run_script("eval.py", "--ckpt=out/trained.pth", "--json", cwd=tmp_path)
     report = json.loads(result.stdout)
     assert "grammatical" not in report and report["bits_per_byte"] > 0
-    assert result.stderr.startswith("note: the grammar check and the probe are for models trained on tense.txt")
+    assert result.stderr.startswith(
+        "note: the grammar check and the probe are for models trained on tense.txt"
+    )
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--num_samples=0"], "error: --num_samples must be at least 1, got 0"),
-    (["--temperature=0"], "error: --temperature must be > 0, got 0.0"),
-    (["--picture=a.jpg"], "error: --picture=a.jpg: cannot write a .jpg file; use one of .png"),
-    (["--ckpt=nope.pth"], "error: no checkpoint at nope.pth"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--num_samples=0"], "error: --num_samples must be at least 1, got 0"),
+        (["--temperature=0"], "error: --temperature must be > 0, got 0.0"),
+        (["--picture=a.jpg"], "error: --picture=a.jpg: cannot write a .jpg file; use one of .png"),
+        (["--ckpt=nope.pth"], "error: no checkpoint at nope.pth"),
+    ],
+)
 def test_eval_bad_inputs(tmp_path, args, message):
     assert fails("eval.py", *args, cwd=tmp_path).startswith(message)
 
@@ -117,5 +152,9 @@ def test_eval_bad_inputs(tmp_path, args, message):
 def test_eval_on_data_with_another_tokenizer(tiny_run, tmp_path):
     (tmp_path / "in.txt").write_text("\n".join(tense_lines(300)) + "\n")
     run_script("prepare.py", "--input=in.txt", "--tokenizer=char", cwd=tmp_path)
-    assert fails("eval.py", f"--ckpt={tiny_run / 'out' / 'trained.pth'}", "--data_dir=data", cwd=tmp_path) == (
-        "error: data/ was prepared with another tokenizer than the checkpoint's: pass the --data_dir it was trained on")
+    assert fails(
+        "eval.py", f"--ckpt={tiny_run / 'out' / 'trained.pth'}", "--data_dir=data", cwd=tmp_path
+    ) == (
+        "error: data/ was prepared with another tokenizer than the checkpoint's: pass the --data_dir it was "
+        "trained on"
+    )

@@ -21,7 +21,7 @@ def test_gpt2_ids_match_known_values():
 
 def test_hashes_are_the_ones_tiktoken_expects():
     source = open(tiktoken_ext.openai_public.__file__).read()
-    gpt2_body = source[source.index("def gpt2():"):source.index("def r50k_base")]
+    gpt2_body = source[source.index("def gpt2():") : source.index("def r50k_base")]
     assert re.findall(r'vocab_bpe_hash="([0-9a-f]+)"', gpt2_body) == [tok.VOCAB_BPE_SHA256]
     assert re.findall(r'encoder_json_hash="([0-9a-f]+)"', gpt2_body) == [tok.ENCODER_JSON_SHA256]
 
@@ -76,7 +76,11 @@ def test_unseen_word_becomes_learned_pieces_not_bytes():
     compact = tok.CompactGPT2.from_used_ids(gpt2.encode(corpus))
     pieces = lambda enc, text: [enc.decode([i]) for i in enc.encode(text)]  # noqa: E731
     assert pieces(gpt2, " grinned") == [" grinned"]  # one GPT-2 token, never seen in the corpus
-    assert pieces(compact, " grinned") == [" grin", "n", "ed"]  # " grin" is learned, "ed" is in " planned"'s tree
+    assert pieces(compact, " grinned") == [
+        " grin",
+        "n",
+        "ed",
+    ]  # " grin" is learned, "ed" is in " planned"'s tree
     legacy = tok.CompactGPT2(compact.gpt2_ids, fallback="bytes")
     assert pieces(legacy, " grinned") == list(" grinned")  # the old scheme: one byte each
 
@@ -87,6 +91,8 @@ def test_compact_meta_rebuilds_the_same_tokenizer_and_old_metas_keep_bytes():
     assert again.gpt2_ids == compact.gpt2_ids and again.eot == compact.eot and again.fallback == "subwords"
     assert tok.from_meta({"tokenizer": "gpt2"}).encode("Hello world") == [15496, 995]
     # a meta.json or checkpoint from before the merge closure has no "fallback": bytes, as it was made
-    old = tok.from_meta({"tokenizer": "gpt2-compact", "gpt2_ids": sorted(set(tok.single_byte_ids()) | {464, 5156, 50256})})
+    old = tok.from_meta(
+        {"tokenizer": "gpt2-compact", "gpt2_ids": sorted(set(tok.single_byte_ids()) | {464, 5156, 50256})}
+    )
     assert old.fallback == "bytes"
     assert old.decode(old.encode("The baby zzz")) == "The baby zzz" and len(old.encode(" zzz")) == 4

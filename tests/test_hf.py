@@ -1,4 +1,5 @@
 """Parity with Hugging Face's GPT-2: import its weights, export ours, same logits and same greedy text."""
+
 import json
 import os
 
@@ -9,25 +10,42 @@ from helpers import ROOT, run_script, tense_lines
 from tensegpt.common import UserError
 from tensegpt.hf import load_hf, read_safetensors
 
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed (pip install transformers)"
+)
 pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
 
 
 def small_hf_model(**overrides):
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=48, n_layer=2, n_head=3,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **overrides)
+    config = transformers.GPT2Config(
+        vocab_size=50257,
+        n_positions=64,
+        n_embd=48,
+        n_layer=2,
+        n_head=3,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **overrides,
+    )
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():  # random layer norms and biases too, so a mix-up would show
         for name, p in model.named_parameters():
             if "ln" in name or name.endswith("bias"):
-                p.normal_(0.0, 0.5 if "bias" in name else 0.1).add_(1.0 if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight") else 0.0)
+                p.normal_(0.0, 0.5 if "bias" in name else 0.1).add_(
+                    1.0
+                    if name.endswith("ln_1.weight")
+                    or name.endswith("ln_2.weight")
+                    or name.endswith("ln_f.weight")
+                    else 0.0
+                )
     return model
 
 
 def hf_greedy(model, idx, n):
     out = model.generate(idx, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
-    return out[0, idx.size(1):].tolist()
+    return out[0, idx.size(1) :].tolist()
 
 
 def test_import_matches_transformers_logits_and_greedy_text(tmp_path):
@@ -36,7 +54,14 @@ def test_import_matches_transformers_logits_and_greedy_text(tmp_path):
     assert (tmp_path / "hf" / "model.safetensors").exists()
     model = load_hf(str(tmp_path / "hf")).eval()
     config = model.config
-    assert (config.vocab_size, config.block_size, config.n_layer, config.n_head, config.n_embd, config.d_ff) == (50257, 64, 2, 3, 48, 192)
+    assert (
+        config.vocab_size,
+        config.block_size,
+        config.n_layer,
+        config.n_head,
+        config.n_embd,
+        config.d_ff,
+    ) == (50257, 64, 2, 3, 48, 192)
     idx = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf_model(idx).logits
@@ -59,24 +84,35 @@ def test_import_from_pytorch_model_bin(tmp_path):
 
 def test_our_safetensors_reader_matches_the_package(tmp_path):
     from safetensors.torch import save_file
-    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.float32), "c": torch.randn(2, 2).half()}
+
+    tensors = {
+        "a": torch.randn(3, 4),
+        "b": torch.arange(5, dtype=torch.float32),
+        "c": torch.randn(2, 2).half(),
+    }
     save_file(tensors, tmp_path / "t.safetensors")
     read = read_safetensors(str(tmp_path / "t.safetensors"))
     assert read.keys() == tensors.keys() and all(torch.equal(read[k], tensors[k].float()) for k in tensors)
 
 
 def test_missing_or_wrong_folders_are_clear_errors(tmp_path):
-    with pytest.raises(UserError, match=r"no Hugging Face model in .*nowhere: put its config.json and model.safetensors"):
+    with pytest.raises(
+        UserError, match=r"no Hugging Face model in .*nowhere: put its config.json and model.safetensors"
+    ):
         load_hf(str(tmp_path / "nowhere"))
     os.makedirs(tmp_path / "bert")
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(UserError, match="describes a 'bert' model; only GPT-2"):
         load_hf(str(tmp_path / "bert"))
     small_hf_model(scale_attn_by_inverse_layer_idx=True).save_pretrained(tmp_path / "odd")
-    with pytest.raises(UserError, match="scale_attn_by_inverse_layer_idx is True, but model.py implements only false"):
+    with pytest.raises(
+        UserError, match="scale_attn_by_inverse_layer_idx is True, but model.py implements only false"
+    ):
         load_hf(str(tmp_path / "odd"))
     result = run_script("sample.py", f"--init_from=hf:{tmp_path / 'nowhere'}", cwd=tmp_path, check=False)
-    assert result.returncode == 1 and result.stderr.startswith(f"error: no Hugging Face model in {tmp_path / 'nowhere'}")
+    assert result.returncode == 1 and result.stderr.startswith(
+        f"error: no Hugging Face model in {tmp_path / 'nowhere'}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +121,35 @@ def gpt2_shaped_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gpt2_run")
     (folder / "in.txt").write_text("\n".join(tense_lines(500)) + "\n")
     run_script("prepare.py", "--input=in.txt", "--full_vocab=True", cwd=folder)
-    run_script("train.py", os.path.join(ROOT, "config", "tiny.py"), "--out_dir=out", "--max_iters=10", "--bias=True", cwd=folder)
+    run_script(
+        "train.py",
+        os.path.join(ROOT, "config", "tiny.py"),
+        "--out_dir=out",
+        "--max_iters=10",
+        "--bias=True",
+        cwd=folder,
+    )
     return folder
 
 
 def test_export_loads_in_transformers_with_the_same_logits_and_text(gpt2_shaped_run, tmp_path):
-    out = run_script("export.py", f"--ckpt={gpt2_shaped_run / 'out' / 'trained.pth'}", f"--out={tmp_path / 'hf'}", cwd=tmp_path)
+    out = run_script(
+        "export.py",
+        f"--ckpt={gpt2_shaped_run / 'out' / 'trained.pth'}",
+        f"--out={tmp_path / 'hf'}",
+        cwd=tmp_path,
+    )
     assert out.stdout.startswith(f"wrote {tmp_path / 'hf'}/config.json, model.safetensors")
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     from tensegpt.checkpoint import load_model
+
     model, tokenizer, _ = load_model(str(gpt2_shaped_run / "out" / "trained.pth"))
-    idx = torch.tensor([tokenizer.encode("The baby is sleeping in the garden now.")[:6], tokenizer.encode("Did they eat dinner yesterday?")[:6]])
+    idx = torch.tensor(
+        [
+            tokenizer.encode("The baby is sleeping in the garden now.")[:6],
+            tokenizer.encode("Did they eat dinner yesterday?")[:6],
+        ]
+    )
     with torch.no_grad():
         ours = model(idx, idx)[0][..., :50257]  # our padding rows are not exported
         assert torch.allclose(hf_model(idx).logits, ours, atol=1e-5, rtol=0)
@@ -114,6 +168,7 @@ def test_a_relu_model_exports_as_gpt2_with_relu(gpt2_shaped_run, tmp_path):
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     assert hf_model.config.activation_function == "relu"
     from tensegpt.checkpoint import load_model
+
     model = load_model(str(tmp_path / "relu.pth"))[0]
     idx = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -121,56 +176,111 @@ def test_a_relu_model_exports_as_gpt2_with_relu(gpt2_shaped_run, tmp_path):
 
 
 def test_export_without_biases_exports_zero_biases(tmp_path, gpt2_shaped_run):
-    run_script("train.py", os.path.join(ROOT, "config", "tiny.py"), f"--data_dir={gpt2_shaped_run / 'data'}",
-               "--out_dir=nobias", "--max_iters=5", cwd=tmp_path)
+    run_script(
+        "train.py",
+        os.path.join(ROOT, "config", "tiny.py"),
+        f"--data_dir={gpt2_shaped_run / 'data'}",
+        "--out_dir=nobias",
+        "--max_iters=5",
+        cwd=tmp_path,
+    )
     run_script("export.py", "--ckpt=nobias/trained.pth", "--out=hf", cwd=tmp_path)
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     from tensegpt.checkpoint import load_model
+
     model = load_model(str(tmp_path / "nobias" / "trained.pth"))[0]
     idx = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.allclose(hf_model(idx).logits, model(idx, idx)[0][..., :50257], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("setting,problem", [
-    ({"pos_encoding": "sinusoidal"}, "pos_encoding is 'sinusoidal'; GPT-2 learns its positions: train with --pos_encoding=learned"),
-    ({"pos_encoding": "rotary"}, "pos_encoding is 'rotary'; GPT-2 learns its positions: train with --pos_encoding=learned"),
-    ({"activation": "swiglu"}, "activation is 'swiglu'; GPT-2 uses GELU: train with --activation=gelu"),
-    ({"norm": "rmsnorm"}, "norm is 'rmsnorm'; GPT-2 uses LayerNorm: train with --norm=layernorm"),
-    ({"n_kv_head": 1}, "n_kv_head is 1 (grouped-query attention); GPT-2 gives every head its keys and values: train with --n_kv_head=0"),
-    ({"qk_norm": True, "activation": "relu2"}, "activation is 'relu2'; GPT-2 uses GELU: train with --activation=gelu; "
-                                               "qk_norm is on; GPT-2 does not normalise queries and keys: train with --qk_norm=False"),
-])
+@pytest.mark.parametrize(
+    "setting,problem",
+    [
+        (
+            {"pos_encoding": "sinusoidal"},
+            "pos_encoding is 'sinusoidal'; GPT-2 learns its positions: train with --pos_encoding=learned",
+        ),
+        (
+            {"pos_encoding": "rotary"},
+            "pos_encoding is 'rotary'; GPT-2 learns its positions: train with --pos_encoding=learned",
+        ),
+        ({"activation": "swiglu"}, "activation is 'swiglu'; GPT-2 uses GELU: train with --activation=gelu"),
+        ({"norm": "rmsnorm"}, "norm is 'rmsnorm'; GPT-2 uses LayerNorm: train with --norm=layernorm"),
+        (
+            {"n_kv_head": 1},
+            "n_kv_head is 1 (grouped-query attention); GPT-2 gives every head its keys and values: train "
+            "with --n_kv_head=0",
+        ),
+        (
+            {"qk_norm": True, "activation": "relu2"},
+            "activation is 'relu2'; GPT-2 uses GELU: train with --activation=gelu; "
+            "qk_norm is on; GPT-2 does not normalise queries and keys: train with --qk_norm=False",
+        ),
+    ],
+)
 def test_export_refuses_what_gpt2_cannot_be(tmp_path, gpt2_shaped_run, setting, problem):
     checkpoint = torch.load(gpt2_shaped_run / "out" / "trained.pth", weights_only=True)
     checkpoint["model_config"].update(setting)  # only the config is read before refusing
     torch.save(checkpoint, tmp_path / "other.pth")
     result = run_script("export.py", "--ckpt=other.pth", "--out=hf", cwd=tmp_path, check=False)
-    assert result.returncode == 1 and result.stderr.strip() == f"error: other.pth is not GPT-2 compatible: {problem}"
+    assert (
+        result.returncode == 1
+        and result.stderr.strip() == f"error: other.pth is not GPT-2 compatible: {problem}"
+    )
     assert not (tmp_path / "hf").exists()
 
 
 def test_export_refuses_the_compact_vocabulary(tiny_run, tmp_path):
-    result = run_script("export.py", f"--ckpt={tiny_run / 'out' / 'trained.pth'}", "--out=hf", cwd=tmp_path, check=False)
+    result = run_script(
+        "export.py", f"--ckpt={tiny_run / 'out' / 'trained.pth'}", "--out=hf", cwd=tmp_path, check=False
+    )
     assert result.returncode == 1 and result.stderr.strip() == (
-        f"error: {tiny_run / 'out' / 'trained.pth'} is not GPT-2 compatible: the tokenizer is 'gpt2-compact'; GPT-2 needs "
-        "its own 50,257 ids: prepare with --full_vocab=True (and --tokenizer=gpt2)")
+        f"error: {tiny_run / 'out' / 'trained.pth'} is not GPT-2 compatible: the tokenizer is "
+        "'gpt2-compact'; GPT-2 needs "
+        "its own 50,257 ids: prepare with --full_vocab=True (and --tokenizer=gpt2)"
+    )
 
 
 def test_fine_tune_and_sample_from_hf_weights(tmp_path, gpt2_shaped_run):
     small_hf_model().save_pretrained(tmp_path / "hf")
-    out = run_script("train.py", f"--data_dir={gpt2_shaped_run / 'data'}", f"--init_from=hf:{tmp_path / 'hf'}",
-                     "--out_dir=ft", "--block_size=32", "--batch_size=4", "--max_iters=6", "--eval_interval=3",
-                     "--eval_iters=2", "--log_interval=3", cwd=tmp_path)
-    assert f"initialising from the GPT-2 weights in {tmp_path / 'hf'} (n_layer 2, n_head 3, n_embd 48" in out.stdout
+    out = run_script(
+        "train.py",
+        f"--data_dir={gpt2_shaped_run / 'data'}",
+        f"--init_from=hf:{tmp_path / 'hf'}",
+        "--out_dir=ft",
+        "--block_size=32",
+        "--batch_size=4",
+        "--max_iters=6",
+        "--eval_interval=3",
+        "--eval_iters=2",
+        "--log_interval=3",
+        cwd=tmp_path,
+    )
+    assert (
+        f"initialising from the GPT-2 weights in {tmp_path / 'hf'} (n_layer 2, n_head 3, n_embd 48"
+        in out.stdout
+    )
     checkpoint = torch.load(tmp_path / "ft" / "trained.pth", weights_only=True)
     assert checkpoint["model_config"]["n_embd"] == 48 and checkpoint["model_config"]["block_size"] == 32
     assert checkpoint["iter_num"] == 6
-    sampled = run_script("sample.py", f"--init_from=hf:{tmp_path / 'hf'}", "--start=Hello", "--num_samples=1",
-                         "--max_new_tokens=5", cwd=tmp_path)
+    sampled = run_script(
+        "sample.py",
+        f"--init_from=hf:{tmp_path / 'hf'}",
+        "--start=Hello",
+        "--num_samples=1",
+        "--max_new_tokens=5",
+        cwd=tmp_path,
+    )
     assert sampled.stdout.startswith("Hello") and len(sampled.stdout) > len("Hello\n")
-    refused = run_script("train.py", f"--data_dir={tiny_run_data(tmp_path)}", f"--init_from=hf:{tmp_path / 'hf'}",
-                         "--out_dir=ft2", cwd=tmp_path, check=False)
+    refused = run_script(
+        "train.py",
+        f"--data_dir={tiny_run_data(tmp_path)}",
+        f"--init_from=hf:{tmp_path / 'hf'}",
+        "--out_dir=ft2",
+        cwd=tmp_path,
+        check=False,
+    )
     assert refused.returncode == 1 and "prepare it with --full_vocab=True" in refused.stderr
 
 

@@ -1,21 +1,25 @@
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import assert_explicit_attention_is_the_fused_one
 
-from model import GPT, GPTConfig, configure_optimizers, filter_logits, sample_next
+from model import GPT, GPTConfig, filter_logits, sample_next
 from tensegpt.chunked_loss import ChunkedLoss, LinearCrossEntropy, use_chunked_loss
+from tensegpt.optim import configure_optimizers
+from tensegpt.sampling import attention_weights
 
 
 def tiny_config(**overrides):
     return GPTConfig(**{**dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32), **overrides})
 
 
-@pytest.mark.parametrize("pos_encoding,activation", [("learned", "gelu"), ("sinusoidal", "relu"), ("rotary", "swiglu")])
+@pytest.mark.parametrize(
+    "pos_encoding,activation", [("learned", "gelu"), ("sinusoidal", "relu"), ("rotary", "swiglu")]
+)
 def test_causal_later_tokens_never_change_earlier_logits(pos_encoding, activation):
     torch.manual_seed(0)
     model = GPT(tiny_config(pos_encoding=pos_encoding, activation=activation, bias=True)).eval()
@@ -73,7 +77,9 @@ def test_kv_cache_generation_equals_full_recompute(pos_encoding):
     assert torch.equal(cached, full)
     # and sampled tokens agree too, given the same generator state
     a = model.generate(prompt, 20, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
-    b = model.generate(prompt, 20, temperature=1.0, top_k=10, use_cache=False, generator=torch.Generator().manual_seed(3))
+    b = model.generate(
+        prompt, 20, temperature=1.0, top_k=10, use_cache=False, generator=torch.Generator().manual_seed(3)
+    )
     assert torch.equal(a, b)
 
 
@@ -154,19 +160,28 @@ def test_sampling_draws_from_the_softmax_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf"), 0.5]])
     generator = torch.Generator().manual_seed(0)
     n = 40000
-    draws = torch.cat([sample_next(logits.expand(1000, -1), 1.0, generator=generator) for _ in range(n // 1000)])
+    draws = torch.cat(
+        [sample_next(logits.expand(1000, -1), 1.0, generator=generator) for _ in range(n // 1000)]
+    )
     counts = torch.bincount(draws[:, 0], minlength=6).double() / n
     expected = torch.softmax(logits[0].double(), dim=0)
     assert counts[4] == 0  # no probability, never drawn
     assert (counts - expected).abs().max() < 0.01  # ~4 standard errors at these probabilities
     # top_k: only the k largest, in proportion to their probabilities
-    draws = torch.cat([sample_next(logits.expand(1000, -1), 1.0, top_k=2, generator=generator) for _ in range(20)])
+    draws = torch.cat(
+        [sample_next(logits.expand(1000, -1), 1.0, top_k=2, generator=generator) for _ in range(20)]
+    )
     counts = torch.bincount(draws[:, 0], minlength=6).double() / 20000
     assert set(draws[:, 0].tolist()) == {0, 1}
     assert abs(counts[0] - torch.sigmoid(torch.tensor(1.0)).item()) < 0.015
     # top_p=0.7 keeps {0, 1} (0.60 + 0.22 reaches it); together with top_k=1 only token 0
-    assert set(sample_next(logits.expand(2000, -1), 1.0, top_p=0.7, generator=generator)[:, 0].tolist()) == {0, 1}
-    assert set(sample_next(logits.expand(50, -1), 1.0, top_k=1, top_p=0.7, generator=generator)[:, 0].tolist()) == {0}
+    assert set(sample_next(logits.expand(2000, -1), 1.0, top_p=0.7, generator=generator)[:, 0].tolist()) == {
+        0,
+        1,
+    }
+    assert set(
+        sample_next(logits.expand(50, -1), 1.0, top_k=1, top_p=0.7, generator=generator)[:, 0].tolist()
+    ) == {0}
 
 
 def test_a_tiny_temperature_is_the_most_likely_token_not_nan():
@@ -179,6 +194,7 @@ def test_a_tiny_temperature_is_the_most_likely_token_not_nan():
 @pytest.mark.parametrize("n_tokens,block_size", [(50, 16), (17, 16), (9, 16), (40, 7)])
 def test_total_nats_scores_every_token_once(n_tokens, block_size):
     from tensegpt.loss_eval import total_nats
+
     model = GPT(tiny_config(block_size=block_size, vocab_size=64))
     torch.nn.init.zeros_(model.lm_head.weight)  # logits all 0: uniform over the 64 ids, ln 64 nats a token
     tokens = np.arange(n_tokens) % 64
@@ -189,6 +205,7 @@ def test_total_nats_scores_every_token_once(n_tokens, block_size):
 
 def test_total_nats_equals_the_loss_of_one_window_when_the_split_fits():
     from tensegpt.loss_eval import total_nats
+
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
     tokens = torch.randint(0, 64, (17,))
@@ -202,7 +219,45 @@ def test_attention_weights_reproduce_the_fast_path(pos_encoding):
     torch.manual_seed(0)
     model = GPT(tiny_config(pos_encoding=pos_encoding)).eval()
     idx = torch.randint(0, 64, (1, 12))
-    weights = model.attention_weights(idx)
+    weights = attention_weights(model, idx)
     assert len(weights) == 2 and weights[0].shape == (2, 12, 12)
-    assert torch.allclose(weights[0].sum(-1), torch.ones(2, 12)) and weights[0].triu(1).abs().max() == 0  # causal rows
+    assert (
+        torch.allclose(weights[0].sum(-1), torch.ones(2, 12)) and weights[0].triu(1).abs().max() == 0
+    )  # causal rows
     assert_explicit_attention_is_the_fused_one(model, idx)
+
+
+def test_model_py_alone_in_an_empty_folder_builds_trains_and_generates(tmp_path):
+    """The fork promise: model.py needs nothing of this project; nothing else of it is importable there."""
+    import shutil
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    shutil.copy(os.path.join(ROOT, "model.py"), tmp_path / "model.py")
+    program = """
+import torch
+from model import GPT, GPTConfig
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+x = torch.randint(0, 64, (4, 16))
+losses = []
+for _ in range(3):
+    logits, loss = model(x[:, :-1], x[:, 1:])
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    losses.append(loss.item())
+assert logits.shape == (4, 15, 64) and losses[-1] < losses[0], losses
+out = model.eval().generate(x[:1, :3], 5, greedy=True)
+assert out.shape == (1, 8)
+import sys
+assert not any(name in sys.modules for name in ("tensegpt", "train")), "model.py imports the project"
+print("ok", losses)
+"""
+    (tmp_path / "fork.py").write_text(program)
+    # -E: no PYTHONPATH; the script's folder (model.py alone) is all of the project on the path
+    result = subprocess.run([sys.executable, "-E", "fork.py"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stdout + result.stderr

@@ -1,11 +1,13 @@
 """The modern-block switches of model.py (rotary, RMSNorm, SwiGLU, squared ReLU, GQA, QK-norm) and Muon."""
+
 import os
 
 import pytest
 import torch
 from helpers import ROOT, assert_explicit_attention_is_the_fused_one, losses, run_script
 
-from model import GPT, GPTConfig, configure_optimizers, rotate
+from model import GPT, GPTConfig, rotate
+from tensegpt.optim import configure_optimizers
 
 SWITCHES = {
     "rotary": {"pos_encoding": "rotary"},
@@ -14,7 +16,13 @@ SWITCHES = {
     "relu2": {"activation": "relu2"},
     "gqa": {"n_kv_head": 1},
     "qk_norm": {"qk_norm": True},
-    "all": {"pos_encoding": "rotary", "norm": "rmsnorm", "activation": "swiglu", "n_kv_head": 2, "qk_norm": True},
+    "all": {
+        "pos_encoding": "rotary",
+        "norm": "rmsnorm",
+        "activation": "swiglu",
+        "n_kv_head": 2,
+        "qk_norm": True,
+    },
 }
 
 
@@ -30,18 +38,26 @@ def test_each_switch_trains_and_its_kv_cache_equals_a_full_recompute(switch):
     logits, loss = model(idx, idx)
     assert logits.shape == (3, 16, 64)
     loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+        for p in model.parameters()
+    )
     model.eval()
     prompt = idx[:2, :5]
     # 30 new tokens: past block_size 16 the window slides and the cache is rebuilt
-    assert torch.equal(model.generate(prompt, 30, greedy=True), model.generate(prompt, 30, greedy=True, use_cache=False))
+    assert torch.equal(
+        model.generate(prompt, 30, greedy=True), model.generate(prompt, 30, greedy=True, use_cache=False)
+    )
     # the attention written out (sample.py --attention draws its weights) is the fused kernel's
     assert_explicit_attention_is_the_fused_one(model, idx[:1])
 
 
 def test_rotary_attention_scores_depend_only_on_relative_position():
     torch.manual_seed(0)
-    q, k = torch.randn(1, 1, 1, 8).expand(1, 1, 12, 8), torch.randn(1, 1, 1, 8).expand(1, 1, 12, 8)  # the same vectors everywhere
+    q, k = (
+        torch.randn(1, 1, 1, 8).expand(1, 1, 12, 8),
+        torch.randn(1, 1, 1, 8).expand(1, 1, 12, 8),
+    )  # the same vectors everywhere
     scores = rotate(q, 0) @ rotate(k, 0).transpose(-2, -1)  # (1, 1, 12, 12)
     for shift in (1, 5):
         assert torch.allclose(scores[0, 0, shift:, shift:], scores[0, 0, :-shift, :-shift], atol=1e-5)
@@ -57,7 +73,9 @@ def test_grouped_query_attention_is_multi_head_attention_with_shared_keys_and_va
     state = gqa.state_dict()
     C, hs = 32, 8
     for i in range(2):
-        w = state[f"blocks.{i}.attn.c_attn.weight"]  # (C + 2 * 2 * hs, C): q, then 2 key heads, then 2 value heads
+        w = state[
+            f"blocks.{i}.attn.c_attn.weight"
+        ]  # (C + 2 * 2 * hs, C): q, then 2 key heads, then 2 value heads
         q, k, v = w[:C], w[C : C + 2 * hs], w[C + 2 * hs :]
         # each key/value head serves 2 query heads: repeat it for each of them
         repeat = lambda t: t.view(2, hs, C).repeat_interleave(2, dim=0).reshape(4 * hs, C)  # noqa: E731
@@ -80,11 +98,17 @@ def test_swiglu_keeps_the_parameter_count_of_the_gelu_feed_forward():
     assert abs(swiglu.num_params() / gelu.num_params() - 1) < 0.03
 
 
-@pytest.mark.parametrize("overrides,problem", [
-    ({"n_kv_head": 3}, "n_kv_head (3) must divide n_head (4)"),
-    ({"pos_encoding": "rotary", "n_embd": 36, "n_head": 4, "n_kv_head": 4}, "the head size n_embd / n_head (9) must be even"),
-    ({"norm": "batchnorm"}, "norm must be one of layernorm, rmsnorm; got 'batchnorm'"),
-])
+@pytest.mark.parametrize(
+    "overrides,problem",
+    [
+        ({"n_kv_head": 3}, "n_kv_head (3) must divide n_head (4)"),
+        (
+            {"pos_encoding": "rotary", "n_embd": 36, "n_head": 4, "n_kv_head": 4},
+            "the head size n_embd / n_head (9) must be even",
+        ),
+        ({"norm": "batchnorm"}, "norm must be one of layernorm, rmsnorm; got 'batchnorm'"),
+    ],
+)
 def test_impossible_switches_are_named(overrides, problem):
     with pytest.raises(ValueError, match=problem.replace("(", r"\(").replace(")", r"\)")):
         GPT(config(**overrides))
@@ -97,7 +121,8 @@ def test_muon_steps_the_hidden_matrices_and_adamw_the_rest():
     in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
     named = dict(model.named_parameters())
     assert {name for name, p in named.items() if id(p) in in_muon} == {
-        name for name, p in named.items() if name.startswith("blocks.") and p.dim() == 2}
+        name for name, p in named.items() if name.startswith("blocks.") and p.dim() == 2
+    }
     before = {name: p.detach().clone() for name, p in named.items()}
     idx = torch.randint(0, 64, (4, 16))
     model(idx, idx)[1].backward()
@@ -108,8 +133,15 @@ def test_muon_steps_the_hidden_matrices_and_adamw_the_rest():
 
 @pytest.mark.slow  # the quick run leaves it out; CI runs it
 def test_modern_config_with_muon_resumes_exactly(tiny_run, tmp_path):
-    common = [os.path.join(ROOT, "config", "tiny.py"), os.path.join(ROOT, "config", "modern.py"), f"--data_dir={tiny_run / 'data'}",
-              "--log_interval=1", "--lr_decay_iters=12", "--eval_interval=6", "--dropout=0.1"]
+    common = [
+        os.path.join(ROOT, "config", "tiny.py"),
+        os.path.join(ROOT, "config", "modern.py"),
+        f"--data_dir={tiny_run / 'data'}",
+        "--log_interval=1",
+        "--lr_decay_iters=12",
+        "--eval_interval=6",
+        "--dropout=0.1",
+    ]
     out = run_script("train.py", *common, "--out_dir=straight", "--max_iters=12", cwd=tmp_path)
     assert "out-modern" not in out.stdout and "straight/trained.pth" in out.stdout
     run_script("train.py", *common, "--out_dir=split", "--max_iters=6", cwd=tmp_path)
@@ -119,13 +151,15 @@ def test_modern_config_with_muon_resumes_exactly(tiny_run, tmp_path):
     b = torch.load(tmp_path / "split" / "last.pth", weights_only=True)
     assert a["model_config"]["pos_encoding"] == "rotary" and a["train_config"]["optimizer"] == "muon"
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert any("momentum_buffer" in s for s in a["optimizer"]["state"].values())  # Muon's state is in the checkpoint
+    assert any(
+        "momentum_buffer" in s for s in a["optimizer"]["state"].values()
+    )  # Muon's state is in the checkpoint
 
 
 def test_muon_without_torch_optim_muon_is_a_clear_error(monkeypatch):
     from tensegpt import run_setup
-    from train import DEFAULTS
     from tensegpt.common import UserError
+    from train import DEFAULTS
 
     monkeypatch.delattr(torch.optim, "Muon")
     with pytest.raises(UserError, match=r"--optimizer=muon needs torch.optim.Muon \(torch 2.9 or later"):

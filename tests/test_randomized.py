@@ -3,6 +3,7 @@ Randomized tests (hypothesis): whatever a user types or feeds in, the configurat
 line reader and the tokenizers either work or raise the project's one-line UserError, and
 text that prepares comes back unchanged through encode/decode.
 """
+
 import os
 
 import pytest
@@ -19,8 +20,12 @@ KEYS = sorted(TRAIN_DEFAULTS) + ["", "seed ", "n_layers", "dtype=", "-"]
 
 
 def option():
-    values = st.one_of(st.text(max_size=12), st.integers().map(str), st.floats(allow_nan=True).map(repr),
-                       st.sampled_from(["True", "None", "[1,", "(1, 2)", "{}", "1e999", "'x'", "10**20", "b'x'"]))
+    values = st.one_of(
+        st.text(max_size=12),
+        st.integers().map(str),
+        st.floats(allow_nan=True).map(repr),
+        st.sampled_from(["True", "None", "[1,", "(1, 2)", "{}", "1e999", "'x'", "10**20", "b'x'"]),
+    )
     return st.one_of(
         st.builds(lambda k, v: f"--{k}={v}", st.sampled_from(KEYS), values),
         st.builds(lambda k: f"--{k}", st.sampled_from(KEYS)),
@@ -39,11 +44,17 @@ def test_parse_config_raises_only_user_errors(argv):
         return
     for key, default in TRAIN_DEFAULTS.items():  # what comes back keeps every key's type
         if default is not None:
-            assert isinstance(config[key], type(default)) or (isinstance(default, float) and isinstance(config[key], float))
+            assert isinstance(config[key], type(default)) or (
+                isinstance(default, float) and isinstance(config[key], float)
+            )
 
 
 @FAST
-@given(st.binary(max_size=300), st.sampled_from(["line", "paragraph", "file"]), st.sampled_from(["strict", "replace"]))
+@given(
+    st.binary(max_size=300),
+    st.sampled_from(["line", "paragraph", "file"]),
+    st.sampled_from(["strict", "replace"]),
+)
 def test_the_line_reader_takes_any_bytes_or_says_where_they_are_not_utf8(tmp_path, data, example, errors):
     path = tmp_path / "in.bin"
     path.write_bytes(data)
@@ -54,10 +65,15 @@ def test_the_line_reader_takes_any_bytes_or_says_where_they_are_not_utf8(tmp_pat
         return
     text = data.decode("utf-8", errors=errors).removeprefix("\ufeff")
     if example == "line":
-        assert examples == [line.removesuffix("\r") for line in text.split("\n") if line.removesuffix("\r").strip()]
+        assert examples == [
+            line.removesuffix("\r") for line in text.split("\n") if line.removesuffix("\r").strip()
+        ]
     elif example == "file":
-        assert "".join(examples) == "".join(line.removesuffix("\r") + "\n" for line in text.removesuffix("\n").split("\n")) \
+        assert (
+            "".join(examples)
+            == "".join(line.removesuffix("\r") + "\n" for line in text.removesuffix("\n").split("\n"))
             or text == ""
+        )
     else:
         assert all(e.strip() and "\n\n" not in e for e in examples)
 
@@ -101,8 +117,10 @@ def test_char_and_word_keep_what_they_know(tokenizers, text):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(TEXT.filter(lambda t: "\n" not in t and "\r" not in t and t.strip()), min_size=2, max_size=8),
-       st.sampled_from(["gpt2", "char"]))
+@given(
+    st.lists(TEXT.filter(lambda t: "\n" not in t and "\r" not in t and t.strip()), min_size=2, max_size=8),
+    st.sampled_from(["gpt2", "char"]),
+)
 def test_text_that_prepares_round_trips(tmp_path_factory, lines, kind):
     folder = tmp_path_factory.mktemp("prep")
     (folder / "in.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -111,9 +129,21 @@ def test_text_that_prepares_round_trips(tmp_path_factory, lines, kind):
     import sys
 
     import numpy as np
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, os.path.join(root, "prepare.py"), "--input=in.txt", f"--tokenizer={kind}",
-                           "--split=last", "--val_fraction=0.3"], cwd=folder, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "prepare.py"),
+            "--input=in.txt",
+            f"--tokenizer={kind}",
+            "--split=last",
+            "--val_fraction=0.3",
+        ],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         assert done.returncode == 1 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
         return
@@ -123,5 +153,5 @@ def test_text_that_prepares_round_trips(tmp_path_factory, lines, kind):
     for split in ("train", "val"):
         ids = np.fromfile(folder / "data" / f"{split}.bin", dtype=np.uint16).tolist()
         starts = [0] + [i + 1 for i, t in enumerate(ids) if t == tokenizer.eot]
-        decoded += [tokenizer.decode(ids[s:e - 1]) for s, e in zip(starts, starts[1:])]
+        decoded += [tokenizer.decode(ids[s : e - 1]) for s, e in zip(starts, starts[1:])]
     assert decoded == lines

@@ -5,6 +5,7 @@ and the placeholder files it names) and must exit 0. Training commands get a few
 iterations appended (`--max_iters` and friends, last one wins); everything else is
 exactly the README's text.
 """
+
 import os
 import re
 import shlex
@@ -17,7 +18,8 @@ from helpers import ROOT, tense_lines
 
 # What a command needs that the README leaves to the reader, or why it is run elsewhere.
 ELSEWHERE = {
-    "hf:path/to/gpt2": "needs a downloaded GPT-2 folder: tests/test_hf.py runs the same commands on a small one",
+    "hf:path/to/gpt2": "needs a downloaded GPT-2 folder: tests/test_hf.py runs the same commands on a small "
+    "one",
     "out-gpt2/trained.pth": "needs a GPT-2 shaped checkpoint: tests/test_hf.py exports one",
     "tests": "the test suite itself",
 }
@@ -25,8 +27,20 @@ SHORT = ["--max_iters=4", "--eval_interval=2", "--eval_iters=1", "--log_interval
 
 
 # the README first, then the docs pages in the order a reader meets them (later commands use earlier runs)
-PAGES = ["README.md"] + [f"docs/{name}.md" for name in ("preparing-data", "training", "sampling", "eval", "scaling",
-                                                           "tokenizers", "hugging-face", "modern-block", "performance")]
+PAGES = ["README.md"] + [
+    f"docs/{name}.md"
+    for name in (
+        "preparing-data",
+        "training",
+        "sampling",
+        "eval",
+        "scaling",
+        "tokenizers",
+        "hugging-face",
+        "modern-block",
+        "performance",
+    )
+]
 
 
 def readme_commands():
@@ -53,7 +67,9 @@ def test_the_readme_has_the_commands_this_test_knows():
 @pytest.mark.slow
 def test_every_readme_command_runs_as_written(tmp_path):
     (tmp_path / "tense.txt").write_text("\n".join(tense_lines(3000)) + "\n", encoding="utf-8")
-    book = "\n\n".join(f"Chapter {i}. Once upon a time there was a baby\nwho slept in the garden, and" for i in range(200))
+    book = "\n\n".join(
+        f"Chapter {i}. Once upon a time there was a baby\nwho slept in the garden, and" for i in range(200)
+    )
     for name in ("my.txt", "my_book.txt"):
         (tmp_path / name).write_text(book + "\n", encoding="utf-8")
     (tmp_path / "prompt.txt").write_text("The baby is\n", encoding="utf-8")
@@ -76,8 +92,16 @@ def test_every_readme_command_runs_as_written(tmp_path):
                 trained_to[out_dir] = 4
                 args = args + SHORT + ([] if "--overwrite" in command else ["--overwrite=True"])
         stdin = "The baby is\n/greedy\nShe has\n/quit\n" if "--interactive" in command else ""
-        result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args[1:]], cwd=tmp_path, input=stdin,
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, f"README command failed: {command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, script), *args[1:]],
+            cwd=tmp_path,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, (
+            f"README command failed: {command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+        )
         ran.append(command)
     assert len(ran) >= 15

@@ -1,4 +1,5 @@
 """Nothing is lost: atomic writes, Ctrl-C saves, exact resume, and no code runs from a checkpoint."""
+
 import json
 import os
 import pickle
@@ -23,8 +24,11 @@ def test_atomic_write_crash_before_rename_keeps_the_old_file(tmp_path, monkeypat
         raise OSError("simulated crash between write and rename")
 
     monkeypatch.setattr(common.os, "replace", crash)
-    with pytest.raises(common.UserError, match=f"^cannot write {target} \\(simulated crash between write and rename\\); "
-                                               f"the previous file is unchanged$"):
+    with pytest.raises(
+        common.UserError,
+        match=f"^cannot write {target} \\(simulated crash between write and rename\\); "
+        f"the previous file is unchanged$",
+    ):
         common.atomic_write(str(target), lambda f: f.write(b"new checkpoint"))
     assert target.read_bytes() == b"old checkpoint"
     assert os.listdir(tmp_path) == ["trained.pth"]  # no temporary file left behind
@@ -57,11 +61,19 @@ def losses_by_iter(out_dir):
 
 
 def test_resume_is_exact(tiny_run, tmp_path):
-    common_args = [TINY, f"--data_dir={tiny_run / 'data'}", "--log_interval=1", "--dropout=0.1",
-                   "--lr_decay_iters=40", "--eval_interval=15"]
+    common_args = [
+        TINY,
+        f"--data_dir={tiny_run / 'data'}",
+        "--log_interval=1",
+        "--dropout=0.1",
+        "--lr_decay_iters=40",
+        "--eval_interval=15",
+    ]
     run_script("train.py", *common_args, "--out_dir=straight", "--max_iters=40", cwd=tmp_path)
     run_script("train.py", *common_args, "--out_dir=split", "--max_iters=20", cwd=tmp_path)
-    out = run_script("train.py", *common_args, "--out_dir=split", "--max_iters=40", "--init_from=resume", cwd=tmp_path)
+    out = run_script(
+        "train.py", *common_args, "--out_dir=split", "--max_iters=40", "--init_from=resume", cwd=tmp_path
+    )
     assert "resuming split/last.pth at iteration 20" in out.stdout
     straight, split = losses_by_iter(tmp_path / "straight"), losses_by_iter(tmp_path / "split")
     assert sorted(straight) == sorted(split) == list(range(1, 41))
@@ -73,9 +85,20 @@ def test_resume_is_exact(tiny_run, tmp_path):
 
 def test_ctrl_c_saves_a_checkpoint_that_resume_continues(tiny_run, tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "train.py"), TINY, f"--data_dir={tiny_run / 'data'}", "--out_dir=out",
-         "--max_iters=100000", "--log_interval=5", "--eval_interval=100000"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            TINY,
+            f"--data_dir={tiny_run / 'data'}",
+            "--out_dir=out",
+            "--max_iters=100000",
+            "--log_interval=5",
+            "--eval_interval=100000",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     for line in proc.stdout:
         if line.startswith("iter "):  # training is under way
@@ -89,8 +112,15 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(tiny_run, tmp_path):
     saved = torch.load(tmp_path / "out" / "last.pth", weights_only=True)["iter_num"]
     assert not (tmp_path / "out" / "trained.pth").exists()  # no evaluation yet: no best model
     assert 5 <= saved < 100000
-    out = run_script("train.py", TINY, f"--data_dir={tiny_run / 'data'}", "--out_dir=out", "--init_from=resume",
-                     f"--max_iters={saved + 10}", cwd=tmp_path)
+    out = run_script(
+        "train.py",
+        TINY,
+        f"--data_dir={tiny_run / 'data'}",
+        "--out_dir=out",
+        "--init_from=resume",
+        f"--max_iters={saved + 10}",
+        cwd=tmp_path,
+    )
     assert f"resuming out/last.pth at iteration {saved}" in out.stdout
     assert torch.load(tmp_path / "out" / "last.pth", weights_only=True)["iter_num"] == saved + 10
     assert torch.load(tmp_path / "out" / "trained.pth", weights_only=True)["iter_num"] == saved + 10
@@ -114,12 +144,25 @@ def test_a_checkpoint_carrying_code_is_refused_and_never_runs(tiny_run, tmp_path
     torch.save(checkpoint, tmp_path / "out" / "trained.pth")
     with pytest.raises(pickle.UnpicklingError):  # the payload is real: a plain load would run it
         torch.load(tmp_path / "out" / "trained.pth", weights_only=True)
-    for script, args in (("sample.py", ["--ckpt=out/trained.pth"]),
-                         ("train.py", [TINY, f"--data_dir={tiny_run / 'data'}", "--out_dir=out", "--init_from=resume", "--max_iters=100"])):
+    for script, args in (
+        ("sample.py", ["--ckpt=out/trained.pth"]),
+        (
+            "train.py",
+            [
+                TINY,
+                f"--data_dir={tiny_run / 'data'}",
+                "--out_dir=out",
+                "--init_from=resume",
+                "--max_iters=100",
+            ],
+        ),
+    ):
         result = run_script(script, *args, cwd=tmp_path, check=False)
         assert result.returncode == 1 and "Traceback" not in result.stderr
-        assert result.stderr.strip() == ("error: out/trained.pth holds objects other than tensors and plain values (posix.system), "
-                                          "refused for safety: only load checkpoints you trust")
+        assert result.stderr.strip() == (
+            "error: out/trained.pth holds objects other than tensors and plain values (posix.system), "
+            "refused for safety: only load checkpoints you trust"
+        )
         assert not marker.exists()
 
 
@@ -127,8 +170,9 @@ def test_optimizer_state_of_an_older_checkpoint_is_translated_to_parameter_names
     """Checkpoints written before the optimizer state was keyed by name numbered the parameters."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    from model import GPT, GPTConfig, configure_optimizers
+    from model import GPT, GPTConfig
     from tensegpt.checkpoint import optimizer_state_by_name
+    from tensegpt.optim import configure_optimizers
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, bias=True))
@@ -138,7 +182,11 @@ def test_optimizer_state_of_an_older_checkpoint_is_translated_to_parameter_names
     optimizer.step()
     named = get_optimizer_state_dict(model, [optimizer], options=StateDictOptions(full_state_dict=True))
     translated = optimizer_state_by_name(optimizer.state_dict(), model)  # the numbered layout
-    assert sorted(translated["state"]) == sorted(named["state"]) == sorted(name for name, _ in model.named_parameters())
+    assert (
+        sorted(translated["state"])
+        == sorted(named["state"])
+        == sorted(name for name, _ in model.named_parameters())
+    )
     for name, state in named["state"].items():
         assert torch.equal(translated["state"][name]["exp_avg"], state["exp_avg"]), name
     assert [g["params"] for g in translated["param_groups"]] == [g["params"] for g in named["param_groups"]]

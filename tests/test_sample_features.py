@@ -1,4 +1,5 @@
 """What a learner sees: streaming, the prompt loop, temperatures, beam search, scores and pictures."""
+
 import os
 import re
 import struct
@@ -21,7 +22,13 @@ def png_size(path):
 
 
 def test_streamed_output_is_the_same_text(tiny_run):
-    args = ["--ckpt=out/trained.pth", "--start=The baby is", "--num_samples=2", "--max_new_tokens=20", "--seed=4"]
+    args = [
+        "--ckpt=out/trained.pth",
+        "--start=The baby is",
+        "--num_samples=2",
+        "--max_new_tokens=20",
+        "--seed=4",
+    ]
     plain = run_script("sample.py", *args, cwd=tiny_run).stdout
     streamed = run_script("sample.py", *args, "--stream=True", cwd=tiny_run).stdout
     assert streamed == plain and plain.startswith("The baby is")
@@ -39,8 +46,15 @@ def test_generate_stream_yields_one_token_per_step():
 
 
 def test_interactive_loop_through_a_pipe(tiny_run):
-    commands = "The baby is\n/temperature 0.5\n/top_k 5\n/greedy\n/settings\nShe has\n/temperature -1\n/bogus\n/help\n/quit\nnever read\n"
-    result = subprocess_run(tiny_run, ["--ckpt=out/trained.pth", "--interactive", "--num_samples=1", "--max_new_tokens=10"], commands)
+    commands = (
+        "The baby is\n/temperature 0.5\n/top_k 5\n/greedy\n/settings\nShe has\n/temperature -1\n"
+        "/bogus\n/help\n/quit\nnever read\n"
+    )
+    result = subprocess_run(
+        tiny_run,
+        ["--ckpt=out/trained.pth", "--interactive", "--num_samples=1", "--max_new_tokens=10"],
+        commands,
+    )
     assert result.returncode == 0 and "Traceback" not in result.stderr
     replies = re.split(r"(?<=\n)> ", result.stdout)  # "> " at the start of a line is the prompt
     assert replies[0].startswith("type a prompt")
@@ -61,18 +75,36 @@ def test_interactive_ends_cleanly_on_end_of_input(tiny_run):
 
 def subprocess_run(cwd, args, stdin_text):
     import subprocess
-    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], cwd=cwd, input=stdin_text,
-                          capture_output=True, text=True, timeout=120)
+
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "sample.py"), *args],
+        cwd=cwd,
+        input=stdin_text,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_temperature_tour_shows_each_temperature(tiny_run):
-    out = run_script("sample.py", "--ckpt=out/trained.pth", "--start=The baby is", "--temperatures=0.2,0.8,1.2",
-                     "--num_samples=2", "--max_new_tokens=15", cwd=tiny_run).stdout
+    out = run_script(
+        "sample.py",
+        "--ckpt=out/trained.pth",
+        "--start=The baby is",
+        "--temperatures=0.2,0.8,1.2",
+        "--num_samples=2",
+        "--max_new_tokens=15",
+        cwd=tiny_run,
+    ).stdout
     blocks = out.rstrip("\n").split("\n\n")
     assert len(blocks) == 2
     for block in blocks:
         lines = block.split("\n")
-        assert [line[:18] for line in lines] == ["temperature 0.2 | ", "temperature 0.8 | ", "temperature 1.2 | "]
+        assert [line[:18] for line in lines] == [
+            "temperature 0.2 | ",
+            "temperature 0.8 | ",
+            "temperature 1.2 | ",
+        ]
         assert all(line[18:].startswith("The baby is") for line in lines)
 
 
@@ -80,12 +112,14 @@ def test_beam_search_scores_at_least_as_well_as_greedy(trained_run):
     model, tokenizer, _ = load_model(str(trained_run / "out" / "trained.pth"))
     for prompt in ("The baby is", "Will they", "My sister had"):
         idx = torch.tensor([tokenizer.encode(prompt)])
-        greedy = model.generate(idx, 30, greedy=True, stop_token=tokenizer.eot)[0, idx.size(1):].tolist()
+        greedy = model.generate(idx, 30, greedy=True, stop_token=tokenizer.eot)[0, idx.size(1) :].tolist()
         greedy_logprob = continuation_logprob(model, idx[0].tolist(), greedy)
         new, logprob = beam_search(model, idx, 5, 30, stop_token=tokenizer.eot)
         assert logprob == pytest.approx(continuation_logprob(model, idx[0].tolist(), new), abs=1e-4)
         assert logprob / len(new) >= greedy_logprob / len(greedy) - 1e-6
-    out = run_script("sample.py", "--ckpt=out/trained.pth", "--start=The baby is", "--beam=4", cwd=trained_run).stdout
+    out = run_script(
+        "sample.py", "--ckpt=out/trained.pth", "--start=The baby is", "--beam=4", cwd=trained_run
+    ).stdout
     text, report = out.rstrip("\n").split("\n")
     assert text.startswith("The baby is") and report.startswith("beam search, 4 beams: log-probability -")
 
@@ -122,11 +156,22 @@ def test_scores_prefer_the_right_tense(trained_run):
     total = lambda text: sum(lp for _, lp in score_text(model, tokenizer, text, "cpu"))  # noqa: E731
     assert total("The baby will sleep in the garden.") > total("The baby will slept in the garden.")
     assert total("She ate an apple yesterday.") > total("She eat an apple yesterday.")
-    assert total("They have been playing in the garden for two hours.") > total("They have been play in the garden for two hours.")
-    out = run_script("sample.py", "--ckpt=out/trained.pth", "--score=The baby will sleep.", cwd=trained_run).stdout.splitlines()
+    assert total("They have been playing in the garden for two hours.") > total(
+        "They have been play in the garden for two hours."
+    )
+    out = run_script(
+        "sample.py", "--ckpt=out/trained.pth", "--score=The baby will sleep.", cwd=trained_run
+    ).stdout.splitlines()
     import ast
-    assert [ast.literal_eval(line.rsplit(None, 1)[0].strip()) for line in out[:-1]] == \
-        ["The", " baby", " will", " sleep", ".", "<end>"]
+
+    assert [ast.literal_eval(line.rsplit(None, 1)[0].strip()) for line in out[:-1]] == [
+        "The",
+        " baby",
+        " will",
+        " sleep",
+        ".",
+        "<end>",
+    ]
     assert all(float(line.rsplit(None, 1)[1]) < 0 for line in out[:-1])
     assert out[-1].startswith("total log-probability -") and "over 6 tokens, perplexity" in out[-1]
 
@@ -139,11 +184,27 @@ def test_training_draws_a_loss_curve(tiny_run):
 
 def test_training_works_without_matplotlib(tiny_run, tmp_path):
     import subprocess
-    block = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
-             "sys.path.insert(0, sys.argv[0].rsplit('/', 1)[0]); runpy.run_path(sys.argv[0], run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", block, os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", "tiny.py"),
-                             f"--data_dir={tiny_run / 'data'}", "--out_dir=out", "--max_iters=30"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    block = (
+        "import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
+        "sys.path.insert(0, sys.argv[0].rsplit('/', 1)[0]); runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            block,
+            os.path.join(ROOT, "train.py"),
+            os.path.join(ROOT, "config", "tiny.py"),
+            f"--data_dir={tiny_run / 'data'}",
+            "--out_dir=out",
+            "--max_iters=30",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "saved out/last.pth and out/trained.pth at iteration 30" in result.stdout
     assert sorted(os.listdir(tmp_path / "out")) == [".lock", "last.pth", "metrics.jsonl", "trained.pth"]
@@ -151,9 +212,18 @@ def test_training_works_without_matplotlib(tiny_run, tmp_path):
 
 def test_attention_heatmaps(tiny_run, tmp_path):
     pytest.importorskip("matplotlib")
-    result = run_script("sample.py", "--ckpt=out/trained.pth", "--start=The baby is", "--num_samples=1",
-                        "--max_new_tokens=8", f"--attention={tmp_path / 'attn.png'}", cwd=tiny_run)
-    assert result.stderr.strip() == f"saved attention heatmaps of 2 layers x 2 heads to {tmp_path / 'attn.png'}"
+    result = run_script(
+        "sample.py",
+        "--ckpt=out/trained.pth",
+        "--start=The baby is",
+        "--num_samples=1",
+        "--max_new_tokens=8",
+        f"--attention={tmp_path / 'attn.png'}",
+        cwd=tiny_run,
+    )
+    assert (
+        result.stderr.strip() == f"saved attention heatmaps of 2 layers x 2 heads to {tmp_path / 'attn.png'}"
+    )
     width, height = png_size(tmp_path / "attn.png")
     assert width == height and width >= 400  # a 2 x 2 grid of square maps
 

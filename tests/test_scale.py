@@ -1,4 +1,5 @@
 """Scaling out on CPU: DDP through torchrun (gloo), mixed precision, activation checkpointing."""
+
 import json
 import os
 import signal
@@ -14,33 +15,68 @@ TINY = os.path.join(ROOT, "config", "tiny.py")
 
 
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tiny_run, tmp_path):
-    common = [TINY, f"--data_dir={tiny_run / 'data'}", "--max_iters=6", "--grad_accum=2", "--log_interval=1", "--eval_interval=3"]
+    common = [
+        TINY,
+        f"--data_dir={tiny_run / 'data'}",
+        "--max_iters=6",
+        "--grad_accum=2",
+        "--log_interval=1",
+        "--eval_interval=3",
+    ]
     run_script("train.py", *common, "--out_dir=single", cwd=tmp_path)
     result = torchrun(*common, "--out_dir=ddp", cwd=tmp_path)
     # rank 0 alone prints and writes
-    assert result.stdout.count("model: ") == 1 and result.stdout.count("saved ddp/last.pth and ddp/trained.pth at iteration 6") == 1
-    assert "global batch 512 tokens per iteration (2 process(es) x 1 micro-batch(es) x 8 x 32)" in result.stdout
+    assert (
+        result.stdout.count("model: ") == 1
+        and result.stdout.count("saved ddp/last.pth and ddp/trained.pth at iteration 6") == 1
+    )
+    assert (
+        "global batch 512 tokens per iteration (2 process(es) x 1 micro-batch(es) x 8 x 32)" in result.stdout
+    )
     single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
     assert len(single) == len(ddp) == 6
     assert ddp[0] == pytest.approx(single[0], abs=1e-5)  # the same global batch, the same loss
     assert ddp == pytest.approx(single, abs=1e-3)
     checkpoint = torch.load(tmp_path / "ddp" / "trained.pth", weights_only=True)
     assert checkpoint["iter_num"] == 6 and not any(k.startswith("module.") for k in checkpoint["model"])
-    sampled = run_script("sample.py", "--ckpt=ddp/trained.pth", "--start=The baby", "--num_samples=1", "--max_new_tokens=5", cwd=tmp_path)
+    sampled = run_script(
+        "sample.py",
+        "--ckpt=ddp/trained.pth",
+        "--start=The baby",
+        "--num_samples=1",
+        "--max_new_tokens=5",
+        cwd=tmp_path,
+    )
     assert sampled.stdout.startswith("The baby")
 
 
 def test_ddp_error_on_every_rank_exits_without_hanging(tiny_run, tmp_path):
-    result = torchrun(TINY, f"--data_dir={tiny_run / 'data'}", "--max_iters=4", cwd=tmp_path, check=False)  # grad_accum 1 cannot split in 2
+    result = torchrun(
+        TINY, f"--data_dir={tiny_run / 'data'}", "--max_iters=4", cwd=tmp_path, check=False
+    )  # grad_accum 1 cannot split in 2
     assert result.returncode != 0
     assert result.stderr.count("error: grad_accum (1) must be a multiple of the number of processes (2)") == 1
 
 
 def test_ctrl_c_in_a_terminal_stops_every_rank_at_one_step_and_saves(tiny_run, tmp_path):
-    command = torchrun_command(TINY, f"--data_dir={tiny_run / 'data'}", "--out_dir=out", "--grad_accum=2", "--max_iters=100000",
-                               "--log_interval=5", "--eval_interval=100000")
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=TORCHRUN_ENV,
-                            start_new_session=True)
+    command = torchrun_command(
+        TINY,
+        f"--data_dir={tiny_run / 'data'}",
+        "--out_dir=out",
+        "--grad_accum=2",
+        "--max_iters=100000",
+        "--log_interval=5",
+        "--eval_interval=100000",
+    )
+    proc = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=TORCHRUN_ENV,
+        start_new_session=True,
+    )
     for line in proc.stdout:
         if line.startswith("iter "):  # training is under way
             break
@@ -61,8 +97,13 @@ def test_an_error_only_a_later_rank_hits_is_still_said(monkeypatch, capsys):
         raise common.UserError("no data/train.bin on this machine")
 
     waits = []
-    monkeypatch.setattr(common.time, "sleep", waits.append)  # the wait that lets rank 0 speak first when all ranks fail alike
-    for rank, said in (("0", "error: no data/train.bin on this machine\n"), ("1", "error (rank 1): no data/train.bin on this machine\n")):
+    monkeypatch.setattr(
+        common.time, "sleep", waits.append
+    )  # the wait that lets rank 0 speak first when all ranks fail alike
+    for rank, said in (
+        ("0", "error: no data/train.bin on this machine\n"),
+        ("1", "error (rank 1): no data/train.bin on this machine\n"),
+    ):
         monkeypatch.setenv("RANK", rank)
         with pytest.raises(SystemExit) as exit_info:
             common.main_guard(main)
@@ -71,10 +112,22 @@ def test_an_error_only_a_later_rank_hits_is_still_said(monkeypatch, capsys):
 
 
 def test_bfloat16_autocast_trains_on_cpu(tiny_run, tmp_path):
-    out = run_script("train.py", TINY, f"--data_dir={tiny_run / 'data'}", "--dtype=bfloat16", "--out_dir=bf16",
-                     "--max_iters=40", "--log_interval=10", cwd=tmp_path).stdout
+    out = run_script(
+        "train.py",
+        TINY,
+        f"--data_dir={tiny_run / 'data'}",
+        "--dtype=bfloat16",
+        "--out_dir=bf16",
+        "--max_iters=40",
+        "--log_interval=10",
+        cwd=tmp_path,
+    ).stdout
     assert "device cpu, bfloat16" in out
-    evals = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    evals = [
+        json.loads(line)
+        for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()
+        if "val_loss" in line
+    ]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
     weights = torch.load(tmp_path / "bf16" / "trained.pth", weights_only=True)
     assert all(t.dtype == torch.float32 for t in weights["model"].values())  # master weights stay float32
@@ -82,9 +135,20 @@ def test_bfloat16_autocast_trains_on_cpu(tiny_run, tmp_path):
 
 
 def test_float16_without_a_gpu_is_a_clear_error(tiny_run, tmp_path):
-    result = run_script("train.py", TINY, f"--data_dir={tiny_run / 'data'}", "--dtype=float16", "--device=cpu", cwd=tmp_path, check=False)
+    result = run_script(
+        "train.py",
+        TINY,
+        f"--data_dir={tiny_run / 'data'}",
+        "--dtype=float16",
+        "--device=cpu",
+        cwd=tmp_path,
+        check=False,
+    )
     assert result.returncode == 1
-    assert result.stderr.strip() == "error: --dtype=float16 needs a CUDA GPU (device is cpu); use --dtype=bfloat16 or float32"
+    assert (
+        result.stderr.strip()
+        == "error: --dtype=float16 needs a CUDA GPU (device is cpu); use --dtype=bfloat16 or float32"
+    )
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
