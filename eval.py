@@ -30,7 +30,9 @@ import sys
 import numpy as np
 import torch
 
+from model import GPT
 from tensegpt import grammar
+from tensegpt.chat import answer, decode_conversations
 from tensegpt.checkpoint import load_model
 from tensegpt.common import (
     UserError,
@@ -44,6 +46,7 @@ from tensegpt.common import (
 )
 from tensegpt.data import open_split
 from tensegpt.loss_eval import held_out_loss
+from tensegpt.run_setup import fine_tuning_start
 from tensegpt.tokenizer import decode_examples, read_meta
 from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 
@@ -59,6 +62,7 @@ DEFAULTS = {
     "seed": 1337,  # sampling and the probe's sentences (0 to 2**32 - 1)
     "device": "auto",  # 'auto', 'cpu', 'cuda', 'mps'
     "json": False,  # print the report as JSON
+    "chat_samples": 600,  # chat models: held-out conversations in the exact-match check
 }
 TENSES = grammar.TENSES
 # the phrases that agree with one tense only: a probe must not offer "today" as another tense
@@ -220,6 +224,51 @@ def draw_probe(counts, path):
     return True
 
 
+def instruction_accuracy(model, tokenizer, conversations):
+    """
+    Exact match on held-out conversations: each assistant turn is generated greedily after the
+    conversation so far (the reference's earlier turns) and compared with the reference; a
+    conversation counts when every turn matches. Overall, per instruction, per tense asked for.
+    """
+    table = grammar.cores()
+    rows = []
+    for messages in conversations:
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        right = all(answer(model, tokenizer, messages[:i]) == messages[i]["content"] for i in turns)
+        rows.append((grammar.task_of(messages), grammar.tense_asked(messages, table), right))
+    share = lambda key: {
+        k: float(np.mean([r for *ks, r in rows if ks[key] == k])) for k in sorted({x[key] for x in rows})
+    }
+    return {
+        "conversations": len(rows),
+        "exact_match": float(np.mean([r for *_, r in rows])),
+        "exact_match_per_task": share(0),
+        "exact_match_per_tense": share(1),
+    }
+
+
+def chat_report(model, tokenizer, checkpoint, data_dir, meta, config, device):
+    """A chat model's exact match, beside the same for the model it was fine-tuned from (template alone)."""
+    val = load_split(data_dir, "val", checkpoint["tokenizer_meta"])[0]
+    conversations = decode_conversations(tokenizer, val)
+    conversations = random.Random(config["seed"]).sample(
+        conversations, min(config["chat_samples"], len(conversations))
+    )
+    report = {"chat": instruction_accuracy(model, tokenizer, conversations)}
+    base = checkpoint.get("base") or ""
+    if base.endswith(".pth") and os.path.isfile(
+        base
+    ):  # the base, given rows for the chat tokens as fine-tuning did
+        settings = {"data_dir": data_dir, "block_size": model.config.block_size, "dropout": 0.0}
+        gpt_config, state = fine_tuning_start(
+            base, settings, meta, checkpoint["tokenizer_meta"], lambda *_: None
+        )
+        before = GPT(gpt_config).to(device).eval()
+        before.load_state_dict(state)
+        report["chat_before"] = {"ckpt": base, **instruction_accuracy(before, tokenizer, conversations)}
+    return report
+
+
 def main():
     config = parse_config(DEFAULTS, sys.argv[1:], allow_files=False, doc=__doc__)
     check_options(config)
@@ -228,18 +277,21 @@ def main():
     data_dir = config["data_dir"] or checkpoint.get("train_config", {}).get("data_dir") or "data"
     val, meta = load_split(data_dir, "val", checkpoint["tokenizer_meta"])
     torch.manual_seed(config["seed"])
-    report = {
-        "ckpt": config["ckpt"],
-        "data_dir": data_dir,
-        "tokenizer": tokenizer.name,
-        **held_out_loss(model, val, meta, tokenizer, config["batch_size"]),
-    }
+    report, notes = {"ckpt": config["ckpt"], "data_dir": data_dir, "tokenizer": tokenizer.name}, []
+    if meta.get("chat"):  # a chat model: does it answer right? (its text's bits per byte mean little)
+        report.update(chat_report(model, tokenizer, checkpoint, data_dir, meta, config, device))
+    else:
+        report.update(held_out_loss(model, val, meta, tokenizer, config["batch_size"]))
+        tense_report(report, model, tokenizer, checkpoint, data_dir, val, config, device, notes)
+    show(report, config, notes)
 
+
+def tense_report(report, model, tokenizer, checkpoint, data_dir, val, config, device, notes):
+    """A model of tense.txt: the grammar of its samples, and the minimal-pairs probe (added to report)."""
     val_lines = decode_examples(tokenizer, val)
     lowercase = tokenizer.name == "word"  # the word tokenizer lowercases its text
     table = grammar.cores(lowercase)
     parses = sum(grammar.parse(line, table, lowercase) is not None for line in val_lines[:500])
-    notes = []
     if val_lines and parses >= 0.9 * min(len(val_lines), 500):
         train_lines = decode_examples(
             tokenizer, load_split(data_dir, "train", checkpoint["tokenizer_meta"])[0]
@@ -265,12 +317,17 @@ def main():
             f"its sentences ({parses} of {min(len(val_lines), 500)} parse), so they are skipped"
         )
 
+
+def show(report, config, notes):
+    """The report as text (or JSON), then the notes on stderr."""
     if config["json"]:
         print(json.dumps(report, indent=1))
+    elif "chat" in report:
+        show_chat(report)
     else:
         print(
-            f"{config['ckpt']} on {data_dir}/ val ({report['val_tokens']:,} tokens, {report['val_bytes']:,} "
-            "bytes): "
+            f"{config['ckpt']} on {report['data_dir']}/ val ({report['val_tokens']:,} tokens, "
+            f"{report['val_bytes']:,} bytes): "
             f"loss {report['val_loss']:.4f}, perplexity {report['val_perplexity']:.3f}, "
             f"{report['bits_per_byte']:.4f} bits per byte"
         )
@@ -296,6 +353,19 @@ def main():
                 print(f"picture: {report['picture']}")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
+
+
+def show_chat(report):
+    runs = [("fine-tuned", report["chat"])] + (
+        [("before", report["chat_before"])] if "chat_before" in report else []
+    )
+    n = report["chat"]["conversations"]
+    print(f"exact match on {n} held-out conversations (greedy; every turn must match):")
+    print(f"  {'':28}" + "".join(f"{name:>12}" for name, _ in runs))
+    for key in ("exact_match_per_task", "exact_match_per_tense"):
+        for k in report["chat"][key]:
+            print(f"  {k:28}" + "".join(f"{run[key].get(k, 0.0):12.1%}" for _, run in runs))
+    print(f"  {'all':28}" + "".join(f"{run['exact_match']:12.1%}" for _, run in runs))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,8 @@ def main():
     problem = check_exportable(model_config, checkpoint["tokenizer_meta"]["tokenizer"])
     if problem:
         raise UserError(f"{config['ckpt']} is not GPT-2 compatible: {problem}")
-    hf_config, tensors = to_hf(model_config, checkpoint["model"])
+    weights = ckpt.build_model(checkpoint, config["ckpt"]).state_dict()  # LoRA adapters merged in
+    hf_config, tensors = to_hf(model_config, weights)
 
     out = config["out"]
     check_writable_folder(out, "out")

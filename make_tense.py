@@ -3,6 +3,7 @@ Generates tense.txt: English sentences across the twelve tenses, one per line.
 
     python make_tense.py                      # writes tense.txt (100,000 sentences)
     python make_tense.py --n=50000 --out=big.txt --seed=7
+    python make_tense.py --task=chat             # tense_chat.jsonl + tense_chat_val.jsonl (instructions)
 
 Every sentence is built from a subject, a verb with its five forms, an object that
 suits the verb, one of twelve tenses, one of three forms (affirmative, negative,
@@ -12,19 +13,28 @@ A statement puts its time phrase first some of the time, with the comma English 
 ("Yesterday, the baby ate an apple."); a question keeps it last. The output is
 deterministic for a given seed.
 
+--task=chat writes instructions about the same grammar as conversations, for chat
+fine-tuning (docs/chat.md): rewrite a sentence into a named tense, name a sentence's tense,
+make it negative or a question, and two-turn rewrites; every instruction has exactly one
+right answer, and the held-out file's sentences (subject, verb, object) are never in the
+training file, in any tense.
+
 The grammar itself (its tables, sentence() and parse()) is tensegpt/grammar.py.
 """
 
+import json
+import os
 import sys
 
 from tensegpt.common import UserError, atomic_write, check_seed, main_guard, parse_config
-from tensegpt.grammar import generate
+from tensegpt.grammar import generate, instructions
 
 DEFAULTS = {
     "n": 100000,  # how many distinct sentences
     "seed": 1337,  # the same seed gives the same file (0 to 2**32 - 1)
     "out": "tense.txt",  # the file to write
     "time_first": 0.3,  # share of statements with a time phrase that put it first
+    "task": "sentences",  # 'sentences' (tense.txt) or 'chat' (instruction conversations as .jsonl)
 }
 
 
@@ -35,9 +45,26 @@ def main():
         raise UserError(f"--n must be at least 1, got {opts['n']}")
     if not 0.0 <= opts["time_first"] <= 1.0:
         raise UserError(f"--time_first must be between 0 and 1, got {opts['time_first']}")
+    if opts["task"] == "chat":
+        write_instructions(opts)
+        return
+    if opts["task"] != "sentences":
+        raise UserError(f"--task must be sentences or chat, got {opts['task']!r}")
     lines = generate(opts["n"], opts["seed"], opts["time_first"])
     atomic_write(opts["out"], lambda f: f.write(("\n".join(lines) + "\n").encode("utf-8")))
     print(f"wrote {len(lines):,} sentences to {opts['out']}")
+
+
+def write_instructions(opts):
+    """--task=chat: OUT (training conversations) and OUT_val (held out), one JSON conversation a line."""
+    out = "tense_chat.jsonl" if opts["out"] == DEFAULTS["out"] else opts["out"]
+    stem, ending = os.path.splitext(out)
+    val_out = f"{stem}_val{ending or '.jsonl'}"
+    train, val = instructions(opts["n"] if opts["n"] != DEFAULTS["n"] else 30000, opts["seed"])
+    for path, conversations in ((out, train), (val_out, val)):
+        text = "".join(json.dumps({"messages": c}) + "\n" for c in conversations)
+        atomic_write(path, lambda f, text=text: f.write(text.encode("utf-8")))
+    print(f"wrote {len(train):,} conversations to {out} and {len(val):,} held out to {val_out}")
 
 
 if __name__ == "__main__":

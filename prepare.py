@@ -33,6 +33,7 @@ import time
 import numpy as np
 
 from tensegpt import tokenizer as tok
+from tensegpt.chat import ChatTokenizer, is_chat_file, read_conversations
 from tensegpt.common import (
     UserError,
     atomic_write,
@@ -54,6 +55,8 @@ DEFAULTS = {
     "tokenizer": "gpt2",  # 'gpt2' (BPE), 'char' (one id per character) or 'word' (word level)
     "vocab_size": 5000,  # word: at most this many ids, the most frequent words first
     "min_frequency": 0,  # rarer tokens get no id (gpt2: kept pieces; word: <unk>); 0: 4 for gpt2, 2 for word
+    "vocab_from": "",  # a data folder or checkpoint whose vocabulary to use (to fine-tune it); empty: new
+    "val_input": "",  # a .jsonl of conversations held out for validation; empty: val_fraction of --input's
 }
 # gpt2: 4 gave the best held-out bits per byte on Alice (README, "Training on your own text")
 MIN_FREQUENCY = {"gpt2": 4, "word": 2}
@@ -177,6 +180,15 @@ def check_options(config):
             f"--errors must be 'strict' or 'replace', got {config['errors']!r}",
         ),
         (config["input"] != "", "--input is empty: pass --input=FILE with a UTF-8 text file"),
+        (
+            not config["val_input"] or (is_chat_file(config["input"]) and is_chat_file(config["val_input"])),
+            "--val_input holds the held-out conversations of a .jsonl --input: give both as .jsonl files",
+        ),
+        (
+            not config["vocab_from"] or (config["tokenizer"] == "gpt2" and not config["full_vocab"]),
+            "--vocab_from takes the whole vocabulary of the folder or checkpoint it names: leave out "
+            "--tokenizer and --full_vocab",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -185,8 +197,14 @@ def check_options(config):
     path = config["input"]
     if os.path.isdir(path):
         raise UserError(f"--input={path} is a folder: pass --input=FILE with a UTF-8 text file")
-    if not os.path.isfile(path):
-        raise UserError(f"input file {path} does not exist; pass --input=FILE with a UTF-8 text file")
+    for key in ("input", "val_input"):
+        if config[key] and not os.path.isfile(config[key]):
+            what = "a UTF-8 text file" if key == "input" else "a .jsonl file of conversations"
+            raise UserError(f"{key} file {config[key]} does not exist; pass --{key}=FILE with {what}")
+    if config["vocab_from"] and not os.path.exists(config["vocab_from"]):
+        raise UserError(
+            f"--vocab_from={config['vocab_from']} does not exist: pass a data folder or a trained.pth"
+        )
 
 
 def tokenize_split(path, errors, example, is_val, split, tokenizer):
@@ -226,6 +244,8 @@ def tokenize_split(path, errors, example, is_val, split, tokenizer):
 def main():
     config = parse_config(DEFAULTS, sys.argv[1:], allow_files=False, doc=__doc__)
     check_options(config)
+    if is_chat_file(config["input"]):  # conversations: their own story, below
+        return prepare_chat(config)
     path, out_dir, example, kind = config["input"], config["out_dir"], config["example"], config["tokenizer"]
     min_frequency = config["min_frequency"] or MIN_FREQUENCY.get(kind)  # char has none
     check_writable_folder(out_dir, "out_dir")
@@ -260,7 +280,9 @@ def main():
             f"{path} is too small: it has 1 {noun[:-1]}, and train and val need at least one each; add more "
             f"{noun}"
         )
-    if kind == "char":
+    if config["vocab_from"]:  # the vocabulary of the model this text will fine-tune
+        tokenizer = vocabulary_of(config["vocab_from"])
+    elif kind == "char":
         if len(counts) + 1 > 65536:
             raise UserError(
                 f"{path} has {len(counts):,} distinct characters, more than the 65,535 that uint16 ids can "
@@ -294,7 +316,7 @@ def main():
     data["train"], counted["train"] = tokenize_split(
         path, config["errors"], example, is_val, "train", tokenizer
     )
-    if kind == "gpt2" and not config["full_vocab"]:
+    if kind == "gpt2" and not config["full_vocab"] and not config["vocab_from"]:
         counts = np.bincount(data["train"], minlength=tok.GPT2_EOT + 1)
         tokenizer = tok.CompactGPT2.from_used_ids(np.flatnonzero(counts >= min_frequency).tolist())
         to_compact = np.full(tok.GPT2_EOT + 1, -1, dtype=np.int64)
@@ -335,6 +357,7 @@ def main():
         "source_sha256": sha.hexdigest(),
         "val_fraction": config["val_fraction"],
         "seed": config["seed"],
+        **({"vocab_from": config["vocab_from"]} if config["vocab_from"] else {}),
     }
     # Each file is replaced atomically; meta.json goes last and records the token counts,
     # so train.py can tell if an interrupted run left .bin files that don't match it.
@@ -347,6 +370,98 @@ def main():
         f"val {meta['val_tokens']:,} tokens ({meta['val_lines']:,} {noun}); "
         f"tokenizer {meta['tokenizer']}, vocab {tokenizer.vocab_size:,}; wrote {out_dir}/train.bin, val.bin, "
         "meta.json"
+    )
+
+
+def vocabulary_of(path):
+    """The tokenizer (without chat tokens) of a data folder or a checkpoint: --vocab_from."""
+    if os.path.isdir(path):
+        meta = tok.read_meta(path)
+    else:
+        from tensegpt import checkpoint  # imports torch: only here
+
+        hint = "pass the data folder or the trained.pth of the model to fine-tune"
+        meta = checkpoint.load(path, missing_hint=hint)["tokenizer_meta"]
+    return tok.base_from_meta(meta)
+
+
+def prepare_chat(config):
+    """
+    A JSONL file of conversations -> train.bin / val.bin (the template's token ids),
+    train.mask.bin / val.mask.bin (1 where the loss counts: assistant turns) and meta.json.
+    Whole conversations go to train or val: --val_input, or a seeded val_fraction of them.
+    """
+    path, out_dir, kind = config["input"], config["out_dir"], config["tokenizer"]
+    check_writable_folder(out_dir, "out_dir")
+    conversations = {"train": read_conversations(path)}
+    if config["val_input"]:
+        conversations["val"] = read_conversations(config["val_input"])
+    else:
+        every = conversations.pop("train")
+        if len(every) < 2:
+            raise UserError(f"{path} holds 1 conversation; train and val need at least one each: add more")
+        n_val = min(len(every) - 1, max(1, round(len(every) * config["val_fraction"])))
+        is_val = np.zeros(len(every), dtype=bool)
+        is_val[np.random.default_rng(config["seed"]).choice(len(every), size=n_val, replace=False)] = True
+        conversations = {
+            split: [c for c, v in zip(every, is_val) if v == (split == "val")] for split in ("train", "val")
+        }
+
+    # the vocabulary: the base model's (--vocab_from), or built from the train conversations' text
+    texts = [m["content"] for c in conversations["train"] for m in c]
+    if config["vocab_from"]:
+        base = vocabulary_of(config["vocab_from"])
+    elif kind == "char":
+        base = tok.Char.from_counts(collections.Counter(itertools.chain.from_iterable(texts)))
+    elif kind == "word":
+        counts = collections.Counter(itertools.chain.from_iterable(map(tok.Word.pieces, texts)))
+        base = tok.Word.from_counts(
+            counts, config["vocab_size"], config["min_frequency"] or MIN_FREQUENCY["word"]
+        )
+    elif config["full_vocab"]:
+        base = tok.GPT2()
+    else:
+        gpt2_counts = np.bincount(tok.encode_examples(tok.GPT2(), texts), minlength=tok.GPT2_EOT + 1)
+        min_frequency = config["min_frequency"] or MIN_FREQUENCY["gpt2"]
+        base = tok.CompactGPT2.from_used_ids(np.flatnonzero(gpt2_counts >= min_frequency).tolist())
+    tokenizer = ChatTokenizer(base)
+
+    meta = {
+        **tokenizer.meta(),
+        "vocab_size": tokenizer.vocab_size,
+        "eot": tokenizer.eot,
+        "dtype": "uint16",
+        "chat": True,
+    }
+    for split, convs in conversations.items():
+        pairs = [tokenizer.encode_conversation(c) for c in convs]
+        ids = np.fromiter(itertools.chain.from_iterable(p[0] for p in pairs), dtype=np.uint16)
+        trained = np.fromiter(itertools.chain.from_iterable(p[1] for p in pairs), dtype=np.uint8)
+        atomic_write(os.path.join(out_dir, f"{split}.bin"), ids.tofile)
+        atomic_write(os.path.join(out_dir, f"{split}.mask.bin"), trained.tofile)
+        text_bytes = sum(len(m["content"].encode("utf-8", "surrogatepass")) + 1 for c in convs for m in c)
+        meta.update(
+            {f"{split}_tokens": len(ids), f"{split}_conversations": len(convs), f"{split}_bytes": text_bytes}
+        )
+    sha = hashlib.sha256()
+    for source in (path, config["val_input"]):
+        if source:
+            with open(source, "rb") as f:
+                sha.update(f.read())
+    meta.update({
+        "example": "conversation", "split": "file" if config["val_input"] else "random",
+        "source": os.path.abspath(path), "source_sha256": sha.hexdigest(),
+        "val_fraction": config["val_fraction"], "seed": config["seed"],
+        **({"vocab_from": config["vocab_from"]} if config["vocab_from"] else {}),
+    })  # fmt: skip
+    atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    print(
+        f"{path}: {meta['train_conversations']:,} conversations -> train {meta['train_tokens']:,} tokens, "
+        "val "
+        f"{meta['val_tokens']:,} tokens ({meta['val_conversations']:,} conversations); tokenizer "
+        f"{meta['tokenizer']} "
+        f"with chat tokens, vocab {tokenizer.vocab_size:,}; wrote {out_dir}/train.bin, val.bin, their "
+        ".mask.bin, meta.json"
     )
 
 

@@ -22,11 +22,15 @@ import sys
 
 import torch
 
+from tensegpt.chat import answer
 from tensegpt.common import main_guard, parse_config, pick_device
 from tensegpt.decoding import beam_search
 from tensegpt.sampling import (
+    Printer,
     attention_weights,
+    check_chat_model,
     check_options,
+    fit_history,
     load_sampling_model,
     plot_attention,
     read_prompt,
@@ -54,6 +58,7 @@ DEFAULTS = {
     "score": None,  # a text to score: per-token log-probabilities and perplexity
     "attention": "",  # a PNG path: heatmaps of every layer's and head's attention (needs matplotlib)
     "interactive": False,  # a prompt loop on standard input; /help lists its commands
+    "chat": False,  # talk to a chat model; with --start, answer that one message and exit
 }
 
 
@@ -95,33 +100,26 @@ class Sampler:
             new_ids = new_ids[: new_ids.index(eot)]
         return self.tokenizer.decode([t for t in prompt_ids if t != eot] + list(new_ids))
 
+    def settings(self, temperature=None):
+        """The sampling settings generate_stream takes."""
+        c = self.config
+        settings = {key: c[key] for key in ("top_k", "top_p", "greedy", "repetition_penalty")}
+        return {**settings, "temperature": temperature or c["temperature"], "generator": self.generator}
+
     def sample(self, prompt_ids, temperature=None, stream=False):
         """One continuation of prompt_ids, printed piece by piece if stream; returns its text."""
-        c = self.config
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         steps = self.model.generate_stream(
-            idx,
-            c["max_new_tokens"],
-            temperature=temperature or c["temperature"],
-            top_k=c["top_k"],
-            top_p=c["top_p"],
-            greedy=c["greedy"],
-            stop_token=self.tokenizer.eot,
-            generator=self.generator,
-            repetition_penalty=c["repetition_penalty"],
+            idx, self.config["max_new_tokens"], stop_token=self.tokenizer.eot, **self.settings(temperature)
         )
-        new, shown = [], ""
+        new, printer = [], Printer()
         for step in steps:
             new.append(step.item())
             if stream:
-                text = self.text(prompt_ids, new)
-                # a token can end inside a multi-byte character: wait for the rest of it
-                if not text.endswith("\ufffd") and text.startswith(shown):
-                    print(text[len(shown) :], end="", flush=True)
-                    shown = text
+                printer(self.text(prompt_ids, new))
         text = self.text(prompt_ids, new)
         if stream:
-            print(text[len(shown) :] if text.startswith(shown) else "", flush=True)
+            printer.finish(text)
         return text
 
 
@@ -238,6 +236,37 @@ def interactive(sampler, stream):
             print()
 
 
+def chat(sampler, first_message, stream):
+    """--chat: a conversation in the chat template; each reply streams and ends at <|end|>."""
+    model, tokenizer, c = sampler.model, sampler.tokenizer, sampler.config
+    check_chat_model(tokenizer, c["ckpt"])
+    if first_message is None:
+        print("talk to the model; Ctrl-D or /quit to leave", flush=True)
+    history = []
+    while True:
+        message = first_message
+        if message is None:
+            try:
+                message = input("you> ")
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return
+            if message.strip() in ("/quit", "/exit"):
+                return
+        history = fit_history(tokenizer, history + [{"role": "user", "content": message}],
+                              model.config.block_size - c["max_new_tokens"])  # fmt: skip
+        if first_message is None:
+            print("model> ", end="", flush=True)
+        printer = Printer()
+        reply = answer(
+            model, tokenizer, history, c["max_new_tokens"], printer if stream else None, **sampler.settings()
+        )
+        printer.finish(reply) if stream else print(reply, flush=True)
+        history.append({"role": "assistant", "content": reply})
+        if first_message is not None:
+            return
+
+
 def main():
     config = parse_config(DEFAULTS, sys.argv[1:], allow_files=False, doc=__doc__)
     temperatures = check_options(config)
@@ -249,6 +278,8 @@ def main():
 
     if config["interactive"]:
         interactive(sampler, stream)
+    elif config["chat"]:
+        chat(sampler, prompt or None, stream)
     elif config["score"] is not None:
         score(model, tokenizer, config["score"], device)
     elif config["beam"]:

@@ -25,7 +25,8 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from tensegpt import checkpoint, distributed, run_setup
+from tensegpt import checkpoint, distributed, lora, run_setup
+from tensegpt.chat import ChatBatches
 from tensegpt.chunked_loss import use_chunked_loss
 from tensegpt.common import parse_config
 from tensegpt.data import open_splits
@@ -38,7 +39,7 @@ DEFAULTS = {
     # I/O
     "data_dir": "data",  # where prepare.py wrote train.bin, val.bin, meta.json
     "out_dir": "out",  # where trained.pth (best), last.pth (latest), metrics.jsonl and loss.png go
-    "init_from": "scratch",  # 'scratch', 'resume' (continue out_dir's run) or 'hf:FOLDER' (GPT-2's weights)
+    "init_from": "scratch",  # 'scratch', 'resume', 'hf:FOLDER', 'gpt2' (to gpt2-xl) or a .pth to fine-tune
     "overwrite": False,  # scratch into an out_dir that has a trained.pth replaces it only if True
     "eval_interval": 250,  # evaluate (and save) every this many iterations
     "eval_iters": 20,  # batches per split in each evaluation
@@ -78,6 +79,12 @@ DEFAULTS = {
     "compile": False,  # torch.compile the model (pays off on GPUs; see the README for CPU)
     "grad_checkpointing": False,  # recompute each block's activations in backward: less memory, more time
     "fsdp": False,  # under torchrun: shard weights, gradients and optimizer state (FSDP2)
+    # fine-tuning (docs/chat.md): init_from a checkpoint or GPT-2, fresh optimizer and schedule
+    "chat": False,  # True: train on conversations (a chat data folder); the loss counts the answers
+    "train_on_prompt": False,  # chat: the loss counts the prompts' tokens too
+    "lora_rank": 0,  # > 0: freeze the weights, train LoRA adapters of this rank beside them
+    "lora_alpha": 16.0,  # LoRA's update is scaled by lora_alpha / lora_rank
+    "lora_targets": "c_attn,c_proj,c_fc",  # the blocks' matrices that get adapters
 }
 
 
@@ -141,6 +148,16 @@ class Batches:
         return x, y
 
 
+def make_batches(split, config, device, seed, micro_batches=1, rank=0, world_size=1):
+    """Batches of a split: random windows of text, or rows of whole conversations (--chat)."""
+    B, T = config["batch_size"], config["block_size"]
+    if config["chat"]:
+        return ChatBatches(
+            split, B, T, device, seed, micro_batches, rank, world_size, config["train_on_prompt"]
+        )
+    return Batches(split, B, T, device, seed, micro_batches, rank, world_size)
+
+
 # ----------------------------------------------------------------------------- one training step
 
 
@@ -180,8 +197,7 @@ def evaluate(model, splits, config, device, autocast):
     model.eval()
     losses = {}
     for split in ("train", "val"):
-        B, T = config["batch_size"], config["block_size"]
-        batches = Batches(splits[split], B, T, device, config["seed"] + 1)
+        batches = make_batches(splits[split], config, device, config["seed"] + 1)
         total = torch.zeros((), device=device)
         for _ in range(config["eval_iters"]):
             x, y = next(batches.step())
@@ -213,22 +229,28 @@ def main():
     # the data, and the model to start from: new, GPT-2's weights, or the run to resume
     splits, meta = open_splits(config["data_dir"], config["block_size"])
     tokenizer_meta = tokenizer_from_meta(meta).meta()  # all that decoding needs, for the checkpoint
-    gpt_config, initial = run_setup.choose_model(config, meta, tokenizer_meta, log.say)
+    run_setup.check_data_kind(config, meta)
     resume_path = last_path if os.path.exists(last_path) else best_path
-    if resume:
-        resumed = run_setup.load_resumable(resume_path, gpt_config, tokenizer_meta, meta, config, DEFAULTS)
-        initial, changes = resumed
+    if resume:  # the model is the checkpoint's
+        initial, changes = run_setup.load_resumable(resume_path, tokenizer_meta, meta, config, DEFAULTS)
+        gpt_config, base = checkpoint.gpt_config_of(initial, resume_path), initial.get("base")
+    else:  # new, or a trained model's weights: GPT-2's, or a checkpoint's to fine-tune
+        gpt_config, initial, base = run_setup.choose_model(config, meta, tokenizer_meta, log.say)
+    adapters = lora.check(config, gpt_config)  # LoRA's settings, or None
 
-    # model: the GPT (gpt), and what trains it: itself, or with the loss in chunks (big vocabularies)
-    chunked = use_chunked_loss(gpt_config.vocab_size)
-    model, gpt = distributed.build_model(gpt_config, config, device, world_size, local_rank, dtype, chunked)
+    # the model: the GPT (gpt), with a trained model's weights, and LoRA adapters if asked
+    gpt = distributed.build_gpt(gpt_config, config, device, world_size, dtype)
+    if initial is not None and not resume:
+        distributed.load_state(gpt, [], initial, config["fsdp"])
+    if adapters:
+        log.say(lora.describe(lora.add_adapters(gpt, adapters), adapters))
     betas = (config["beta1"], config["beta2"])
     optimizers = configure_optimizers(
         gpt, config["learning_rate"], config["weight_decay"], betas, config["optimizer"]
     )
     # each process takes its share of a step's grad_accum micro-batches
-    B, T, micro_batches = config["batch_size"], config["block_size"], config["grad_accum"] // world_size
-    batches = Batches(splits["train"], B, T, device, config["seed"], micro_batches, rank, world_size)
+    micro_batches = config["grad_accum"] // world_size
+    batches = make_batches(splits["train"], config, device, config["seed"], micro_batches, rank, world_size)
     iter_num, best_val_loss = 0, float("inf")
     if resume:
         distributed.restore(initial, gpt, optimizers, batches.generator, device_type, config["fsdp"])
@@ -237,9 +259,11 @@ def main():
         for note in changes + [run_setup.schedule_note(initial, config, get_lr)]:  # what this resume changes
             if note:
                 log.say(note)
-    elif initial is not None:
-        distributed.load_state(gpt, optimizers, initial, config["fsdp"])
     del initial  # the whole weights: under FSDP each rank now keeps only its shard
+    # what the step calls: the GPT or, with a big vocabulary, the loss in chunks; under DDP, wrapped
+    model = distributed.wrap(
+        gpt, config, device, world_size, local_rank, use_chunked_loss(gpt_config.vocab_size)
+    )
 
     autocast, scaler = autocast_for(device, dtype)
     peak = config["peak_flops"] or measure_peak_flops(device, getattr(torch, dtype))
@@ -249,6 +273,8 @@ def main():
         "train_config": config,
         "tokenizer_meta": tokenizer_meta,
         "data": checkpoint.data_record(meta),
+        "base": base,  # the trained model this run started from (fine-tuning), or None
+        **({"lora": {**adapters, "base": base}} if adapters else {}),
     }
 
     def save(paths, reason):  # every rank: gathering FSDP's shards takes all of them

@@ -8,6 +8,11 @@ code ever runs), and how a model is built back from it.
     tokenizer_meta  the tokenizer's part of meta.json: all that decoding needs
     data            what the run remembers of its data folder (DATA_KEYS of meta.json)
     train_config, iter_num, best_val_loss, optimizer, rng: train.py's, to resume exactly
+    lora            LoRA fine-tuning only: {rank, alpha, targets, base}. The model's state dict
+                    then holds the whole model (the frozen base weights and the adapters), so
+                    the file stands alone: it loads without the base checkpoint it started
+                    from (which may since have moved or been retrained); base names that
+                    checkpoint and its sha256, to say where it came from.
 
 The optimizer state is keyed by parameter name (torch.distributed.checkpoint's layout),
 so a checkpoint written by one process, by DDP or by FSDP resumes under any of them.
@@ -21,6 +26,7 @@ import zipfile
 import torch
 
 from model import GPT, GPTConfig
+from tensegpt import lora
 from tensegpt.common import UserError, atomic_write
 from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 
@@ -104,10 +110,14 @@ def gpt_config_of(checkpoint, path):
 
 
 def build_model(checkpoint, path):
-    """The GPT a checkpoint describes, with its weights, or a UserError."""
+    """The GPT a checkpoint describes, with its weights (LoRA adapters merged in), or a UserError."""
     try:
         model = GPT(gpt_config_of(checkpoint, path))
+        if checkpoint.get("lora"):
+            lora.add_adapters(model, checkpoint["lora"])
         model.load_state_dict(checkpoint["model"])
+        if checkpoint.get("lora"):
+            lora.merge(model)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise cannot_load(path, e) from None
     broken = [

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 CHUNKED_LOSS_MIN_VOCAB = 2048  # from this vocabulary size up, training uses LinearCrossEntropy
+IGNORE = -100  # a target the loss leaves out (F.cross_entropy's ignore_index)
 CHUNK_ELEMENTS = 3 << 20  # logits per chunk: 12 MB in float32, about what stays in a CPU's cache
 
 
@@ -31,10 +32,12 @@ class ChunkedLoss(nn.Module):
         self.gpt = gpt
 
     def forward(self, idx, targets):
-        x = self.gpt.hidden_states(idx)  # (B, T, C)
+        x, targets = self.gpt.hidden_states(idx).flatten(0, 1), targets.flatten()  # (B*T, C), (B*T,)
+        counted = targets != IGNORE  # chat data: only the answers' tokens are targets
+        if not counted.all():
+            x, targets = x[counted], targets[counted]
         rows = max(16, CHUNK_ELEMENTS // self.gpt.config.vocab_size)
-        loss = LinearCrossEntropy.apply(x.flatten(0, 1), self.gpt.lm_head.weight, targets.flatten(), rows)
-        return None, loss
+        return None, LinearCrossEntropy.apply(x, self.gpt.lm_head.weight, targets, rows)
 
 
 class LinearCrossEntropy(torch.autograd.Function):

@@ -50,10 +50,33 @@ def open_split(data_dir, split, meta=None):
     return tokens
 
 
+def open_marks(data_dir, split, tokens):
+    """Chat data: which tokens of a split are trained (its .mask.bin), checked against the ids."""
+    path = os.path.join(data_dir, f"{split}.mask.bin")
+    again = "run python prepare.py again"
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing (a chat folder marks its trained tokens there): {again}")
+    size = os.path.getsize(path)
+    if size != len(tokens):
+        raise UserError(
+            f"{path} has {size:,} marks, but {split}.bin has {len(tokens):,} tokens: one mark per token; "
+            f"the files do not belong together; {again}"
+        )
+    marks = np.fromfile(path, dtype=np.uint8)
+    if marks.size and marks.max() > 1:
+        raise UserError(f"{path} holds a mark {int(marks.max())}: marks are 0 or 1; {again}")
+    return marks
+
+
 def open_splits(data_dir, block_size):
-    """({'train': ids, 'val': ids}, meta.json) of a folder, each split long enough for one window."""
+    """
+    ({'train': ids, 'val': ids}, meta.json) of a folder, each split long enough for one
+    window. Chat data (meta.json's "chat"): each split is (ids, trained-token marks).
+    """
     meta = read_meta(data_dir)
     splits = {split: open_split(data_dir, split, meta) for split in SPLITS}
+    if meta.get("chat"):
+        return {split: (ids, open_marks(data_dir, split, ids)) for split, ids in splits.items()}, meta
     for split, tokens in splits.items():
         n = len(tokens)
         if n < block_size + 1:

@@ -59,21 +59,27 @@ def setup(config):
     return rank, local_rank, world_size, device
 
 
-def build_model(gpt_config, config, device, world_size, local_rank, dtype, chunked_loss):
-    """
-    (model to train, the GPT itself). The model to train is the GPT, or ChunkedLoss around it
-    (chunked_loss), compiled (--compile) and spread over the processes (DDP or FSDP).
-    """
+def build_gpt(gpt_config, config, device, world_size, dtype):
+    """The GPT to train: on the device, or under FSDP sharded across the processes."""
     if config["fsdp"]:
-        gpt = shard(gpt_config, config, device, world_size, dtype)
-        return (ChunkedLoss(gpt) if chunked_loss else gpt), gpt
+        return shard(gpt_config, config, device, world_size, dtype)
     gpt = GPT(gpt_config).to(device)
     gpt.grad_checkpointing = config["grad_checkpointing"]
+    return gpt
+
+
+def wrap(gpt, config, device, world_size, local_rank, chunked_loss):
+    """
+    What the training step calls: the GPT, or ChunkedLoss around it (chunked_loss), compiled
+    (--compile) and, under DDP, wrapped so that backward averages the gradients.
+    """
     model = ChunkedLoss(gpt) if chunked_loss else gpt
+    if config["fsdp"]:
+        return model  # sharded already; its blocks were compiled before sharding
     model = torch.compile(model) if config["compile"] else model
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[local_rank] if device.startswith("cuda") else None)
-    return model, gpt
+    return model
 
 
 def shard(gpt_config, config, device, world_size, dtype):

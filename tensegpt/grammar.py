@@ -6,6 +6,7 @@ sentences with it). make_tense.py writes tense.txt from these tables.
 """
 
 import random
+import re
 
 # (text at the start of a sentence, person, kind). person: 1s, 2, 3s, 1p, 3p.
 # kind decides which verbs make sense: a baby does not drive a bus.
@@ -288,3 +289,128 @@ def parse(text, table, lowercase=False):
         "agrees": not time or tense in PHRASE_TENSES[time],
         "sensible": kind in WHO[verb],
     }
+
+
+# ----------------------------------------------------------------------------- instructions (chat)
+
+# Each instruction has several phrasings; every one has exactly one right answer.
+ASK = {
+    "rewrite": [
+        "Rewrite this sentence in the {tense}: {s}",
+        'Put "{s}" into the {tense}.',
+        "Change the tense to the {tense}: {s}",
+        "{s} Say it in the {tense}.",
+    ],
+    "name": [
+        "What tense is this sentence? {s}",
+        'Which tense is used in "{s}"?',
+        "Name the tense: {s}",
+    ],
+    "negative": [
+        "Make this sentence negative: {s}",
+        'Say the opposite of "{s}" with "not".',
+        "Negate: {s}",
+    ],
+    "question": [
+        "Turn this into a question: {s}",
+        'Ask "{s}" as a question.',
+        "Make a yes/no question: {s}",
+    ],
+}
+FOLLOW_UP = ["Now put it into the {tense}.", "And in the {tense}?", "Now the {tense}, please."]
+TASKS = ["rewrite", "name", "negative", "question", "two-turn"]
+SYSTEM = "You rewrite English sentences exactly as asked."
+
+
+def core_list():
+    """Every (subject, person, verb, object) whose subject may do the verb: what a sentence is about."""
+    return [
+        (subject, person, verb, obj)
+        for subject, person, kind in SUBJECTS
+        for verb, objects, who in VERBS
+        if kind in who
+        for obj in objects
+    ]
+
+
+def is_val_core(core, seed, val_fraction):
+    """Whether a core belongs to the held-out instructions: a seeded choice, the same in every tense."""
+    return random.Random(f"{seed}:{core}").random() < val_fraction
+
+
+def instruction(rng, core, task):
+    """One conversation (messages) of a task about a core: every answer is the only right one."""
+    subject, person, verb, obj = core
+
+    def say(tense, form, time=""):
+        return sentence(subject, person, verb, obj, tense, form, time)
+
+    tense, other = rng.sample(TENSES, 2)
+    ask = rng.choice(ASK.get(task, ASK["rewrite"]))
+    if task == "name":
+        form = rng.choice(["affirmative", "negative", "question"])
+        while not name_is_unique(core, tense, form):
+            tense = rng.choice(TENSES)
+        time = rng.choice(TIMES[tense]) if rng.random() < 0.5 else ""
+        messages = [("user", ask.format(s=say(tense, form, time))), ("assistant", tense)]
+    elif task in ("negative", "question"):
+        messages = [("user", ask.format(s=say(tense, "affirmative"))), ("assistant", say(tense, task))]
+    else:  # rewrite, and two-turn: a rewrite, then a second tense for the same sentence
+        form = rng.choice(["affirmative", "affirmative", "negative", "question"])
+        target = other
+        messages = [("user", ask.format(s=say(tense, form), tense=target)), ("assistant", say(target, form))]
+        if task == "two-turn":
+            second = rng.choice([t for t in TENSES if t != target])
+            messages += [
+                ("user", rng.choice(FOLLOW_UP).format(tense=second)),
+                ("assistant", say(second, form)),
+            ]
+    if rng.random() < 0.2:
+        messages = [("system", SYSTEM), *messages]
+    return [{"role": role, "content": content} for role, content in messages]
+
+
+def name_is_unique(core, tense, form):
+    """A sentence names one tense only ("They read a book." is present and past simple)."""
+    texts = [sentence(*core, t, form, "") for t in TENSES]
+    return texts.count(sentence(*core, tense, form, "")) == 1
+
+
+def instructions(n, seed, val_fraction=0.1):
+    """(train, val) conversations, no val core (subject, verb, object) is in train."""
+    rng = random.Random(seed)
+    cores = core_list()
+    held_out = {c for c in cores if is_val_core(c, seed, val_fraction)}
+    pools = {"train": [c for c in cores if c not in held_out], "val": sorted(held_out)}
+    out = {"train": [], "val": []}
+    for i in range(n):
+        split = "val" if rng.random() < val_fraction else "train"
+        out[split].append(instruction(rng, rng.choice(pools[split]), TASKS[i % len(TASKS)]))
+    return out["train"], out["val"]
+
+
+def _pattern(template):
+    return re.compile("^" + re.escape(template).replace(r"\{s\}", "(.+)").replace(r"\{tense\}", "(.+)") + "$")
+
+
+PATTERNS = {task: [_pattern(t) for t in templates] for task, templates in ASK.items()}
+
+
+def task_of(messages):
+    """Which instruction a conversation is: one of TASKS, or 'other' (not one of make_tense's)."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    if len(users) == 2:
+        return "two-turn"
+    for task, patterns in PATTERNS.items():
+        if users and any(p.match(users[0]) for p in patterns):
+            return task
+    return "other"
+
+
+def tense_asked(messages, table):
+    """The tense of the last answer a conversation asks for (for 'name', the tense it names)."""
+    last = messages[-1]["content"]
+    if last in TENSES:
+        return last
+    parsed = parse(last, table)
+    return parsed["tense"] if parsed else "other"

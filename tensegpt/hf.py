@@ -6,7 +6,9 @@ With pos_encoding='learned', activation='gelu' (GPT-2's tanh approximation), GPT
 BPE ids and layer norms of epsilon 1e-5, model.py computes exactly what GPT-2 does. The
 only difference in the weights is the layout of the matrices: GPT-2 keeps them as
 "Conv1D" (in, out), nn.Linear as (out, in), so they are transposed on the way.
-Nothing here downloads, and transformers itself is not needed.
+transformers itself is not needed. hub_folder() is the one place that downloads: GPT-2's
+weights by name, through huggingface_hub (the library users already have for that job),
+which keeps them in its cache and reads them from there when the machine is offline.
 """
 
 import json
@@ -81,6 +83,38 @@ def read_safetensors(path):
             f"save or copy the model again"
         ) from None
     return tensors
+
+
+def hub_folder(name):
+    """
+    The local folder of GPT-2's weights (name: gpt2, gpt2-medium, gpt2-large or gpt2-xl):
+    downloaded into the Hugging Face cache when the machine is online, read from the cache
+    when it is not (or HF_HUB_OFFLINE=1), or a one-line error that says how to get it.
+    """
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(
+            f"--init_from={name} downloads through huggingface_hub: pip install huggingface_hub"
+        ) from None
+    files = ["config.json", "model.safetensors"]
+    try:
+        return snapshot_download(repo_id=f"openai-community/{name}", allow_patterns=files)
+    except Exception as online:  # noqa: BLE001 - offline, refused, or not found: try the cache
+        try:
+            return snapshot_download(
+                repo_id=f"openai-community/{name}", allow_patterns=files, local_files_only=True
+            )
+        except Exception:  # noqa: BLE001
+            why = str(online).splitlines()[0][:120] if str(online) else online.__class__.__name__
+            raise UserError(
+                f"GPT-2 weights {name!r} are neither in the Hugging Face cache nor downloadable here "
+                f"({why}): "
+                "run once online, or download them elsewhere (huggingface-cli download "
+                f"openai-community/{name} "
+                f"config.json model.safetensors --local-dir {name}), copy the folder here and pass "
+                f"--init_from=hf:{name}"
+            ) from None
 
 
 def load_hf(folder, block_size=None, dropout=None):

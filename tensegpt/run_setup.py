@@ -13,8 +13,10 @@ import torch
 from model import GPTConfig, check_config
 from tensegpt import checkpoint
 from tensegpt.common import UserError, check_seed, check_writable_folder
+from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # init_from: downloaded from the hub
 
 # What each train.py key may do when a run resumes (--init_from=resume). Every key of
 # train.py's DEFAULTS has a row (tests/test_faults.py walks them all, so a key added later
@@ -47,12 +49,17 @@ RESUME_NOTED = {  # the run goes on differently from here: a line says what chan
     "grad_clip": "gradients are now clipped at another norm",
     "eval_iters": "val losses are now averaged over another number of batches, so they compare less "
     "exactly with the best one so far",
+    "train_on_prompt": "the loss now counts other tokens of each conversation",
 }
-RESUME_MATCH = {  # the saved state is right only for the saved value (model keys: its model_config)
+RESUME_MATCH = {  # the saved state is right only for the saved value
     "optimizer": "the saved optimizer state belongs to that optimizer",
     "beta1": "the saved moment estimates were averaged with that beta1",
     "beta2": "the saved moment estimates were averaged with that beta2",
     "seed": "the evaluation batches (and so the best val loss so far) were drawn with that seed",
+    "chat": "the run trains on that kind of data",
+    "lora_rank": "the saved adapters have that shape",
+    "lora_alpha": "the saved adapters were trained with that scale",
+    "lora_targets": "the saved adapters sit on those matrices",
     **{key: "the saved weights are that model's" for key in MODEL_KEYS},
 }
 
@@ -73,8 +80,17 @@ def check_train_config(config):
     for key in ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip"):
         if config[key] < 0:
             raise UserError(f"config key {key} must not be negative, got {config[key]}")
-    if config["init_from"] not in ("scratch", "resume") and not config["init_from"].startswith("hf:"):
-        raise UserError(f"init_from must be 'scratch', 'resume' or 'hf:FOLDER', got {config['init_from']!r}")
+    init = config["init_from"]
+    if (
+        init not in ("scratch", "resume", *GPT2_NAMES)
+        and not init.startswith("hf:")
+        and not init.endswith(".pth")
+    ):
+        raise UserError(
+            f"init_from must be 'scratch', 'resume', 'hf:FOLDER', one of {', '.join(GPT2_NAMES)} (GPT-2 from "
+            "the "
+            f"Hugging Face hub) or a checkpoint FILE.pth to fine-tune; got {init!r}"
+        )
     if config["optimizer"] not in ("adamw", "muon"):
         raise UserError(f"optimizer must be 'adamw' or 'muon', got {config['optimizer']!r}")
     if config["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
@@ -161,16 +177,80 @@ def gpt_config_for(config, vocab_size):
     return GPTConfig(vocab_size=-(-vocab_size // 64) * 64, **{k: config[k] for k in MODEL_KEYS})
 
 
+def check_data_kind(config, meta):
+    """Conversations are fine-tuned with --chat=True, and plain text is not: a one-line error otherwise."""
+    data_dir = config["data_dir"]
+    if config["chat"] and not meta.get("chat"):
+        raise UserError(
+            f"--chat=True trains on conversations, but {data_dir}/ holds plain text: prepare a .jsonl of "
+            f"conversations with prepare.py, or leave out --chat"
+        )
+    if meta.get("chat") and not config["chat"]:
+        raise UserError(
+            f"{data_dir}/ holds conversations (prepared from a .jsonl): fine-tune on them with --chat=True "
+            f"(config/chat.py), which counts the loss on the answers; or pass a plain-text --data_dir"
+        )
+
+
 def choose_model(config, meta, tokenizer_meta, say):
-    """(GPTConfig, whole initial weights or None): the config's model keys, or GPT-2's (hf:FOLDER)."""
-    if config["init_from"].startswith("hf:"):
-        model = load_gpt2_weights(config["init_from"][3:], config, tokenizer_meta, say)
-        return model.config, {"model": model.state_dict()}
+    """
+    (GPTConfig, whole initial weights or None, the trained model it starts from or None): the
+    config's model keys; GPT-2's weights (hf:FOLDER, or a name from the hub); or a
+    checkpoint's (FILE.pth: fine-tuning, with a fresh optimizer and schedule).
+    """
+    init = config["init_from"]
+    if init.startswith("hf:") or init in GPT2_NAMES:
+        from tensegpt.hf import hub_folder
+
+        folder = init[3:] if init.startswith("hf:") else hub_folder(init)
+        model = load_gpt2_weights(folder, config, tokenizer_meta, say)
+        return model.config, {"model": model.state_dict()}, init
+    if init.endswith(".pth"):
+        gpt_config, state = fine_tuning_start(init, config, meta, tokenizer_meta, say)
+        return gpt_config, {"model": state}, init
     gpt_config = gpt_config_for(config, meta["vocab_size"])
     problems = check_config(gpt_config)
     if problems:
         raise UserError("; ".join(problems))
-    return gpt_config, None
+    return gpt_config, None, None
+
+
+def fine_tuning_start(path, config, meta, tokenizer_meta, say):
+    """
+    The GPTConfig and weights of a checkpoint to fine-tune on this data: the same tokens
+    (the data was prepared with --vocab_from), plus rows for ids the checkpoint lacks (the
+    chat tokens), each started as a copy of end-of-text's row: a boundary, as they are.
+    """
+    base = checkpoint.load(path, missing_hint="pass the trained.pth of the model to fine-tune")
+    base_tokens = {k: v for k, v in base["tokenizer_meta"].items() if k != "chat_tokens"}
+    if base_tokens != {k: v for k, v in tokenizer_meta.items() if k != "chat_tokens"}:
+        raise UserError(
+            f"{config['data_dir']}/ does not speak {path}'s tokens ({base['tokenizer_meta']['tokenizer']} "
+            f"vocabulary of another text): prepare the data with --vocab_from={path}"
+        )
+    saved = checkpoint.gpt_config_of(base, path)
+    block_size = config["block_size"]
+    if saved.pos_encoding == "learned" and block_size > saved.block_size:
+        raise UserError(
+            f"{path} learned {saved.block_size} positions: use --block_size={saved.block_size} or less"
+        )
+    rows = max(saved.vocab_size, -(-meta["vocab_size"] // 64) * 64)
+    gpt_config = GPTConfig(
+        **{**vars(saved), "vocab_size": rows, "block_size": block_size, "dropout": config["dropout"]}
+    )
+    state = dict(checkpoint.build_model(base, path).state_dict())  # LoRA adapters merged in
+    old, eot = state["wte.weight"], tokenizer_from_meta(tokenizer_meta).eot
+    new_ids = range(tokenizer_from_meta(base["tokenizer_meta"]).vocab_size, meta["vocab_size"])
+    wte = torch.cat([old, old.new_zeros(rows - len(old), old.size(1))])  # more rows, if the ids need them
+    wte[list(new_ids)] = old[eot]
+    state["wte.weight"] = state["lm_head.weight"] = wte  # tied
+    if "wpe.weight" in state:
+        state["wpe.weight"] = state["wpe.weight"][:block_size]
+    say(
+        f"fine-tuning {path} (n_layer {saved.n_layer}, n_head {saved.n_head}, n_embd {saved.n_embd}; the "
+        f"config's model keys are not used), {len(new_ids)} new token(s) started as end-of-text"
+    )
+    return gpt_config, state
 
 
 def load_gpt2_weights(folder, config, tokenizer_meta, say):
@@ -192,7 +272,7 @@ def load_gpt2_weights(folder, config, tokenizer_meta, say):
     return model
 
 
-def load_resumable(path, gpt_config, tokenizer_meta, meta, config, defaults):
+def load_resumable(path, tokenizer_meta, meta, config, defaults):
     """
     (the checkpoint to continue, the lines to say about what this run changes). Refused,
     before any work, where the saved state cannot serve this run's settings.
@@ -203,20 +283,16 @@ def load_resumable(path, gpt_config, tokenizer_meta, meta, config, defaults):
         "or pass the --out_dir of the run to continue",
     )
     checkpoint.check_resumable(saved, path, tokenizer_meta, meta, config)
-    return saved, resume_changes(saved, path, gpt_config, config, defaults)
+    return saved, resume_changes(saved, path, config, defaults)
 
 
-def resume_changes(saved, path, gpt_config, config, defaults):
+def resume_changes(saved, path, config, defaults):
     """
     The notes for changed RESUME_NOTED keys (RESUME_SCHEDULE's: schedule_note), or a
     UserError that names every changed RESUME_MATCH key with both values.
     """
     # a key the checkpoint lacks was added since it was written: the run had its default
-    then = {**defaults, **saved.get("train_config", {})}
-    now = dict(config)
-    # the model keys as the model has them (d_ff 0 is 4 * n_embd): the checkpoint's own model_config
-    then.update({k: v for k, v in vars(checkpoint.gpt_config_of(saved, path)).items() if k in MODEL_KEYS})
-    now.update({k: v for k, v in vars(gpt_config).items() if k in MODEL_KEYS})
+    then, now = {**defaults, **saved.get("train_config", {})}, config
     changed = [key for key in RESUME_MATCH if then[key] != now[key]]
     if changed:
         was = " ".join(f"--{key}={then[key]!r}" for key in changed)

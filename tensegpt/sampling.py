@@ -65,7 +65,7 @@ def check_options(config):
             raise UserError('--score is empty: give the text to score, like --score="The baby is sleeping."')
     modes = [
         f"--{key}"
-        for key in ("interactive", "score", "beam", "temperatures")
+        for key in ("interactive", "chat", "score", "beam", "temperatures")
         if config[key] not in (False, None, 0)
     ]
     if len(modes) > 1:
@@ -151,6 +151,41 @@ def plot_attention(maps, labels, path):
     fig.suptitle("attention: row = query token, column = key token it attends to")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+class Printer:
+    """Prints a text as it grows, the new part each time (a token that ends inside a character waits)."""
+
+    def __init__(self):
+        self.shown = ""
+
+    def __call__(self, text):
+        if not text.endswith("\ufffd") and text.startswith(self.shown):
+            print(text[len(self.shown) :], end="", flush=True)
+            self.shown = text
+
+    def finish(self, text):
+        print(text[len(self.shown) :] if text.startswith(self.shown) else "", flush=True)
+
+
+def check_chat_model(tokenizer, ckpt):
+    """--chat needs a model fine-tuned with the chat template: a one-line error for any other."""
+    if not hasattr(tokenizer, "end"):
+        raise UserError(
+            f"{ckpt} has no chat tokens: it continues text, it was not fine-tuned to answer. Fine-tune it "
+            f"with python train.py config/chat.py (docs/chat.md), or leave out --chat"
+        )
+
+
+def fit_history(tokenizer, messages, room):
+    """The conversation's latest turns whose prompt fits in room tokens: the oldest dropped whole."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    rest = messages[len(system) :]
+    while len(rest) > 1 and len(tokenizer.prompt(system + rest)) > room:
+        rest = (
+            rest[2:] if rest[0]["role"] == "user" and len(rest) > 2 else rest[1:]
+        )  # a question and its answer
+    return system + rest
 
 
 def run_command(sampler, line):

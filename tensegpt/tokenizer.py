@@ -337,8 +337,19 @@ META_TYPES = {  # meta.json's fields and their types; the first four must be the
     "gpt2_ids": list,
     "chars": list,
     "words": list,
+    "chat_tokens": list,
+    "chat": bool,
+    "train_conversations": int,
+    "val_conversations": int,
+    "vocab_from": str,
 }
-KIND_WORDS = {int: "a whole number", str: "text", list: "a list", (int, float): "a number"}
+KIND_WORDS = {
+    int: "a whole number",
+    str: "text",
+    list: "a list",
+    (int, float): "a number",
+    bool: "true or false",
+}
 TOKENIZER_LISTS = {"gpt2-compact": ("gpt2_ids", int), "char": ("chars", str), "word": ("words", str)}
 
 
@@ -349,7 +360,7 @@ def check_meta(meta):
     problems = [f"{key} is missing" for key in list(META_TYPES)[:4] if key not in meta]
     for key, kind in META_TYPES.items():
         value = meta.get(key)
-        if key in meta and (not isinstance(value, kind) or isinstance(value, bool)):
+        if key in meta and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
             problems.append(f"{key} is {value!r}, not {KIND_WORDS[kind]}")
     if problems:
         return problems
@@ -369,7 +380,18 @@ def check_meta(meta):
 
 
 def from_meta(meta):
-    """Rebuilds the tokenizer that meta() described (from meta.json or a checkpoint)."""
+    """Rebuilds the tokenizer that meta() described (from meta.json or a checkpoint), chat tokens included."""
+    base = base_from_meta(meta)
+    if meta.get("chat_tokens"):
+        from tensegpt.chat import CHAT_TOKENS, ChatTokenizer
+
+        if meta["chat_tokens"] != CHAT_TOKENS:
+            raise ValueError(f"unknown chat tokens {meta['chat_tokens']}")
+        return ChatTokenizer(base)
+    return base
+
+
+def base_from_meta(meta):
     kind = meta.get("tokenizer")
     if kind == "gpt2":
         return GPT2()

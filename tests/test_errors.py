@@ -132,9 +132,9 @@ def test_resume_with_another_model_config_names_the_keys(tiny_run, tmp_path):
         cwd=tmp_path,
     )
     assert message == (
-        "error: out/last.pth was trained with --n_embd=32 --d_ff=128 and this run asks for --n_embd=64 "
-        "--d_ff=256: the saved weights are that model's; resume with --n_embd=32 --d_ff=128, or start a "
-        "new run from scratch (leave out --init_from=resume and pass another --out_dir, or --overwrite=True)"
+        "error: out/last.pth was trained with --n_embd=32 and this run asks for --n_embd=64: the saved "
+        "weights are that model's; resume with --n_embd=32, or start a new run from scratch (leave out "
+        "--init_from=resume and pass another --out_dir, or --overwrite=True)"
     )
 
 

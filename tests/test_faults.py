@@ -270,9 +270,8 @@ def changed(value):
         return value + int(rng.integers(1, 5))
     if isinstance(value, float):
         return value + float(rng.uniform(0.01, 0.09))
-    return {"adamw": "muon", "muon": "adamw", "learned": "rotary", "gelu": "swiglu", "layernorm": "rmsnorm"}[
-        value
-    ]
+    others = {"adamw": "muon", "muon": "adamw", "learned": "rotary", "gelu": "swiglu", "layernorm": "rmsnorm"}
+    return others.get(value, value.split(",")[0])  # lora_targets: fewer matrices
 
 
 def test_every_must_match_key_changed_on_resume_is_refused_naming_both_values(run_copy, monkeypatch):
@@ -285,32 +284,18 @@ def test_every_must_match_key_changed_on_resume_is_refused_naming_both_values(ru
     meta = json.loads((run_copy / "data" / "meta.json").read_text())
     for key in run_setup.RESUME_MATCH:
         new = {**config, key: changed(config[key])}
-        if key in ("n_head", "n_kv_head"):  # values that keep the model valid and change it: 2 -> 4 or 1 head(s)
-            new[key] = 4 if key == "n_head" else 1
-        gpt_config = run_setup.gpt_config_for(new, meta["vocab_size"])
         with pytest.raises(common.UserError) as refused:
-            run_setup.load_resumable("out/last.pth", gpt_config, saved["tokenizer_meta"], meta, new, DEFAULTS)
-        message = str(refused.value)
-        was, now = saved["model_config"].get(key, config[key]), vars(gpt_config).get(key, new[key])
-        trained, asks = message.split(" and this run asks for ")
-        assert (
-            f"--{key}={was!r}" in trained.split(" was trained with ")[1].split()
-            and f"--{key}={now!r}" in asks.split(":")[0].split()
-        ), message
-        assert message.endswith(
-            "or start a new run from scratch (leave out --init_from=resume and pass another --out_dir, "
-            "or --overwrite=True)"
-        )
+            run_setup.load_resumable("out/last.pth", saved["tokenizer_meta"], meta, new, DEFAULTS)
+        trained, asks = str(refused.value).split(" and this run asks for ")
+        assert trained.endswith(f" was trained with --{key}={config[key]!r}"), trained
+        assert asks.startswith(
+            f"--{key}={new[key]!r}: {run_setup.RESUME_MATCH[key]}; resume with --{key}="
+        ), asks
+        assert asks.endswith("or start a new run from scratch (leave out --init_from=resume and pass another "
+                             "--out_dir, or --overwrite=True)")  # fmt: skip
     for key in run_setup.RESUME_NOTED:  # these go on, with a line that says what changed
         new = {**config, key: changed(config[key])}
-        _, notes = run_setup.load_resumable(
-            "out/last.pth",
-            run_setup.gpt_config_for(new, meta["vocab_size"]),
-            saved["tokenizer_meta"],
-            meta,
-            new,
-            DEFAULTS,
-        )
+        _, notes = run_setup.load_resumable("out/last.pth", saved["tokenizer_meta"], meta, new, DEFAULTS)
         assert notes == [
             f"note: --{key} was {config[key]!r} and is now {new[key]!r}: {run_setup.RESUME_NOTED[key]}"
         ]

@@ -32,15 +32,13 @@ pytestmark = pytest.mark.skipif(
 
 
 def sharded_gradients(rank, world_size, init_file, x, y, out_file):
-    from tensegpt.distributed import build_model, leave_process_group
+    from tensegpt.distributed import build_gpt, leave_process_group
     from train import DEFAULTS
 
     os.environ["OMP_NUM_THREADS"] = "1"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.manual_seed(0)
-    model, raw_model = build_model(
-        CONFIG, {**DEFAULTS, "fsdp": True}, "cpu", world_size, rank, "float32", chunked_loss=False
-    )
+    model = raw_model = build_gpt(CONFIG, {**DEFAULTS, "fsdp": True}, "cpu", world_size, "float32")
     shard = slice(rank * len(x) // world_size, (rank + 1) * len(x) // world_size)
     model(x[shard], y[shard])[1].backward()
     weights = {

@@ -1,0 +1,20 @@
+# Chat fine-tuning: config/small.py's model (the quick start's out/trained.pth) taught to follow
+# the tense instructions of make_tense.py --task=chat (docs/chat.md):
+#   python make_tense.py --task=chat
+#   python prepare.py --input=tense_chat.jsonl --val_input=tense_chat_val.jsonl \
+#       --vocab_from=out/trained.pth --out_dir=data-chat
+#   python train.py config/chat.py
+# A fresh optimizer and schedule on the checkpoint's weights; the loss counts the answers only.
+init_from = "out/trained.pth"
+data_dir = "data-chat"
+out_dir = "out-chat"
+chat = True
+batch_size = 32
+block_size = 128
+max_iters = 600
+warmup_iters = 30
+learning_rate = 1e-3
+min_lr = 1e-4
+eval_interval = 200
+eval_iters = 20
+log_interval = 50

@@ -1,0 +1,110 @@
+"""
+LoRA (Hu et al. 2021): fine-tune a model by freezing its weights and training, beside each
+chosen weight matrix W (out x in), a low-rank update B A (A: rank x in, B: out x rank),
+scaled by alpha / rank:
+
+    y = x W^T + b + (alpha / rank) * x A^T B^T
+
+B starts at zero, so before the first step the model is exactly its base; A starts random
+(as in the paper), so B's first gradient is not zero. Only A and B train: a few percent
+of the parameters, and their optimizer state. merge() folds (alpha / rank) B A into W and
+leaves a plain GPT, which is what sample.py, eval.py and export.py load.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tensegpt.common import UserError
+
+TARGETS = ("c_attn", "c_proj", "c_fc")  # attention's q/k/v and output projections, the feed-forward's layers
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear's weight and bias, and the low-rank update that trains beside them."""
+
+    def __init__(self, linear, rank, alpha):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias  # the base: the same tensors, frozen
+        self.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, device=linear.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, device=linear.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own initialisation
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        return (
+            F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        )
+
+    def merged(self):
+        """A plain Linear with W + scale * B A."""
+        out_features, in_features = self.weight.shape
+        linear = nn.Linear(in_features, out_features, bias=self.bias is not None, device=self.weight.device)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight + self.scale * self.lora_B @ self.lora_A)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+
+def check(config, gpt_config):
+    """The LoRA keys of a train.py config, checked: (rank, alpha, targets) or None when off."""
+    rank = config["lora_rank"]
+    if rank == 0:
+        return None
+    width = gpt_config.n_embd
+    if not 0 < rank < width:
+        raise UserError(f"--lora_rank must be between 1 and the width n_embd - 1 = {width - 1}, got {rank}")
+    if config["lora_alpha"] <= 0:
+        raise UserError(
+            f"--lora_alpha must be > 0 (the update is scaled by alpha / rank), got {config['lora_alpha']}"
+        )
+    targets = [t.strip() for t in config["lora_targets"].split(",") if t.strip()]
+    unknown = sorted(set(targets) - set(TARGETS))
+    if not targets or unknown:
+        raise UserError(
+            f"--lora_targets names the matrices to adapt, from {','.join(TARGETS)}; got "
+            f"{config['lora_targets']!r}"
+        )
+    if config["fsdp"]:
+        raise UserError(
+            "LoRA trains so few parameters that sharding them gains nothing: use --fsdp=False (DDP works)"
+        )
+    return {"rank": rank, "alpha": float(config["lora_alpha"]), "targets": targets}
+
+
+def add_adapters(gpt, lora):
+    """Freezes every weight of gpt and puts a LoRALinear on each target Linear of its blocks; returns gpt."""
+    for p in gpt.parameters():
+        p.requires_grad_(False)
+    for block in gpt.blocks:
+        for parent in (block.attn, block.mlp):
+            for name in lora["targets"]:
+                linear = getattr(parent, name, None)
+                if isinstance(linear, nn.Linear):
+                    setattr(parent, name, LoRALinear(linear, lora["rank"], lora["alpha"]))
+    return gpt
+
+
+def merge(gpt):
+    """Folds every adapter into its weight, in place: a plain GPT again (all weights trainable)."""
+    for block in gpt.blocks:
+        for parent in (block.attn, block.mlp):
+            for name, module in list(parent.named_children()):
+                if isinstance(module, LoRALinear):
+                    setattr(parent, name, module.merged())
+    for p in gpt.parameters():
+        p.requires_grad_(True)
+    return gpt
+
+
+def describe(gpt, lora):
+    """The line train.py prints: what trains, out of how many parameters."""
+    params = list(gpt.parameters())
+    trained, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return (
+        f"LoRA rank {lora['rank']}, alpha {lora['alpha']:g} on {','.join(lora['targets'])}: training "
+        f"{trained:,} of {total:,} parameters ({100 * trained / total:.1f}%); the rest are frozen"
+    )

@@ -1,0 +1,424 @@
+"""Chat fine-tuning: the JSONL reader, the template and its trained-token marks, batches of whole
+conversations, fine-tuning from a checkpoint, LoRA, GPT-2 from the hub's cache, sample.py --chat."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, fails, run_script, torchrun
+
+from model import GPT, GPTConfig
+from tensegpt import lora
+from tensegpt import tokenizer as tok
+from tensegpt.chat import CHAT_TOKENS, ChatBatches, ChatTokenizer, decode_conversations, read_conversations
+from tensegpt.chunked_loss import IGNORE, ChunkedLoss
+from tensegpt.common import UserError
+
+TINY = os.path.join(ROOT, "config", "tiny.py")
+
+
+def write_jsonl(path, conversations):
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations), encoding="utf-8")
+
+
+def talk(question, reply):
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+
+
+@pytest.fixture(scope="module")
+def chat_run(tiny_run, tmp_path_factory):
+    """The tiny run's model fine-tuned a few steps on tense instructions (its vocabulary + chat tokens)."""
+    folder = tmp_path_factory.mktemp("chat_run")
+    run_script("make_tense.py", "--task=chat", "--n=600", cwd=folder)
+    base = tiny_run / "out" / "trained.pth"
+    run_script(
+        "prepare.py",
+        "--input=tense_chat.jsonl",
+        "--val_input=tense_chat_val.jsonl",
+        f"--vocab_from={base}",
+        "--out_dir=data-chat",
+        cwd=folder,
+    )
+    run_script(
+        "train.py",
+        TINY,
+        "--chat=True",
+        f"--init_from={base}",
+        "--data_dir=data-chat",
+        "--out_dir=out-chat",
+        "--max_iters=8",
+        "--eval_interval=4",
+        "--block_size=32",
+        cwd=folder,
+    )
+    return folder
+
+
+# ----------------------------------------------------------------------------- the reader
+
+
+@pytest.mark.parametrize(
+    "line,problem",
+    [
+        ("{not json", "chat.jsonl line 2 is not JSON (Expecting property name enclosed in double quotes)"),
+        ('{"text": "hello"}', 'chat.jsonl line 2 has no "messages" list'),
+        ('{"messages": [{"role": "user"}]}', 'chat.jsonl line 2: message 1 needs a "role" and a "content"'),
+        (
+            '{"messages": [{"role": "robot", "content": "hi"}]}',
+            "chat.jsonl line 2: message 1 has role 'robot'",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}]}',
+            "chat.jsonl line 2: the conversation ends with a user",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}',
+            "chat.jsonl line 2: assistant message 2 is empty",
+        ),
+    ],
+)
+def test_a_bad_jsonl_line_is_one_line_that_names_it(tmp_path, line, problem):
+    good = json.dumps({"messages": talk("Hi", "Hello.")})
+    (tmp_path / "chat.jsonl").write_text(good + "\n" + line + "\n" + good + "\n", encoding="utf-8")
+    message = fails("prepare.py", "--input=chat.jsonl", cwd=tmp_path)
+    assert message.startswith(f"error: {problem}"), message
+    assert not (tmp_path / "data").exists() or not os.listdir(tmp_path / "data")
+
+
+def test_random_json_through_the_reader_is_read_or_refused_in_one_line(tmp_path):
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+        lambda children: (
+            st.lists(children, max_size=3)
+            | st.dictionaries(
+                st.sampled_from(["messages", "role", "content", "user", "assistant", "system"]),
+                children,
+                max_size=3,
+            )
+        ),
+        max_leaves=8,
+    )
+
+    @hypothesis.settings(max_examples=150, deadline=None)
+    @hypothesis.given(json_values)
+    def check(value):
+        path = tmp_path / "random.jsonl"
+        path.write_text(json.dumps(value) + "\n", encoding="utf-8")
+        try:
+            conversations = read_conversations(str(path))
+        except UserError as e:
+            assert "\n" not in str(e) and str(path) in str(e)
+        else:
+            assert conversations[0][-1]["role"] == "assistant"
+
+    check()
+
+
+# ----------------------------------------------------------------------------- the template
+
+
+def test_the_template_marks_the_answers_and_typed_special_tokens_stay_text():
+    tokenizer = ChatTokenizer(tok.GPT2())
+    messages = [{"role": "system", "content": "Be brief."}, *talk("Say <|user|> and <|end|>", "Done.")]
+    ids, trained = tokenizer.encode_conversation(messages)
+    specials = [i for i in ids if i >= tok.GPT2().vocab_size]
+    assert specials == [
+        tokenizer.system,
+        tokenizer.end,
+        tokenizer.user,
+        tokenizer.end,
+        tokenizer.assistant,
+        tokenizer.end,
+    ]
+    answer = tokenizer.encode("Done.")
+    assert [i for i, t in zip(ids, trained) if t] == answer + [
+        tokenizer.end
+    ]  # the answer and the <|end|> closing it
+    assert decode_conversations(tokenizer, ids) == [messages]
+
+
+@pytest.mark.parametrize("options", [[], ["--full_vocab=True"], ["--tokenizer=char"], ["--tokenizer=word"]])
+def test_every_tokenizer_gets_the_chat_tokens(tmp_path, options):
+    write_jsonl(tmp_path / "chat.jsonl", [talk(f"Say {i}.", f"I say {i}.") for i in range(20)])
+    run_script("prepare.py", "--input=chat.jsonl", *options, cwd=tmp_path)
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    tokenizer = tok.from_meta(meta)
+    assert meta["chat"] and meta["chat_tokens"] == CHAT_TOKENS
+    assert tokenizer.vocab_size == meta["vocab_size"] == tokenizer.base.vocab_size + 4
+    ids = np.fromfile(tmp_path / "data" / "train.bin", dtype=np.uint16)
+    marks = np.fromfile(tmp_path / "data" / "train.mask.bin", dtype=np.uint8)
+    assert len(ids) == len(marks) == meta["train_tokens"] and set(ids[marks == 1]) >= {tokenizer.end}
+    conversations = decode_conversations(tokenizer, ids)
+    assert len(conversations) == meta["train_conversations"] and conversations[0][0]["role"] == "user"
+
+
+def test_vocab_from_speaks_the_base_models_tokens(tiny_run, tmp_path):
+    write_jsonl(
+        tmp_path / "chat.jsonl",
+        [talk("Put it in the past.", "The baby ate an apple.")] * 4 + [talk("Bashfully?", "Grinned.")] * 4,
+    )
+    run_script("prepare.py", "--input=chat.jsonl", f"--vocab_from={tiny_run / 'data'}", cwd=tmp_path)
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    base = json.loads((tiny_run / "data" / "meta.json").read_text())
+    assert meta["gpt2_ids"] == base["gpt2_ids"] and meta["vocab_size"] == base["vocab_size"] + 4
+
+
+def test_batches_hold_whole_conversations_and_count_the_answers_only():
+    tokenizer = ChatTokenizer(tok.Char.from_counts({c: 1 for c in "abcdefgh ."}))
+    conversations = [talk("a" * n, "b" * (n % 5 + 1)) for n in range(1, 30)]
+    pairs = [tokenizer.encode_conversation(c) for c in conversations]
+    ids = np.array([i for p in pairs for i in p[0]])
+    trained = np.array([t for p in pairs for t in p[1]])
+    batches = ChatBatches((ids, trained), batch_size=8, block_size=24, device="cpu", seed=0)
+    assert batches.too_long == sum(len(p[0]) > 25 for p in pairs) > 0  # left out, and counted
+    whole = {tuple(p[0]) for p in pairs}
+    for x, y in batches.step():
+        for row_x, row_y in zip(x.tolist(), y.tolist()):
+            row = row_x + [row_y[-1] if row_y[-1] != IGNORE else tokenizer.eot]
+            starts = [i for i, t in enumerate(row) if t == tokenizer.eot] + [len(row)]
+            pieces = [tuple(row[s:e]) for s, e in zip(starts, starts[1:])]
+            assert all(p in whole or set(p) == {tokenizer.eot} for p in pieces)  # never a conversation cut
+            for target in row_y:  # a target is kept only where the answer is
+                assert target == IGNORE or target in tokenizer.encode("b") + [tokenizer.end]
+
+
+def test_the_chunked_loss_leaves_out_the_ignored_targets_as_cross_entropy_does():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=4096, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    x, y = torch.randint(0, 4096, (2, 16)), torch.randint(0, 4096, (2, 16))
+    y[:, :10] = IGNORE
+    plain = model(x, y)[1]
+    chunked = ChunkedLoss(model)(x, y)[1]
+    assert torch.allclose(plain, chunked, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- fine-tuning and talking
+
+
+def test_fine_tuning_starts_from_the_checkpoint_and_answers_in_the_terminal(chat_run, tiny_run):
+    saved = torch.load(chat_run / "out-chat" / "last.pth", weights_only=True)
+    assert saved["base"] == str(tiny_run / "out" / "trained.pth") and saved["iter_num"] == 8
+    assert saved["tokenizer_meta"]["chat_tokens"] == CHAT_TOKENS
+    one = run_script(
+        "sample.py",
+        "--ckpt=out-chat/trained.pth",
+        "--chat",
+        "--start=Negate: The baby is sleeping.",
+        "--greedy",
+        cwd=chat_run,
+    )
+    assert one.stdout.count("\n") == 1  # one reply, and the script exits
+    talked = run_script(
+        "sample.py",
+        "--ckpt=out-chat/trained.pth",
+        "--chat",
+        "--greedy",
+        cwd=chat_run,
+        input="Negate: The baby is sleeping.\nAnd in the past simple?\n",
+    )
+    assert talked.stdout.count("model> ") == 2
+    refused = fails(
+        "sample.py", f"--ckpt={tiny_run / 'out' / 'trained.pth'}", "--chat", "--start=Hi", cwd=chat_run
+    )
+    assert "has no chat tokens" in refused
+
+
+def test_eval_reports_exact_match_beside_the_model_before_fine_tuning(chat_run):
+    out = run_script(
+        "eval.py", "--ckpt=out-chat/trained.pth", "--json=True", "--chat_samples=20", cwd=chat_run
+    )
+    report = json.loads(out.stdout)
+    assert report["chat"]["conversations"] == report["chat_before"]["conversations"] == 20
+    assert set(report["chat"]["exact_match_per_task"]) <= {
+        "rewrite",
+        "name",
+        "negative",
+        "question",
+        "two-turn",
+    }
+    assert 0.0 <= report["chat_before"]["exact_match"] <= 1.0
+
+
+def test_chat_data_and_plain_data_are_not_mixed_up(chat_run, tiny_run):
+    assert "holds conversations" in fails(
+        "train.py", TINY, "--data_dir=data-chat", "--out_dir=o1", cwd=chat_run
+    )
+    plain = fails(
+        "train.py", TINY, "--chat=True", f"--data_dir={tiny_run / 'data'}", "--out_dir=o2", cwd=chat_run
+    )
+    assert "--chat=True trains on conversations" in plain
+
+
+def test_fine_tuning_data_of_another_vocabulary_is_refused(chat_run, tiny_run, tmp_path):
+    write_jsonl(tmp_path / "chat.jsonl", [talk(f"Zebra {i}?", f"Quokka {i}.") for i in range(10)])
+    run_script("prepare.py", "--input=chat.jsonl", "--out_dir=other", cwd=tmp_path)  # its own vocabulary
+    message = fails(
+        "train.py",
+        TINY,
+        "--chat=True",
+        f"--init_from={tiny_run / 'out' / 'trained.pth'}",
+        "--data_dir=other",
+        "--out_dir=o",
+        cwd=tmp_path,
+    )
+    assert "does not speak" in message and "--vocab_from=" in message
+
+
+def test_a_mark_file_that_does_not_match_its_ids_is_one_line(chat_run, tmp_path):
+    import shutil
+
+    shutil.copytree(chat_run / "data-chat", tmp_path / "data-chat")
+    with open(tmp_path / "data-chat" / "train.mask.bin", "ab") as f:
+        f.write(b"\x01")
+    message = fails("train.py", TINY, "--chat=True", "--data_dir=data-chat", "--out_dir=o", cwd=tmp_path)
+    assert (
+        message.startswith("error: data-chat/train.mask.bin has ")
+        and "run python prepare.py again" in message
+    )
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def small_model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True))
+
+
+ADAPTERS = {"rank": 4, "alpha": 8.0, "targets": list(lora.TARGETS)}
+
+
+def test_lora_at_its_start_is_exactly_the_base_and_only_adapters_learn():
+    base, model = small_model(), small_model()
+    lora.add_adapters(model, ADAPTERS)
+    x = torch.randint(0, 64, (3, 16))
+    assert torch.equal(base(x, x)[0], model(x, x)[0])
+    model(x, x)[1].backward()
+    learned = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert learned and all(name.endswith(("lora_A", "lora_B")) for name in learned)
+    assert all(not p.requires_grad for name, p in model.named_parameters() if "lora_" not in name)
+
+
+def test_merged_adapters_give_the_logits_of_base_plus_adapters():
+    model = lora.add_adapters(small_model(), ADAPTERS)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.1)  # as if trained
+    x = torch.randint(0, 64, (3, 16))
+    with_adapters = model(x, x)[0]
+    merged = lora.merge(model)
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    assert torch.allclose(merged(x, x)[0], with_adapters, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options,problem",
+    [
+        (["--lora_rank=-1"], "--lora_rank must be between 1 and the width n_embd - 1 = 31, got -1"),
+        (["--lora_rank=32"], "--lora_rank must be between 1 and the width n_embd - 1 = 31, got 32"),
+        (["--lora_rank=4", "--lora_targets=wte"], "--lora_targets names the matrices to adapt"),
+    ],
+)
+def test_impossible_lora_settings_are_refused(tiny_run, tmp_path, options, problem):
+    message = fails(
+        "train.py", TINY, f"--data_dir={tiny_run / 'data'}", "--out_dir=o", *options, cwd=tmp_path
+    )
+    assert problem in message
+
+
+def test_lora_fine_tuning_saves_a_checkpoint_that_every_script_loads(chat_run, tiny_run):
+    base = tiny_run / "out" / "trained.pth"
+    out = run_script(
+        "train.py",
+        TINY,
+        "--chat=True",
+        f"--init_from={base}",
+        "--data_dir=data-chat",
+        "--out_dir=out-lora",
+        "--block_size=32",
+        "--max_iters=4",
+        "--eval_interval=4",
+        "--lora_rank=4",
+        cwd=chat_run,
+    )
+    assert "LoRA rank 4" in out.stdout and "parameters (" in out.stdout
+    saved = torch.load(chat_run / "out-lora" / "trained.pth", weights_only=True)
+    assert saved["lora"]["rank"] == 4 and saved["lora"]["base"] == str(base)
+    assert any(key.endswith("lora_B") for key in saved["model"])
+    run_script("sample.py", "--ckpt=out-lora/trained.pth", "--chat", "--start=Negate: It is.", cwd=chat_run)
+    run_script("eval.py", "--ckpt=out-lora/trained.pth", "--chat_samples=4", cwd=chat_run)
+    resumed = run_script(
+        "train.py",
+        TINY,
+        "--chat=True",
+        "--data_dir=data-chat",
+        "--out_dir=out-lora",
+        "--block_size=32",
+        "--max_iters=6",
+        "--eval_interval=4",
+        "--lora_rank=4",
+        "--init_from=resume",
+        cwd=chat_run,
+    )
+    assert "resuming out-lora/last.pth at iteration 4" in resumed.stdout
+
+
+def test_lora_under_ddp_trains_like_one_process(chat_run, tiny_run):
+    args = [
+        TINY,
+        "--chat=True",
+        f"--init_from={tiny_run / 'out' / 'trained.pth'}",
+        "--data_dir=data-chat",
+        "--block_size=32",
+        "--max_iters=4",
+        "--eval_interval=4",
+        "--log_interval=1",
+        "--lora_rank=4",
+        "--grad_accum=2",
+    ]
+    run_script("train.py", *args, "--out_dir=one", cwd=chat_run)
+    torchrun(*args, "--out_dir=two", cwd=chat_run)
+    from helpers import losses
+
+    one, two = losses(chat_run / "one"), losses(chat_run / "two")
+    assert len(one) == len(two) == 4 and np.allclose(one, two, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- GPT-2 from the hub
+
+
+def test_gpt2_by_name_comes_from_the_hub_cache_when_offline(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("huggingface_hub")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    snapshot = tmp_path / "hub" / "models--openai-community--gpt2" / "snapshots" / ("0" * 40)
+    transformers.GPT2LMHeadModel(config).save_pretrained(snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    from helpers import tense_lines
+
+    (tmp_path / "in.txt").write_text("\n".join(tense_lines(300)) + "\n", encoding="utf-8")
+    run_script("prepare.py", "--input=in.txt", "--full_vocab=True", cwd=tmp_path)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = run_script(
+        "train.py", TINY, "--init_from=gpt2", "--max_iters=2", "--eval_interval=2", cwd=tmp_path, env=env
+    )
+    assert "initialising from the GPT-2 weights" in out.stdout and "n_embd 32" in out.stdout
+    env["HF_HUB_CACHE"] = str(tmp_path / "empty")
+    message = fails_with_env(
+        "train.py", TINY, "--init_from=gpt2-medium", "--out_dir=o", cwd=tmp_path, env=env
+    )
+    assert "GPT-2 weights 'gpt2-medium' are neither in the Hugging Face cache nor downloadable" in message
+
+
+def fails_with_env(*args, cwd, env):
+    result = run_script(*args, cwd=cwd, check=False, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
