@@ -94,24 +94,51 @@ def load_split(data_dir, split, tokenizer_meta):
 @torch.no_grad()
 def sample_sentences(model, tokenizer, config, device):
     """num_samples sentences: half from an empty prompt, half spread over the grammar's subjects."""
-    generator = torch.Generator(device=device).manual_seed(config["seed"])
     n = config["num_samples"]
-    prompts = [("", n - n // 2)] + [
-        (s, k)
-        for s, k in zip((s for s, _, _ in grammar.SUBJECTS), spread(n // 2, len(grammar.SUBJECTS)))
-        if k
-    ]
+    subjects = [s for s, _, _ in grammar.SUBJECTS]
+    prompts = [("", n - n // 2)] + [(s, k) for s, k in zip(subjects, spread(n // 2, len(subjects))) if k]
+    return complete(model, tokenizer, prompts, config, device)
+
+
+def time_phrase_prompts(config):
+    """
+    {tense: prompts that open with a time phrase of that tense only ("Yesterday, the baby")}:
+    a model must then carry on in that tense. num_samples / 4 of them, spread over the tenses.
+    """
+    rng = random.Random(config["seed"])
+    per_tense = max(1, config["num_samples"] // 4 // len(TENSES))
+    prompts = {}
+    for tense in TENSES:
+        prompts[tense] = []
+        for _ in range(per_tense):
+            phrase, (subject, _, _) = rng.choice(ONLY[tense]), rng.choice(grammar.SUBJECTS)
+            inner = subject if subject.split()[0] in grammar.NAMES else subject[0].lower() + subject[1:]
+            prompts[tense].append(f"{phrase[0].upper()}{phrase[1:]}, {inner}")
+    return prompts
+
+
+def time_phrase_check(model, tokenizer, config, device, table, lowercase):
+    """The grammar check after time-phrase prompts, per tense: does the model keep the phrase's tense?"""
+    per_tense = {}
+    for tense, prompts in time_phrase_prompts(config).items():
+        texts = complete(model, tokenizer, [(p, 1) for p in prompts], config, device)
+        parsed = [grammar.parse(t, table, lowercase) for t in texts]
+        per_tense[tense] = sum(p is not None and p["agrees"] for p in parsed) / len(texts)
+    return {
+        "time_prompt_agreement": sum(per_tense.values()) / len(per_tense),
+        "time_prompt_per_tense": per_tense,
+    }
+
+
+def complete(model, tokenizer, prompts, config, device):
+    """[(prompt, count)] -> count sampled sentences per prompt, each the prompt and its continuation."""
+    generator = torch.Generator(device=device).manual_seed(config["seed"])
     texts = []
     for prompt, count in prompts:
         ids = [tokenizer.eot] + tokenizer.encode(prompt)
         idx = torch.tensor([ids] * count, device=device)
-        out = model.generate(
-            idx,
-            config["max_new_tokens"],
-            temperature=config["temperature"],
-            stop_token=tokenizer.eot,
-            generator=generator,
-        )
+        out = model.generate(idx, config["max_new_tokens"], temperature=config["temperature"],
+                             stop_token=tokenizer.eot, generator=generator)  # fmt: skip
         for row in out[:, len(ids) :].tolist():
             row = row[: row.index(tokenizer.eot)] if tokenizer.eot in row else row
             texts.append(tokenizer.decode(ids[1:] + row).strip())
@@ -260,7 +287,7 @@ def chat_report(model, tokenizer, checkpoint, data_dir, meta, config, device):
         base
     ):  # the base, given rows for the chat tokens as fine-tuning did
         settings = {"data_dir": data_dir, "block_size": model.config.block_size, "dropout": 0.0}
-        gpt_config, state = fine_tuning_start(
+        gpt_config, state, _ = fine_tuning_start(
             base, settings, meta, checkpoint["tokenizer_meta"], lambda *_: None
         )
         before = GPT(gpt_config).to(device).eval()
@@ -299,6 +326,7 @@ def tense_report(report, model, tokenizer, checkpoint, data_dir, val, config, de
         report.update(
             grammar_check(sample_sentences(model, tokenizer, config, device), train_lines, table, lowercase)
         )
+        report.update(time_phrase_check(model, tokenizer, config, device, table, lowercase))
         counts = probe(model, tokenizer, config, train_lines)
         per_tense = counts.diagonal() / counts.sum(axis=1)
         report["probe_accuracy"] = float(per_tense.mean())
@@ -342,6 +370,12 @@ def show(report, config, notes):
             )
             for bad in report["examples_bad"][:3]:
                 print(f"  not grammatical: {bad!r}")
+            worst = min(report["time_prompt_per_tense"], key=report["time_prompt_per_tense"].get)
+            print(
+                f'after a time phrase ("Yesterday, the baby"): grammatical, in its tense '
+                f"{report['time_prompt_agreement']:.1%}"
+                f" (worst: {worst}, {report['time_prompt_per_tense'][worst]:.1%})"
+            )
             print(
                 f"minimal-pairs probe, {config['probe_per_tense']} held-out statements per tense (chance "
                 f"{1 / len(TENSES):.1%}):"

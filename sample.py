@@ -253,8 +253,9 @@ def chat(sampler, first_message, stream):
                 return
             if message.strip() in ("/quit", "/exit"):
                 return
-        history = fit_history(tokenizer, history + [{"role": "user", "content": message}],
-                              model.config.block_size - c["max_new_tokens"])  # fmt: skip
+        # the prompt fits in 3/4 of the context (the oldest turns dropped whole), 1/4 is for the reply
+        room = model.config.block_size * 3 // 4
+        history = fit_history(tokenizer, history + [{"role": "user", "content": message}], room)
         if first_message is None:
             print("model> ", end="", flush=True)
         printer = Printer()

@@ -236,7 +236,7 @@ def main():
         gpt_config, base = checkpoint.gpt_config_of(initial, resume_path), initial.get("base")
     else:  # new, or a trained model's weights: GPT-2's, or a checkpoint's to fine-tune
         gpt_config, initial, base = run_setup.choose_model(config, meta, tokenizer_meta, log.say)
-    adapters = lora.check(config, gpt_config)  # LoRA's settings, or None
+    adapters = lora.check(config, gpt_config, initial)  # LoRA's settings, or None
 
     # the model: the GPT (gpt), with a trained model's weights, and LoRA adapters if asked
     gpt = distributed.build_gpt(gpt_config, config, device, world_size, dtype)

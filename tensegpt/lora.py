@@ -49,8 +49,47 @@ class LoRALinear(nn.Module):
         return linear
 
 
-def check(config, gpt_config):
-    """The LoRA keys of a train.py config, checked: (rank, alpha, targets) or None when off."""
+class NewRows(nn.Module):
+    """
+    The token embedding with its first rows frozen and the rest (tokens the base model never
+    had: the chat tokens) trained, shared with the output layer as before (TiedOutput).
+    A frozen copy of end-of-text could never become <|end|> or <|user|>: all four would stay
+    one vector, in and out.
+    """
+
+    def __init__(self, embedding, fresh_from):
+        super().__init__()
+        self.frozen = nn.Parameter(embedding.weight[:fresh_from].detach(), requires_grad=False)
+        self.fresh = nn.Parameter(embedding.weight[fresh_from:].detach().clone())
+
+    @property
+    def weight(self):
+        return torch.cat([self.frozen, self.fresh])
+
+    def forward(self, idx):
+        return F.embedding(idx, self.weight)
+
+
+class TiedOutput(nn.Module):
+    """The output layer whose weight is the embedding's (weight tying), whatever rows of it train."""
+
+    def __init__(self, embedding):
+        super().__init__()
+        self.embedding = [embedding]  # a list: not a second registration of the same parameters
+
+    @property
+    def weight(self):
+        return self.embedding[0].weight
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+def check(config, gpt_config, initial=None):
+    """
+    The LoRA keys of a train.py config, checked: {rank, alpha, targets, fresh_from} or None
+    when off. fresh_from: the first embedding row the base lacked (initial's, or a resumed run's).
+    """
     rank = config["lora_rank"]
     if rank == 0:
         return None
@@ -72,13 +111,22 @@ def check(config, gpt_config):
         raise UserError(
             "LoRA trains so few parameters that sharding them gains nothing: use --fsdp=False (DDP works)"
         )
-    return {"rank": rank, "alpha": float(config["lora_alpha"]), "targets": targets}
+    initial = initial or {}
+    fresh_from = initial.get("lora", initial).get("fresh_from", gpt_config.vocab_size)
+    return {"rank": rank, "alpha": float(config["lora_alpha"]), "targets": targets, "fresh_from": fresh_from}
 
 
 def add_adapters(gpt, lora):
-    """Freezes every weight of gpt and puts a LoRALinear on each target Linear of its blocks; returns gpt."""
+    """
+    Freezes every weight of gpt and puts a LoRALinear on each target Linear of its blocks;
+    the embedding rows from lora["fresh_from"] on (tokens the base lacked) train. Returns gpt.
+    """
     for p in gpt.parameters():
         p.requires_grad_(False)
+    fresh_from = lora.get("fresh_from", gpt.config.vocab_size)
+    if fresh_from < gpt.config.vocab_size:
+        gpt.wte = NewRows(gpt.wte, fresh_from)
+        gpt.lm_head = TiedOutput(gpt.wte)
     for block in gpt.blocks:
         for parent in (block.attn, block.mlp):
             for name in lora["targets"]:
@@ -90,6 +138,11 @@ def add_adapters(gpt, lora):
 
 def merge(gpt):
     """Folds every adapter into its weight, in place: a plain GPT again (all weights trainable)."""
+    if isinstance(gpt.wte, NewRows):
+        weight = gpt.wte.weight.detach()
+        gpt.wte = nn.Embedding(weight.size(0), weight.size(1), _weight=weight.clone(), device=weight.device)
+        gpt.lm_head = nn.Linear(weight.size(1), weight.size(0), bias=False, device=weight.device)
+        gpt.lm_head.weight = gpt.wte.weight  # tied again
     for block in gpt.blocks:
         for parent in (block.attn, block.mlp):
             for name, module in list(parent.named_children()):

@@ -206,8 +206,8 @@ def choose_model(config, meta, tokenizer_meta, say):
         model = load_gpt2_weights(folder, config, tokenizer_meta, say)
         return model.config, {"model": model.state_dict()}, init
     if init.endswith(".pth"):
-        gpt_config, state = fine_tuning_start(init, config, meta, tokenizer_meta, say)
-        return gpt_config, {"model": state}, init
+        gpt_config, state, fresh_from = fine_tuning_start(init, config, meta, tokenizer_meta, say)
+        return gpt_config, {"model": state, "fresh_from": fresh_from}, init
     gpt_config = gpt_config_for(config, meta["vocab_size"])
     problems = check_config(gpt_config)
     if problems:
@@ -250,7 +250,7 @@ def fine_tuning_start(path, config, meta, tokenizer_meta, say):
         f"fine-tuning {path} (n_layer {saved.n_layer}, n_head {saved.n_head}, n_embd {saved.n_embd}; the "
         f"config's model keys are not used), {len(new_ids)} new token(s) started as end-of-text"
     )
-    return gpt_config, state
+    return gpt_config, state, new_ids.start
 
 
 def load_gpt2_weights(folder, config, tokenizer_meta, say):

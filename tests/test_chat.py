@@ -422,3 +422,16 @@ def fails_with_env(*args, cwd, env):
     result = run_script(*args, cwd=cwd, check=False, env=env)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     return result.stderr.strip().splitlines()[-1]
+
+
+def test_the_chat_history_drops_its_oldest_turns_whole_to_fit_the_context():
+    from tensegpt.sampling import fit_history
+
+    tokenizer = ChatTokenizer(tok.Char.from_counts({c: 1 for c in "abcdefghij ?."}))
+    system = [{"role": "system", "content": "abc"}]
+    history = (
+        system + talk("aaaa?", "bbbb.") + talk("cccc?", "dddd.") + [{"role": "user", "content": "eeee?"}]
+    )
+    kept = fit_history(tokenizer, history, room=len(tokenizer.prompt(system + history[3:])))
+    assert kept == system + history[3:]  # the first question and its answer left together; the system stays
+    assert fit_history(tokenizer, history, room=10**6) == history

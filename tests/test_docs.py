@@ -63,3 +63,11 @@ def test_each_scripts_option_table_lists_its_defaults(script):
             assert written_default_matches(value, defaults[key]), (
                 f"{script} --{key}: docs say {value}, DEFAULTS {defaults[key]!r}"
             )
+
+
+def test_the_readme_links_every_docs_page_and_every_link_resolves():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    linked = set(re.findall(r"\]\((docs/[\w-]+\.md)\)", readme))
+    pages = {f"docs/{os.path.basename(p)}" for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))}
+    assert linked == pages, f"not linked: {sorted(pages - linked)}; missing: {sorted(linked - pages)}"
+    assert len(readme.splitlines()) <= 300, "the README is a front door: details go to docs/"
