@@ -32,7 +32,7 @@ import torch
 
 from model import GPT
 from tensegpt import grammar
-from tensegpt.chat import answer, decode_conversations
+from tensegpt.chat import decode_conversations
 from tensegpt.checkpoint import load_model
 from tensegpt.common import (
     UserError,
@@ -45,6 +45,7 @@ from tensegpt.common import (
     save_figure,
 )
 from tensegpt.data import open_split
+from tensegpt.decoding import answer
 from tensegpt.loss_eval import held_out_loss
 from tensegpt.run_setup import fine_tuning_start
 from tensegpt.tokenizer import decode_examples, read_meta
@@ -96,8 +97,8 @@ def sample_sentences(model, tokenizer, config, device):
     """num_samples sentences: half from an empty prompt, half spread over the grammar's subjects."""
     n = config["num_samples"]
     subjects = [s for s, _, _ in grammar.SUBJECTS]
-    prompts = [("", n - n // 2)] + [(s, k) for s, k in zip(subjects, spread(n // 2, len(subjects))) if k]
-    return complete(model, tokenizer, prompts, config, device)
+    groups = [[""] * (n - n // 2)] + [[s] * k for s, k in zip(subjects, spread(n // 2, len(subjects))) if k]
+    return complete(model, tokenizer, groups, config, device)
 
 
 def time_phrase_prompts(config):
@@ -121,7 +122,10 @@ def time_phrase_check(model, tokenizer, config, device, table, lowercase):
     """The grammar check after time-phrase prompts, per tense: does the model keep the phrase's tense?"""
     per_tense = {}
     for tense, prompts in time_phrase_prompts(config).items():
-        texts = complete(model, tokenizer, [(p, 1) for p in prompts], config, device)
+        by_length = {}  # prompts of as many tokens make one batch
+        for prompt in prompts:
+            by_length.setdefault(len(tokenizer.encode(prompt)), []).append(prompt)
+        texts = complete(model, tokenizer, list(by_length.values()), config, device)
         parsed = [grammar.parse(t, table, lowercase) for t in texts]
         per_tense[tense] = sum(p is not None and p["agrees"] for p in parsed) / len(texts)
     return {
@@ -130,18 +134,17 @@ def time_phrase_check(model, tokenizer, config, device, table, lowercase):
     }
 
 
-def complete(model, tokenizer, prompts, config, device):
-    """[(prompt, count)] -> count sampled sentences per prompt, each the prompt and its continuation."""
+def complete(model, tokenizer, groups, config, device):
+    """Groups of prompts of as many tokens (each group one batch) -> one sampled sentence per prompt."""
     generator = torch.Generator(device=device).manual_seed(config["seed"])
     texts = []
-    for prompt, count in prompts:
-        ids = [tokenizer.eot] + tokenizer.encode(prompt)
-        idx = torch.tensor([ids] * count, device=device)
-        out = model.generate(idx, config["max_new_tokens"], temperature=config["temperature"],
-                             stop_token=tokenizer.eot, generator=generator)  # fmt: skip
-        for row in out[:, len(ids) :].tolist():
+    for group in groups:
+        rows = [[tokenizer.eot] + tokenizer.encode(p) for p in group]
+        sampling = {"temperature": config["temperature"], "stop_token": tokenizer.eot, "generator": generator}
+        out = model.generate(torch.tensor(rows, device=device), config["max_new_tokens"], **sampling)
+        for prompt_ids, row in zip(rows, out[:, len(rows[0]) :].tolist()):
             row = row[: row.index(tokenizer.eot)] if tokenizer.eot in row else row
-            texts.append(tokenizer.decode(ids[1:] + row).strip())
+            texts.append(tokenizer.decode(prompt_ids[1:] + row).strip())
     return texts
 
 

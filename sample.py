@@ -22,9 +22,8 @@ import sys
 
 import torch
 
-from tensegpt.chat import answer
 from tensegpt.common import main_guard, parse_config, pick_device
-from tensegpt.decoding import beam_search
+from tensegpt.decoding import answer, beam_search
 from tensegpt.sampling import (
     Printer,
     attention_weights,

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 
 from tensegpt import checkpoint, distributed, lora, run_setup
-from tensegpt.chat import ChatBatches
 from tensegpt.chunked_loss import use_chunked_loss
 from tensegpt.common import parse_config
 from tensegpt.data import open_splits
 from tensegpt.hardware import autocast_for, measure_peak_flops, pick_dtype
 from tensegpt.optim import configure_optimizers
+from tensegpt.packing import ChatBatches
 from tensegpt.runlog import RunLog, format_seconds
 from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 
@@ -152,9 +152,8 @@ def make_batches(split, config, device, seed, micro_batches=1, rank=0, world_siz
     """Batches of a split: random windows of text, or rows of whole conversations (--chat)."""
     B, T = config["batch_size"], config["block_size"]
     if config["chat"]:
-        return ChatBatches(
-            split, B, T, device, seed, micro_batches, rank, world_size, config["train_on_prompt"]
-        )
+        prompts_too = config["train_on_prompt"]
+        return ChatBatches(split, B, T, device, seed, micro_batches, rank, world_size, prompts_too)
     return Batches(split, B, T, device, seed, micro_batches, rank, world_size)
 
 
@@ -251,6 +250,8 @@ def main():
     # each process takes its share of a step's grad_accum micro-batches
     micro_batches = config["grad_accum"] // world_size
     batches = make_batches(splits["train"], config, device, config["seed"], micro_batches, rank, world_size)
+    if getattr(batches, "too_long", 0):  # chat: a conversation longer than a row is left out, and said
+        log.say(f"note: {batches.too_long:,} conversations are longer than block_size + 1 tokens: left out")
     iter_num, best_val_loss = 0, float("inf")
     if resume:
         distributed.restore(initial, gpt, optimizers, batches.generator, device_type, config["fsdp"])

@@ -8,8 +8,9 @@ hundreds of MB a step. train.py trains through ChunkedLoss where that pays
 import torch
 import torch.nn as nn
 
+from tensegpt.chat import IGNORE  # a target the loss leaves out
+
 CHUNKED_LOSS_MIN_VOCAB = 2048  # from this vocabulary size up, training uses LinearCrossEntropy
-IGNORE = -100  # a target the loss leaves out (F.cross_entropy's ignore_index)
 CHUNK_ELEMENTS = 3 << 20  # logits per chunk: 12 MB in float32, about what stays in a CPU's cache
 
 

@@ -1,5 +1,6 @@
 """
-Ways of decoding beneath sample.py's story, beside model.py's sampling step: beam search.
+Ways of decoding beneath sample.py's story, beside model.py's sampling step: beam search,
+and a chat model's answer (up to <|end|>).
 """
 
 import torch
@@ -46,3 +47,19 @@ def beam_search(model, idx, beams, max_new_tokens, stop_token=None, length_penal
 def normalised(candidate, length_penalty):
     _, new, logprob = candidate
     return logprob / (len(new) ** length_penalty)
+
+
+@torch.inference_mode()
+def answer(model, tokenizer, messages, max_new_tokens=60, stream=None, **sampling):
+    """The assistant's next turn after messages, up to <|end|> (greedy unless sampling says otherwise)."""
+    ids = tokenizer.prompt(messages)[-model.config.block_size :]
+    idx = torch.tensor([ids], device=model.wte.weight.device)
+    new = []
+    for step in model.generate_stream(idx, max_new_tokens, stop_token=tokenizer.end, **sampling):
+        token = int(step)
+        if token == tokenizer.end:
+            break
+        new.append(token)
+        if stream is not None:
+            stream(tokenizer.decode(new))
+    return tokenizer.decode(new)

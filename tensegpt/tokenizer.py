@@ -35,6 +35,7 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str  # "<|endoftext|>", the gpt2 regex
 
+from tensegpt.chat import CHAT_TOKENS, ChatTokenizer
 from tensegpt.common import UserError
 
 # The sha256 values of tiktoken_ext/openai_public.py's gpt2() (a test checks they agree).
@@ -383,8 +384,6 @@ def from_meta(meta):
     """Rebuilds the tokenizer that meta() described (from meta.json or a checkpoint), chat tokens included."""
     base = base_from_meta(meta)
     if meta.get("chat_tokens"):
-        from tensegpt.chat import CHAT_TOKENS, ChatTokenizer
-
         if meta["chat_tokens"] != CHAT_TOKENS:
             raise ValueError(f"unknown chat tokens {meta['chat_tokens']}")
         return ChatTokenizer(base)

@@ -12,9 +12,10 @@ from helpers import ROOT, fails, run_script, torchrun
 from model import GPT, GPTConfig
 from tensegpt import lora
 from tensegpt import tokenizer as tok
-from tensegpt.chat import CHAT_TOKENS, ChatBatches, ChatTokenizer, decode_conversations, read_conversations
+from tensegpt.chat import CHAT_TOKENS, ChatTokenizer, decode_conversations, read_conversations
 from tensegpt.chunked_loss import IGNORE, ChunkedLoss
 from tensegpt.common import UserError
+from tensegpt.packing import ChatBatches
 
 TINY = os.path.join(ROOT, "config", "tiny.py")
 
@@ -332,6 +333,7 @@ def test_impossible_lora_settings_are_refused(tiny_run, tmp_path, options, probl
     assert problem in message
 
 
+@pytest.mark.slow  # the quick run leaves it out; CI runs it
 def test_lora_fine_tuning_saves_a_checkpoint_that_every_script_loads(chat_run, tiny_run):
     base = tiny_run / "out" / "trained.pth"
     out = run_script(
@@ -369,6 +371,7 @@ def test_lora_fine_tuning_saves_a_checkpoint_that_every_script_loads(chat_run, t
     assert "resuming out-lora/last.pth at iteration 4" in resumed.stdout
 
 
+@pytest.mark.slow  # the quick run leaves it out; CI runs it
 def test_lora_under_ddp_trains_like_one_process(chat_run, tiny_run):
     args = [
         TINY,
@@ -393,6 +396,7 @@ def test_lora_under_ddp_trains_like_one_process(chat_run, tiny_run):
 # ----------------------------------------------------------------------------- GPT-2 from the hub
 
 
+@pytest.mark.slow  # the quick run leaves it out; CI runs it
 def test_gpt2_by_name_comes_from_the_hub_cache_when_offline(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("huggingface_hub")

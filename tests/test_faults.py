@@ -341,7 +341,9 @@ def test_a_torn_or_foreign_data_file_is_one_line_for_every_script(run_copy, spli
     path = run_copy / "data" / f"{split}.bin"
     good = path.read_bytes()
     meta = json.loads((run_copy / "data" / "meta.json").read_text())
-    for change in (int(rng.integers(1, 9)), -int(rng.integers(1, 9))):  # bytes appended (odd or even), or cut
+    changes = [int(rng.integers(1, 9)), -int(rng.integers(1, 9))]  # bytes appended (odd or even), or cut
+    rng.shuffle(changes)
+    for change, script in zip(changes, ("train.py", "eval.py")):  # each script meets one of them
         path.write_bytes(good + rng.bytes(change) if change > 0 else good[:change])
         size = len(good) + change
         expected = (
@@ -350,8 +352,10 @@ def test_a_torn_or_foreign_data_file_is_one_line_for_every_script(run_copy, spli
             f"uint16 tokens ({len(good):,} bytes): the file is torn or from another folder; "
             f"run python prepare.py again"
         )
-        assert fails("train.py", TINY, "--out_dir=new", cwd=run_copy) == expected
-        assert fails("eval.py", "--ckpt=out/trained.pth", "--data_dir=data", cwd=run_copy) == expected
+        args = (
+            [TINY, "--out_dir=new"] if script == "train.py" else ["--ckpt=out/trained.pth", "--data_dir=data"]
+        )
+        assert fails(script, *args, cwd=run_copy) == expected
     path.unlink()
     assert fails("train.py", TINY, "--out_dir=new", cwd=run_copy) == (
         f"error: data/{split}.bin is missing (data/meta.json says it holds {meta[f'{split}_tokens']:,} "

@@ -288,3 +288,33 @@ def tiny_run_data(tmp_path):
     (tmp_path / "c.txt").write_text("\n".join(tense_lines(200)) + "\n")
     run_script("prepare.py", "--input=c.txt", "--out_dir=compact", cwd=tmp_path)
     return tmp_path / "compact"
+
+
+@pytest.mark.slow  # the quick run leaves it out; CI runs it
+def test_a_lora_fine_tune_exports_with_its_adapters_merged(gpt2_shaped_run, tmp_path):
+    base = gpt2_shaped_run / "out" / "trained.pth"
+    out = run_script(
+        "train.py",
+        os.path.join(ROOT, "config", "tiny.py"),
+        f"--data_dir={gpt2_shaped_run / 'data'}",
+        f"--init_from={base}",
+        "--lora_rank=4",
+        "--bias=True",
+        "--out_dir=lora",
+        "--max_iters=4",
+        "--eval_interval=4",
+        "--learning_rate=0.05",  # large: the adapters must move the logits visibly
+        cwd=tmp_path,
+    )
+    assert "LoRA rank 4" in out.stdout
+    run_script("export.py", "--ckpt=lora/trained.pth", "--out=hf", cwd=tmp_path)
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    from tensegpt.checkpoint import load_model
+
+    merged = load_model(str(tmp_path / "lora" / "trained.pth"))[0]
+    before = load_model(str(base))[0]
+    idx = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours = merged(idx, idx)[0][..., :50257]
+        assert torch.allclose(hf_model(idx).logits, ours, atol=1e-5, rtol=0)
+        assert not torch.allclose(before(idx, idx)[0][..., :50257], ours, atol=1e-3)  # the adapters are in it

@@ -2,8 +2,8 @@
 The README's and the docs' commands, run as written, so they cannot drift from the code:
 every `python ...` line of their code blocks runs in a scratch folder (with a short tense.txt
 and the placeholder files it names) and must exit 0. Training commands get a few
-iterations appended (`--max_iters` and friends, last one wins); everything else is
-exactly the README's text.
+iterations appended (`--max_iters` and friends, last one wins), eval.py fewer samples;
+everything else is exactly the text.
 """
 
 import os
@@ -24,6 +24,7 @@ ELSEWHERE = {
     "tests": "the test suite itself",
     "finetune_gpt2.py": "downloads GPT-2 124M; tests/test_chat.py runs --init_from=gpt2 on a cached tiny one",
 }
+EVAL_SHORT = ["--num_samples=40", "--probe_per_tense=2", "--chat_samples=8"]
 SHORT = ["--max_iters=4", "--eval_interval=2", "--eval_iters=1", "--log_interval=2"]
 
 
@@ -93,6 +94,8 @@ def test_every_readme_command_runs_as_written(tmp_path):
             else:
                 trained_to[out_dir] = 4
                 args = args + SHORT + ([] if "--overwrite" in command else ["--overwrite=True"])
+        if script == "eval.py":  # the options as written, then fewer samples (last one wins)
+            args = args + EVAL_SHORT
         stdin = "The baby is\n/greedy\nShe has\n/quit\n" if "--interactive" in command else ""
         result = subprocess.run(
             [sys.executable, os.path.join(ROOT, script), *args[1:]],
