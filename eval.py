@@ -104,10 +104,10 @@ def sample_sentences(model, tokenizer, config, device):
 def time_phrase_prompts(config):
     """
     {tense: prompts that open with a time phrase of that tense only ("Yesterday, the baby")}:
-    a model must then carry on in that tense. num_samples / 4 of them, spread over the tenses.
+    a model must then carry on in that tense. num_samples / 8 of them, spread over the tenses.
     """
     rng = random.Random(config["seed"])
-    per_tense = max(1, config["num_samples"] // 4 // len(TENSES))
+    per_tense = max(1, config["num_samples"] // 8 // len(TENSES))
     prompts = {}
     for tense in TENSES:
         prompts[tense] = []
