@@ -277,18 +277,16 @@ def instruction_accuracy(model, tokenizer, conversations):
     }
 
 
-def chat_report(model, tokenizer, checkpoint, data_dir, meta, config, device):
+def chat_report(model, tokenizer, checkpoint, data_dir, val, meta, config, device):
     """A chat model's exact match, beside the same for the model it was fine-tuned from (template alone)."""
-    val = load_split(data_dir, "val", checkpoint["tokenizer_meta"])[0]
     conversations = decode_conversations(tokenizer, val)
     conversations = random.Random(config["seed"]).sample(
         conversations, min(config["chat_samples"], len(conversations))
     )
     report = {"chat": instruction_accuracy(model, tokenizer, conversations)}
     base = checkpoint.get("base") or ""
-    if base.endswith(".pth") and os.path.isfile(
-        base
-    ):  # the base, given rows for the chat tokens as fine-tuning did
+    if base.endswith(".pth") and os.path.isfile(base):
+        # the base, with rows for the chat tokens made as fine-tuning made them
         settings = {"data_dir": data_dir, "block_size": model.config.block_size, "dropout": 0.0}
         gpt_config, state, _ = fine_tuning_start(
             base, settings, meta, checkpoint["tokenizer_meta"], lambda *_: None
@@ -309,7 +307,7 @@ def main():
     torch.manual_seed(config["seed"])
     report, notes = {"ckpt": config["ckpt"], "data_dir": data_dir, "tokenizer": tokenizer.name}, []
     if meta.get("chat"):  # a chat model: does it answer right? (its text's bits per byte mean little)
-        report.update(chat_report(model, tokenizer, checkpoint, data_dir, meta, config, device))
+        report.update(chat_report(model, tokenizer, checkpoint, data_dir, val, meta, config, device))
     else:
         report.update(held_out_loss(model, val, meta, tokenizer, config["batch_size"]))
         tense_report(report, model, tokenizer, checkpoint, data_dir, val, config, device, notes)

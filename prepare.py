@@ -251,17 +251,7 @@ def main():
     check_writable_folder(out_dir, "out_dir")
 
     # Pass 1: check the text decodes, count its examples, hash it; char and word build their vocabulary.
-    sha, n_examples, counts, lines, open_lines, has_text = (
-        hashlib.sha256(),
-        0,
-        collections.Counter(),
-        0,
-        0,
-        False,
-    )
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            sha.update(block)
+    n_examples, counts, lines, open_lines, has_text = 0, collections.Counter(), 0, 0, False
     for _, examples in read_examples(path, config["errors"], example):
         n_examples += len(examples)
         has_text = has_text or any(not e.isspace() for e in examples if e)
@@ -354,7 +344,7 @@ def main():
         "example": example,
         "split": "last" if config["split"] == "last" or example == "file" else "random",
         "source": os.path.abspath(path),
-        "source_sha256": sha.hexdigest(),
+        "source_sha256": sha256_of(path),
         "val_fraction": config["val_fraction"],
         "seed": config["seed"],
         **({"vocab_from": config["vocab_from"]} if config["vocab_from"] else {}),
@@ -371,6 +361,16 @@ def main():
         f"tokenizer {meta['tokenizer']}, vocab {tokenizer.vocab_size:,}; wrote {out_dir}/train.bin, val.bin, "
         "meta.json"
     )
+
+
+def sha256_of(*paths):
+    """One sha256 over the files named (empty names skipped), read 16 MB at a time."""
+    sha = hashlib.sha256()
+    for path in filter(None, paths):
+        with open(path, "rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 24), b""):
+                sha.update(block)
+    return sha.hexdigest()
 
 
 def vocabulary_of(path):
@@ -443,14 +443,9 @@ def prepare_chat(config):
         meta.update(
             {f"{split}_tokens": len(ids), f"{split}_conversations": len(convs), f"{split}_bytes": text_bytes}
         )
-    sha = hashlib.sha256()
-    for source in (path, config["val_input"]):
-        if source:
-            with open(source, "rb") as f:
-                sha.update(f.read())
     meta.update({
         "example": "conversation", "split": "file" if config["val_input"] else "random",
-        "source": os.path.abspath(path), "source_sha256": sha.hexdigest(),
+        "source": os.path.abspath(path), "source_sha256": sha256_of(path, config["val_input"]),
         "val_fraction": config["val_fraction"], "seed": config["seed"],
         **({"vocab_from": config["vocab_from"]} if config["vocab_from"] else {}),
     })  # fmt: skip

@@ -119,9 +119,9 @@ def gradient_sync(model, sync):
     A context for one micro-step's backward: DDP and FSDP average the gradients across the
     processes only when sync (the last micro-step of an optimizer step); one process: nothing.
     """
-    fsdp_root = next((m for m in model.modules() if hasattr(m, "set_requires_gradient_sync")), None)
-    if fsdp_root is not None:
-        fsdp_root.set_requires_gradient_sync(sync)
+    gpt = getattr(model, "gpt", model)  # under ChunkedLoss, the GPT is FSDP's root
+    if hasattr(gpt, "set_requires_gradient_sync"):  # FSDP
+        gpt.set_requires_gradient_sync(sync)
     return model.no_sync() if hasattr(model, "no_sync") and not sync else nullcontext()
 
 

@@ -170,11 +170,17 @@ def check_layout(config, world_size, dtype):
         )
 
 
+def padded_rows(vocab_size):
+    """
+    The embedding's and output layer's rows for vocab_size ids: a multiple of 64, for faster
+    matmuls. The padding rows are never a target and decode to nothing.
+    """
+    return -(-vocab_size // 64) * 64
+
+
 def gpt_config_for(config, vocab_size):
     """The GPTConfig of a train.py config's model keys, for a vocabulary of vocab_size ids."""
-    # the embedding and output layer get a multiple of 64 rows: faster matmuls; the
-    # padding rows are never a target and decode to nothing
-    return GPTConfig(vocab_size=-(-vocab_size // 64) * 64, **{k: config[k] for k in MODEL_KEYS})
+    return GPTConfig(vocab_size=padded_rows(vocab_size), **{k: config[k] for k in MODEL_KEYS})
 
 
 def check_data_kind(config, meta):
@@ -234,7 +240,7 @@ def fine_tuning_start(path, config, meta, tokenizer_meta, say):
         raise UserError(
             f"{path} learned {saved.block_size} positions: use --block_size={saved.block_size} or less"
         )
-    rows = max(saved.vocab_size, -(-meta["vocab_size"] // 64) * 64)
+    rows = max(saved.vocab_size, padded_rows(meta["vocab_size"]))
     gpt_config = GPTConfig(
         **{**vars(saved), "vocab_size": rows, "block_size": block_size, "dropout": config["dropout"]}
     )
