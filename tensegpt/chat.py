@@ -87,7 +87,7 @@ def read_conversations(path):
     """[messages] of a JSONL file, each checked; a UserError names the line and what is wrong."""
     conversations = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark marks the encoding; it is not text
             lines = list(f)
     except UnicodeDecodeError as e:
         raise UserError(

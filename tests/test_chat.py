@@ -88,6 +88,12 @@ def test_a_bad_jsonl_line_is_one_line_that_names_it(tmp_path, line, problem):
     assert not (tmp_path / "data").exists() or not os.listdir(tmp_path / "data")
 
 
+def test_a_byte_order_mark_before_the_first_conversation_is_not_text(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"messages": talk("Hi", "Hello.")}).encode() + b"\n")
+    assert read_conversations(str(path)) == [talk("Hi", "Hello.")]
+
+
 def test_random_json_through_the_reader_is_read_or_refused_in_one_line(tmp_path):
     hypothesis = pytest.importorskip("hypothesis")
     from hypothesis import strategies as st
