@@ -157,11 +157,15 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.heads(x, cache, pos)
         # the same as attention(q, k, v)[0] in one fused kernel that never holds the (T, S)
-        # weights. is_causal masks j > i; one new query (T == 1) may see every cached key.
-        # (Generation only fills the cache from pos == 0, so T > 1 means T == S.)
+        # weights. is_causal masks j > i: right when the T queries are all S positions. One
+        # new query (T == 1) may see every cached key; T < S new queries after a cache (a
+        # draft checked by speculative decoding) each see the keys up to their own position.
+        S = k.size(2)
+        visible = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1
-        )
+            q, k, v, attn_mask=visible, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=T > 1 and visible is None,
+        )  # fmt: skip
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -9,6 +9,8 @@ Generates text from a trained model.
     python sample.py --score="The baby will sleep."                    # log-probability of a given text
     python sample.py --start="The baby is" --attention=attn.png        # attention heatmaps
     python sample.py --interactive                                     # a prompt loop
+    python sample.py --start="The baby is" --precision=int8            # int8 weights: faster tokens
+    python sample.py --start="The baby is" --draft=out-tiny/trained.pth  # speculative decoding
 
 The prompt is encoded with the tokenizer recorded in the checkpoint. Each sample stops
 at the end-of-text token (the end of a sentence, for tense.txt) or after max_new_tokens.
@@ -23,16 +25,19 @@ import sys
 import torch
 
 from tensegpt.common import main_guard, parse_config, pick_device
-from tensegpt.decoding import answer, beam_search
+from tensegpt.decode_weights import for_decoding
+from tensegpt.decoding import answer, beam_search, speculative_stream
 from tensegpt.sampling import (
     Printer,
     attention_weights,
     check_chat_model,
     check_options,
     fit_history,
+    load_draft,
     load_sampling_model,
     plot_attention,
     read_prompt,
+    report_drafts,
     run_command,
     token_label,
 )
@@ -58,6 +63,10 @@ DEFAULTS = {
     "attention": "",  # a PNG path: heatmaps of every layer's and head's attention (needs matplotlib)
     "interactive": False,  # a prompt loop on standard input; /help lists its commands
     "chat": False,  # talk to a chat model; with --start, answer that one message and exit
+    "precision": "float32",  # the weights generation reads: 'float32', 'bfloat16' or 'int8' (weight-only)
+    "draft": "",  # a smaller checkpoint on the same tokens proposes them, the model checks (speculative)
+    "draft_tokens": 4,  # how many tokens the draft proposes per check
+    "draft_precision": "int8",  # the draft's weights: only the speed changes, never the text
 }
 
 
@@ -67,9 +76,10 @@ DEFAULTS = {
 class Sampler:
     """A model, its tokenizer and the settings: turns prompts into text."""
 
-    def __init__(self, model, tokenizer, config, device):
+    def __init__(self, model, tokenizer, config, device, draft=None):
         self.model, self.tokenizer, self.config, self.device = model, tokenizer, config, device
         self.generator = torch.Generator(device=device).manual_seed(config["seed"])
+        self.draft, self.draft_stats = draft, {}
 
     def prompt_ids(self, prompt):
         unknown = self.tokenizer.unknown(prompt)
@@ -108,9 +118,15 @@ class Sampler:
     def sample(self, prompt_ids, temperature=None, stream=False):
         """One continuation of prompt_ids, printed piece by piece if stream; returns its text."""
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        steps = self.model.generate_stream(
-            idx, self.config["max_new_tokens"], stop_token=self.tokenizer.eot, **self.settings(temperature)
-        )
+        settings = {**self.settings(temperature), "stop_token": self.tokenizer.eot}
+        if self.draft is None:
+            steps = self.model.generate_stream(idx, self.config["max_new_tokens"], **settings)
+        else:  # the same text, more tokens per pass of the model: see tensegpt/decoding.py
+            del settings["repetition_penalty"]  # (1.0: check_options allows no other with a draft)
+            steps = speculative_stream(
+                self.model, self.draft, idx, self.config["max_new_tokens"], self.config["draft_tokens"],
+                stats=self.draft_stats, **settings,
+            )  # fmt: skip
         new, printer = [], Printer()
         for step in steps:
             new.append(step.item())
@@ -273,7 +289,9 @@ def main():
     prompt = read_prompt(config["start"])
     device = pick_device(config["device"])
     model, tokenizer = load_sampling_model(config, device)
-    sampler = Sampler(model, tokenizer, config, device)
+    model = for_decoding(model, config["precision"])  # each weight read once per token, as fast as it reads
+    draft = load_draft(config, tokenizer, device)
+    sampler = Sampler(model, tokenizer, config, device, draft)
     stream = sys.stdout.isatty() if config["stream"] is None else bool(config["stream"])
 
     if config["interactive"]:
@@ -290,6 +308,7 @@ def main():
         texts = continuations(sampler, sampler.prompt_ids(prompt), stream)
         if config["attention"]:
             draw_attention(sampler, texts[0], config["attention"])
+    report_drafts(sampler.draft_stats)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ picture drawn, and the /commands of the interactive loop.
 
 import glob
 import os
+import sys
 
 import torch
 
 from model import attention
 from tensegpt.checkpoint import load_model
 from tensegpt.common import UserError, check_output_file, check_seed, pyplot, save_figure
+from tensegpt.decode_weights import PRECISIONS, for_decoding
 
 HELP = """commands: /temperature X  /top_k N (0 = off)  /top_p X  /greedy (on/off)  /max_new_tokens N
           /num_samples N  /repetition_penalty X  /seed N  /settings  /help  /quit (or Ctrl-D)"""
@@ -70,6 +72,20 @@ def check_options(config):
     ]
     if len(modes) > 1:
         raise UserError(f"{' and '.join(modes)} are different modes: use one at a time")
+    for key in ("precision", "draft_precision"):
+        if config[key] not in PRECISIONS:
+            raise UserError(f"--{key} must be one of {', '.join(PRECISIONS)} (got {config[key]!r})")
+    if config["draft"]:
+        if not isinstance(config["draft_tokens"], int) or config["draft_tokens"] < 1:
+            raise UserError(f"--draft_tokens must be a whole number >= 1 (got {config['draft_tokens']!r})")
+        other = [m for m in ("--chat", "--score", "--beam") if m in modes]
+        if other:
+            raise UserError(f"--draft speeds up sampling; it does not combine with {other[0]}")
+        if config["repetition_penalty"] != 1.0:
+            raise UserError(
+                "--draft keeps the model's own distribution, which --repetition_penalty changes: "
+                "use one of them"
+            )
     if config["attention"]:
         if modes:
             raise UserError(
@@ -106,6 +122,32 @@ def load_sampling_model(config, device):
     from tensegpt.tokenizer import GPT2
 
     return load_hf(config["init_from"][3:]).to(device).eval(), GPT2()
+
+
+def load_draft(config, tokenizer, device):
+    """--draft: the draft model of speculative decoding (None without it), on the model's own tokens."""
+    if not config["draft"]:
+        return None
+    if not os.path.isfile(config["draft"]):
+        raise UserError(f"no draft checkpoint at {config['draft']} (from --draft)")
+    draft, draft_tokenizer = load_model(config["draft"], device)[:2]
+    if draft_tokenizer.meta() != tokenizer.meta():
+        raise UserError(
+            f"the draft {config['draft']} was trained on other tokens than the model: speculative decoding "
+            "compares token ids, so train the draft on the same data folder"
+        )
+    return for_decoding(draft, config["draft_precision"])
+
+
+def report_drafts(stats):
+    """After speculative decoding, on stderr: how many drafted tokens were kept."""
+    if stats.get("proposed"):
+        print(
+            f"speculative decoding: the model kept {stats['accepted']} of the draft's {stats['proposed']} "
+            f"tokens ({100 * stats['accepted'] / stats['proposed']:.0f}%), "
+            f"{(stats['accepted'] + stats['passes']) / stats['passes']:.2f} tokens per pass of the model",
+            file=sys.stderr,
+        )
 
 
 def read_prompt(start):
