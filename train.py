@@ -261,10 +261,9 @@ def main():
             if note:
                 log.say(note)
     del initial  # the whole weights: under FSDP each rank now keeps only its shard
-    # what the step calls: the GPT or, with a big vocabulary, the loss in chunks; under DDP, wrapped
-    model = distributed.wrap(
-        gpt, config, device, world_size, local_rank, use_chunked_loss(gpt_config.vocab_size)
-    )
+    # what the step calls: the GPT or, where its logits would be big, the loss in chunks; under DDP, wrapped
+    chunked = use_chunked_loss(gpt_config.vocab_size, config["batch_size"] * config["block_size"])
+    model = distributed.wrap(gpt, config, device, world_size, local_rank, chunked)
 
     autocast, scaler = autocast_for(device, dtype)
     peak = config["peak_flops"] or measure_peak_flops(device, getattr(torch, dtype))

@@ -1,7 +1,7 @@
 """
 The output layer and the loss in chunks of rows, for training with a large vocabulary:
-model.py's forward makes the whole (B, T, V) logits, which at GPT-2's 50,304 tokens are
-hundreds of MB a step. train.py trains through ChunkedLoss where that pays
+model.py's forward makes the whole (B, T, V) logits, which at GPT-2's 50,304 tokens can
+be hundreds of MB a step. train.py trains through ChunkedLoss where that pays
 (use_chunked_loss); evaluation and generation use the model's own forward.
 """
 
@@ -10,16 +10,20 @@ import torch.nn as nn
 
 from tensegpt.chat import IGNORE  # a target the loss leaves out
 
-CHUNKED_LOSS_MIN_VOCAB = 2048  # from this vocabulary size up, training uses LinearCrossEntropy
 CHUNK_ELEMENTS = 3 << 20  # logits per chunk: 12 MB in float32, about what stays in a CPU's cache
+PLAIN_LOGITS_MAX_BYTES = 256 << 20  # up to this size of (rows, V) float32 logits, the plain loss
 
 
-def use_chunked_loss(vocab_size):
+def use_chunked_loss(vocab_size, rows):
     """
-    Whether training computes the loss in chunks. Measured on a 2-core CPU: 1.5x faster at
-    50,304 rows, 1.3x at 2,048, but 0.7x at 1,152, where one plain matmul is cheaper than the loop.
+    Whether training computes the loss in chunks, for `rows` targets a micro-step: only
+    where the (rows, V) logits would pass PLAIN_LOGITS_MAX_BYTES. There, holding them,
+    their softmax and their gradient is what costs (config/small.py with GPT-2's vocabulary:
+    824 MB of logits, 1.4x faster in chunks); below it the plain loss is never slower
+    than itself, while the chunks' many small matmuls were up to 1.3x slower on one CPU
+    (nanoGPT's shape, 155 MB). docs/performance.md has the measurements.
     """
-    return vocab_size >= CHUNKED_LOSS_MIN_VOCAB
+    return rows * vocab_size * 4 > PLAIN_LOGITS_MAX_BYTES
 
 
 class ChunkedLoss(nn.Module):

@@ -139,7 +139,10 @@ def test_chunked_loss_matches_plain_loss_and_gradients(n_rows, chunk_rows):
 def test_model_with_a_big_vocabulary_trains_on_the_chunked_path_with_the_same_loss_and_gradients(dtype):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=4096, block_size=16, n_layer=1, n_head=2, n_embd=32))
-    assert use_chunked_loss(4096) and not use_chunked_loss(1152)  # train.py's choice for these vocabularies
+    # train.py's choice: chunks only where the logits would pass 256 MB (config/small.py with GPT-2's
+    # vocabulary), the plain loss at nanoGPT's shape and with a compact vocabulary
+    assert use_chunked_loss(50304, 32 * 128) and not use_chunked_loss(50304, 12 * 64)
+    assert not use_chunked_loss(1152, 32 * 128)
     x, y = torch.randint(0, 4096, (4, 16)), torch.randint(0, 4096, (4, 16))
     results = []
     for chunked in (True, False):
