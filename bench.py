@@ -29,6 +29,7 @@ Measures where the time goes, on this machine, in one run (ratios are what to co
 It is a benchmark, not a test: nothing here asserts a speed.
 """
 
+import copy
 import json
 import os
 import statistics
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -45,6 +47,8 @@ from tensegpt import tokenizer as tok
 from tensegpt.checkpoint import load_model
 from tensegpt.chunked_loss import ChunkedLoss, use_chunked_loss
 from tensegpt.common import UserError, atomic_write, main_guard, parse_config, pick_device, script_defaults
+from tensegpt.decode_weights import PRECISIONS, for_decoding, weight_bytes_per_token
+from tensegpt.decoding import speculative_stream
 from tensegpt.hardware import autocast_for, estimate_mfu, measure_peak_flops, pick_dtype
 from tensegpt.loss_eval import held_out_loss
 from tensegpt.optim import configure_optimizers
@@ -65,6 +69,10 @@ DEFAULTS = {
     "quality_steps": 200,  # training steps of each held-out quality run; 0 skips them
     "switch_steps": 0,  # training steps of each modern-block switch run; 0 skips them
     "eval_samples": 500,  # eval.py --num_samples for each switch run on tense.txt
+    "shapes": True,  # a full-vocabulary training step at nanoGPT's and the config's shape, three ways
+    "decode_tokens": 100,  # GPT-2 124M generation against transformers, in each precision; 0 skips
+    "ckpt": "",  # a trained model, and with --draft a smaller one on the same tokens: speculative decoding
+    "draft": "",  # the draft checkpoint for --ckpt
     "json": False,  # print the report as JSON
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -103,17 +111,22 @@ def peak_memory_mb():
         return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 1024
 
 
-def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed, peak, chunked_loss=None):
-    """ms per training step (forward, backward, clipping, AdamW) of the config's model (median)."""
+def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed, peak, kind="train.py"):
+    """
+    ms per training step (forward, backward, clipping, AdamW) of the config's model (median).
+    kind: 'train.py' (the loss train.py chooses for the shape), 'chunked' or 'plain' loss,
+    or 'transformers' (GPT2LMHeadModel of the same dims: a plain reference).
+    """
     torch.manual_seed(0)
     gpt_config = gpt_config_for(train_config, vocab_size)
-    gpt = GPT(gpt_config).to(device)
-    chunked = use_chunked_loss(gpt_config.vocab_size) if chunked_loss is None else chunked_loss
+    B, T, accum = train_config["batch_size"], train_config["block_size"], train_config["grad_accum"]
+    gpt = ReferenceGPT(gpt_config) if kind == "transformers" else GPT(gpt_config)
+    gpt = gpt.to(device)
+    chunked = use_chunked_loss(gpt_config.vocab_size, B * T) if kind == "train.py" else kind == "chunked"
     model = ChunkedLoss(gpt) if chunked else gpt  # what train.py trains through
     measure_memory = device == "cpu" and reset_peak_memory()
     optimizers = configure_optimizers(gpt, 1e-3, 0.1, (0.9, 0.99))
     autocast, scaler = autocast_for(device, dtype)
-    B, T, accum = train_config["batch_size"], train_config["block_size"], train_config["grad_accum"]
     generator = torch.Generator().manual_seed(0)
     times = []
     for step in range(warmup + timed):
@@ -139,13 +152,55 @@ def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed,
     tokens_per_sec = B * T * accum / seconds
     return {
         "vocab_size": gpt_config.vocab_size,
-        "params_M": gpt.num_params() / 1e6,
+        "params_M": sum(p.numel() for p in gpt.parameters()) / 1e6,
         "ms_per_iter": 1000 * seconds,
         "tokens_per_sec": tokens_per_sec,
-        "mfu": estimate_mfu(gpt, tokens_per_sec, peak),
+        "mfu": estimate_mfu(gpt, tokens_per_sec, peak) if kind != "transformers" else None,
         "chunked_loss": chunked,
         "peak_memory_mb": peak_memory_mb() if measure_memory else None,
     }
+
+
+class ReferenceGPT(torch.nn.Module):
+    """transformers' GPT2LMHeadModel, of a GPTConfig's dims: (idx, targets) -> (logits, loss)."""
+
+    def __init__(self, config):
+        import transformers
+
+        super().__init__()
+        self.hf = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                vocab_size=config.vocab_size,
+                n_positions=config.block_size,
+                n_embd=config.n_embd,
+                n_layer=config.n_layer,
+                n_head=config.n_head,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            )  # fmt: skip
+        )
+
+    def forward(self, idx, targets):
+        logits = self.hf(idx).logits  # (B, T, V)
+        return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def bench_training_shapes(data, vocab_size, small_config, device, dtype, warmup, timed, peak):
+    """ms per training step with GPT-2's full vocabulary at nanoGPT's CPU shape and at config/small.py's."""
+    nanogpt = {**small_config, "n_layer": 4, "n_head": 4, "n_embd": 128, "batch_size": 12, "block_size": 64}
+    nanogpt.update(grad_accum=1, dropout=0.0, bias=False)
+    result = {}
+    for shape, config in (("nanogpt", nanogpt), ("small", small_config)):
+        step = {kind: bench_training(config, data, vocab_size, device, dtype, warmup, timed, peak, kind)
+                for kind in ("chunked", "plain", "transformers")}  # fmt: skip
+        step["train_py_uses"] = (
+            "chunked"
+            if use_chunked_loss(vocab_size, config["batch_size"] * config["block_size"])
+            else "plain"
+        )
+        result[shape] = step
+    return result
 
 
 @torch.no_grad()
@@ -200,6 +255,152 @@ def bench_sampling(train_config, vocab_sizes, block_size, new_tokens, device):
             runs.append((out.size(1) - 1) / (time.perf_counter() - start))
         rates[name] = statistics.median(runs)
     return rates
+
+
+# ----------------------------------------------------------------------------- decoding at the bound
+
+
+def memory_bandwidth(device, megabytes=1024):
+    """GB/s of a plain read of memory: the fastest of five torch.sum over a tensor larger than any cache."""
+    big = torch.ones(megabytes << 18, device=device)  # megabytes MB of float32
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        big.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return big.numel() * 4 / best / 1e9
+
+
+def tokens_per_sec(generate, new_tokens, device):
+    """Median tokens/s of three runs of generate(new_tokens), after a short warm-up."""
+    generate(4)
+    rates = []
+    for _ in range(3):
+        sync(device)
+        start = time.perf_counter()
+        made = generate(new_tokens)
+        sync(device)
+        rates.append(made / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def self_draft(model, n_layer):
+    """A draft with the model's first n_layer blocks, its embeddings and final norm (self-speculation)."""
+    draft = copy.deepcopy(model)
+    draft.blocks = draft.blocks[:n_layer]
+    draft.config = replace(draft.config, n_layer=n_layer)
+    return draft
+
+
+@torch.no_grad()
+def bench_decoding(new_tokens, val_tokens, device, hf_config=None):
+    """
+    GPT-2 124M built locally (transformers' GPT2Config(), random weights, saved and read back
+    as --init_from=hf: does), batch 1, temperature 0.8, top-k 200, KV cache on both sides:
+    transformers' generate against generate_stream with the weights in each precision, the
+    bytes each token reads against the measured bandwidth, and held-out bits per byte.
+    """
+    import transformers
+
+    from tensegpt.hf import load_hf
+
+    transformers.utils.logging.disable_progress_bar()  # save_pretrained's bar
+
+    bandwidth = memory_bandwidth(device)
+    torch.manual_seed(0)
+    hf_config = hf_config or transformers.GPT2Config()  # GPT-2 124M
+    reference = transformers.GPT2LMHeadModel(hf_config).eval().to(device)
+    eot = hf_config.vocab_size - 1  # GPT-2's <|endoftext|>, 50256
+    prompt = torch.full((1, 1), eot, device=device)
+    sampling = dict(do_sample=True, temperature=0.8, top_k=200, pad_token_id=eot)
+
+    def hf_generate(n):
+        return reference.generate(prompt, max_new_tokens=n, min_new_tokens=n, **sampling).size(1) - 1
+
+    result = {"bandwidth_gb_per_s": bandwidth, "new_tokens": new_tokens}
+    result["transformers_float32"] = tokens_per_sec(hf_generate, new_tokens, device)
+    reference.to(torch.bfloat16)
+    result["transformers_bfloat16"] = tokens_per_sec(hf_generate, new_tokens, device)
+    reference.to(torch.float32)
+    with tempfile.TemporaryDirectory() as folder:
+        reference.save_pretrained(folder)
+        base = load_hf(folder).to(device).eval()
+    greedy = base.generate(prompt, 40, greedy=True)
+    val = torch.from_numpy(val_tokens.astype(np.int64))[None, : base.config.block_size + 1].to(device)
+
+    def nats(model):  # held-out loss per token; its ratio is the ratio of bits per byte
+        logits = model(val[:, :-1], val[:, 1:])[0].float()
+        return torch.nn.functional.cross_entropy(logits[0], val[0, 1:]).item()
+
+    base_nats = nats(base)
+    for precision in PRECISIONS:
+        model = for_decoding(copy.deepcopy(base), precision)
+        generator = torch.Generator(device=device).manual_seed(0)
+
+        def generate(n, model=model, generator=generator):
+            return sum(
+                1 for _ in model.generate_stream(prompt, n, temperature=0.8, top_k=200, generator=generator)
+            )
+
+        rate = tokens_per_sec(generate, new_tokens, device)
+        read = weight_bytes_per_token(model, context=new_tokens // 2)  # the cache halfway through
+        result[precision] = {
+            "tokens_per_sec": rate,
+            "vs_transformers": rate / result["transformers_float32"],
+            "mb_per_token": read / 1e6,
+            "bound_tokens_per_sec": bandwidth * 1e9 / read,
+            "share_of_bound": rate * read / (bandwidth * 1e9),
+            "bits_per_byte_vs_float32": nats(model) / base_nats - 1,
+            "greedy_text_unchanged": torch.equal(model.generate(prompt, 40, greedy=True), greedy),
+        }
+        if precision != "bfloat16":  # speculative decoding: the model's own first 2 layers in int8 draft
+            draft = for_decoding(self_draft(base, 2), "int8")
+            result[precision]["speculative_self_draft"] = [
+                bench_speculative(model, draft, prompt, new_tokens, k) for k in (4, 6)
+            ]
+    return result
+
+
+def bench_speculative(model, draft, prompt, new_tokens, draft_tokens=4):
+    """Greedy tokens/s alone and with the draft proposing draft_tokens at a time, and the share kept."""
+    device = prompt.device.type
+    stats = {}
+
+    def alone(n):
+        return sum(1 for _ in model.generate_stream(prompt, n, greedy=True))
+
+    def drafted(n):
+        return sum(
+            1 for _ in speculative_stream(model, draft, prompt, n, draft_tokens, greedy=True, stats=stats)
+        )
+
+    plain, fast = tokens_per_sec(alone, new_tokens, device), tokens_per_sec(drafted, new_tokens, device)
+    return {
+        "alone_tokens_per_sec": plain,
+        "with_draft_tokens_per_sec": fast,
+        "speedup": fast / plain,
+        "accepted": stats["accepted"] / stats["proposed"],
+        "draft_tokens": draft_tokens,
+    }
+
+
+def bench_checkpoint_pair(ckpt, draft_ckpt, new_tokens, device):
+    """A trained model and a smaller draft on the same tokens: speculative decoding, and its precisions."""
+    model, tokenizer, checkpoint = load_model(ckpt, device)
+    draft = for_decoding(load_model(draft_ckpt, device)[0], "int8")  # as sample.py --draft loads it
+    prompt = torch.tensor([[tokenizer.eot]], device=device)
+    fast = for_decoding(copy.deepcopy(model), "float32")
+    result = {"speculative": [bench_speculative(fast, draft, prompt, new_tokens, k) for k in (4, 6)]}
+    data_dir = checkpoint.get("train_config", {}).get("data_dir")
+    if data_dir and os.path.isdir(data_dir):  # held-out bits per byte in each precision
+        meta = tok.read_meta(data_dir)
+        val = np.fromfile(os.path.join(data_dir, "val.bin"), dtype=np.uint16)
+        for precision in PRECISIONS:
+            fast = for_decoding(copy.deepcopy(model), precision)
+            result[precision] = held_out_loss(fast, val, meta, tokenizer, batch_size=8)["bits_per_byte"]
+    return result
 
 
 def legacy_compact(folder):
@@ -473,6 +674,8 @@ def main():
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "config": opts["config"],
+        "ckpt": opts["ckpt"],
+        "draft": opts["draft"],
     }
 
     report["matmul_peak_gflops"] = {
@@ -489,7 +692,16 @@ def main():
         report["train_full"] = bench_training(train_config, full_data, full_vocab, *timing)
         # the same full-vocabulary run with the output layer and loss in one piece (no ChunkedLoss)
         report["train_full_plain_loss"] = bench_training(
-            train_config, full_data, full_vocab, *timing, chunked_loss=False
+            train_config, full_data, full_vocab, *timing, "plain"
+        )
+        if opts["shapes"]:
+            report["training_shapes"] = bench_training_shapes(full_data, full_vocab, train_config, *timing)
+        if opts["decode_tokens"]:
+            val = np.fromfile(os.path.join(folder, "full", "val.bin"), dtype=np.uint16)
+            report["decoding"] = bench_decoding(opts["decode_tokens"], val, device)
+    if opts["ckpt"] and opts["draft"]:
+        report["checkpoint_pair"] = bench_checkpoint_pair(
+            opts["ckpt"], opts["draft"], opts["gen_tokens"], device
         )
     report["train_speedup"] = (
         report["train_compact"]["tokens_per_sec"] / report["train_full"]["tokens_per_sec"]
@@ -578,6 +790,7 @@ def main():
         f"{'':34} {sampled['compact']:>16,.0f} {sampled['full']:>16,.0f} "
         f"{sampled['compact'] / sampled['full']:>7.2f}x"
     )
+    print_decoding(report)
     if "prepare" in report:
         p = report["prepare"]
         print(
@@ -598,6 +811,59 @@ def main():
             )
     if "switches" in report:
         print_switches(report["switches"], opts)
+
+
+def print_decoding(report):
+    """The training shapes, GPT-2 124M's generation per precision, and the speculative pairs."""
+    for shape, step in report.get("training_shapes", {}).items():
+        ms = {kind: step[kind]["ms_per_iter"] for kind in ("chunked", "plain", "transformers")}
+        print(
+            f"{'training step, ' + shape + ' shape':34} chunked {ms['chunked']:7.1f} ms   "
+            f"plain {ms['plain']:7.1f} ms"
+            f"   transformers {ms['transformers']:7.1f} ms   (train.py uses {step['train_py_uses']})"
+        )
+    if "decoding" in report:
+        d = report["decoding"]
+        print(
+            f"GPT-2 124M generation, batch 1, {d['new_tokens']} tokens, T=0.8, top-k 200; memory reads "
+            f"{d['bandwidth_gb_per_s']:.1f} GB/s; transformers {d['transformers_float32']:.1f} tokens/s "
+            f"(float32), {d['transformers_bfloat16']:.1f} (bfloat16)"
+        )
+        print(
+            f"{'':12} {'tokens/s':>9} {'vs HF':>6} {'MB/token':>9} {'bound':>7} {'of bound':>9} {'bits/B':>8}"
+        )
+        for precision in PRECISIONS:
+            r = d[precision]
+            print(
+                f"{precision:12} {r['tokens_per_sec']:>9.1f} {r['vs_transformers']:>5.2f}x "
+                f"{r['mb_per_token']:>9.0f} {r['bound_tokens_per_sec']:>7.1f} "
+                f"{100 * r['share_of_bound']:>8.0f}% "
+                f"{100 * r['bits_per_byte_vs_float32']:>+7.3f}%   greedy text "
+                f"{'unchanged' if r['greedy_text_unchanged'] else 'differs'}"
+            )
+    decoding = report.get("decoding", {})
+    pairs = {
+        f"GPT-2 124M in {p}, its first 2 layers in int8 as the draft": decoding[p]["speculative_self_draft"]
+        for p in PRECISIONS
+        if "speculative_self_draft" in decoding.get(p, {})
+    }
+    if "checkpoint_pair" in report:
+        pairs[f"{report['ckpt']} drafted by {report['draft']} in int8"] = report["checkpoint_pair"][
+            "speculative"
+        ]
+    for name, runs in pairs.items():
+        for r in runs:
+            print(
+                f"speculative decoding (greedy, {r['draft_tokens']} drafts a pass), {name}: "
+                f"{r['alone_tokens_per_sec']:.1f} -> {r['with_draft_tokens_per_sec']:.1f} tokens/s "
+                f"({r['speedup']:.2f}x), {100 * r['accepted']:.0f}% of drafts kept"
+            )
+    pair = report.get("checkpoint_pair", {})
+    if "float32" in pair:
+        print(
+            f"  {report['ckpt']}, held-out bits per byte: "
+            + ", ".join(f"{p} {pair[p]:.5f}" for p in PRECISIONS)
+        )
 
 
 def print_switches(switches, opts):

@@ -115,6 +115,7 @@ def test_bench_json_report(tmp_path):
         "--gen_tokens=20",
         "--gen_block_size=64",
         "--prepare_mb=1",
+        "--decode_tokens=0",  # GPT-2 124M's generation: tests/test_decode.py runs it on a small GPT-2
         cwd=ROOT,
         timeout=300,
     ).stdout
@@ -134,7 +135,13 @@ def test_bench_json_report(tmp_path):
         "ms_per_token_at_50" in gen and "ms_per_token_at_500" not in gen
     )  # 500 does not fit a 64-token context
     assert report["prepare"]["megabytes"] > 0.9 and report["prepare"]["peak_memory_mb"] > 0
-    # the full vocabulary trains on the chunked loss by default; the plain one is the comparison
-    assert report["train_full"]["chunked_loss"] and not report["train_full_plain_loss"]["chunked_loss"]
+    # tiny.py's 8 x 32 rows of logits are small: train.py keeps the plain loss; the shapes compare all three
+    assert not report["train_full"]["chunked_loss"] and not report["train_full_plain_loss"]["chunked_loss"]
     assert not report["train_compact"]["chunked_loss"] and report["train_full"]["peak_memory_mb"] > 0
+    shapes = report["training_shapes"]
+    assert set(shapes) == {"nanogpt", "small"} and shapes["nanogpt"]["train_py_uses"] == "plain"
+    for step in shapes.values():
+        assert step["chunked"]["chunked_loss"] and not step["plain"]["chunked_loss"]
+        assert step["transformers"]["params_M"] == pytest.approx(step["plain"]["params_M"], rel=0.05)
+    assert "decoding" not in report
     assert set(gen["sampled_tokens_per_sec"]) == {"compact", "full"} and "heldout" not in report
