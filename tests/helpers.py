@@ -2,28 +2,89 @@
 
 import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_script(script, *args, cwd, check=True, timeout=120, **popen_args):
-    """Runs a project script through its real command line; returns the CompletedProcess."""
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, script), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **popen_args,
-    )
+    """
+    Runs a project script through its real command line; returns the CompletedProcess.
+    A plain run (no env, no other Popen arguments) is started by the fork server below:
+    the same script, arguments, folder, standard input and exit status, without paying
+    torch's import again for each of the suite's hundreds of runs.
+    """
+    if set(popen_args) <= {"input"} and FORK_SERVER.usable():
+        result = FORK_SERVER.run(script, args, cwd, popen_args.get("input"), timeout)
+    else:
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, script), *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **popen_args,
+        )
     if check and result.returncode != 0:
         raise AssertionError(
             f"{script} {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
         )
     return result
+
+
+class ForkServer:
+    """
+    A process that has imported torch, numpy and tiktoken and does nothing else: for each
+    run it forks a child that runs the script as `python script args` would (its own
+    folder, argv, standard streams and exit status; sys.path[0] the project's root). The
+    server never runs a torch operation, so no thread pool exists when it forks.
+    """
+
+    def __init__(self):
+        self.process = None
+
+    def usable(self):
+        return hasattr(os, "fork") and os.environ.get("TENSEGPT_TEST_NO_FORK_SERVER") != "1"
+
+    def start(self):
+        code = "import sys; sys.path.insert(0, sys.argv[1]); import fork_server; fork_server.serve()"
+        tests = os.path.join(ROOT, "tests")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code, tests], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def run(self, script, args, cwd, stdin_text, timeout):
+        if self.process is None or self.process.poll() is not None:
+            self.start()
+        with tempfile.TemporaryDirectory() as folder:
+            paths = {name: os.path.join(folder, name) for name in ("stdin", "stdout", "stderr")}
+            with open(paths["stdin"], "w", encoding="utf-8") as f:
+                f.write(stdin_text or "")
+            request = {"script": os.path.join(ROOT, script), "args": list(args), "cwd": str(cwd), **paths}
+            request["env"] = dict(os.environ)
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            pid = int(self.process.stdout.readline())
+            status = self.wait(pid, timeout, script, args)
+            read = lambda name: open(paths[name], encoding="utf-8", errors="replace").read()  # noqa: E731
+            return subprocess.CompletedProcess([script, *args], status, read("stdout"), read("stderr"))
+
+    def wait(self, pid, timeout, script, args):
+        """The child's exit status, which the server reports when it ends; killed past timeout."""
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            self.process.stdout.readline()
+            raise subprocess.TimeoutExpired([script, *args], timeout)
+        return int(self.process.stdout.readline())
+
+
+FORK_SERVER = ForkServer()
 
 
 def fails(script, *args, cwd):

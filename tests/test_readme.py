@@ -10,11 +10,9 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 
 import pytest
-from helpers import ROOT, tense_lines
+from helpers import ROOT, run_script, tense_lines
 
 # What a command needs that the README leaves to the reader, or why it is run elsewhere.
 ELSEWHERE = {
@@ -97,14 +95,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
         if script == "eval.py":  # the options as written, then fewer samples (last one wins)
             args = args + EVAL_SHORT
         stdin = "The baby is\n/greedy\nShe has\n/quit\n" if "--interactive" in command else ""
-        result = subprocess.run(
-            [sys.executable, os.path.join(ROOT, script), *args[1:]],
-            cwd=tmp_path,
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        result = run_script(script, *args[1:], cwd=tmp_path, check=False, timeout=300, input=stdin)
         assert result.returncode == 0, (
             f"README command failed: {command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
         )
