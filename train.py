@@ -84,7 +84,7 @@ DEFAULTS = {
     "train_on_prompt": False,  # chat: the loss counts the prompts' tokens too
     "lora_rank": 0,  # > 0: freeze the weights, train LoRA adapters of this rank beside them
     "lora_alpha": 16.0,  # LoRA's update is scaled by lora_alpha / lora_rank
-    "lora_targets": "c_attn,c_proj,c_fc",  # the blocks' matrices that get adapters
+    "lora_targets": "c_attn,c_proj,c_fc,wte",  # the matrices that get adapters (wte: the tied embedding)
 }
 
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from tensegpt.common import UserError
 
-TARGETS = ("c_attn", "c_proj", "c_fc")  # attention's q/k/v and output projections, the feed-forward's layers
+# attention's q/k/v and output projections, the feed-forward's layers, the token embedding (tied to the output)
+TARGETS = ("c_attn", "c_proj", "c_fc", "wte")
 
 
 class LoRALinear(nn.Module):
@@ -49,22 +50,32 @@ class LoRALinear(nn.Module):
         return linear
 
 
-class NewRows(nn.Module):
+class AdaptedEmbedding(nn.Module):
     """
-    The token embedding with its first rows frozen and the rest (tokens the base model never
-    had: the chat tokens) trained, shared with the output layer as before (TiedOutput).
-    A frozen copy of end-of-text could never become <|end|> or <|user|>: all four would stay
-    one vector, in and out.
+    The token embedding, frozen, shared with the output layer as before (TiedOutput), and
+    what trains of it: rows for tokens the base model never had (from fresh_from on: the
+    chat tokens), whole, since a frozen copy of end-of-text could never become <|end|> or
+    <|user|>; and with rank > 0 ('wte' among the targets) a low-rank update B A (B: V x
+    rank, zero at first; A: rank x C, drawn at the embedding's own scale) over every row.
+    The update is what lets a frozen model that was trained to continue text move its
+    output distribution to answers: on the tense task the answers' val loss went from
+    0.88 without it to 0.011 with it (docs/chat.md).
     """
 
-    def __init__(self, embedding, fresh_from):
+    def __init__(self, embedding, fresh_from, rank=0, alpha=1.0):
         super().__init__()
-        self.frozen = nn.Parameter(embedding.weight[:fresh_from].detach(), requires_grad=False)
-        self.fresh = nn.Parameter(embedding.weight[fresh_from:].detach().clone())
+        weight = embedding.weight.detach()
+        self.frozen = nn.Parameter(weight[:fresh_from], requires_grad=False)
+        self.fresh = nn.Parameter(weight[fresh_from:].clone(), requires_grad=fresh_from < len(weight))
+        self.scale = alpha / rank if rank else 0.0
+        if rank:
+            self.lora_A = nn.Parameter(torch.randn(rank, weight.size(1), device=weight.device) * 0.02)
+            self.lora_B = nn.Parameter(torch.zeros(weight.size(0), rank, device=weight.device))
 
     @property
     def weight(self):
-        return torch.cat([self.frozen, self.fresh])
+        weight = torch.cat([self.frozen, self.fresh])  # (V, C)
+        return weight + self.scale * self.lora_B @ self.lora_A if self.scale else weight
 
     def forward(self, idx):
         return F.embedding(idx, self.weight)
@@ -119,13 +130,16 @@ def check(config, gpt_config, initial=None):
 def add_adapters(gpt, lora):
     """
     Freezes every weight of gpt and puts a LoRALinear on each target Linear of its blocks;
-    the embedding rows from lora["fresh_from"] on (tokens the base lacked) train. Returns gpt.
+    the embedding rows from lora["fresh_from"] on (tokens the base lacked) train, and with
+    'wte' a low-rank update of the whole embedding (AdaptedEmbedding). Returns gpt.
     """
     for p in gpt.parameters():
         p.requires_grad_(False)
     fresh_from = lora.get("fresh_from", gpt.config.vocab_size)
-    if fresh_from < gpt.config.vocab_size:
-        gpt.wte = NewRows(gpt.wte, fresh_from)
+    adapt_embedding = "wte" in lora["targets"]
+    if fresh_from < gpt.config.vocab_size or adapt_embedding:
+        rank = lora["rank"] if adapt_embedding else 0
+        gpt.wte = AdaptedEmbedding(gpt.wte, fresh_from, rank, lora["alpha"])
         gpt.lm_head = TiedOutput(gpt.wte)
     for block in gpt.blocks:
         for parent in (block.attn, block.mlp):
@@ -138,7 +152,7 @@ def add_adapters(gpt, lora):
 
 def merge(gpt):
     """Folds every adapter into its weight, in place: a plain GPT again (all weights trainable)."""
-    if isinstance(gpt.wte, NewRows):
+    if isinstance(gpt.wte, AdaptedEmbedding):
         weight = gpt.wte.weight.detach()
         gpt.wte = nn.Embedding(weight.size(0), weight.size(1), _weight=weight.clone(), device=weight.device)
         gpt.lm_head = nn.Linear(weight.size(1), weight.size(0), bias=False, device=weight.device)

@@ -329,7 +329,7 @@ def test_merged_adapters_give_the_logits_of_base_plus_adapters():
     [
         (["--lora_rank=-1"], "--lora_rank must be between 1 and the width n_embd - 1 = 31, got -1"),
         (["--lora_rank=32"], "--lora_rank must be between 1 and the width n_embd - 1 = 31, got 32"),
-        (["--lora_rank=4", "--lora_targets=wte"], "--lora_targets names the matrices to adapt"),
+        (["--lora_rank=4", "--lora_targets=wpe"], "--lora_targets names the matrices to adapt"),
     ],
 )
 def test_impossible_lora_settings_are_refused(tiny_run, tmp_path, options, problem):
