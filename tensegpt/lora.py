@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from tensegpt.common import UserError
 
-# attention's q/k/v and output projections, the feed-forward's layers, the token embedding (tied to the output)
+# attention's q/k/v and output projections, the feed-forward's layers, the token embedding (tied)
 TARGETS = ("c_attn", "c_proj", "c_fc", "wte")
 
 
