@@ -115,18 +115,22 @@ class Sampler:
         settings = {key: c[key] for key in ("top_k", "top_p", "greedy", "repetition_penalty")}
         return {**settings, "temperature": temperature or c["temperature"], "generator": self.generator}
 
+    def generate(self, idx, max_new_tokens, **settings):
+        """The new ids one at a time: from the model alone, or as drafts it checked (--draft)."""
+        if self.draft is None:
+            return self.model.generate_stream(idx, max_new_tokens, **settings)
+        # the same text, more tokens per pass of the model: see tensegpt/decoding.py
+        settings.pop("repetition_penalty")  # (1.0: check_options allows no other with a draft)
+        draft_tokens = self.config["draft_tokens"]
+        return speculative_stream(
+            self.model, self.draft, idx, max_new_tokens, draft_tokens, stats=self.draft_stats, **settings
+        )
+
     def sample(self, prompt_ids, temperature=None, stream=False):
         """One continuation of prompt_ids, printed piece by piece if stream; returns its text."""
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         settings = {**self.settings(temperature), "stop_token": self.tokenizer.eot}
-        if self.draft is None:
-            steps = self.model.generate_stream(idx, self.config["max_new_tokens"], **settings)
-        else:  # the same text, more tokens per pass of the model: see tensegpt/decoding.py
-            del settings["repetition_penalty"]  # (1.0: check_options allows no other with a draft)
-            steps = speculative_stream(
-                self.model, self.draft, idx, self.config["max_new_tokens"], self.config["draft_tokens"],
-                stats=self.draft_stats, **settings,
-            )  # fmt: skip
+        steps = self.generate(idx, self.config["max_new_tokens"], **settings)
         new, printer = [], Printer()
         for step in steps:
             new.append(step.item())
@@ -275,8 +279,9 @@ def chat(sampler, first_message, stream):
             print("model> ", end="", flush=True)
         printer = Printer()
         reply = answer(
-            model, tokenizer, history, c["max_new_tokens"], printer if stream else None, **sampler.settings()
-        )
+            model, tokenizer, history, c["max_new_tokens"], printer if stream else None,
+            generate=sampler.generate, **sampler.settings(),
+        )  # fmt: skip
         printer.finish(reply) if stream else print(reply, flush=True)
         history.append({"role": "assistant", "content": reply})
         if first_message is not None:

@@ -52,12 +52,17 @@ def normalised(candidate, length_penalty):
 
 
 @torch.inference_mode()
-def answer(model, tokenizer, messages, max_new_tokens=60, stream=None, **sampling):
-    """The assistant's next turn after messages, up to <|end|> (greedy unless sampling says otherwise)."""
+def answer(model, tokenizer, messages, max_new_tokens=60, stream=None, generate=None, **sampling):
+    """
+    The assistant's next turn after messages, up to <|end|> (greedy unless sampling says
+    otherwise). generate: what makes the tokens, model.generate_stream unless given.
+    """
     ids = tokenizer.prompt(messages)[-model.config.block_size :]
     idx = torch.tensor([ids], device=model.wte.weight.device)
     new = []
-    for step in model.generate_stream(idx, max_new_tokens, stop_token=tokenizer.end, **sampling):
+    for step in (generate or model.generate_stream)(
+        idx, max_new_tokens, stop_token=tokenizer.end, **sampling
+    ):
         token = int(step)
         if token == tokenizer.end:
             break

@@ -78,7 +78,7 @@ def check_options(config):
     if config["draft"]:
         if not isinstance(config["draft_tokens"], int) or config["draft_tokens"] < 1:
             raise UserError(f"--draft_tokens must be a whole number >= 1 (got {config['draft_tokens']!r})")
-        other = [m for m in ("--chat", "--score", "--beam") if m in modes]
+        other = [m for m in ("--score", "--beam") if m in modes]
         if other:
             raise UserError(f"--draft speeds up sampling; it does not combine with {other[0]}")
         if config["repetition_penalty"] != 1.0:

@@ -229,6 +229,12 @@ def test_fine_tuning_starts_from_the_checkpoint_and_answers_in_the_terminal(chat
         input="Negate: The baby is sleeping.\nAnd in the past simple?\n",
     )
     assert talked.stdout.count("model> ") == 2
+    # the model as its own draft: the same greedy reply, every drafted token kept
+    drafted = run_script(
+        "sample.py", "--ckpt=out-chat/trained.pth", "--chat", "--start=Negate: The baby is sleeping.",
+        "--greedy", "--draft=out-chat/trained.pth", "--draft_precision=float32", cwd=chat_run,
+    )  # fmt: skip
+    assert drafted.stdout == one.stdout and "(100%)" in drafted.stderr
     refused = fails(
         "sample.py", f"--ckpt={tiny_run / 'out' / 'trained.pth'}", "--chat", "--start=Hi", cwd=chat_run
     )
