@@ -117,10 +117,11 @@ class Sampler:
 
     def generate(self, idx, max_new_tokens, **settings):
         """The new ids one at a time: from the model alone, or as drafts it checked (--draft)."""
-        if self.draft is None:
+        # a repetition penalty (/repetition_penalty in the loop) changes the distribution: the model alone
+        if self.draft is None or settings["repetition_penalty"] != 1.0:
             return self.model.generate_stream(idx, max_new_tokens, **settings)
         # the same text, more tokens per pass of the model: see tensegpt/decoding.py
-        settings.pop("repetition_penalty")  # (1.0: check_options allows no other with a draft)
+        del settings["repetition_penalty"]
         draft_tokens = self.config["draft_tokens"]
         return speculative_stream(
             self.model, self.draft, idx, max_new_tokens, draft_tokens, stats=self.draft_stats, **settings

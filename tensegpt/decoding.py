@@ -103,7 +103,9 @@ class CachedModel:
 
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
     """The distribution sample_next draws from: (N, V) logits -> (N, V) probabilities."""
-    return torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # a tiny temperature: no inf - inf
+    return torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
 
 
 def accept_drafts(drafted, q, p, greedy=False, generator=None):

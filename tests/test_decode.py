@@ -101,6 +101,13 @@ def test_greedy_speculative_text_is_the_models_own(draft_tokens):
             assert stats["accepted"] == stats["proposed"] > 0
 
 
+def test_a_tiny_temperature_with_a_draft_is_the_greedy_text_not_nan():
+    model, draft = gpt(9, sharp=20.0, vocab_size=40), gpt(10, sharp=20.0, vocab_size=40)
+    idx = torch.tensor([[3]])
+    expected = model.generate(idx, 12, greedy=True)[0, 1:].tolist()
+    assert [int(t) for t in speculative_stream(model, draft, idx, 12, 3, temperature=1e-30)] == expected
+
+
 def test_speculative_stops_at_the_stop_token():
     model = gpt(6, sharp=20.0, vocab_size=40)
     idx = torch.tensor([[7]])
