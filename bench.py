@@ -50,10 +50,11 @@ from tensegpt.common import UserError, atomic_write, main_guard, parse_config, p
 from tensegpt.decode_weights import PRECISIONS, for_decoding, weight_bytes_per_token
 from tensegpt.decoding import speculative_stream
 from tensegpt.hardware import autocast_for, estimate_mfu, measure_peak_flops, pick_dtype
-from tensegpt.loss_eval import held_out_loss
+from tensegpt.loss_eval import held_out_loss, total_nats
 from tensegpt.optim import configure_optimizers
 from tensegpt.run_setup import gpt_config_for
 from tensegpt.runlog import read_metrics
+from tensegpt.sampling import load_draft
 
 DEFAULTS = {
     "config": "config/small.py",  # the training config whose model is measured
@@ -94,6 +95,19 @@ def prepare_data(path, folder, full_vocab):
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def tokens_per_sec(generate, new_tokens, device):
+    """Tokens/s, the median of three runs of generate(new_tokens) (which says how many it made)."""
+    generate(8)
+    rates = []
+    for _ in range(3):
+        sync(device)
+        start = time.perf_counter()
+        made = generate(new_tokens)
+        sync(device)
+        rates.append(made / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
 def reset_peak_memory():
@@ -210,15 +224,11 @@ def bench_generation(train_config, vocab_size, block_size, new_tokens, device):
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     result = {"block_size": block_size, "new_tokens": new_tokens}
     for name, use_cache in (("kv_cache", True), ("full_recompute", False)):
-        model.generate(prompt, 8, greedy=True, use_cache=use_cache)  # warm-up
-        rates = []
-        for _ in range(3):  # the median of three runs
-            sync(device)
-            start = time.perf_counter()
-            out = model.generate(prompt, new_tokens, greedy=True, use_cache=use_cache)
-            sync(device)
-            rates.append((out.size(1) - 1) / (time.perf_counter() - start))
-        result[f"{name}_tokens_per_sec"] = statistics.median(rates)
+
+        def generate(n, use_cache=use_cache):
+            return model.generate(prompt, n, greedy=True, use_cache=use_cache).size(1) - 1
+
+        result[f"{name}_tokens_per_sec"] = tokens_per_sec(generate, new_tokens, device)
     # ms for one new token with a cache that holds `position` tokens
     for position in (50, 500):
         if position + 1 > block_size:
@@ -245,15 +255,11 @@ def bench_sampling(train_config, vocab_sizes, block_size, new_tokens, device):
         model = GPT(gpt_config_for({**train_config, "block_size": block_size}, vocab_size)).to(device).eval()
         prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
         generator = torch.Generator(device=device).manual_seed(0)
-        model.generate(prompt, 8, temperature=0.8, generator=generator)  # warm-up
-        runs = []
-        for _ in range(3):
-            sync(device)
-            start = time.perf_counter()
-            out = model.generate(prompt, new_tokens, temperature=0.8, generator=generator)
-            sync(device)
-            runs.append((out.size(1) - 1) / (time.perf_counter() - start))
-        rates[name] = statistics.median(runs)
+
+        def generate(n, model=model, prompt=prompt, generator=generator):
+            return model.generate(prompt, n, temperature=0.8, generator=generator).size(1) - 1
+
+        rates[name] = tokens_per_sec(generate, new_tokens, device)
     return rates
 
 
@@ -271,19 +277,6 @@ def memory_bandwidth(device, megabytes=1024):
         sync(device)
         best = min(best, time.perf_counter() - start)
     return big.numel() * 4 / best / 1e9
-
-
-def tokens_per_sec(generate, new_tokens, device):
-    """Median tokens/s of three runs of generate(new_tokens), after a short warm-up."""
-    generate(4)
-    rates = []
-    for _ in range(3):
-        sync(device)
-        start = time.perf_counter()
-        made = generate(new_tokens)
-        sync(device)
-        rates.append(made / (time.perf_counter() - start))
-    return statistics.median(rates)
 
 
 def self_draft(model, n_layer):
@@ -328,13 +321,11 @@ def bench_decoding(new_tokens, val_tokens, device, hf_config=None):
         reference.save_pretrained(folder)
         base = load_hf(folder).to(device).eval()
     greedy = base.generate(prompt, 40, greedy=True)
-    val = torch.from_numpy(val_tokens.astype(np.int64))[None, : base.config.block_size + 1].to(device)
-
-    def nats(model):  # held-out loss per token; its ratio is the ratio of bits per byte
-        logits = model(val[:, :-1], val[:, 1:])[0].float()
-        return torch.nn.functional.cross_entropy(logits[0], val[0, 1:]).item()
-
+    block_size = base.config.block_size
+    # held-out nats over one window; their ratio is the ratio of bits per byte
+    nats = lambda model: total_nats(model, val_tokens[: block_size + 1], block_size)[0]  # noqa: E731
     base_nats = nats(base)
+    draft = for_decoding(self_draft(base, 2), "int8")  # speculative decoding: the first 2 layers, in int8
     for precision in PRECISIONS:
         model = for_decoding(copy.deepcopy(base), precision)
         generator = torch.Generator(device=device).manual_seed(0)
@@ -355,8 +346,7 @@ def bench_decoding(new_tokens, val_tokens, device, hf_config=None):
             "bits_per_byte_vs_float32": nats(model) / base_nats - 1,
             "greedy_text_unchanged": torch.equal(model.generate(prompt, 40, greedy=True), greedy),
         }
-        if precision != "bfloat16":  # speculative decoding: the model's own first 2 layers in int8 draft
-            draft = for_decoding(self_draft(base, 2), "int8")
+        if precision != "bfloat16":
             result[precision]["speculative_self_draft"] = [
                 bench_speculative(model, draft, prompt, new_tokens, k) for k in (4, 6)
             ]
@@ -389,16 +379,16 @@ def bench_speculative(model, draft, prompt, new_tokens, draft_tokens=4):
 def bench_checkpoint_pair(ckpt, draft_ckpt, new_tokens, device):
     """A trained model and a smaller draft on the same tokens: speculative decoding, and its precisions."""
     model, tokenizer, checkpoint = load_model(ckpt, device)
-    draft = for_decoding(load_model(draft_ckpt, device)[0], "int8")  # as sample.py --draft loads it
+    draft = load_draft({"draft": draft_ckpt, "draft_precision": "int8"}, tokenizer, device)  # sample.py's
+    decoded = {precision: for_decoding(copy.deepcopy(model), precision) for precision in PRECISIONS}
     prompt = torch.tensor([[tokenizer.eot]], device=device)
-    fast = for_decoding(copy.deepcopy(model), "float32")
-    result = {"speculative": [bench_speculative(fast, draft, prompt, new_tokens, k) for k in (4, 6)]}
+    speculative = [bench_speculative(decoded["float32"], draft, prompt, new_tokens, k) for k in (4, 6)]
+    result = {"speculative": speculative}
     data_dir = checkpoint.get("train_config", {}).get("data_dir")
     if data_dir and os.path.isdir(data_dir):  # held-out bits per byte in each precision
         meta = tok.read_meta(data_dir)
         val = np.fromfile(os.path.join(data_dir, "val.bin"), dtype=np.uint16)
-        for precision in PRECISIONS:
-            fast = for_decoding(copy.deepcopy(model), precision)
+        for precision, fast in decoded.items():
             result[precision] = held_out_loss(fast, val, meta, tokenizer, batch_size=8)["bits_per_byte"]
     return result
 
