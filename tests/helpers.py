@@ -71,8 +71,8 @@ class ForkServer:
             self.process.stdin.flush()
             pid = int(self.process.stdout.readline())
             status = self.wait(pid, timeout, script, args)
-            read = lambda name: open(paths[name], encoding="utf-8", errors="replace").read()  # noqa: E731
-            return subprocess.CompletedProcess([script, *args], status, read("stdout"), read("stderr"))
+            out, err = (read_text(paths[name]) for name in ("stdout", "stderr"))
+            return subprocess.CompletedProcess([script, *args], status, out, err)
 
     def wait(self, pid, timeout, script, args):
         """The child's exit status, which the server reports when it ends; killed past timeout."""
@@ -85,6 +85,11 @@ class ForkServer:
 
 
 FORK_SERVER = ForkServer()
+
+
+def read_text(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
 
 
 def fails(script, *args, cwd):
