@@ -175,14 +175,18 @@ def test_sample_precisions_and_a_draft_from_the_command_line(tiny_run):
     assert "speculative decoding: the model kept" in spec.stderr and "(100%)" in spec.stderr
 
 
-def test_bad_decoding_options_are_one_line(tiny_run):
+def test_bad_decoding_options_are_one_line(tiny_run, trained_run):
     ckpt = "--ckpt=out/trained.pth"
     assert "--precision must be one of" in fails("sample.py", ckpt, "--precision=int4", cwd=tiny_run)
     assert "no draft checkpoint at nope.pth" in fails("sample.py", ckpt, "--draft=nope.pth", cwd=tiny_run)
+    # a draft prepared from another text: other compact token ids
+    other = f"--draft={trained_run / 'out' / 'trained.pth'}"
+    assert "was trained on other tokens than the model" in fails("sample.py", ckpt, other, cwd=tiny_run)
     for change, message in (
         ({"beam": 3}, "does not combine with --beam"),
         ({"repetition_penalty": 1.3}, "which --repetition_penalty changes"),
         ({"draft_tokens": 0}, "--draft_tokens must be a whole number >= 1"),
+        ({"draft_precision": "fp8"}, "--draft_precision must be one of float32, bfloat16, int8"),
     ):
         with pytest.raises(UserError, match=message):
             check_options({**sample.DEFAULTS, "draft": "out/trained.pth", **change})
