@@ -56,6 +56,7 @@ DEFAULTS = {
     "data_dir": "",  # the prepared data to score; empty: the data_dir the checkpoint was trained on
     "num_samples": 1000,  # sentences sampled for the grammar check (at 240 the shares moved 1-2 points)
     "temperature": 0.8,  # of those samples (sample.py's default)
+    "time_prompts": 600,  # prompts opening with a time phrase ("Yesterday, the baby"), spread over the tenses
     "max_new_tokens": 60,  # the most tokens per sampled sentence
     "probe_per_tense": 25,  # held-out statements per tense in the minimal-pairs probe
     "picture": "",  # PNG of the probe's 12 x 12 table; empty: probe.png beside the checkpoint
@@ -71,7 +72,7 @@ ONLY = {t: [p for p in grammar.TIMES[t] if grammar.PHRASE_TENSES[p] == {t}] for 
 
 
 def check_options(config):
-    for key in ("num_samples", "max_new_tokens", "probe_per_tense", "batch_size"):
+    for key in ("num_samples", "time_prompts", "max_new_tokens", "probe_per_tense", "batch_size"):
         if config[key] < 1:
             raise UserError(f"--{key} must be at least 1, got {config[key]}")
     if config["temperature"] <= 0:
@@ -104,10 +105,10 @@ def sample_sentences(model, tokenizer, config, device):
 def time_phrase_prompts(config):
     """
     {tense: prompts that open with a time phrase of that tense only ("Yesterday, the baby")}:
-    a model must then carry on in that tense. num_samples / 8 of them, spread over the tenses.
+    a model must then carry on in that tense. time_prompts of them, spread over the tenses.
     """
     rng = random.Random(config["seed"])
-    per_tense = max(1, config["num_samples"] // 8 // len(TENSES))
+    per_tense = max(1, config["time_prompts"] // len(TENSES))
     prompts = {}
     for tense in TENSES:
         prompts[tense] = []
@@ -120,17 +121,20 @@ def time_phrase_prompts(config):
 
 def time_phrase_check(model, tokenizer, config, device, table, lowercase):
     """The grammar check after time-phrase prompts, per tense: does the model keep the phrase's tense?"""
-    per_tense = {}
+    per_tense, bad = {}, []
     for tense, prompts in time_phrase_prompts(config).items():
         by_length = {}  # prompts of as many tokens make one batch
         for prompt in prompts:
             by_length.setdefault(len(tokenizer.encode(prompt)), []).append(prompt)
         texts = complete(model, tokenizer, list(by_length.values()), config, device)
         parsed = [grammar.parse(t, table, lowercase) for t in texts]
-        per_tense[tense] = sum(p is not None and p["agrees"] for p in parsed) / len(texts)
+        kept = [p is not None and p["agrees"] for p in parsed]
+        per_tense[tense] = sum(kept) / len(texts)
+        bad += [t for t, k in zip(texts, kept) if not k]
     return {
         "time_prompt_agreement": sum(per_tense.values()) / len(per_tense),
         "time_prompt_per_tense": per_tense,
+        "examples_bad_time_prompt": bad[:20],
     }
 
 
@@ -373,10 +377,12 @@ def show(report, config, notes):
                 print(f"  not grammatical: {bad!r}")
             worst = min(report["time_prompt_per_tense"], key=report["time_prompt_per_tense"].get)
             print(
-                f'after a time phrase ("Yesterday, the baby"): grammatical, in its tense '
-                f"{report['time_prompt_agreement']:.1%}"
+                f'{config["time_prompts"]} prompts that open with a time phrase ("Yesterday, the baby"): '
+                f"grammatical, in its tense {report['time_prompt_agreement']:.1%}"
                 f" (worst: {worst}, {report['time_prompt_per_tense'][worst]:.1%})"
             )
+            for bad in report["examples_bad_time_prompt"][:3]:
+                print(f"  not in its tense: {bad!r}")
             print(
                 f"minimal-pairs probe, {config['probe_per_tense']} held-out statements per tense (chance "
                 f"{1 / len(TENSES):.1%}):"

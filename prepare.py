@@ -272,6 +272,7 @@ def main():
         )
     if config["vocab_from"]:  # the vocabulary of the model this text will fine-tune
         tokenizer = vocabulary_of(config["vocab_from"])
+        check_spelled(tokenizer, numbered_lines(path, config["errors"]), config["vocab_from"])
     elif kind == "char":
         if len(counts) + 1 > 65536:
             raise UserError(
@@ -373,6 +374,55 @@ def sha256_of(*paths):
     return sha.hexdigest()
 
 
+def check_spelled(tokenizer, numbered_texts, vocab_from):
+    """
+    --vocab_from with a char or word base: the text it cannot spell. A char model has no id
+    for a new character and would drop it: refused, naming the first line. A word model
+    reads a new word as <unk>, as it reads any unseen word: counted and said. (GPT-2's BPE
+    spells every text: a token the compact vocabulary lacks splits into pieces.)
+    """
+    missing, total, first = collections.Counter(), 0, None
+    for where, text in numbered_texts:
+        unknown = tokenizer.unknown(text) if tokenizer.name in ("char", "word") else []
+        if unknown and tokenizer.name == "char":
+            raise UserError(
+                f"{where} has characters that the char vocabulary of {vocab_from} lacks "
+                f"({', '.join(map(repr, unknown[:10]))}): a char model has no id for them; replace them, "
+                "or train the base model on text that has them"
+            )
+        if tokenizer.name == "word":
+            pieces, unknown = tokenizer.pieces(text), set(unknown)
+            total += len(pieces)
+            missing.update(w for w in pieces if w in unknown)
+            first = first or (where if unknown else None)
+    if missing:
+        common = " ".join(repr(w) for w, _ in missing.most_common(10))
+        print(
+            f"note: {sum(missing.values()):,} of {total:,} words ({sum(missing.values()) / total:.1%}; "
+            f"{len(missing):,} distinct, first at {first}) are not in the word vocabulary of {vocab_from} "
+            f"and are read as <unk>. Most common: {common}",
+            file=sys.stderr,
+        )
+
+
+def numbered_lines(path, errors):
+    """('PATH line N', line) for each line of a text file."""
+    number = 0
+    for _, lines in read_batches(path, errors):
+        for line in lines:
+            number += 1
+            yield f"{path} line {number}", line
+
+
+def numbered_contents(*paths):
+    """('PATH line N', content) for each message of JSONL files that read_conversations accepted."""
+    for path in filter(None, paths):
+        with open(path, encoding="utf-8-sig") as f:
+            for number, line in enumerate(f, 1):
+                for message in json.loads(line)["messages"] if line.strip() else []:
+                    yield f"{path} line {number}", message["content"]
+
+
 def vocabulary_of(path):
     """The tokenizer (without chat tokens) of a data folder or a checkpoint: --vocab_from."""
     if os.path.isdir(path):
@@ -411,6 +461,7 @@ def prepare_chat(config):
     texts = [m["content"] for c in conversations["train"] for m in c]
     if config["vocab_from"]:
         base = vocabulary_of(config["vocab_from"])
+        check_spelled(base, numbered_contents(path, config["val_input"]), config["vocab_from"])
     elif kind == "char":
         base = tok.Char.from_counts(collections.Counter(itertools.chain.from_iterable(texts)))
     elif kind == "word":

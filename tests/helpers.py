@@ -102,6 +102,15 @@ def fails(script, *args, cwd):
     return lines[0]
 
 
+def write_jsonl(path, conversations):
+    """A chat data file: one {"messages": [...]} a line."""
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations), encoding="utf-8")
+
+
+def talk(question, reply):
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+
+
 def tense_lines(n):
     with open(os.path.join(ROOT, "tense.txt"), encoding="utf-8") as f:
         return [line.rstrip("\n") for line in f][:n]

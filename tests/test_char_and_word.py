@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import ROOT, run_script, tense_lines
+from helpers import ROOT, fails, run_script, talk, tense_lines, write_jsonl
 
 from tensegpt import tokenizer as tok
 
@@ -70,6 +70,37 @@ def test_prepare_with_each_tokenizer_decodes_back(tmp_path, kind):
     expected = lines if kind == "char" else [line.lower() for line in lines]
     assert sorted(decoded) == sorted(expected)
     assert meta["train_chars"] + meta["val_chars"] == sum(len(line) + 1 for line in lines)
+
+
+def test_vocab_from_a_char_base_refuses_a_character_it_lacks_naming_the_line(tmp_path):
+    (tmp_path / "base.txt").write_text("the baby ate an apple.\nthe dog ran.\n" * 4)
+    run_script("prepare.py", "--input=base.txt", "--tokenizer=char", "--out_dir=base", cwd=tmp_path)
+    (tmp_path / "more.txt").write_text("the dog ate.\nthe baby ran.\nthe cat sat on a mat.\n")
+    message = fails("prepare.py", "--input=more.txt", "--vocab_from=base", "--out_dir=ft", cwd=tmp_path)
+    assert message.startswith("error: more.txt line 3 has characters that the char vocabulary of base lacks")
+    assert "'c', 'm', 's'" in message and not (tmp_path / "ft" / "meta.json").exists()  # nothing written
+    write_jsonl(
+        tmp_path / "chat.jsonl", [talk("the dog ran.", "the baby ate.")] * 2 + [talk("the dog?", "yes")]
+    )
+    message = fails("prepare.py", "--input=chat.jsonl", "--vocab_from=base", "--out_dir=ft", cwd=tmp_path)
+    assert message.startswith(
+        "error: chat.jsonl line 3 has characters that the char vocabulary of base lacks "
+    )
+    assert "lacks ('?'):" in message  # the first message that has one
+
+
+def test_vocab_from_a_word_base_counts_the_words_it_reads_as_unk(tmp_path):
+    (tmp_path / "base.txt").write_text("the baby ate an apple.\nthe dog ran.\n" * 4)
+    base = ["--input=base.txt", "--tokenizer=word", "--min_frequency=1", "--out_dir=base"]
+    run_script("prepare.py", *base, cwd=tmp_path)
+    (tmp_path / "more.txt").write_text("the dog ate.\nthe cat ran.\nthe cat sat.\n")
+    out = run_script("prepare.py", "--input=more.txt", "--vocab_from=base", "--out_dir=ft", cwd=tmp_path)
+    assert (
+        "note: 3 of 12 words (25.0%; 2 distinct, first at more.txt line 2) are not in the word vocabulary "
+        "of base and are read as <unk>. Most common: 'cat' 'sat'"
+    ) in out.stderr
+    meta = json.loads((tmp_path / "ft" / "meta.json").read_text())
+    assert meta["words"] == json.loads((tmp_path / "base" / "meta.json").read_text())["words"]
 
 
 def ends(ids, eot):

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, fails, run_script, torchrun
+from helpers import ROOT, fails, run_script, talk, torchrun, write_jsonl
 
 from model import GPT, GPTConfig
 from tensegpt import lora
@@ -18,14 +18,6 @@ from tensegpt.common import UserError
 from tensegpt.packing import ChatBatches
 
 TINY = os.path.join(ROOT, "config", "tiny.py")
-
-
-def write_jsonl(path, conversations):
-    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations), encoding="utf-8")
-
-
-def talk(question, reply):
-    return [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
 
 
 @pytest.fixture(scope="module")

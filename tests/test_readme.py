@@ -22,7 +22,7 @@ ELSEWHERE = {
     "tests": "the test suite itself",
     "finetune_gpt2.py": "downloads GPT-2 124M; tests/test_chat.py runs --init_from=gpt2 on a cached tiny one",
 }
-EVAL_SHORT = ["--num_samples=40", "--probe_per_tense=2", "--chat_samples=8"]
+EVAL_SHORT = ["--num_samples=40", "--time_prompts=12", "--probe_per_tense=2", "--chat_samples=8"]
 SHORT = ["--max_iters=4", "--eval_interval=2", "--eval_iters=1", "--log_interval=2"]
 
 
