@@ -265,11 +265,17 @@ def instruction_accuracy(model, tokenizer, conversations):
     conversation counts when every turn matches. Overall, per instruction, per tense asked for.
     """
     table = grammar.cores()
-    rows = []
+    rows, misses = [], []
     for messages in conversations:
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        right = all(answer(model, tokenizer, messages[:i]) == messages[i]["content"] for i in turns)
-        rows.append((grammar.task_of(messages), grammar.tense_asked(messages, table), right))
+        replies = {i: answer(model, tokenizer, messages[:i]) for i in turns}
+        wrong = [i for i in turns if replies[i] != messages[i]["content"]]
+        rows.append((grammar.task_of(messages), grammar.tense_asked(messages, table), not wrong))
+        if wrong:  # the first turn that missed: what was asked, the answer, the model's reply
+            i = wrong[0]
+            misses.append(
+                {"asked": messages[i - 1]["content"], "expected": messages[i]["content"], "got": replies[i]}
+            )
     share = lambda key: {
         k: float(np.mean([r for *ks, r in rows if ks[key] == k])) for k in sorted({x[key] for x in rows})
     }
@@ -278,6 +284,7 @@ def instruction_accuracy(model, tokenizer, conversations):
         "exact_match": float(np.mean([r for *_, r in rows])),
         "exact_match_per_task": share(0),
         "exact_match_per_tense": share(1),
+        "examples_wrong": misses[:10],
     }
 
 
@@ -407,6 +414,8 @@ def show_chat(report):
         for k in report["chat"][key]:
             print(f"  {k:28}" + "".join(f"{run[key].get(k, 0.0):12.1%}" for _, run in runs))
     print(f"  {'all':28}" + "".join(f"{run['exact_match']:12.1%}" for _, run in runs))
+    for miss in report["chat"]["examples_wrong"][:3]:
+        print(f"  missed: {miss['asked']!r} -> {miss['got']!r} (expected {miss['expected']!r})")
 
 
 if __name__ == "__main__":

@@ -247,6 +247,10 @@ def test_eval_reports_exact_match_beside_the_model_before_fine_tuning(chat_run):
         "two-turn",
     }
     assert 0.0 <= report["chat_before"]["exact_match"] <= 1.0
+    # the tiny model before fine-tuning misses every one: each miss names the question, answer and reply
+    misses = report["chat_before"]["examples_wrong"]
+    assert report["chat_before"]["exact_match"] == 0.0 and len(misses) == 10
+    assert all(m["expected"] != m["got"] and m["asked"] for m in misses)
 
 
 def test_chat_data_and_plain_data_are_not_mixed_up(chat_run, tiny_run):
