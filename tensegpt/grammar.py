@@ -191,7 +191,7 @@ def sentence(subject, person, verb, obj, tense, form, time, time_first=False):
     return text + ("?" if form == "question" else ".")
 
 
-def generate(n, seed, time_first=0.3):
+def generate(n, seed, time_first=0.7):
     rng = random.Random(seed)
     seen, out = set(), []
     # Sample combinations until n distinct sentences; every tense and form is drawn

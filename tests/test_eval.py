@@ -22,9 +22,9 @@ def test_the_grammar_accepts_every_line_of_tense_txt(table):
         lines = f.read().splitlines()
     parsed = [grammar.parse(line, table) for line in lines]
     assert all(p is not None and p["agrees"] and p["sensible"] for p in parsed)
-    # about 30% of the statements with a time phrase put it first; questions never do
+    # 70% of the statements with a time phrase put it first (42% of the lines); questions never do
     first = [p for p in parsed if p["time_first"]]
-    assert 0.15 < len(first) / len(lines) < 0.22 and all(p["form"] != "question" for p in first)
+    assert 0.39 < len(first) / len(lines) < 0.45 and all(p["form"] != "question" for p in first)
     assert {p["tense"] for p in parsed} == set(grammar.TENSES)
     counts = [sum(p["tense"] == t for p in parsed) for t in grammar.TENSES]
     # an equal share of the twelve tenses (8,333 or 8,334 each), but for "They read a book." with no time
