@@ -58,8 +58,7 @@ class AdaptedEmbedding(nn.Module):
     <|user|>; and with rank > 0 ('wte' among the targets) a low-rank update B A (B: V x
     rank, zero at first; A: rank x C, drawn at the embedding's own scale) over every row.
     The update is what lets a frozen model that was trained to continue text move its
-    output distribution to answers: on the tense task the answers' val loss went from
-    0.88 without it to 0.011 with it (docs/chat.md).
+    output distribution to answers (docs/chat.md measures what it changes).
     """
 
     def __init__(self, embedding, fresh_from, rank=0, alpha=1.0):
