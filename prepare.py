@@ -272,7 +272,8 @@ def main():
         )
     if config["vocab_from"]:  # the vocabulary of the model this text will fine-tune
         tokenizer = vocabulary_of(config["vocab_from"])
-        check_spelled(tokenizer, numbered_lines(path, config["errors"]), config["vocab_from"])
+        line_end = "" if example == "line" else "\n"  # a paragraph's or a stream's line breaks are text
+        check_spelled(tokenizer, numbered_lines(path, config["errors"], line_end), config["vocab_from"])
     elif kind == "char":
         if len(counts) + 1 > 65536:
             raise UserError(
@@ -381,9 +382,11 @@ def check_spelled(tokenizer, numbered_texts, vocab_from):
     reads a new word as <unk>, as it reads any unseen word: counted and said. (GPT-2's BPE
     spells every text: a token the compact vocabulary lacks splits into pieces.)
     """
+    if tokenizer.name not in ("char", "word"):
+        return
     missing, total, first = collections.Counter(), 0, None
     for where, text in numbered_texts:
-        unknown = tokenizer.unknown(text) if tokenizer.name in ("char", "word") else []
+        unknown = tokenizer.unknown(text)
         if unknown and tokenizer.name == "char":
             raise UserError(
                 f"{where} has characters that the char vocabulary of {vocab_from} lacks "
@@ -405,13 +408,13 @@ def check_spelled(tokenizer, numbered_texts, vocab_from):
         )
 
 
-def numbered_lines(path, errors):
-    """('PATH line N', line) for each line of a text file."""
+def numbered_lines(path, errors, end=""):
+    """('PATH line N', line + end) for each line of a text file (end: "\n" where it is text)."""
     number = 0
     for _, lines in read_batches(path, errors):
         for line in lines:
             number += 1
-            yield f"{path} line {number}", line
+            yield f"{path} line {number}", line + end
 
 
 def numbered_contents(*paths):

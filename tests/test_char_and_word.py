@@ -79,6 +79,12 @@ def test_vocab_from_a_char_base_refuses_a_character_it_lacks_naming_the_line(tmp
     message = fails("prepare.py", "--input=more.txt", "--vocab_from=base", "--out_dir=ft", cwd=tmp_path)
     assert message.startswith("error: more.txt line 3 has characters that the char vocabulary of base lacks")
     assert "'c', 'm', 's'" in message and not (tmp_path / "ft" / "meta.json").exists()  # nothing written
+    # a paragraph's inner line break is text, which a base of single lines never had
+    (tmp_path / "para.txt").write_text("the dog ran.\nthe baby ate.\n\nthe dog ate.\n")
+    args = ["--input=para.txt", "--example=paragraph", "--vocab_from=base", "--out_dir=ft"]
+    assert "para.txt line 1 has characters that the char vocabulary of base lacks ('\\n')" in fails(
+        "prepare.py", *args, cwd=tmp_path
+    )
     write_jsonl(
         tmp_path / "chat.jsonl", [talk("the dog ran.", "the baby ate.")] * 2 + [talk("the dog?", "yes")]
     )
