@@ -33,7 +33,7 @@ DEFAULTS = {
     "n": 100000,  # how many distinct sentences
     "seed": 1337,  # the same seed gives the same file (0 to 2**32 - 1)
     "out": "tense.txt",  # the file to write
-    "time_first": 0.7,  # share of statements with a time phrase that put it first (docs/preparing-data.md: why 0.7)
+    "time_first": 0.7,  # share of statements with a time phrase put first (docs/preparing-data.md: why)
     "task": "sentences",  # 'sentences' (tense.txt) or 'chat' (instruction conversations as .jsonl)
 }
 
