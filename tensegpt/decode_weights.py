@@ -27,16 +27,26 @@ PRECISIONS = ("float32", "bfloat16", "int8")
 
 
 class TransposedLinear(nn.Module):
-    """y = x W^T + b with W stored as W^T: (in, out), contiguous, in the decoding dtype."""
+    """y = x W^T + b with W stored as W^T: (in, out), contiguous."""
 
-    def __init__(self, linear, dtype):
+    def __init__(self, linear):
         super().__init__()
-        self.weight_t = nn.Parameter(linear.weight.detach().t().to(dtype).contiguous(), requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), False)
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        self.bias = linear.bias
 
     def forward(self, x):
         y = x.to(self.weight_t.dtype) @ self.weight_t
         return y if self.bias is None else y + self.bias
+
+    def untransposed(self):
+        """The nn.Linear of the same weights, stored (out, in) again."""
+        weight = self.weight_t.t()  # (out, in)
+        linear = nn.Linear(
+            *self.weight_t.shape, bias=self.bias is not None, device=weight.device, dtype=weight.dtype
+        )
+        linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        linear.bias = self.bias
+        return linear
 
 
 class Int8Linear(nn.Module):
@@ -76,30 +86,34 @@ def for_decoding(model, precision="float32", layout="fastest"):
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if layout not in ("fastest", "transposed", "as_is"):
+        raise ValueError(f"layout must be fastest, transposed or as_is; got {layout!r}")
     model = model.to(torch.float32 if precision == "float32" else torch.bfloat16).eval()
     slots = [
-        (module, name, child)
+        (module, name)
         for module in list(model.modules())
         for name, child in module.named_children()
         if isinstance(child, nn.Linear)
     ]
     if precision == "int8":
-        choices = {"int8": [Int8Linear(child) for _, _, child in slots]}
-    else:
-        choices = {"as_is": [child for _, _, child in slots]}
-        if layout != "as_is":
-            choices["transposed"] = [TransposedLinear(child, child.weight.dtype) for _, _, child in slots]
-
-    def use(label):
-        for (module, name, _), linear in zip(slots, choices[label]):
-            setattr(module, name, linear)
-        return label
-
-    if layout == "fastest" and len(choices) > 1:
-        seconds = {use(label): one_token_seconds(model) for label in choices}
-        layout = min(seconds, key=seconds.get)
-    use(layout if layout in choices else next(iter(choices)))
+        swap(slots, Int8Linear)
+    elif layout != "as_is":
+        # one matrix at a time, each old one let go as its copy is made: never both layouts whole
+        # (but the output layer tied to the embedding, whose weight the embedding keeps anyway)
+        tied = {(id(m), n): getattr(m, n) for m, n in slots if getattr(m, n).weight is model.wte.weight}
+        as_is = one_token_seconds(model) if layout == "fastest" else 0.0
+        swap(slots, TransposedLinear)
+        if layout == "fastest" and one_token_seconds(model) > as_is:
+            for module, name in slots:
+                layer = getattr(module, name)
+                setattr(module, name, tied.get((id(module), name)) or layer.untransposed())
     return model
+
+
+def swap(slots, make):
+    """Replaces each (module, name)'s layer by make(layer), in place, one layer at a time."""
+    for module, name in slots:
+        setattr(module, name, make(getattr(module, name)))
 
 
 def one_token_seconds(model, repeats=3):

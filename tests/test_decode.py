@@ -41,6 +41,28 @@ def test_float32_decoding_keeps_the_logits_and_the_greedy_text(layout):
     assert torch.equal(fast.generate(idx, 40, greedy=True), expected)
 
 
+@pytest.mark.parametrize("faster", ["as_is", "transposed"])
+def test_fastest_layout_keeps_the_faster_one_and_the_tied_output_layer(faster, monkeypatch):
+    """Whichever layout times faster is kept; going back to (out, in) keeps the output layer tied."""
+    import tensegpt.decode_weights as decode_weights
+
+    def seconds(model):  # the layout `faster` takes 1 s, the other 2
+        transposed = isinstance(model.blocks[0].mlp.c_fc, TransposedLinear)
+        return 1.0 if transposed == (faster == "transposed") else 2.0
+
+    monkeypatch.setattr(decode_weights, "one_token_seconds", seconds)
+    model = gpt(2, vocab_size=100, n_embd=32)
+    idx = torch.tensor([[5, 7, 9]])
+    fast = for_decoding(copy.deepcopy(model), "float32", "fastest")
+    wanted = TransposedLinear if faster == "transposed" else torch.nn.Linear
+    assert all(isinstance(b.attn.c_attn, wanted) and isinstance(b.mlp.c_proj, wanted) for b in fast.blocks)
+    assert isinstance(fast.lm_head, wanted)
+    assert (getattr(fast.lm_head, "weight", None) is fast.wte.weight) == (faster == "as_is")  # tied again
+    torch.testing.assert_close(fast(idx)[0], model(idx)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="layout must be"):
+        for_decoding(copy.deepcopy(model), "float32", "sideways")
+
+
 def test_bfloat16_and_int8_stay_close_to_float32():
     model = gpt(1, sharp=10.0, vocab_size=300, n_embd=64, block_size=64)
     idx = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(0))
