@@ -282,6 +282,9 @@ def run_command(sampler, line):
         if command == "seed":
             sampler.generator.manual_seed(c["seed"])
         print(f"{command} = {c[command]}")
+        if command == "repetition_penalty" and sampler.draft is not None and c[command] != 1.0:
+            print("note: a repetition penalty changes the model's distribution, which the draft keeps: "
+                  "the model samples alone until /repetition_penalty 1")  # fmt: skip
     else:
         print(f"unknown command /{command}; /help lists them")
     return True

@@ -195,6 +195,12 @@ def test_sample_precisions_and_a_draft_from_the_command_line(tiny_run):
     )  # fmt: skip
     assert spec.stdout == plain.stdout
     assert "speculative decoding: the model kept" in spec.stderr and "(100%)" in spec.stderr
+    # in the interactive loop a repetition penalty is said to leave the draft aside
+    talk = run_script(
+        "sample.py", "--ckpt=out/trained.pth", "--interactive", "--draft=out/trained.pth", cwd=tiny_run,
+        input="/repetition_penalty 1.3\nThe baby\n/quit\n",
+    )  # fmt: skip
+    assert "note: a repetition penalty changes the model's distribution, which the draft keeps" in talk.stdout
 
 
 def test_bad_decoding_options_are_one_line(tiny_run, trained_run):
