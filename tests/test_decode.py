@@ -220,15 +220,15 @@ def test_bad_decoding_options_are_one_line(tiny_run, trained_run):
             check_options({**sample.DEFAULTS, "draft": "out/trained.pth", **change})
 
 
-def test_bench_measures_each_precision_against_transformers_and_the_bound():
+def test_bench_measures_each_precision_against_transformers_and_the_bound(capsys):
     transformers = pytest.importorskip("transformers")
     import numpy as np
 
-    import bench
+    from tensegpt.decode_bench import bench_decoding, print_decoding
 
     config = transformers.GPT2Config(n_layer=3, n_embd=32, n_head=2, n_positions=64)  # GPT-2's vocabulary
     val = (np.arange(200) * 97 % 50257).astype(np.uint16)
-    r = bench.bench_decoding(8, val, "cpu", config)
+    r = bench_decoding(8, val, "cpu", config)
     assert r["bandwidth_gb_per_s"] > 0 and r["transformers_float32"] > 0
     for precision in ("float32", "bfloat16", "int8"):
         row = r[precision]
@@ -241,3 +241,7 @@ def test_bench_measures_each_precision_against_transformers_and_the_bound():
     assert r["int8"]["mb_per_token"] < r["bfloat16"]["mb_per_token"] < r["float32"]["mb_per_token"]
     for spec in r["float32"]["speculative_self_draft"] + r["int8"]["speculative_self_draft"]:  # 2 of 3 layers
         assert 0 <= spec["accepted"] <= 1 and spec["speedup"] > 0
+    print_decoding({"decoding": r})  # bench.py's table: a row per precision, a line per speculative run
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[2:5]] == ["float32", "bfloat16", "int8"]
+    assert sum(line.startswith("speculative decoding (greedy") for line in table) == 4
