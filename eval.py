@@ -105,7 +105,7 @@ def sample_sentences(model, tokenizer, config, device):
 def time_phrase_prompts(config):
     """
     {tense: prompts that open with a time phrase of that tense only ("Yesterday, the baby")}:
-    a model must then carry on in that tense. time_prompts of them, spread over the tenses.
+    a model must then carry on in that tense. time_prompts // 12 per tense, at least one.
     """
     rng = random.Random(config["seed"])
     per_tense = max(1, config["time_prompts"] // len(TENSES))
@@ -121,8 +121,8 @@ def time_phrase_prompts(config):
 
 def time_phrase_check(model, tokenizer, config, device, table, lowercase):
     """The grammar check after time-phrase prompts, per tense: does the model keep the phrase's tense?"""
-    per_tense, bad = {}, []
-    for tense, prompts in time_phrase_prompts(config).items():
+    per_tense, bad, prompts_of = {}, [], time_phrase_prompts(config)
+    for tense, prompts in prompts_of.items():
         by_length = {}  # prompts of as many tokens make one batch
         for prompt in prompts:
             by_length.setdefault(len(tokenizer.encode(prompt)), []).append(prompt)
@@ -132,6 +132,7 @@ def time_phrase_check(model, tokenizer, config, device, table, lowercase):
         per_tense[tense] = sum(kept) / len(texts)
         bad += [t for t, k in zip(texts, kept) if not k]
     return {
+        "time_prompts": sum(len(p) for p in prompts_of.values()),
         "time_prompt_agreement": sum(per_tense.values()) / len(per_tense),
         "time_prompt_per_tense": per_tense,
         "examples_bad_time_prompt": bad[:20],
@@ -384,7 +385,7 @@ def show(report, config, notes):
                 print(f"  not grammatical: {bad!r}")
             worst = min(report["time_prompt_per_tense"], key=report["time_prompt_per_tense"].get)
             print(
-                f'{config["time_prompts"]} prompts that open with a time phrase ("Yesterday, the baby"): '
+                f'{report["time_prompts"]} prompts that open with a time phrase ("Yesterday, the baby"): '
                 f"grammatical, in its tense {report['time_prompt_agreement']:.1%}"
                 f" (worst: {worst}, {report['time_prompt_per_tense'][worst]:.1%})"
             )

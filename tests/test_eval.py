@@ -114,6 +114,7 @@ def test_eval_reports_every_figure_in_range_and_draws_the_probe(trained_run, tmp
         assert 0.0 <= report[key] <= 1.0, key
     assert report["samples"] == 48 and len(report["probe_per_tense"]) == 12
     assert len(report["time_prompt_per_tense"]) == 12 and 0.0 <= report["time_prompt_agreement"] <= 1.0
+    assert report["time_prompts"] == 24  # 2 per tense
     assert len(report["examples_bad_time_prompt"]) <= 20
     assert np.array(report["probe_counts"]).sum(axis=1).tolist() == [3] * 12
     assert (
