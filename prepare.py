@@ -409,7 +409,7 @@ def check_spelled(tokenizer, numbered_texts, vocab_from):
 
 
 def numbered_lines(path, errors, end=""):
-    """('PATH line N', line + end) for each line of a text file (end: "\n" where it is text)."""
+    """('PATH line N', line + end) for each line of a text file (end: a line break where it is text)."""
     number = 0
     for _, lines in read_batches(path, errors):
         for line in lines:
