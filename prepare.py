@@ -386,17 +386,19 @@ def check_spelled(tokenizer, numbered_texts, vocab_from):
         return
     missing, total, first = collections.Counter(), 0, None
     for where, text in numbered_texts:
-        unknown = tokenizer.unknown(text)
-        if unknown and tokenizer.name == "char":
-            raise UserError(
-                f"{where} has characters that the char vocabulary of {vocab_from} lacks "
-                f"({', '.join(map(repr, unknown[:10]))}): a char model has no id for them; replace them, "
-                "or train the base model on text that has them"
-            )
-        if tokenizer.name == "word":
-            pieces, unknown = tokenizer.pieces(text), set(unknown)
+        if tokenizer.name == "char":
+            unknown = tokenizer.unknown(text)
+            if unknown:
+                raise UserError(
+                    f"{where} has characters that the char vocabulary of {vocab_from} lacks "
+                    f"({', '.join(map(repr, unknown[:10]))}): a char model has no id for them; replace "
+                    "them, or train the base model on text that has them"
+                )
+        else:  # word: each line cut into words once, each word looked up in the vocabulary
+            pieces = tokenizer.pieces(text)
+            unknown = [w for w in pieces if w not in tokenizer.ids]
             total += len(pieces)
-            missing.update(w for w in pieces if w in unknown)
+            missing.update(unknown)
             first = first or (where if unknown else None)
     if missing:
         common = " ".join(repr(w) for w, _ in missing.most_common(10))
