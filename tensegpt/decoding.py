@@ -59,6 +59,7 @@ def answer(model, tokenizer, messages, max_new_tokens=60, stream=None, generate=
     """
     ids = tokenizer.prompt(messages)[-model.config.block_size :]
     idx = torch.tensor([ids], device=model.wte.weight.device)
+    sampling = {"greedy": True, **sampling}  # generate_stream alone would sample at temperature 1
     new = []
     for step in (generate or model.generate_stream)(
         idx, max_new_tokens, stop_token=tokenizer.end, **sampling

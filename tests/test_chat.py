@@ -233,6 +233,31 @@ def test_fine_tuning_starts_from_the_checkpoint_and_answers_in_the_terminal(chat
     assert "has no chat tokens" in refused
 
 
+def test_an_answer_without_sampling_settings_is_the_greedy_one():
+    """eval.py's exact match asks for answers with no settings: the greedy text, whatever the seed."""
+    from tensegpt.decoding import answer
+
+    tokenizer = ChatTokenizer(tok.Char.from_counts({c: 1 for c in "abcdefgh ."}))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16))
+    model.eval()
+    messages = [{"role": "user", "content": "abc def"}]
+    replies = set()
+    for seed in range(5):
+        torch.manual_seed(seed)
+        replies.add(answer(model, tokenizer, messages, max_new_tokens=12))
+    idx = torch.tensor([tokenizer.prompt(messages)])
+    greedy = model.generate(idx, 12, greedy=True, stop_token=tokenizer.end)[0, idx.size(1) :].tolist()
+    greedy = greedy[: greedy.index(tokenizer.end)] if tokenizer.end in greedy else greedy
+    assert replies == {tokenizer.decode(greedy)}
+    # asked to sample, it samples: at a high temperature the seeds give different replies
+    sampled = set()
+    for seed in range(5):
+        torch.manual_seed(seed)
+        sampled.add(answer(model, tokenizer, messages, max_new_tokens=12, greedy=False, temperature=2.0))
+    assert len(sampled) > 1
+
+
 def test_eval_reports_exact_match_beside_the_model_before_fine_tuning(chat_run):
     out = run_script(
         "eval.py", "--ckpt=out-chat/trained.pth", "--json=True", "--chat_samples=20", cwd=chat_run
