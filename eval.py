@@ -268,15 +268,15 @@ def instruction_accuracy(model, tokenizer, conversations):
     table = grammar.cores()
     rows, misses = [], []
     for messages in conversations:
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        replies = {i: answer(model, tokenizer, messages[:i]) for i in turns}
-        wrong = [i for i in turns if replies[i] != messages[i]["content"]]
-        rows.append((grammar.task_of(messages), grammar.tense_asked(messages, table), not wrong))
-        if wrong:  # the first turn that missed: what was asked, the answer, the model's reply
-            i = wrong[0]
-            misses.append(
-                {"asked": messages[i - 1]["content"], "expected": messages[i]["content"], "got": replies[i]}
-            )
+        miss = None  # the first turn that missed: what was asked, the answer, the model's reply
+        for i in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
+            reply = answer(model, tokenizer, messages[:i])
+            if reply != messages[i]["content"]:
+                miss = {"asked": messages[i - 1]["content"], "expected": messages[i]["content"], "got": reply}
+                break  # the conversation is wrong: its later turns need not be generated
+        rows.append((grammar.task_of(messages), grammar.tense_asked(messages, table), miss is None))
+        if miss:
+            misses.append(miss)
     share = lambda key: {
         k: float(np.mean([r for *ks, r in rows if ks[key] == k])) for k in sorted({x[key] for x in rows})
     }
