@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from tensegpt import tokenizer as tok
-from tensegpt.chat import ChatTokenizer, is_chat_file, read_conversations
+from tensegpt.chat import ChatTokenizer, is_chat_file, numbered_contents, read_conversations
 from tensegpt.common import (
     UserError,
     atomic_write,
@@ -273,7 +273,7 @@ def main():
     if config["vocab_from"]:  # the vocabulary of the model this text will fine-tune
         tokenizer = vocabulary_of(config["vocab_from"])
         line_end = "" if example == "line" else "\n"  # a paragraph's or a stream's line breaks are text
-        check_spelled(tokenizer, numbered_lines(path, config["errors"], line_end), config["vocab_from"])
+        tok.check_spelled(tokenizer, numbered_lines(path, config["errors"], line_end), config["vocab_from"])
     elif kind == "char":
         if len(counts) + 1 > 65536:
             raise UserError(
@@ -375,41 +375,6 @@ def sha256_of(*paths):
     return sha.hexdigest()
 
 
-def check_spelled(tokenizer, numbered_texts, vocab_from):
-    """
-    --vocab_from with a char or word base: the text it cannot spell. A char model has no id
-    for a new character and would drop it: refused, naming the first line. A word model
-    reads a new word as <unk>, as it reads any unseen word: counted and said. (GPT-2's BPE
-    spells every text: a token the compact vocabulary lacks splits into pieces.)
-    """
-    if tokenizer.name not in ("char", "word"):
-        return
-    missing, total, first = collections.Counter(), 0, None
-    for where, text in numbered_texts:
-        if tokenizer.name == "char":
-            unknown = tokenizer.unknown(text)
-            if unknown:
-                raise UserError(
-                    f"{where} has characters that the char vocabulary of {vocab_from} lacks "
-                    f"({', '.join(map(repr, unknown[:10]))}): a char model has no id for them; replace "
-                    "them, or train the base model on text that has them"
-                )
-        else:  # word: each line cut into words once, each word looked up in the vocabulary
-            pieces = tokenizer.pieces(text)
-            unknown = [w for w in pieces if w not in tokenizer.ids]
-            total += len(pieces)
-            missing.update(unknown)
-            first = first or (where if unknown else None)
-    if missing:
-        common = " ".join(repr(w) for w, _ in missing.most_common(10))
-        print(
-            f"note: {sum(missing.values()):,} of {total:,} words ({sum(missing.values()) / total:.1%}; "
-            f"{len(missing):,} distinct, first at {first}) are not in the word vocabulary of {vocab_from} "
-            f"and are read as <unk>. Most common: {common}",
-            file=sys.stderr,
-        )
-
-
 def numbered_lines(path, errors, end=""):
     """('PATH line N', line + end) for each line of a text file (end: a line break where it is text)."""
     number = 0
@@ -417,15 +382,6 @@ def numbered_lines(path, errors, end=""):
         for line in lines:
             number += 1
             yield f"{path} line {number}", line + end
-
-
-def numbered_contents(*paths):
-    """('PATH line N', content) for each message of JSONL files that read_conversations accepted."""
-    for path in filter(None, paths):
-        with open(path, encoding="utf-8-sig") as f:
-            for number, line in enumerate(f, 1):
-                for message in json.loads(line)["messages"] if line.strip() else []:
-                    yield f"{path} line {number}", message["content"]
 
 
 def vocabulary_of(path):
@@ -466,7 +422,7 @@ def prepare_chat(config):
     texts = [m["content"] for c in conversations["train"] for m in c]
     if config["vocab_from"]:
         base = vocabulary_of(config["vocab_from"])
-        check_spelled(base, numbered_contents(path, config["val_input"]), config["vocab_from"])
+        tok.check_spelled(base, numbered_contents(path, config["val_input"]), config["vocab_from"])
     elif kind == "char":
         base = tok.Char.from_counts(collections.Counter(itertools.chain.from_iterable(texts)))
     elif kind == "word":

@@ -138,5 +138,14 @@ def read_conversations(path):
     return conversations
 
 
+def numbered_contents(*paths):
+    """('PATH line N', content) for each message of JSONL files that read_conversations accepted."""
+    for path in filter(None, paths):
+        with open(path, encoding="utf-8-sig") as f:
+            for number, line in enumerate(f, 1):
+                for message in json.loads(line)["messages"] if line.strip() else []:
+                    yield f"{path} line {number}", message["content"]
+
+
 def is_chat_file(path):
     return path.lower().endswith(".jsonl")

@@ -23,12 +23,14 @@ and meta() -> the plain dict that from_meta() rebuilds it from (stored in meta.j
 in trained.pth).
 """
 
+import collections
 import functools
 import hashlib
 import itertools
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import tiktoken
@@ -288,6 +290,42 @@ class Word:
 
     def meta(self):
         return {"tokenizer": "word", "words": self.words[len(self.SPECIALS) :]}
+
+
+def check_spelled(tokenizer, numbered_texts, vocab_from):
+    """
+    prepare.py --vocab_from with a char or word base: the text it cannot spell, from
+    numbered_texts, (where, text) pairs. A char model has no id for a new character and
+    would drop it: refused, naming the first place. A word model reads a new word as <unk>,
+    as it reads any unseen word: counted and said. (GPT-2's BPE spells every text: a token
+    the compact vocabulary lacks splits into pieces.)
+    """
+    if tokenizer.name not in ("char", "word"):
+        return
+    missing, total, first = collections.Counter(), 0, None
+    for where, text in numbered_texts:
+        if tokenizer.name == "char":
+            unknown = tokenizer.unknown(text)
+            if unknown:
+                raise UserError(
+                    f"{where} has characters that the char vocabulary of {vocab_from} lacks "
+                    f"({', '.join(map(repr, unknown[:10]))}): a char model has no id for them; replace "
+                    "them, or train the base model on text that has them"
+                )
+        else:  # word: each line cut into words once, each word looked up in the vocabulary
+            pieces = tokenizer.pieces(text)
+            unknown = [w for w in pieces if w not in tokenizer.ids]
+            total += len(pieces)
+            missing.update(unknown)
+            first = first or (where if unknown else None)
+    if missing:
+        common = " ".join(repr(w) for w, _ in missing.most_common(10))
+        print(
+            f"note: {sum(missing.values()):,} of {total:,} words ({sum(missing.values()) / total:.1%}; "
+            f"{len(missing):,} distinct, first at {first}) are not in the word vocabulary of {vocab_from} "
+            f"and are read as <unk>. Most common: {common}",
+            file=sys.stderr,
+        )
 
 
 def encode_examples(tokenizer, texts, threads=1):
