@@ -130,9 +130,7 @@ def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed,
         start = time.perf_counter()
         for _ in range(accum):
             starts = torch.randint(len(data) - T, (B, 1), generator=generator).numpy()
-            windows = torch.from_numpy(data[starts + np.arange(T + 1)].astype(np.int64)).to(
-                device
-            )  # (B, T+1)
+            windows = torch.from_numpy(data[starts + np.arange(T + 1)].astype(np.int64)).to(device)  # (B, T+1)
             x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
             with autocast:
                 loss = model(x, y)[1] / accum
@@ -192,9 +190,7 @@ def bench_training_shapes(data, vocab_size, small_config, device, dtype, warmup,
         step = {kind: bench_training(config, data, vocab_size, device, dtype, warmup, timed, peak, kind)
                 for kind in ("chunked", "plain", "transformers")}  # fmt: skip
         step["train_py_uses"] = (
-            "chunked"
-            if use_chunked_loss(vocab_size, config["batch_size"] * config["block_size"])
-            else "plain"
+            "chunked" if use_chunked_loss(vocab_size, config["batch_size"] * config["block_size"]) else "plain"
         )
         result[shape] = step
     return result
@@ -254,12 +250,8 @@ def legacy_compact(folder):
     meta = tok.read_meta(folder)
     new = tok.from_meta(meta)
     gpt2_ids = np.array(new.gpt2_ids)
-    train = gpt2_ids[
-        np.fromfile(os.path.join(folder, "train.bin"), dtype=np.uint16)
-    ]  # the same tokens, GPT-2's ids
-    old = tok.CompactGPT2(
-        sorted(set(np.unique(train).tolist()) | set(tok.single_byte_ids()) | {tok.GPT2_EOT}), "bytes"
-    )
+    train = gpt2_ids[np.fromfile(os.path.join(folder, "train.bin"), dtype=np.uint16)]  # the same tokens, GPT-2's ids
+    old = tok.CompactGPT2(sorted(set(np.unique(train).tolist()) | set(tok.single_byte_ids()) | {tok.GPT2_EOT}), "bytes")
     to_old = np.zeros(tok.GPT2_EOT + 1, dtype=np.uint16)
     to_old[old.gpt2_ids] = np.arange(old.vocab_size)
     texts = tok.decode_examples(new, np.fromfile(os.path.join(folder, "val.bin"), dtype=np.uint16))
@@ -362,9 +354,7 @@ def best_loss_within(records, seconds):
     """The best val loss of the evaluations within `seconds` of training steps (trained.pth then)."""
     elapsed = training_seconds(records)
     return min(
-        r["val_loss"]
-        for r in records
-        if "val_loss" in r and elapsed.get(r["iter"], float("inf")) <= seconds * 1.001
+        r["val_loss"] for r in records if "val_loss" in r and elapsed.get(r["iter"], float("inf")) <= seconds * 1.001
     )
 
 
@@ -396,9 +386,7 @@ def bench_switches(text, heldout, steps, config_path, dtype, eval_samples):
                     *schedule,
                 )
                 records = read_metrics(f"{out}/metrics.jsonl")
-                if (
-                    corpus == "tense"
-                ):  # eval.py scores val (bits per byte) and measures the grammar and the probe
+                if corpus == "tense":  # eval.py scores val (bits per byte) and measures the grammar and the probe
                     model = load_model(f"{out}/trained.pth")[0]
                     done = run_script(
                         "eval.py",
@@ -426,13 +414,11 @@ def bench_switches(text, heldout, steps, config_path, dtype, eval_samples):
                 results[name][corpus] = row
                 row["records"] = records
                 row["val_loss"] = min(r["val_loss"] for r in records if "val_loss" in r)
-                row["tokens_per_sec"] = statistics.median(
-                    r["tokens_per_sec"] for r in records if "tokens_per_sec" in r
-                )
+                row["tokens_per_sec"] = statistics.median(r["tokens_per_sec"] for r in records if "tokens_per_sec" in r)
                 row["seconds"] = max(training_seconds(records).values())
                 results[name]["params_M"] = model.num_params() / 1e6
                 results[name]["kv_cache_mb"] = (
-                    sum(t.numel() * t.element_size() for pair in model.new_caches(1) for t in pair) / 1e6
+                    sum(t.numel() * t.element_size() for cache in model.new_caches(1) for t in (cache.k, cache.v)) / 1e6
                 )
         for corpus, _ in corpora:  # the same wall-clock: what the fastest variant needs for its steps
             budget = min(r[corpus]["seconds"] for r in results.values())
@@ -522,8 +508,7 @@ def main():
     }
 
     report["matmul_peak_gflops"] = {
-        name: measure_peak_flops(device, getattr(torch, name), seconds=1.0) / 1e9
-        for name in ("float32", "bfloat16")
+        name: measure_peak_flops(device, getattr(torch, name), seconds=1.0) / 1e9 for name in ("float32", "bfloat16")
     }
     peak = report["matmul_peak_gflops"][dtype] * 1e9
 
@@ -534,21 +519,15 @@ def main():
         report["train_compact"] = bench_training(train_config, compact_data, compact_vocab, *timing)
         report["train_full"] = bench_training(train_config, full_data, full_vocab, *timing)
         # the same full-vocabulary run with the output layer and loss in one piece (no ChunkedLoss)
-        report["train_full_plain_loss"] = bench_training(
-            train_config, full_data, full_vocab, *timing, "plain"
-        )
+        report["train_full_plain_loss"] = bench_training(train_config, full_data, full_vocab, *timing, "plain")
         if opts["shapes"]:
             report["training_shapes"] = bench_training_shapes(full_data, full_vocab, train_config, *timing)
         if opts["decode_tokens"]:
             val = np.fromfile(os.path.join(folder, "full", "val.bin"), dtype=np.uint16)
             report["decoding"] = bench_decoding(opts["decode_tokens"], val, device)
     if opts["ckpt"] and opts["draft"]:
-        report["checkpoint_pair"] = bench_checkpoint_pair(
-            opts["ckpt"], opts["draft"], opts["gen_tokens"], device
-        )
-    report["train_speedup"] = (
-        report["train_compact"]["tokens_per_sec"] / report["train_full"]["tokens_per_sec"]
-    )
+        report["checkpoint_pair"] = bench_checkpoint_pair(opts["ckpt"], opts["draft"], opts["gen_tokens"], device)
+    report["train_speedup"] = report["train_compact"]["tokens_per_sec"] / report["train_full"]["tokens_per_sec"]
     report["chunked_loss_speedup"] = (
         report["train_full"]["tokens_per_sec"] / report["train_full_plain_loss"]["tokens_per_sec"]
     )
@@ -587,10 +566,7 @@ def main():
     )
     print(f"{'training':34} {'compact vocab':>16} {'full vocab':>16} {'ratio':>8} {'full, plain loss':>17}")
     print(f"{'  vocab rows':34} {c['vocab_size']:>16,} {f['vocab_size']:>16,} {'':>8} {p['vocab_size']:>17,}")
-    print(
-        f"{'  parameters (M)':34} {c['params_M']:>16.2f} {f['params_M']:>16.2f} {'':>8} "
-        f"{p['params_M']:>17.2f}"
-    )
+    print(f"{'  parameters (M)':34} {c['params_M']:>16.2f} {f['params_M']:>16.2f} {'':>8} {p['params_M']:>17.2f}")
     print(
         f"{'  ms/iter (median)':34} {c['ms_per_iter']:>16.1f} {f['ms_per_iter']:>16.1f} {'':>8} "
         f"{p['ms_per_iter']:>17.1f}"
@@ -630,8 +606,7 @@ def main():
     sampled = gen["sampled_tokens_per_sec"]
     print(f"{'  sampled tokens/s, T=0.8':34} {'compact vocab':>16} {'full vocab':>16}")
     print(
-        f"{'':34} {sampled['compact']:>16,.0f} {sampled['full']:>16,.0f} "
-        f"{sampled['compact'] / sampled['full']:>7.2f}x"
+        f"{'':34} {sampled['compact']:>16,.0f} {sampled['full']:>16,.0f} {sampled['compact'] / sampled['full']:>7.2f}x"
     )
     print_training_shapes(report)
     print_decoding(report)
@@ -642,17 +617,11 @@ def main():
             f"peak memory {p['peak_memory_mb']:.0f} MB, {p['threads']} threads"
         )
     if "heldout" in report:
-        print(
-            f"held-out quality: last 10% of {opts['heldout']}, {opts['quality_steps']} steps of "
-            f"{opts['config']}"
-        )
+        print(f"held-out quality: last 10% of {opts['heldout']}, {opts['quality_steps']} steps of {opts['config']}")
         print(f"{'':34} {'bits per byte':>16} {'vocab':>8} {'train time':>11}")
         for name, _, _ in QUALITY_VARIANTS:
             q = report["heldout"][name]
-            print(
-                f"{'  ' + name:34} {q['bits_per_byte']:>16.3f} {q['vocab_size']:>8,} "
-                f"{q['train_seconds']:>10.0f}s"
-            )
+            print(f"{'  ' + name:34} {q['bits_per_byte']:>16.3f} {q['vocab_size']:>8,} {q['train_seconds']:>10.0f}s")
     if "switches" in report:
         print_switches(report["switches"], opts)
 
@@ -681,7 +650,7 @@ def print_switches(switches, opts):
         f"{'gramm.':>7} "
         f"{'agree':>6} {'who-what':>8} {'probe':>6}"
     )
-    pct = lambda row, key: f"{100 * row[key]:.1f}%" if key in row else "-"  # noqa: E731
+    pct = lambda row, key: f"{100 * row[key]:.1f}%" if key in row else "-"
     for name, r in switches.items():
         t = r["tense"]
         print(

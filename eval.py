@@ -163,7 +163,7 @@ def grammar_check(texts, train_lines, table, lowercase):
     good = [(t, p) for t, p in zip(texts, parsed) if p is not None]
     timed = [p for _, p in good if p["time"]]
     known = {line.lower() for line in train_lines} if lowercase else set(train_lines)
-    share = lambda part, whole: part / whole if whole else 0.0  # noqa: E731
+    share = lambda part, whole: part / whole if whole else 0.0
     return {
         "samples": len(texts),
         "grammatical": share(len(good), len(texts)),
@@ -186,9 +186,7 @@ def continuation_logprobs(model, pairs, batch_size):
         width = max(map(len, seqs))
         x = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
         logits, _ = model(x[:, :-1], x[:, 1:].contiguous())
-        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(2, x[:, 1:, None])[
-            ..., 0
-        ]  # (B, width - 1)
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(2, x[:, 1:, None])[..., 0]  # (B, width - 1)
         for row, (prefix, rest) in enumerate(batch):
             scores.append(logprobs[row, len(prefix) - 1 : len(prefix) - 1 + len(rest)].sum().item())
     return scores
@@ -213,17 +211,13 @@ def probe(model, tokenizer, config, train_lines):
             )
             if sentence in known:
                 continue  # held out: the model never saw this sentence
-            rest = tokenizer.encode(sentence[len(phrase) :]) + [
-                tokenizer.eot
-            ]  # ", the baby ate an apple." and the end
+            rest = tokenizer.encode(sentence[len(phrase) :]) + [tokenizer.eot]  # ", the baby ate an apple." and the end
             for other in TENSES:
                 lead = rng.choice(ONLY[other]) if other != tense else phrase
                 pairs.append(([tokenizer.eot] + tokenizer.encode(lead[0].upper() + lead[1:]), rest))
             truth.append(t_index)
             made += 1
-    scores = np.array(continuation_logprobs(model, pairs, config["batch_size"])).reshape(
-        len(truth), len(TENSES)
-    )
+    scores = np.array(continuation_logprobs(model, pairs, config["batch_size"])).reshape(len(truth), len(TENSES))
     counts = np.zeros((len(TENSES), len(TENSES)), dtype=int)
     for t_index, row in zip(truth, scores):
         counts[t_index, int(row.argmax())] += 1
@@ -292,17 +286,13 @@ def instruction_accuracy(model, tokenizer, conversations):
 def chat_report(model, tokenizer, checkpoint, data_dir, val, meta, config, device):
     """A chat model's exact match, beside the same for the model it was fine-tuned from (template alone)."""
     conversations = decode_conversations(tokenizer, val)
-    conversations = random.Random(config["seed"]).sample(
-        conversations, min(config["chat_samples"], len(conversations))
-    )
+    conversations = random.Random(config["seed"]).sample(conversations, min(config["chat_samples"], len(conversations)))
     report = {"chat": instruction_accuracy(model, tokenizer, conversations)}
     base = checkpoint.get("base") or ""
     if base.endswith(".pth") and os.path.isfile(base):
         # the base, with rows for the chat tokens made as fine-tuning made them
         settings = {"data_dir": data_dir, "block_size": model.config.block_size, "dropout": 0.0}
-        gpt_config, state, _ = fine_tuning_start(
-            base, settings, meta, checkpoint["tokenizer_meta"], lambda *_: None
-        )
+        gpt_config, state, _ = fine_tuning_start(base, settings, meta, checkpoint["tokenizer_meta"], lambda *_: None)
         before = GPT(gpt_config).to(device).eval()
         before.load_state_dict(state)
         report["chat_before"] = {"ckpt": base, **instruction_accuracy(before, tokenizer, conversations)}
@@ -333,12 +323,8 @@ def tense_report(report, model, tokenizer, checkpoint, data_dir, val, config, de
     table = grammar.cores(lowercase)
     parses = sum(grammar.parse(line, table, lowercase) is not None for line in val_lines[:500])
     if val_lines and parses >= 0.9 * min(len(val_lines), 500):
-        train_lines = decode_examples(
-            tokenizer, load_split(data_dir, "train", checkpoint["tokenizer_meta"])[0]
-        )
-        report.update(
-            grammar_check(sample_sentences(model, tokenizer, config, device), train_lines, table, lowercase)
-        )
+        train_lines = decode_examples(tokenizer, load_split(data_dir, "train", checkpoint["tokenizer_meta"])[0])
+        report.update(grammar_check(sample_sentences(model, tokenizer, config, device), train_lines, table, lowercase))
         report.update(time_phrase_check(model, tokenizer, config, device, table, lowercase))
         counts = probe(model, tokenizer, config, train_lines)
         per_tense = counts.diagonal() / counts.sum(axis=1)
@@ -405,9 +391,7 @@ def show(report, config, notes):
 
 
 def show_chat(report):
-    runs = [("fine-tuned", report["chat"])] + (
-        [("before", report["chat_before"])] if "chat_before" in report else []
-    )
+    runs = [("fine-tuned", report["chat"])] + ([("before", report["chat_before"])] if "chat_before" in report else [])
     n = report["chat"]["conversations"]
     print(f"exact match on {n} held-out conversations (greedy; every turn must match):")
     print(f"  {'':28}" + "".join(f"{name:>12}" for name, _ in runs))

@@ -53,9 +53,7 @@ def main():
     except ImportError:
         raise UserError("export.py writes safetensors: pip install safetensors") from None
     checkpoint = ckpt.load(config["ckpt"])
-    model_config = vars(
-        ckpt.gpt_config_of(checkpoint, config["ckpt"])
-    )  # with the keys older checkpoints lack
+    model_config = vars(ckpt.gpt_config_of(checkpoint, config["ckpt"]))  # with the keys older checkpoints lack
     problem = check_exportable(model_config, checkpoint["tokenizer_meta"]["tokenizer"])
     if problem:
         raise UserError(f"{config['ckpt']} is not GPT-2 compatible: {problem}")
@@ -73,12 +71,8 @@ def main():
     for name in old:  # another model's weights (pytorch_model.bin, ...) would load in place of ours
         if any(fnmatch.fnmatch(name, pattern) for pattern in HF_MODEL_FILES):
             os.remove(os.path.join(out, name))
-    atomic_write(
-        os.path.join(out, "model.safetensors"), lambda f: f.write(save(tensors, metadata={"format": "pt"}))
-    )
-    atomic_write(
-        os.path.join(out, "config.json"), lambda f: f.write(json.dumps(hf_config, indent=2).encode())
-    )
+    atomic_write(os.path.join(out, "model.safetensors"), lambda f: f.write(save(tensors, metadata={"format": "pt"})))
+    atomic_write(os.path.join(out, "config.json"), lambda f: f.write(json.dumps(hf_config, indent=2).encode()))
     # GPT-2's tokenizer files under the names transformers looks for
     for source, name, digest in (
         ("encoder.json", "vocab.json", ENCODER_JSON_SHA256),
@@ -87,10 +81,7 @@ def main():
         with open(gpt2_file(source, digest), "rb") as src:
             atomic_write(os.path.join(out, name), lambda f, src=src: shutil.copyfileobj(src, f))
     n_params = sum(t.numel() for t in tensors.values())
-    print(
-        f"wrote {out}/config.json, model.safetensors ({n_params / 1e6:.2f}M parameters), vocab.json, "
-        "merges.txt"
-    )
+    print(f"wrote {out}/config.json, model.safetensors ({n_params / 1e6:.2f}M parameters), vocab.json, merges.txt")
 
 
 if __name__ == "__main__":

@@ -67,13 +67,9 @@ def check_config(config):
     if config.n_head > 0 and config.n_embd % config.n_head:
         problems.append(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
     elif config.n_head > 0 and config.pos_encoding == "rotary" and config.n_embd // config.n_head % 2:
-        problems.append(
-            f"rotary: the head size n_embd / n_head ({config.n_embd // config.n_head}) must be even"
-        )
+        problems.append(f"rotary: the head size n_embd / n_head ({config.n_embd // config.n_head}) must be even")
     if config.n_kv_head > 0 and config.n_head % config.n_kv_head:
-        problems.append(
-            f"n_kv_head ({config.n_kv_head}) must divide n_head ({config.n_head}): each serves a group"
-        )
+        problems.append(f"n_kv_head ({config.n_kv_head}) must divide n_head ({config.n_head}): each serves a group")
     if not 0.0 <= config.dropout < 1.0:
         problems.append(f"dropout must be in [0, 1), got {config.dropout}")
     for key, allowed in (("pos_encoding", POS_ENCODINGS), ("activation", ACTIVATIONS), ("norm", NORMS)):
@@ -85,28 +81,48 @@ def check_config(config):
 # ----------------------------------------------------------------------------- positions and norms
 
 
-def sinusoidal_positions(start, length, n_embd, device=None):
-    """Rows start..start+length-1 of PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...)."""
-    position = torch.arange(start, start + length, dtype=torch.float32, device=device).unsqueeze(1)  # (T, 1)
-    i2 = torch.arange(0, n_embd, 2, dtype=torch.float32, device=device)  # 2i
+def positions_from(pos, T, device=None):
+    """The positions of T new tokens after pos: (1, T) for an int pos, (B, T) for a (B,) tensor of starts."""
+    if isinstance(pos, int):
+        return torch.arange(pos, pos + T, device=device)[None]
+    return pos[:, None] + torch.arange(T, device=pos.device)
+
+
+def attention_mask(pos, T, device=None):
+    """
+    Which keys each of T new queries at pos.. may see, built once for every layer: None where
+    the fused kernel's own rule is right (pos == 0: query i sees keys 0..i; one new token at
+    the same position in every row: it sees every cached key), else (B or 1, 1, T, S) with
+    True where a query at position p meets a key at position <= p.
+    """
+    if isinstance(pos, int) and (pos == 0 or T == 1):
+        return None
+    queries = positions_from(pos, T, device)  # (B or 1, T)
+    keys = torch.arange(int(queries.max()) + 1, device=queries.device)  # (S,)
+    return (keys <= queries[..., None])[:, None]  # (B or 1, 1, T, S)
+
+
+def sinusoidal_positions(positions, n_embd):
+    """PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(...) at positions (B, T): (B, T, C)."""
+    position = positions.float().unsqueeze(-1)  # (B, T, 1)
+    i2 = torch.arange(0, n_embd, 2, dtype=torch.float32, device=positions.device)  # 2i
     frequency = torch.exp(i2 * (-math.log(10000.0) / n_embd))  # 10000^(-2i/d)
-    pe = torch.zeros(length, n_embd, device=device)
-    pe[:, 0::2] = torch.sin(position * frequency)
-    pe[:, 1::2] = torch.cos(position * frequency)[:, : n_embd // 2]
-    return pe  # (T, C)
+    pe = torch.zeros(*positions.shape, n_embd, device=positions.device)
+    pe[..., 0::2] = torch.sin(position * frequency)
+    pe[..., 1::2] = torch.cos(position * frequency)[..., : n_embd // 2]
+    return pe
 
 
-def rotate(x, start):
+def rotate(x, positions):
     """
     Rotary position embedding (Su et al. 2021, RoFormer): the pairs (x_i, x_{i + d/2}) of
     each head's query or key at position p turn by the angle p * 10000^(-2i/d). A query at
     p and a key at p' then meet at an angle that depends only on p - p', so attention sees
-    relative positions. x (B, heads, T, d) at positions start..start+T-1.
+    relative positions. x (B, heads, T, d) at positions (B or 1, T).
     """
     d = x.size(-1)
     frequency = 10000.0 ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
-    positions = torch.arange(start, start + x.size(2), device=x.device, dtype=torch.float32)
-    angle = positions[:, None] * frequency  # (T, d/2)
+    angle = (positions.float()[..., None] * frequency)[:, None]  # (B, 1, T, d/2): the same for every head
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
@@ -123,18 +139,26 @@ def make_norm(config, size):
 # ----------------------------------------------------------------------------- the block
 
 
-def attention(q, k, v):
+class KVCache:
     """
-    The textbook's attention, written out: softmax(q k^T / sqrt(head_size)) v, where query
-    i may not see a key after it. q (B, heads, T, hs) for the last T of the S positions of
-    k and v (B, heads, S, hs). Returns (output (B, heads, T, hs), weights (B, heads, T, S)).
-    CausalSelfAttention.forward computes the same with one fused call.
+    The keys and values one attention layer has seen, kept for generation: those of earlier
+    positions never change (attention is causal), so they are computed once and each new
+    token runs the model on its own position only. Each row of the batch is one sequence.
+    (A server that decodes rows at different positions passes its own cache with an update
+    of the same form: tensegpt/engine.py's SlotCache.)
     """
-    T, S = q.size(2), k.size(2)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, heads, T, S)
-    future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1)
-    weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
-    return weights @ v, weights
+
+    def __init__(self, batch_size, n_kv_head, block_size, head_size, device=None, dtype=None):
+        shape = (batch_size, n_kv_head, block_size, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, pos, k, v):
+        """Stores k, v (B, n_kv_head, T, hs) at positions pos..pos+T-1; returns those of positions 0..pos+T-1."""
+        T = k.size(2)
+        self.k[:, :, pos : pos + T] = k
+        self.v[:, :, pos : pos + T] = v
+        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]
 
 
 class CausalSelfAttention(nn.Module):
@@ -142,8 +166,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_size = config.n_embd // config.n_head
-        kv_size = self.n_kv_head * self.head_size  # grouped-query attention: fewer key/value heads
-        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_size, bias=config.bias)  # q, k, v
+        # grouped-query attention: fewer key/value heads than query heads
+        kv_size = self.n_kv_head * self.head_size
+        # queries, keys and values of every head from one matmul
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_size, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.rotary, self.qk_norm = config.pos_encoding == "rotary", config.qk_norm
         if self.qk_norm:
@@ -151,48 +177,56 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = nn.RMSNorm(self.head_size, eps=1e-5)
             self.k_norm = nn.RMSNorm(self.head_size, eps=1e-5)
         self.dropout = config.dropout
+        self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # flash: PyTorch's fused kernel, which never holds the (T, S) weights. False: the
+        # textbook's computation written out below, which keeps its weights in self.weights
+        # (sample.py --attention draws them); both give the same output.
+        self.flash = True
+        self.weights = None
 
-    def forward(self, x, cache=None, pos=0):
-        B, T, C = x.shape
-        q, k, v = self.heads(x, cache, pos)
-        # the same as attention(q, k, v)[0] in one fused kernel that never holds the (T, S)
-        # weights. is_causal masks j > i: right when the T queries are all S positions. One
-        # new query (T == 1) may see every cached key; T < S new queries after a cache (a
-        # draft checked by speculative decoding) each see the keys up to their own position.
-        S = k.size(2)
-        visible = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=visible, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=T > 1 and visible is None,
-        )  # fmt: skip
-        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
-
-    def heads(self, x, cache=None, pos=0):
-        """Queries (B, n_head, T, hs), and keys and values (B, n_head, S, hs) of all S positions so far."""
+    def forward(self, x, mask=None, cache=None, pos=0):
+        """
+        x (B, T, C) at positions pos..pos+T-1 -> (B, T, C). mask (B or 1, 1, T, S): which of the
+        S keys each query may see, from GPT.attention_mask; None: query i sees keys up to i
+        (T == S), or every key (one new token after a cache).
+        """
         B, T, C = x.shape
         kv_size = self.n_kv_head * self.head_size
         q, k, v = self.c_attn(x).split([C, kv_size, kv_size], dim=2)
-        # (B, T, heads * head_size) -> (B, heads, T, head_size): each head attends in its own subspace
+        # (B, T, heads * hs) -> (B, heads, T, hs): each head attends in its own subspace
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary:
-            q, k = rotate(q, pos), rotate(k, pos)  # a cached key keeps the rotation of its own position
+            # a key turns by the angle of its own position, and keeps it in the cache
+            positions = positions_from(pos, T, x.device)
+            q, k = rotate(q, positions), rotate(k, positions)
         if cache is not None:
-            # KV cache: keys and values of earlier positions never change (causal), so store
-            # them once and attend the new queries to all of them.
-            k_cache, v_cache = cache  # (B, n_kv_head, block_size, head_size)
-            k_cache[:, :, pos : pos + T] = k
-            v_cache[:, :, pos : pos + T] = v
-            k, v = k_cache[:, :, : pos + T], v_cache[:, :, : pos + T]
-        if self.n_kv_head != self.n_head:  # each key/value head serves n_head / n_kv_head query heads
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, S, hs)
+            # the new keys and values join the cached ones: (B, n_kv_head, S, hs)
+            k, v = cache.update(pos, k, v)
+        if self.n_kv_head != self.n_head:
+            # each key/value head serves n_head / n_kv_head query heads: (B, n_head, S, hs)
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        return q, k, v
+        if self.flash:
+            # is_causal lets query i see keys 0..i, right when the T queries are all S positions
+            dropout = self.dropout if self.training else 0.0
+            causal = mask is None and T > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        else:
+            # softmax(q k^T / sqrt(hs)) v, where a query may not see a key after it
+            S = k.size(2)
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, n_head, T, S)
+            if mask is None:
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            self.weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+            y = self.attn_dropout(self.weights) @ v  # (B, n_head, T, hs)
+        # the heads side by side again: (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
 
 
 class FeedForward(nn.Module):
@@ -227,9 +261,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = FeedForward(config)
 
-    def forward(self, x, cache=None, pos=0):
+    def forward(self, x, mask=None, cache=None, pos=0):
         # pre-norm: normalise the input of each sublayer, keep the residual path an identity
-        x = x + self.attn(self.ln_1(x), cache, pos)
+        x = x + self.attn(self.ln_1(x), mask, cache, pos)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -298,7 +332,8 @@ class GPT(nn.Module):
         """
         idx (B, T) token ids -> (logits, loss). With targets (B, T), the ids that come next:
         logits (B, T, V) and the mean cross-entropy. Without: the logits of the last position
-        (B, 1, V), all that generation needs, and None. caches, pos: see generate_stream.
+        (B, 1, V), all that generation needs, and None. caches (new_caches) and pos (where idx
+        starts: an int, or a (B,) tensor with each row's own start): see generate_stream.
         """
         x = self.hidden_states(idx, caches, pos)  # (B, T, C)
         if targets is None:
@@ -310,27 +345,27 @@ class GPT(nn.Module):
     def hidden_states(self, idx, caches=None, pos=0):
         """Everything before the output layer: the blocks' output, normalised, (B, T, C)."""
         x = self.embed(idx, pos)
+        mask = attention_mask(pos, idx.size(1), idx.device)
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training:
                 # keep only each block's input; recompute its insides in backward (less memory)
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, None if caches is None else caches[i], pos)
+                x = block(x, mask, None if caches is None else caches[i], pos)
         return self.ln_f(x)
 
     def embed(self, idx, pos=0):
         """Token embedding plus the position of each token (positions pos..pos+T-1): (B, T, C)."""
         T = idx.size(1)
-        if pos + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}"
-            )
+        end = pos + T if isinstance(pos, int) else int(pos.max()) + T
+        if end > self.config.block_size:
+            raise ValueError(f"sequence of {end} tokens is longer than block_size {self.config.block_size}")
         x = self.wte(idx)  # (B, T, C)
         if self.config.pos_encoding == "learned":
-            x = x + self.wpe.weight[pos : pos + T]  # rows pos..pos+T-1: an embedding lookup of a range
+            x = x + self.wpe(positions_from(pos, T, idx.device))  # (B or 1, T, C)
         elif self.config.pos_encoding == "sinusoidal":
             # the paper scales embeddings by sqrt(d_model) so the fixed sinusoids don't drown them
-            pe = sinusoidal_positions(pos, T, self.config.n_embd, x.device)
+            pe = sinusoidal_positions(positions_from(pos, T, idx.device), self.config.n_embd)
             x = x * math.sqrt(self.config.n_embd) + pe.to(x.dtype)
         # rotary: no position is added here; attention rotates its queries and keys instead
         return self.drop(x)
@@ -338,11 +373,10 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------- generation
 
     def new_caches(self, batch_size, device=None, dtype=None):
-        """One (keys, values) pair per layer, each (B, n_kv_head, block_size, head_size)."""
+        """One KVCache per layer, for batch_size sequences of up to block_size tokens."""
         c, p = self.config, self.wte.weight
         shape = (batch_size, c.n_kv_head, c.block_size, c.n_embd // c.n_head)
-        make = lambda: torch.empty(shape, device=device or p.device, dtype=dtype or p.dtype)  # noqa: E731
-        return [(make(), make()) for _ in range(c.n_layer)]
+        return [KVCache(*shape, device=device or p.device, dtype=dtype or p.dtype) for _ in range(c.n_layer)]
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, **sampling):
@@ -393,21 +427,20 @@ class GPT(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
-    """
-    logits (B, V) of the last position -> next ids (B, 1): divide by the temperature, keep
-    the top_k most likely tokens and the top_p nucleus, softmax, then draw one token.
-    """
+    """logits (B, V) of the last position -> next ids (B, 1): the most likely, or a draw from next_token_probs."""
     if greedy:
         return logits.argmax(dim=-1, keepdim=True)
+    return draw(next_token_probs(logits, temperature, top_k, top_p), generator)
+
+
+def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """
+    The distribution the next token is drawn from, (B, V) logits -> (B, V) probabilities:
+    divide by the temperature, keep the top_k most likely tokens and the top_p nucleus, softmax.
+    """
     # subtracting the max first: a tiny temperature then gives 0 and -huge, never inf - inf = nan
     logits = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
-    ids = None
-    if top_k is not None and top_k < logits.size(-1):
-        logits, ids = torch.topk(logits, top_k, dim=-1)  # (B, k), sorted: only these can be drawn
-    logits = filter_logits(logits, top_p=top_p)
-    probs = torch.softmax(logits, dim=-1)
-    choice = draw(probs, generator)  # the same as torch.multinomial(probs, 1, generator=generator)
-    return choice if ids is None else ids.gather(-1, choice)
+    return torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
 
 
 def draw(probs, generator=None):

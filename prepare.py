@@ -138,8 +138,7 @@ def check_options(config):
         ),
         (
             not (config["example"] == "file" and config["split"] == "random"),
-            "--example=file is one stream, so its val split is the end of the text: use --split=last (or "
-            "auto)",
+            "--example=file is one stream, so its val split is the end of the text: use --split=last (or auto)",
         ),
         (
             config["tokenizer"] in ("gpt2", "char", "word"),
@@ -151,8 +150,7 @@ def check_options(config):
         ),
         (
             config["tokenizer"] != "word" or 4 < config["vocab_size"] <= 65536,
-            f"--vocab_size must be between 5 and 65536 (4 ids are special tokens), "
-            f"got {config['vocab_size']}",
+            f"--vocab_size must be between 5 and 65536 (4 ids are special tokens), got {config['vocab_size']}",
         ),
         (
             config["min_frequency"] >= 0,
@@ -161,8 +159,7 @@ def check_options(config):
         (
             config["tokenizer"] == "word" or config["vocab_size"] == DEFAULTS["vocab_size"],
             f"--vocab_size applies to --tokenizer=word only; a {config['tokenizer']} vocabulary is what the "
-            "text uses"
-            + (" (--min_frequency makes the compact one smaller)" if config["tokenizer"] == "gpt2" else ""),
+            "text uses" + (" (--min_frequency makes the compact one smaller)" if config["tokenizer"] == "gpt2" else ""),
         ),
         (
             config["min_frequency"] == 0
@@ -202,9 +199,7 @@ def check_options(config):
             what = "a UTF-8 text file" if key == "input" else "a .jsonl file of conversations"
             raise UserError(f"{key} file {config[key]} does not exist; pass --{key}=FILE with {what}")
     if config["vocab_from"] and not os.path.exists(config["vocab_from"]):
-        raise UserError(
-            f"--vocab_from={config['vocab_from']} does not exist: pass a data folder or a trained.pth"
-        )
+        raise UserError(f"--vocab_from={config['vocab_from']} does not exist: pass a data folder or a trained.pth")
 
 
 def tokenize_split(path, errors, example, is_val, split, tokenizer):
@@ -267,8 +262,7 @@ def main():
         raise UserError(f"{path} has no text (it is empty or only whitespace); give it at least a few lines")
     if n_examples < 2:
         raise UserError(
-            f"{path} is too small: it has 1 {noun[:-1]}, and train and val need at least one each; add more "
-            f"{noun}"
+            f"{path} is too small: it has 1 {noun[:-1]}, and train and val need at least one each; add more {noun}"
         )
     if config["vocab_from"]:  # the vocabulary of the model this text will fine-tune
         tokenizer = vocabulary_of(config["vocab_from"])
@@ -305,9 +299,7 @@ def main():
     # Pass 2 tokenizes the train examples, pass 3 the val ones with the finished tokenizer (the
     # compact vocabulary is the train split's): a batch at a time, GPT-2 on every core.
     data, counted = {}, {}
-    data["train"], counted["train"] = tokenize_split(
-        path, config["errors"], example, is_val, "train", tokenizer
-    )
+    data["train"], counted["train"] = tokenize_split(path, config["errors"], example, is_val, "train", tokenizer)
     if kind == "gpt2" and not config["full_vocab"] and not config["vocab_from"]:
         counts = np.bincount(data["train"], minlength=tok.GPT2_EOT + 1)
         tokenizer = tok.CompactGPT2.from_used_ids(np.flatnonzero(counts >= min_frequency).tolist())
@@ -335,9 +327,7 @@ def main():
         "dtype": "uint16",
         "train_tokens": int(len(data["train"])),
         "val_tokens": int(len(data["val"])),
-        "train_lines": counted["train"][
-            "examples"
-        ],  # examples; "lines" for the data folders made before --example
+        "train_lines": counted["train"]["examples"],  # examples; "lines" for the data folders made before --example
         "val_lines": counted["val"]["examples"],
         "train_chars": counted["train"]["chars"],
         "val_chars": counted["val"]["chars"],
@@ -427,9 +417,7 @@ def prepare_chat(config):
         base = tok.Char.from_counts(collections.Counter(itertools.chain.from_iterable(texts)))
     elif kind == "word":
         counts = collections.Counter(itertools.chain.from_iterable(map(tok.Word.pieces, texts)))
-        base = tok.Word.from_counts(
-            counts, config["vocab_size"], config["min_frequency"] or MIN_FREQUENCY["word"]
-        )
+        base = tok.Word.from_counts(counts, config["vocab_size"], config["min_frequency"] or MIN_FREQUENCY["word"])
     elif config["full_vocab"]:
         base = tok.GPT2()
     else:
@@ -452,9 +440,7 @@ def prepare_chat(config):
         atomic_write(os.path.join(out_dir, f"{split}.bin"), ids.tofile)
         atomic_write(os.path.join(out_dir, f"{split}.mask.bin"), trained.tofile)
         text_bytes = sum(len(m["content"].encode("utf-8", "surrogatepass")) + 1 for c in convs for m in c)
-        meta.update(
-            {f"{split}_tokens": len(ids), f"{split}_conversations": len(convs), f"{split}_bytes": text_bytes}
-        )
+        meta.update({f"{split}_tokens": len(ids), f"{split}_conversations": len(convs), f"{split}_bytes": text_bytes})
     meta.update({
         "example": "conversation", "split": "file" if config["val_input"] else "random",
         "source": os.path.abspath(path), "source_sha256": sha256_of(path, config["val_input"]),

@@ -218,8 +218,7 @@ def score(model, tokenizer, text, device):
         print(f"{piece!r:>16} {logprob:9.4f}")
     total = sum(lp for _, lp in scores)
     print(
-        f"total log-probability {total:.4f} over {len(scores)} tokens, perplexity "
-        f"{math.exp(-total / len(scores)):.3f}"
+        f"total log-probability {total:.4f} over {len(scores)} tokens, perplexity {math.exp(-total / len(scores)):.3f}"
     )
 
 
@@ -229,9 +228,7 @@ def draw_attention(sampler, text, path):
     ids = sampler.prompt_ids(text)[-model.config.block_size :]
     maps = [m.float().cpu() for m in attention_weights(model, torch.tensor([ids], device=sampler.device))]
     plot_attention(maps, [token_label(tokenizer, t) for t in ids], path)
-    print(
-        f"saved attention heatmaps of {len(maps)} layers x {maps[0].size(0)} heads to {path}", file=sys.stderr
-    )
+    print(f"saved attention heatmaps of {len(maps)} layers x {maps[0].size(0)} heads to {path}", file=sys.stderr)
 
 
 def interactive(sampler, stream):

@@ -244,9 +244,7 @@ def main():
     if adapters:
         log.say(lora.describe(lora.add_adapters(gpt, adapters), adapters))
     betas = (config["beta1"], config["beta2"])
-    optimizers = configure_optimizers(
-        gpt, config["learning_rate"], config["weight_decay"], betas, config["optimizer"]
-    )
+    optimizers = configure_optimizers(gpt, config["learning_rate"], config["weight_decay"], betas, config["optimizer"])
     # each process takes its share of a step's grad_accum micro-batches
     micro_batches = config["grad_accum"] // world_size
     batches = make_batches(splits["train"], config, device, config["seed"], micro_batches, rank, world_size)
@@ -316,17 +314,13 @@ def main():
             log.memory(gpt, optimizers)
         stop = should_stop(world_size)  # the same answer on every rank
         if n_logged == config["log_interval"] or iter_num == config["max_iters"] or stop:
-            mean = distributed.mean_across(
-                step_losses, world_size
-            )  # the global batch's loss, one sync per line
+            mean = distributed.mean_across(step_losses, world_size)  # the global batch's loss, one sync per line
             log.progress(iter_num, mean[:n_logged].tolist(), lr, time.perf_counter() - t_log)
             t_log, n_logged = time.perf_counter(), 0
         if stop:
             save([last_path], "interrupted")
             args = [a for a in sys.argv[1:] if not a.startswith(("--init_from", "--overwrite"))]
-            log.say(
-                f"interrupted: continue with python train.py {' '.join(args)} --init_from=resume", sys.stderr
-            )
+            log.say(f"interrupted: continue with python train.py {' '.join(args)} --init_from=resume", sys.stderr)
             sys.exit(130)
 
     log.say(

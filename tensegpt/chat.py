@@ -90,9 +90,7 @@ def read_conversations(path):
         with open(path, encoding="utf-8-sig") as f:  # a byte-order mark marks the encoding; it is not text
             lines = list(f)
     except UnicodeDecodeError as e:
-        raise UserError(
-            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8"
-        ) from None
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror})") from None
     for number, line in enumerate(lines, 1):
@@ -108,9 +106,7 @@ def read_conversations(path):
             ) from None
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list) or not messages:
-            raise UserError(
-                f'{where} has no "messages" list: write {{"messages": [{{"role": ..., "content": ...}}]}}'
-            )
+            raise UserError(f'{where} has no "messages" list: write {{"messages": [{{"role": ..., "content": ...}}]}}')
         for i, message in enumerate(messages, 1):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise UserError(f'{where}: message {i} needs a "role" and a "content"')
@@ -119,17 +115,12 @@ def read_conversations(path):
                     f"{where}: message {i} has role {message['role']!r}; a role is one of {', '.join(ROLES)}"
                 )
             if not isinstance(message["content"], str):
-                raise UserError(
-                    f"{where}: message {i}'s content is {type(message['content']).__name__}, not text"
-                )
+                raise UserError(f"{where}: message {i}'s content is {type(message['content']).__name__}, not text")
         if messages[-1]["role"] != "assistant":
             raise UserError(
-                f"{where}: the conversation ends with a {messages[-1]['role']} turn; end it with the "
-                "assistant's answer"
+                f"{where}: the conversation ends with a {messages[-1]['role']} turn; end it with the assistant's answer"
             )
-        empty = [
-            i for i, m in enumerate(messages, 1) if m["role"] == "assistant" and not m["content"].strip()
-        ]
+        empty = [i for i, m in enumerate(messages, 1) if m["role"] == "assistant" and not m["content"].strip()]
         if empty:
             raise UserError(f"{where}: assistant message {empty[0]} is empty: nothing to learn from it")
         conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])

@@ -77,20 +77,15 @@ def load(
             f"{path} holds objects other than tensors and plain values{what}, refused for safety: only load "
             "checkpoints you trust"
         ) from None
-    except Exception as e:  # noqa: BLE001 - a damaged archive fails in many ways
+    except Exception as e:  # a damaged archive fails in many ways
         raise UserError(
             f"{path} is not a readable checkpoint (damaged or truncated: {e.__class__.__name__}); train "
             "again or restore it"
         ) from None
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("tokenizer"), dict):
         checkpoint["tokenizer_meta"] = checkpoint.pop("tokenizer")  # written before the key had its own name
-    if (
-        not isinstance(checkpoint, dict)
-        or not {"model", "model_config", "tokenizer_meta"} <= checkpoint.keys()
-    ):
-        raise UserError(
-            f"{path} is not a checkpoint of this project (it lacks model, model_config or tokenizer_meta)"
-        )
+    if not isinstance(checkpoint, dict) or not {"model", "model_config", "tokenizer_meta"} <= checkpoint.keys():
+        raise UserError(f"{path} is not a checkpoint of this project (it lacks model, model_config or tokenizer_meta)")
     return checkpoint
 
 
@@ -120,11 +115,7 @@ def build_model(checkpoint, path):
             lora.merge(model)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise cannot_load(path, e) from None
-    broken = [
-        name
-        for name, t in model.state_dict().items()
-        if t.is_floating_point() and not torch.isfinite(t).all()
-    ]
+    broken = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if broken:
         raise UserError(
             f"{path} holds NaN or infinite weights "
@@ -168,9 +159,7 @@ def check_resumable(checkpoint, path, tokenizer_meta, meta, config):
     """Refuses, with what differs, a checkpoint that is not a run on this data (settings: run_setup.py)."""
     missing = set(RESUME_KEYS) - checkpoint.keys()
     if missing:
-        raise UserError(
-            f"{path} cannot be resumed: it lacks {', '.join(sorted(missing))} (not written by train.py?)"
-        )
+        raise UserError(f"{path} cannot be resumed: it lacks {', '.join(sorted(missing))} (not written by train.py?)")
     then, now = checkpoint.get("data"), data_record(meta)
     if then is not None and then != now:
         diff = [f"{k} {then.get(k)!r} then, {now[k]!r} now" for k in DATA_KEYS if then.get(k) != now[k]]

@@ -90,9 +90,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 g.sub_(shift[rows]).exp_()
                 if not scale > 0:
                     g.mul_(scale)
-                g[torch.arange(g.size(0), device=x.device), targets[rows]] -= (
-                    scale  # - scale * one_hot(target)
-                )
+                g[torch.arange(g.size(0), device=x.device), targets[rows]] -= scale  # - scale * one_hot(target)
                 g = g.to(ctx.dtype)  # d loss / d logits
                 grad_x[rows] = g @ wc
                 grad_w += g.T @ xc[rows]

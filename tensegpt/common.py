@@ -22,9 +22,7 @@ def main_guard(main):
         main()
     except UserError as e:
         rank = int(os.environ.get("RANK", "0"))
-        if (
-            rank
-        ):  # under torchrun every rank usually hits the same error: rank 0 says it, torchrun stops the rest
+        if rank:  # under torchrun every rank usually hits the same error: rank 0 says it, torchrun stops the rest
             time.sleep(5)  # meanwhile; one still here has an error of its own
             print(f"error (rank {rank}): {one_line(str(e))}", file=sys.stderr)
         else:
@@ -113,25 +111,20 @@ def _read_config_file(path):
     try:
         # a config file is the user's own Python, like nanoGPT's: exec is the point
         exec(compile(source, path, "exec"), {}, namespace)
-    except Exception as e:  # noqa: BLE001 - any failure in the file is the file's problem
+    except Exception as e:  # any failure in the file is the file's problem
         line = getattr(e, "lineno", None)
         raise UserError(
-            f"config file {path} does not parse{f' (line {line})' if line else ''}: {e.__class__.__name__}: "
-            f"{e}"
+            f"config file {path} does not parse{f' (line {line})' if line else ''}: {e.__class__.__name__}: {e}"
         ) from None
     return {
-        k: v
-        for k, v in namespace.items()
-        if not k.startswith("_") and not callable(v) and not isinstance(v, type(os))
+        k: v for k, v in namespace.items() if not k.startswith("_") and not callable(v) and not isinstance(v, type(os))
     }
 
 
 def _check_key(key, defaults, origin):
     if key not in defaults:
         close = difflib.get_close_matches(key, defaults, n=3, cutoff=0.6)
-        hint = (
-            f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(defaults))}"
-        )
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(defaults))}"
         raise UserError(f"unknown config key {key!r} (from {origin}){hint}")
 
 
@@ -222,9 +215,7 @@ def check_writable_folder(folder, key):
             pass
         os.unlink(probe)
     except OSError as e:
-        raise UserError(
-            f"cannot write to folder {folder} ({e.strerror}); choose another with --{key}=DIR"
-        ) from None
+        raise UserError(f"cannot write to folder {folder} ({e.strerror}); choose another with --{key}=DIR") from None
 
 
 def check_output_file(path, key, extensions=None):
@@ -259,9 +250,7 @@ def pick_device(name):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device={name}, but this torch sees no CUDA GPU; use --device=cpu (or auto)")
     if name == "mps" and not mps:
-        raise UserError(
-            "--device=mps, but Apple's Metal backend is not available here; use --device=cpu (or auto)"
-        )
+        raise UserError("--device=mps, but Apple's Metal backend is not available here; use --device=cpu (or auto)")
     if name != "cpu" and not name.startswith(("cuda", "mps")):
         raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     return name
@@ -272,9 +261,7 @@ def save_figure(fig, path, dpi=80):
     import matplotlib.pyplot as plt
 
     try:
-        atomic_write(
-            path, lambda f: fig.savefig(f, format=os.path.splitext(path)[1][1:].lower() or "png", dpi=dpi)
-        )
+        atomic_write(path, lambda f: fig.savefig(f, format=os.path.splitext(path)[1][1:].lower() or "png", dpi=dpi))
     finally:
         plt.close(fig)
 

@@ -83,10 +83,6 @@ def open_splits(data_dir, block_size):
             raise UserError(
                 f"the {split} split has {n} tokens, fewer than block_size + 1 = {block_size + 1}: "
                 f"use --block_size={max(1, n - 1)} or less"
-                + (
-                    ", or prepare with a larger --val_fraction"
-                    if split == "val"
-                    else ", or prepare more text"
-                )
+                + (", or prepare with a larger --val_fraction" if split == "val" else ", or prepare more text")
             )
     return splits, meta

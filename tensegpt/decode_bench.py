@@ -98,7 +98,7 @@ def bench_decoding(new_tokens, val_tokens, device, hf_config=None):
     greedy = base.generate(prompt, 40, greedy=True)
     block_size = base.config.block_size
     # held-out nats over one window; their ratio is the ratio of bits per byte
-    nats = lambda model: total_nats(model, val_tokens[: block_size + 1], block_size)[0]  # noqa: E731
+    nats = lambda model: total_nats(model, val_tokens[: block_size + 1], block_size)[0]
     base_nats = nats(base)
     draft = for_decoding(self_draft(base, 2), "int8")  # speculative decoding: the first 2 layers, in int8
     for precision in PRECISIONS:
@@ -106,9 +106,7 @@ def bench_decoding(new_tokens, val_tokens, device, hf_config=None):
         generator = torch.Generator(device=device).manual_seed(0)
 
         def generate(n, model=model, generator=generator):
-            return sum(
-                1 for _ in model.generate_stream(prompt, n, temperature=0.8, top_k=200, generator=generator)
-            )
+            return sum(1 for _ in model.generate_stream(prompt, n, temperature=0.8, top_k=200, generator=generator))
 
         rate = tokens_per_sec(generate, new_tokens, device)
         read = weight_bytes_per_token(model, context=new_tokens // 2)  # the cache halfway through
@@ -137,9 +135,7 @@ def bench_speculative(model, draft, prompt, new_tokens, draft_tokens=4):
         return sum(1 for _ in model.generate_stream(prompt, n, greedy=True))
 
     def drafted(n):
-        return sum(
-            1 for _ in speculative_stream(model, draft, prompt, n, draft_tokens, greedy=True, stats=stats)
-        )
+        return sum(1 for _ in speculative_stream(model, draft, prompt, n, draft_tokens, greedy=True, stats=stats))
 
     plain, fast = tokens_per_sec(alone, new_tokens, device), tokens_per_sec(drafted, new_tokens, device)
     return {
@@ -177,9 +173,7 @@ def print_decoding(report):
             f"{d['bandwidth_gb_per_s']:.1f} GB/s; transformers {d['transformers_float32']:.1f} tokens/s "
             f"(float32), {d['transformers_bfloat16']:.1f} (bfloat16)"
         )
-        print(
-            f"{'':12} {'tokens/s':>9} {'vs HF':>6} {'MB/token':>9} {'bound':>7} {'of bound':>9} {'bits/B':>8}"
-        )
+        print(f"{'':12} {'tokens/s':>9} {'vs HF':>6} {'MB/token':>9} {'bound':>7} {'of bound':>9} {'bits/B':>8}")
         for precision in PRECISIONS:
             r = d[precision]
             print(
@@ -196,9 +190,7 @@ def print_decoding(report):
         if "speculative_self_draft" in decoding.get(p, {})
     }
     if "checkpoint_pair" in report:
-        pairs[f"{report['ckpt']} drafted by {report['draft']} in int8"] = report["checkpoint_pair"][
-            "speculative"
-        ]
+        pairs[f"{report['ckpt']} drafted by {report['draft']} in int8"] = report["checkpoint_pair"]["speculative"]
     for name, runs in pairs.items():
         for r in runs:
             print(
@@ -208,7 +200,4 @@ def print_decoding(report):
             )
     pair = report.get("checkpoint_pair", {})
     if "float32" in pair:
-        print(
-            f"  {report['ckpt']}, held-out bits per byte: "
-            + ", ".join(f"{p} {pair[p]:.5f}" for p in PRECISIONS)
-        )
+        print(f"  {report['ckpt']}, held-out bits per byte: " + ", ".join(f"{p} {pair[p]:.5f}" for p in PRECISIONS))

@@ -41,9 +41,7 @@ class TransposedLinear(nn.Module):
     def untransposed(self):
         """The nn.Linear of the same weights, stored (out, in) again."""
         weight = self.weight_t.t()  # (out, in)
-        linear = nn.Linear(
-            *self.weight_t.shape, bias=self.bias is not None, device=weight.device, dtype=weight.dtype
-        )
+        linear = nn.Linear(*self.weight_t.shape, bias=self.bias is not None, device=weight.device, dtype=weight.dtype)
         linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
         linear.bias = self.bias
         return linear

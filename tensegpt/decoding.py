@@ -5,7 +5,7 @@ a chat model's answer (up to <|end|>), and speculative decoding with a draft mod
 
 import torch
 
-from model import draw, filter_logits
+from model import draw, next_token_probs
 
 
 @torch.no_grad()
@@ -61,9 +61,7 @@ def answer(model, tokenizer, messages, max_new_tokens=60, stream=None, generate=
     idx = torch.tensor([ids], device=model.wte.weight.device)
     sampling = {"greedy": True, **sampling}  # generate_stream alone would sample at temperature 1
     new = []
-    for step in (generate or model.generate_stream)(
-        idx, max_new_tokens, stop_token=tokenizer.end, **sampling
-    ):
+    for step in (generate or model.generate_stream)(idx, max_new_tokens, stop_token=tokenizer.end, **sampling):
         token = int(step)
         if token == tokenizer.end:
             break
@@ -100,13 +98,6 @@ class CachedModel:
     def keep(self, n):
         """Forget every position past the first n tokens (drafts that were turned down)."""
         self.cached = max(0, min(self.cached, n - self.start))
-
-
-def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
-    """The distribution sample_next draws from: (N, V) logits -> (N, V) probabilities."""
-    logits = logits.float()
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # a tiny temperature: no inf - inf
-    return torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
 
 
 def accept_drafts(drafted, q, p, greedy=False, generator=None):
@@ -150,9 +141,9 @@ def speculative_stream(
     """
     target, proposer = CachedModel(model), CachedModel(draft)
     if greedy:  # only the argmax counts, and it is the logits' own
-        probs = lambda logits: logits  # noqa: E731
+        probs = lambda logits: logits
     else:
-        probs = lambda logits: next_token_probs(logits, temperature, top_k, top_p)  # noqa: E731
+        probs = lambda logits: next_token_probs(logits, temperature, top_k, top_p)
     tokens, made = idx, 0
     while made < max_new_tokens:
         # no more drafts than tokens still wanted or than positions left in the window

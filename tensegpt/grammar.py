@@ -237,14 +237,8 @@ def cores(lowercase=False):
                     for form in ("affirmative", "negative", "question"):
                         info = (subject, kind, verb.split()[0], tense, form, obj)
                         keys = [sentence(subject, person, verb, obj, tense, form, "")[:-1]]
-                        if (
-                            form != "question"
-                        ):  # the core after a leading time phrase: "the baby ate an apple"
-                            keys.append(
-                                sentence(subject, person, verb, obj, tense, form, "now", time_first=True)[
-                                    5:-1
-                                ]
-                            )
+                        if form != "question":  # the core after a leading time phrase: "the baby ate an apple"
+                            keys.append(sentence(subject, person, verb, obj, tense, form, "now", time_first=True)[5:-1])
                         for key in keys:
                             table.setdefault(key.lower() if lowercase else key, []).append(info)
     return table

@@ -49,9 +49,7 @@ def pick_dtype(name, device):
             return "bfloat16" if ratio > 2 else "float32"
         return "float32"
     if name == "float16" and not device.startswith("cuda"):
-        raise UserError(
-            f"--dtype=float16 needs a CUDA GPU (device is {device}); use --dtype=bfloat16 or float32"
-        )
+        raise UserError(f"--dtype=float16 needs a CUDA GPU (device is {device}); use --dtype=bfloat16 or float32")
     if name == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise UserError("this GPU has no bfloat16 support; use --dtype=float16 or float32")
     return name
@@ -60,9 +58,7 @@ def pick_dtype(name, device):
 def autocast_for(device, dtype):
     """The autocast context that runs the model in dtype ('float32': none), and the float16 loss scaler."""
     device_type = device.split(":")[0]
-    autocast = (
-        nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
-    )
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
     return autocast, torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 
 

@@ -62,9 +62,7 @@ def read_safetensors(path):
             if name == "__metadata__":
                 continue
             if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise UserError(
-                    f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not handle"
-                )
+                raise UserError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not handle")
             start, end = info["data_offsets"]
             flat = torch.frombuffer(bytearray(data[start:end]), dtype=SAFETENSORS_DTYPES[info["dtype"]])
             tensors[name] = flat.reshape(info["shape"]).float()
@@ -94,18 +92,14 @@ def hub_folder(name):
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise UserError(
-            f"--init_from={name} downloads through huggingface_hub: pip install huggingface_hub"
-        ) from None
+        raise UserError(f"--init_from={name} downloads through huggingface_hub: pip install huggingface_hub") from None
     files = ["config.json", "model.safetensors"]
     try:
         return snapshot_download(repo_id=f"openai-community/{name}", allow_patterns=files)
-    except Exception as online:  # noqa: BLE001 - offline, refused, or not found: try the cache
+    except Exception as online:  # offline, refused, or not found: try the cache
         try:
-            return snapshot_download(
-                repo_id=f"openai-community/{name}", allow_patterns=files, local_files_only=True
-            )
-        except Exception:  # noqa: BLE001
+            return snapshot_download(repo_id=f"openai-community/{name}", allow_patterns=files, local_files_only=True)
+        except Exception:
             why = str(online).splitlines()[0][:120] if str(online) else online.__class__.__name__
             raise UserError(
                 f"GPT-2 weights {name!r} are neither in the Hugging Face cache nor downloadable here "
@@ -135,13 +129,10 @@ def load_hf(folder, block_size=None, dropout=None):
         raise UserError(f"{config_path} is not JSON ({e}); save or copy the model again") from None
     if not isinstance(hf, dict):
         raise UserError(
-            f"{config_path} holds a {type(hf).__name__}, not a JSON object of settings; save or copy the "
-            "model again"
+            f"{config_path} holds a {type(hf).__name__}, not a JSON object of settings; save or copy the model again"
         )
     if hf.get("model_type") != "gpt2":
-        raise UserError(
-            f"{config_path} describes a {hf.get('model_type')!r} model; only GPT-2 ('gpt2') converts"
-        )
+        raise UserError(f"{config_path} describes a {hf.get('model_type')!r} model; only GPT-2 ('gpt2') converts")
     activation = hf.get("activation_function", "gelu_new")
     checks = {
         "activation_function": (activation in ("gelu_new", "gelu_pytorch_tanh", "relu"), "gelu_new or relu"),
@@ -157,8 +148,7 @@ def load_hf(folder, block_size=None, dropout=None):
     for key in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"):  # before GPTConfig sees them
         if not isinstance(hf.get(key), int) or isinstance(hf.get(key), bool) or hf[key] <= 0:
             raise UserError(
-                f"{config_path}: {key} is {hf.get(key)!r}, not a positive whole number; save or copy the "
-                "model again"
+                f"{config_path}: {key} is {hf.get(key)!r}, not a positive whole number; save or copy the model again"
             )
     config = GPTConfig(
         vocab_size=hf["vocab_size"],
@@ -183,7 +173,7 @@ def load_hf(folder, block_size=None, dropout=None):
     elif os.path.isfile(bin_path):
         try:
             hf_state = torch.load(bin_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - refused pickles and damaged archives alike
+        except Exception as e:  # refused pickles and damaged archives alike
             raise UserError(
                 f"{bin_path} is not a readable weights-only checkpoint ({e.__class__.__name__}); "
                 f"use model.safetensors, or save the model again"
@@ -217,9 +207,7 @@ def load_hf(folder, block_size=None, dropout=None):
             )
     if block_size is not None:
         if block_size > config.block_size:
-            raise UserError(
-                f"--block_size={block_size} is longer than the {config.block_size} positions of {folder}"
-            )
+            raise UserError(f"--block_size={block_size} is longer than the {config.block_size} positions of {folder}")
         state["wpe.weight"] = state["wpe.weight"][:block_size]
         config = replace(config, block_size=block_size)
     config = replace(config, dropout=config.dropout if dropout is None else dropout)
@@ -234,8 +222,7 @@ def check_exportable(model_config, tokenizer_name):
     fixes = [
         (
             c["pos_encoding"] == "learned",
-            f"pos_encoding is {c['pos_encoding']!r}; GPT-2 learns its positions: train with "
-            "--pos_encoding=learned",
+            f"pos_encoding is {c['pos_encoding']!r}; GPT-2 learns its positions: train with --pos_encoding=learned",
         ),
         (
             c["activation"] in ("gelu", "relu"),

@@ -35,9 +35,7 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
 
     def forward(self, x):
-        return (
-            F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
-        )
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
 
     def merged(self):
         """A plain Linear with W + scale * B A."""
@@ -107,20 +105,15 @@ def check(config, gpt_config, initial=None):
     if not 0 < rank < width:
         raise UserError(f"--lora_rank must be between 1 and the width n_embd - 1 = {width - 1}, got {rank}")
     if config["lora_alpha"] <= 0:
-        raise UserError(
-            f"--lora_alpha must be > 0 (the update is scaled by alpha / rank), got {config['lora_alpha']}"
-        )
+        raise UserError(f"--lora_alpha must be > 0 (the update is scaled by alpha / rank), got {config['lora_alpha']}")
     targets = [t.strip() for t in config["lora_targets"].split(",") if t.strip()]
     unknown = sorted(set(targets) - set(TARGETS))
     if not targets or unknown:
         raise UserError(
-            f"--lora_targets names the matrices to adapt, from {','.join(TARGETS)}; got "
-            f"{config['lora_targets']!r}"
+            f"--lora_targets names the matrices to adapt, from {','.join(TARGETS)}; got {config['lora_targets']!r}"
         )
     if config["fsdp"]:
-        raise UserError(
-            "LoRA trains so few parameters that sharding them gains nothing: use --fsdp=False (DDP works)"
-        )
+        raise UserError("LoRA trains so few parameters that sharding them gains nothing: use --fsdp=False (DDP works)")
     initial = initial or {}
     fresh_from = initial.get("lora", initial).get("fresh_from", gpt_config.vocab_size)
     return {"rank": rank, "alpha": float(config["lora_alpha"]), "targets": targets, "fresh_from": fresh_from}

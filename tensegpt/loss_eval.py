@@ -33,9 +33,9 @@ def total_nats(model, tokens, block_size, batch_size=8, autocast=nullcontext()):
     total, counted, done = 0.0, 0, 0  # done: targets scored so far are tokens[1 : done + 1]
     for i in range(0, len(starts), batch_size):
         batch = starts[i : i + batch_size]
-        windows = torch.from_numpy(
-            np.stack([np.asarray(tokens[s : s + T + 1], dtype=np.int64) for s in batch])
-        ).to(device)
+        windows = torch.from_numpy(np.stack([np.asarray(tokens[s : s + T + 1], dtype=np.int64) for s in batch])).to(
+            device
+        )
         x, y = windows[:, :-1], windows[:, 1:].contiguous()
         with autocast:
             logits, _ = model(x, y)

@@ -32,8 +32,6 @@ def configure_optimizers(model, learning_rate, weight_decay, betas, kind="adamw"
     except (RuntimeError, TypeError):
         optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, foreach=True)]
     if hidden:
-        muon = torch.optim.Muon(
-            hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"
-        )
+        muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
         optimizers.append(muon)
     return optimizers

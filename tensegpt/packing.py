@@ -37,9 +37,7 @@ class ChatBatches:
         self.starts, self.ends = starts[fits], ends[fits]
         self.too_long, self.pad = int((~fits).sum()), eot
         if not len(self.starts):
-            raise UserError(
-                f"no conversation fits in block_size + 1 = {block_size + 1} tokens: raise --block_size"
-            )
+            raise UserError(f"no conversation fits in block_size + 1 = {block_size + 1} tokens: raise --block_size")
 
     def step(self):
         """Yields this rank's grad_accum micro-batches (x, y) of one optimizer step, each (B, T)."""

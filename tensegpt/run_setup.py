@@ -81,11 +81,7 @@ def check_train_config(config):
         if config[key] < 0:
             raise UserError(f"config key {key} must not be negative, got {config[key]}")
     init = config["init_from"]
-    if (
-        init not in ("scratch", "resume", *GPT2_NAMES)
-        and not init.startswith("hf:")
-        and not init.endswith(".pth")
-    ):
+    if init not in ("scratch", "resume", *GPT2_NAMES) and not init.startswith("hf:") and not init.endswith(".pth"):
         raise UserError(
             f"init_from must be 'scratch', 'resume', 'hf:FOLDER', one of {', '.join(GPT2_NAMES)} (GPT-2 from "
             "the "
@@ -122,7 +118,7 @@ def lock_out_dir(out_dir):
     except ImportError:  # Windows: no flock; run one train.py per out_dir
         return None
     path = os.path.join(out_dir, ".lock")
-    handle = open(path, "a+")  # noqa: SIM115 - held open for the life of the process
+    handle = open(path, "a+")  # held open for the life of the process
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -150,8 +146,7 @@ def check_layout(config, world_size, dtype):
     version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
     if version < (2, 9):  # 2.6 crashes on CPU; 2.7 and 2.8 sum the ranks' gradients instead of averaging
         raise UserError(
-            f"--fsdp=True needs torch 2.9 or later (this is {torch.__version__}); upgrade torch, or train "
-            "with DDP"
+            f"--fsdp=True needs torch 2.9 or later (this is {torch.__version__}); upgrade torch, or train with DDP"
         )
     if world_size == 1:
         raise UserError(
@@ -165,8 +160,7 @@ def check_layout(config, world_size, dtype):
         )
     if dtype == "float16":
         raise UserError(
-            "--fsdp=True trains in float32 or bfloat16 (float16 would need a sharded loss scaler): "
-            "use --dtype=bfloat16"
+            "--fsdp=True trains in float32 or bfloat16 (float16 would need a sharded loss scaler): use --dtype=bfloat16"
         )
 
 
@@ -237,9 +231,7 @@ def fine_tuning_start(path, config, meta, tokenizer_meta, say):
     saved = checkpoint.gpt_config_of(base, path)
     block_size = config["block_size"]
     if saved.pos_encoding == "learned" and block_size > saved.block_size:
-        raise UserError(
-            f"{path} learned {saved.block_size} positions: use --block_size={saved.block_size} or less"
-        )
+        raise UserError(f"{path} learned {saved.block_size} positions: use --block_size={saved.block_size} or less")
     rows = max(saved.vocab_size, padded_rows(meta["vocab_size"]))
     gpt_config = GPTConfig(
         **{**vars(saved), "vocab_size": rows, "block_size": block_size, "dropout": config["dropout"]}

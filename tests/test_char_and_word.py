@@ -24,9 +24,7 @@ def test_char_round_trip_and_ids():
 def test_word_cleaning_round_trip_is_exact_up_to_lowercase_and_spacing():
     # decode(encode(text)) == the words and marks of text.lower(), joined by single
     # spaces, with no space before . , ! ? ; : ) ] } ' "
-    word = tok.Word.from_counts(
-        {w: 5 for w in tok.Word.pieces("the baby is isn't it o'clock ? . , sleeping")}, 100, 1
-    )
+    word = tok.Word.from_counts({w: 5 for w in tok.Word.pieces("the baby is isn't it o'clock ? . , sleeping")}, 100, 1)
     assert word.decode(word.encode("The  BABY is\tsleeping, isn't it?")) == "the baby is sleeping, isn't it?"
     assert tok.Word.pieces("It's 8 o'clock. Yes!") == ["it's", "8", "o'clock", ".", "yes", "!"]
     for line in ("The baby is sleeping.", "Is the baby sleeping?"):
@@ -85,13 +83,9 @@ def test_vocab_from_a_char_base_refuses_a_character_it_lacks_naming_the_line(tmp
     assert "para.txt line 1 has characters that the char vocabulary of base lacks ('\\n')" in fails(
         "prepare.py", *args, cwd=tmp_path
     )
-    write_jsonl(
-        tmp_path / "chat.jsonl", [talk("the dog ran.", "the baby ate.")] * 2 + [talk("the dog?", "yes")]
-    )
+    write_jsonl(tmp_path / "chat.jsonl", [talk("the dog ran.", "the baby ate.")] * 2 + [talk("the dog?", "yes")])
     message = fails("prepare.py", "--input=chat.jsonl", "--vocab_from=base", "--out_dir=ft", cwd=tmp_path)
-    assert message.startswith(
-        "error: chat.jsonl line 3 has characters that the char vocabulary of base lacks "
-    )
+    assert message.startswith("error: chat.jsonl line 3 has characters that the char vocabulary of base lacks ")
     assert "lacks ('?'):" in message  # the first message that has one
 
 
@@ -145,8 +139,5 @@ def test_checkpoint_samples_with_its_own_tokenizer(tmp_path, kind):
         )
         assert unknown.stdout.startswith("the <unk> <unk> <unk> <unk> is")
     else:
-        assert (
-            unknown.stderr.strip()
-            == "note: 1 characters of the prompt are not in the vocabulary, dropped: '§'"
-        )
+        assert unknown.stderr.strip() == "note: 1 characters of the prompt are not in the vocabulary, dropped: '§'"
         assert unknown.stdout.startswith("The baby zyzzyva is")

@@ -135,9 +135,7 @@ def test_the_template_marks_the_answers_and_typed_special_tokens_stay_text():
         tokenizer.end,
     ]
     answer = tokenizer.encode("Done.")
-    assert [i for i, t in zip(ids, trained) if t] == answer + [
-        tokenizer.end
-    ]  # the answer and the <|end|> closing it
+    assert [i for i, t in zip(ids, trained) if t] == answer + [tokenizer.end]  # the answer and the <|end|> closing it
     assert decode_conversations(tokenizer, ids) == [messages]
 
 
@@ -227,9 +225,7 @@ def test_fine_tuning_starts_from_the_checkpoint_and_answers_in_the_terminal(chat
         "--greedy", "--draft=out-chat/trained.pth", "--draft_precision=float32", cwd=chat_run,
     )  # fmt: skip
     assert drafted.stdout == one.stdout and "(100%)" in drafted.stderr
-    refused = fails(
-        "sample.py", f"--ckpt={tiny_run / 'out' / 'trained.pth'}", "--chat", "--start=Hi", cwd=chat_run
-    )
+    refused = fails("sample.py", f"--ckpt={tiny_run / 'out' / 'trained.pth'}", "--chat", "--start=Hi", cwd=chat_run)
     assert "has no chat tokens" in refused
 
 
@@ -259,9 +255,7 @@ def test_an_answer_without_sampling_settings_is_the_greedy_one():
 
 
 def test_eval_reports_exact_match_beside_the_model_before_fine_tuning(chat_run):
-    out = run_script(
-        "eval.py", "--ckpt=out-chat/trained.pth", "--json=True", "--chat_samples=20", cwd=chat_run
-    )
+    out = run_script("eval.py", "--ckpt=out-chat/trained.pth", "--json=True", "--chat_samples=20", cwd=chat_run)
     report = json.loads(out.stdout)
     assert report["chat"]["conversations"] == report["chat_before"]["conversations"] == 20
     assert set(report["chat"]["exact_match_per_task"]) <= {
@@ -279,12 +273,8 @@ def test_eval_reports_exact_match_beside_the_model_before_fine_tuning(chat_run):
 
 
 def test_chat_data_and_plain_data_are_not_mixed_up(chat_run, tiny_run):
-    assert "holds conversations" in fails(
-        "train.py", TINY, "--data_dir=data-chat", "--out_dir=o1", cwd=chat_run
-    )
-    plain = fails(
-        "train.py", TINY, "--chat=True", f"--data_dir={tiny_run / 'data'}", "--out_dir=o2", cwd=chat_run
-    )
+    assert "holds conversations" in fails("train.py", TINY, "--data_dir=data-chat", "--out_dir=o1", cwd=chat_run)
+    plain = fails("train.py", TINY, "--chat=True", f"--data_dir={tiny_run / 'data'}", "--out_dir=o2", cwd=chat_run)
     assert "--chat=True trains on conversations" in plain
 
 
@@ -310,10 +300,7 @@ def test_a_mark_file_that_does_not_match_its_ids_is_one_line(chat_run, tmp_path)
     with open(tmp_path / "data-chat" / "train.mask.bin", "ab") as f:
         f.write(b"\x01")
     message = fails("train.py", TINY, "--chat=True", "--data_dir=data-chat", "--out_dir=o", cwd=tmp_path)
-    assert (
-        message.startswith("error: data-chat/train.mask.bin has ")
-        and "run python prepare.py again" in message
-    )
+    assert message.startswith("error: data-chat/train.mask.bin has ") and "run python prepare.py again" in message
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -360,9 +347,7 @@ def test_merged_adapters_give_the_logits_of_base_plus_adapters():
     ],
 )
 def test_impossible_lora_settings_are_refused(tiny_run, tmp_path, options, problem):
-    message = fails(
-        "train.py", TINY, f"--data_dir={tiny_run / 'data'}", "--out_dir=o", *options, cwd=tmp_path
-    )
+    message = fails("train.py", TINY, f"--data_dir={tiny_run / 'data'}", "--out_dir=o", *options, cwd=tmp_path)
     assert problem in message
 
 
@@ -444,14 +429,10 @@ def test_gpt2_by_name_comes_from_the_hub_cache_when_offline(tmp_path):
     (tmp_path / "in.txt").write_text("\n".join(tense_lines(300)) + "\n", encoding="utf-8")
     run_script("prepare.py", "--input=in.txt", "--full_vocab=True", cwd=tmp_path)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    out = run_script(
-        "train.py", TINY, "--init_from=gpt2", "--max_iters=2", "--eval_interval=2", cwd=tmp_path, env=env
-    )
+    out = run_script("train.py", TINY, "--init_from=gpt2", "--max_iters=2", "--eval_interval=2", cwd=tmp_path, env=env)
     assert "initialising from the GPT-2 weights" in out.stdout and "n_embd 32" in out.stdout
     env["HF_HUB_CACHE"] = str(tmp_path / "empty")
-    message = fails_with_env(
-        "train.py", TINY, "--init_from=gpt2-medium", "--out_dir=o", cwd=tmp_path, env=env
-    )
+    message = fails_with_env("train.py", TINY, "--init_from=gpt2-medium", "--out_dir=o", cwd=tmp_path, env=env)
     assert "GPT-2 weights 'gpt2-medium' are neither in the Hugging Face cache nor downloadable" in message
 
 
@@ -466,9 +447,7 @@ def test_the_chat_history_drops_its_oldest_turns_whole_to_fit_the_context():
 
     tokenizer = ChatTokenizer(tok.Char.from_counts({c: 1 for c in "abcdefghij ?."}))
     system = [{"role": "system", "content": "abc"}]
-    history = (
-        system + talk("aaaa?", "bbbb.") + talk("cccc?", "dddd.") + [{"role": "user", "content": "eeee?"}]
-    )
+    history = system + talk("aaaa?", "bbbb.") + talk("cccc?", "dddd.") + [{"role": "user", "content": "eeee?"}]
     kept = fit_history(tokenizer, history, room=len(tokenizer.prompt(system + history[3:])))
     assert kept == system + history[3:]  # the first question and its answer left together; the system stays
     assert fit_history(tokenizer, history, room=10**6) == history

@@ -7,10 +7,10 @@ import torch
 from helpers import fails, run_script
 
 import sample
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, next_token_probs
 from tensegpt.common import UserError
 from tensegpt.decode_weights import Int8Linear, TransposedLinear, for_decoding, weight_bytes_per_token
-from tensegpt.decoding import accept_drafts, next_token_probs, speculative_stream
+from tensegpt.decoding import accept_drafts, speculative_stream
 from tensegpt.sampling import check_options
 
 
@@ -184,9 +184,7 @@ def test_speculative_sampling_keeps_the_models_distribution_end_to_end():
 
 def test_sample_precisions_and_a_draft_from_the_command_line(tiny_run):
     plain = run_script("sample.py", "--ckpt=out/trained.pth", "--greedy", "--start=The baby", cwd=tiny_run)
-    out = run_script(
-        "sample.py", "--ckpt=out/trained.pth", "--precision=int8", "--start=The baby", cwd=tiny_run
-    )
+    out = run_script("sample.py", "--ckpt=out/trained.pth", "--precision=int8", "--start=The baby", cwd=tiny_run)
     assert out.stdout.startswith("The baby")
     # the model as its own draft: every drafted token is kept, and the greedy text is the model's
     spec = run_script(
@@ -235,9 +233,9 @@ def test_bench_measures_each_precision_against_transformers_and_the_bound(capsys
         assert row["vs_transformers"] == row["tokens_per_sec"] / r["transformers_float32"]
         assert row["share_of_bound"] == pytest.approx(row["tokens_per_sec"] / row["bound_tokens_per_sec"])
         assert abs(row["bits_per_byte_vs_float32"]) < 0.01
-    assert r["float32"]["greedy_text_unchanged"] and r["float32"][
-        "bits_per_byte_vs_float32"
-    ] == pytest.approx(0, abs=1e-6)
+    assert r["float32"]["greedy_text_unchanged"] and r["float32"]["bits_per_byte_vs_float32"] == pytest.approx(
+        0, abs=1e-6
+    )
     assert r["int8"]["mb_per_token"] < r["bfloat16"]["mb_per_token"] < r["float32"]["mb_per_token"]
     for spec in r["float32"]["speculative_self_draft"] + r["int8"]["speculative_self_draft"]:  # 2 of 3 layers
         assert 0 <= spec["accepted"] <= 1 and spec["speedup"] > 0

@@ -54,26 +54,15 @@ def test_same_seed_same_text_other_seed_other_text(tiny_run):
 def test_prompt_from_file_and_greedy(tiny_run):
     (tiny_run / "prompt.txt").write_text("My sister", encoding="utf-8")
     (tiny_run / "prompt-echo.txt").write_text("My sister\n", encoding="utf-8")  # as echo writes it
-    result = run_script(
-        "sample.py", "--ckpt=out/trained.pth", "--start=FILE:prompt.txt", "--greedy", cwd=tiny_run
-    )
-    assert (
-        result.stdout.startswith("My sister") and "---" not in result.stdout
-    )  # greedy: one text, printed once
-    assert (
-        result.stderr.strip()
-        == "note: --greedy gives the same text every time, so it is printed once (not 3 times)"
-    )
-    echoed = run_script(
-        "sample.py", "--ckpt=out/trained.pth", "--start=FILE:prompt-echo.txt", "--greedy", cwd=tiny_run
-    )
+    result = run_script("sample.py", "--ckpt=out/trained.pth", "--start=FILE:prompt.txt", "--greedy", cwd=tiny_run)
+    assert result.stdout.startswith("My sister") and "---" not in result.stdout  # greedy: one text, printed once
+    assert result.stderr.strip() == "note: --greedy gives the same text every time, so it is printed once (not 3 times)"
+    echoed = run_script("sample.py", "--ckpt=out/trained.pth", "--start=FILE:prompt-echo.txt", "--greedy", cwd=tiny_run)
     assert echoed.stdout == result.stdout  # the file's last line break is not part of the prompt
 
 
 def test_empty_prompt_starts_a_new_sentence(tiny_run):
-    out = run_script(
-        "sample.py", "--ckpt=out/trained.pth", "--num_samples=1", "--max_new_tokens=30", cwd=tiny_run
-    )
+    out = run_script("sample.py", "--ckpt=out/trained.pth", "--num_samples=1", "--max_new_tokens=30", cwd=tiny_run)
     assert out.stdout.strip() and "<|endoftext|>" not in out.stdout
     help_text = run_script("sample.py", "--help", cwd=tiny_run).stdout
     assert "empty --start" in help_text and "end-of-text token" in help_text
@@ -122,18 +111,13 @@ def test_bench_json_report(tmp_path):
     report = json.loads(out)
     assert report["device"] == "cpu" and report["dtype"] == "float32"
     assert report["train_compact"]["vocab_size"] < 2048 and report["train_full"]["vocab_size"] == 50304
-    assert (
-        report["train_speedup"]
-        == report["train_compact"]["tokens_per_sec"] / report["train_full"]["tokens_per_sec"]
-    )
+    assert report["train_speedup"] == report["train_compact"]["tokens_per_sec"] / report["train_full"]["tokens_per_sec"]
     gen = report["generation"]
     assert (
         gen["new_tokens"] == 20
         and gen["speedup"] == gen["kv_cache_tokens_per_sec"] / gen["full_recompute_tokens_per_sec"]
     )
-    assert (
-        "ms_per_token_at_50" in gen and "ms_per_token_at_500" not in gen
-    )  # 500 does not fit a 64-token context
+    assert "ms_per_token_at_50" in gen and "ms_per_token_at_500" not in gen  # 500 does not fit a 64-token context
     assert report["prepare"]["megabytes"] > 0.9 and report["prepare"]["peak_memory_mb"] > 0
     # tiny.py's 8 x 32 rows of logits are small: train.py keeps the plain loss; the shapes compare all three
     assert not report["train_full"]["chunked_loss"] and not report["train_full_plain_loss"]["chunked_loss"]

@@ -46,19 +46,14 @@ def test_prepare_output_folder_not_writable(tmp_path):
     (tmp_path / "in.txt").write_text("\n".join(tense_lines(50)))
     (tmp_path / "afile").write_text("")
     message = fails("prepare.py", "--input=in.txt", "--out_dir=afile/data", cwd=tmp_path)
-    assert (
-        message
-        == "error: cannot write to folder afile/data (Not a directory); choose another with --out_dir=DIR"
-    )
+    assert message == "error: cannot write to folder afile/data (Not a directory); choose another with --out_dir=DIR"
 
 
 def test_prepare_corpus_too_small(tmp_path):
     (tmp_path / "in.txt").write_text("Hi.\n")
     message = fails("prepare.py", "--input=in.txt", cwd=tmp_path)
     assert (
-        message
-        == "error: in.txt is too small: it has 1 line, and train and val need at least one each; add more "
-        "lines"
+        message == "error: in.txt is too small: it has 1 line, and train and val need at least one each; add more lines"
     )
 
 
@@ -146,9 +141,7 @@ def test_resume_with_another_model_config_names_the_keys(tiny_run, tmp_path):
         ("train.py", [TINY, "--data_dir=DATA", "--out_dir=out", "--init_from=resume", "--max_iters=100"]),
     ],
 )
-def test_a_checkpoint_with_a_model_key_this_version_lacks_is_one_line_everywhere(
-    tiny_run, tmp_path, script, args
-):
+def test_a_checkpoint_with_a_model_key_this_version_lacks_is_one_line_everywhere(tiny_run, tmp_path, script, args):
     import torch
 
     shutil.copytree(tiny_run / "out", tmp_path / "out")
@@ -193,8 +186,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path):
         "error: loss became inf at iteration "
     )
     assert message.endswith(
-        "stopped without saving, out/last.pth keeps the last good state; "
-        "try a lower --learning_rate (now 1e+30)"
+        "stopped without saving, out/last.pth keeps the last good state; try a lower --learning_rate (now 1e+30)"
     )
     assert (tmp_path / "out" / "trained.pth").read_bytes() == before
 
@@ -265,9 +257,7 @@ def test_sample_prompt_longer_than_the_context(tiny_run):
         f"note: the prompt has {n_tokens} tokens, more than the model's context of 32; keeping its last 32"
     )
     kept = tokenizer.decode(tokenizer.encode(long_prompt)[-32:])
-    assert (
-        long_prompt.endswith(kept) and result.stdout.startswith(kept) and len(result.stdout) > len(kept) + 1
-    )
+    assert long_prompt.endswith(kept) and result.stdout.startswith(kept) and len(result.stdout) > len(kept) + 1
 
 
 def test_train_with_damaged_meta_json(data_dir, tmp_path):
@@ -313,7 +303,4 @@ def test_resume_from_a_checkpoint_that_train_did_not_write(tiny_run, tmp_path):
         "--max_iters=100",
         cwd=tmp_path,
     )
-    assert (
-        message
-        == "error: out/trained.pth cannot be resumed: it lacks optimizer, rng (not written by train.py?)"
-    )
+    assert message == "error: out/trained.pth cannot be resumed: it lacks optimizer, rng (not written by train.py?)"

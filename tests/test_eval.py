@@ -88,9 +88,7 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_of_the_vocabulary_per_token(ti
     report = held_out_loss(model, val, meta, tokenizer, batch_size=4)
     V = model.config.vocab_size
     assert math.isclose(report["val_loss"], math.log(V), rel_tol=1e-5)
-    assert math.isclose(
-        report["bits_per_byte"], (len(val) - 1) * math.log2(V) / meta["val_bytes"], rel_tol=1e-5
-    )
+    assert math.isclose(report["bits_per_byte"], (len(val) - 1) * math.log2(V) / meta["val_bytes"], rel_tol=1e-5)
     # val_bytes: each line's UTF-8 bytes and its line break
     lines = [line for line in (tiny_run / "corpus.txt").read_text().splitlines()]
     assert meta["val_bytes"] + meta["train_bytes"] == sum(len(line.encode()) + 1 for line in lines)
@@ -117,27 +115,19 @@ def test_eval_reports_every_figure_in_range_and_draws_the_probe(trained_run, tmp
     assert report["time_prompts"] == 24  # 2 per tense
     assert len(report["examples_bad_time_prompt"]) <= 20
     assert np.array(report["probe_counts"]).sum(axis=1).tolist() == [3] * 12
-    assert (
-        report["grammatical"] > 0.25
-    )  # 400 steps of a 2-layer model on 10,000 lines already make some sentences
-    assert 0 < report["bits_per_byte"] < 3 and math.isclose(
-        report["val_perplexity"], math.exp(report["val_loss"])
-    )
+    assert report["grammatical"] > 0.25  # 400 steps of a 2-layer model on 10,000 lines already make some sentences
+    assert 0 < report["bits_per_byte"] < 3 and math.isclose(report["val_perplexity"], math.exp(report["val_loss"]))
     assert (tmp_path / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_eval_of_a_model_not_trained_on_tense_txt_skips_the_grammar_with_a_note(tmp_path):
     (tmp_path / "in.txt").write_text("\n".join(f"line {i}: {'abc ' * (i % 7)}xyz" for i in range(400)) + "\n")
     run_script("prepare.py", "--input=in.txt", cwd=tmp_path)
-    run_script(
-        "train.py", os.path.join(ROOT, "config", "tiny.py"), "--out_dir=out", "--max_iters=5", cwd=tmp_path
-    )
+    run_script("train.py", os.path.join(ROOT, "config", "tiny.py"), "--out_dir=out", "--max_iters=5", cwd=tmp_path)
     result = run_script("eval.py", "--ckpt=out/trained.pth", "--json", cwd=tmp_path)
     report = json.loads(result.stdout)
     assert "grammatical" not in report and report["bits_per_byte"] > 0
-    assert result.stderr.startswith(
-        "note: the grammar check and the probe are for models trained on tense.txt"
-    )
+    assert result.stderr.startswith("note: the grammar check and the probe are for models trained on tense.txt")
 
 
 @pytest.mark.parametrize(
@@ -156,9 +146,6 @@ def test_eval_bad_inputs(tmp_path, args, message):
 def test_eval_on_data_with_another_tokenizer(tiny_run, tmp_path):
     (tmp_path / "in.txt").write_text("\n".join(tense_lines(300)) + "\n")
     run_script("prepare.py", "--input=in.txt", "--tokenizer=char", cwd=tmp_path)
-    assert fails(
-        "eval.py", f"--ckpt={tiny_run / 'out' / 'trained.pth'}", "--data_dir=data", cwd=tmp_path
-    ) == (
-        "error: data/ was prepared with another tokenizer than the checkpoint's: pass the --data_dir it was "
-        "trained on"
+    assert fails("eval.py", f"--ckpt={tiny_run / 'out' / 'trained.pth'}", "--data_dir=data", cwd=tmp_path) == (
+        "error: data/ was prepared with another tokenizer than the checkpoint's: pass the --data_dir it was trained on"
     )

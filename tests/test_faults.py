@@ -77,10 +77,7 @@ def test_a_save_that_fails_half_way_leaves_the_old_checkpoint_byte_identical(tmp
     checkpoint = {"model": {"w": torch.randn(100, 100)}, "model_config": {}, "tokenizer_meta": {}}
     with pytest.raises(common.UserError) as raised:
         ckpt.save(checkpoint, str(target))  # torch.save reports this as a C++ error: we name the cause
-    assert (
-        str(raised.value)
-        == f"cannot write {target} (No space left on device); the previous file is unchanged"
-    )
+    assert str(raised.value) == f"cannot write {target} (No space left on device); the previous file is unchanged"
     assert target.read_bytes() == b"the old checkpoint" and os.listdir(tmp_path) == ["trained.pth"]
 
 
@@ -102,10 +99,7 @@ def test_a_checkpoint_too_large_for_the_disk_is_one_line_and_the_old_ones_stay(r
         preexec_fn=limit_file_size(200_000),
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert (
-        result.stderr.strip()
-        == "error: cannot write out/last.pth (File too large); the previous file is unchanged"
-    )
+    assert result.stderr.strip() == "error: cannot write out/last.pth (File too large); the previous file is unchanged"
     assert {name: (run_copy / "out" / name).read_bytes() for name in before} == before
     assert sorted(os.listdir(run_copy / "out")) == [
         ".lock",
@@ -118,15 +112,11 @@ def test_a_checkpoint_too_large_for_the_disk_is_one_line_and_the_old_ones_stay(r
 
 def test_a_torn_or_foreign_metrics_line_never_stops_training_or_resume(run_copy):
     with open(run_copy / "out" / "metrics.jsonl", "a") as f:
-        f.write(
-            '{"iter": 61, "train_loss": 1.0, "val_lo\n[1, 2]\nnot json at all\n{"iter": "x", "val_loss": 2}\n'
-        )
+        f.write('{"iter": 61, "train_loss": 1.0, "val_lo\n[1, 2]\nnot json at all\n{"iter": "x", "val_loss": 2}\n')
     (run_copy / "out" / "loss.png").unlink()
     out = resume(run_copy)
     assert "saved out/last.pth" in out.stdout and out.stderr == ""
-    assert (run_copy / "out" / "loss.png").read_bytes()[
-        :8
-    ] == b"\x89PNG\r\n\x1a\n"  # drawn from the lines that parse
+    assert (run_copy / "out" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn from the lines that parse
     from tensegpt.runlog import read_metrics
 
     records = read_metrics(run_copy / "out" / "metrics.jsonl")
@@ -137,9 +127,7 @@ def test_a_plot_that_fails_is_a_warning_and_training_goes_on(run_copy):
     (run_copy / "out" / "loss.png").unlink()
     (run_copy / "out" / "loss.png").mkdir()  # a folder where the picture goes: savefig cannot replace it
     out = resume(run_copy)
-    assert out.stderr.startswith(
-        "warning: could not draw out/loss.png (cannot write out/loss.png (Is a directory)"
-    )
+    assert out.stderr.startswith("warning: could not draw out/loss.png (cannot write out/loss.png (Is a directory)")
     assert torch.load(run_copy / "out" / "last.pth", weights_only=True)["iter_num"] == 70
 
 
@@ -149,9 +137,7 @@ def test_a_second_run_into_the_same_out_dir_refuses_and_a_stale_lock_does_not_bl
         held.truncate(0)
         held.write("4242")
         held.flush()
-        assert fails(
-            "train.py", TINY, "--out_dir=out", "--init_from=resume", "--max_iters=70", cwd=run_copy
-        ) == (
+        assert fails("train.py", TINY, "--out_dir=out", "--init_from=resume", "--max_iters=70", cwd=run_copy) == (
             "error: another train.py (process 4242) is training into out/ right now: wait for it to finish, "
             "or pass another --out_dir"
         )
@@ -166,10 +152,7 @@ def test_the_best_checkpoint_is_kept_when_later_evaluations_are_worse(run_copy):
     last["best_val_loss"] = 0.01  # as if an earlier evaluation had been far better than any to come
     torch.save(last, run_copy / "out" / "last.pth")
     out = resume(run_copy, "--max_iters=100", "--eval_interval=20")
-    assert (
-        "saved out/last.pth at iteration 100 (latest)" in out.stdout
-        and "out/trained.pth at" not in out.stdout
-    )
+    assert "saved out/last.pth at iteration 100 (latest)" in out.stdout and "out/trained.pth at" not in out.stdout
     assert (run_copy / "out" / "trained.pth").read_bytes() == best_before  # not replaced by a worse model
     assert torch.load(run_copy / "out" / "last.pth", weights_only=True)["iter_num"] == 100
 
@@ -238,9 +221,7 @@ def test_resume_on_data_prepared_differently_is_refused(run_copy):
         "resuming would train on lines it was validated on, or on other text; "
         "prepare the data as before, or start a new --out_dir"
     )
-    run_script(
-        "prepare.py", "--input=corpus.txt", "--out_dir=data", cwd=run_copy
-    )  # prepared as before: it resumes
+    run_script("prepare.py", "--input=corpus.txt", "--out_dir=data", cwd=run_copy)  # prepared as before: it resumes
     assert "resuming out/last.pth at iteration 60" in resume(run_copy).stdout
 
 
@@ -288,17 +269,13 @@ def test_every_must_match_key_changed_on_resume_is_refused_naming_both_values(ru
             run_setup.load_resumable("out/last.pth", saved["tokenizer_meta"], meta, new, DEFAULTS)
         trained, asks = str(refused.value).split(" and this run asks for ")
         assert trained.endswith(f" was trained with --{key}={config[key]!r}"), trained
-        assert asks.startswith(
-            f"--{key}={new[key]!r}: {run_setup.RESUME_MATCH[key]}; resume with --{key}="
-        ), asks
+        assert asks.startswith(f"--{key}={new[key]!r}: {run_setup.RESUME_MATCH[key]}; resume with --{key}="), asks
         assert asks.endswith("or start a new run from scratch (leave out --init_from=resume and pass another "
                              "--out_dir, or --overwrite=True)")  # fmt: skip
     for key in run_setup.RESUME_NOTED:  # these go on, with a line that says what changed
         new = {**config, key: changed(config[key])}
         _, notes = run_setup.load_resumable("out/last.pth", saved["tokenizer_meta"], meta, new, DEFAULTS)
-        assert notes == [
-            f"note: --{key} was {config[key]!r} and is now {new[key]!r}: {run_setup.RESUME_NOTED[key]}"
-        ]
+        assert notes == [f"note: --{key} was {config[key]!r} and is now {new[key]!r}: {run_setup.RESUME_NOTED[key]}"]
 
 
 @pytest.mark.parametrize("before,after", [("muon", "adamw"), ("adamw", "muon")])
@@ -352,9 +329,7 @@ def test_a_torn_or_foreign_data_file_is_one_line_for_every_script(run_copy, spli
             f"uint16 tokens ({len(good):,} bytes): the file is torn or from another folder; "
             f"run python prepare.py again"
         )
-        args = (
-            [TINY, "--out_dir=new"] if script == "train.py" else ["--ckpt=out/trained.pth", "--data_dir=data"]
-        )
+        args = [TINY, "--out_dir=new"] if script == "train.py" else ["--ckpt=out/trained.pth", "--data_dir=data"]
         assert fails(script, *args, cwd=run_copy) == expected
     path.unlink()
     assert fails("train.py", TINY, "--out_dir=new", cwd=run_copy) == (
@@ -522,10 +497,8 @@ def test_a_text_option_takes_the_text_as_written(tiny_run, tmp_path):
         cwd=tmp_path,
     )
     assert out.stdout.startswith("1984")
-    scored = run_script(
-        "sample.py", f"--ckpt={tiny_run / 'out' / 'trained.pth'}", "--score=1984", cwd=tmp_path
-    )
-    pieces = [eval(line.split()[0]) for line in scored.stdout.splitlines()[:-1]]  # noqa: S307 - repr() of our own output
+    scored = run_script("sample.py", f"--ckpt={tiny_run / 'out' / 'trained.pth'}", "--score=1984", cwd=tmp_path)
+    pieces = [eval(line.split()[0]) for line in scored.stdout.splitlines()[:-1]]  # repr() of our own output
     assert "".join(pieces[:-1]) == "1984" and pieces[-1] == "<end>"
 
 
@@ -542,10 +515,7 @@ def test_a_tiny_temperature_samples_the_most_likely_text(tiny_run, tmp_path):
         cwd=tmp_path,
     )
     assert cold.stdout == greedy.stdout and "nan" not in cold.stderr
-    assert (
-        greedy.stderr.strip()
-        == "note: --greedy gives the same text every time, so it is printed once (not 3 times)"
-    )
+    assert greedy.stderr.strip() == "note: --greedy gives the same text every time, so it is printed once (not 3 times)"
 
 
 def test_a_checkpoint_with_nan_weights_is_refused(tiny_run, tmp_path):

@@ -41,9 +41,7 @@ def sharded_gradients(rank, world_size, init_file, x, y, out_file):
     model = raw_model = build_gpt(CONFIG, {**DEFAULTS, "fsdp": True}, "cpu", world_size, "float32")
     shard = slice(rank * len(x) // world_size, (rank + 1) * len(x) // world_size)
     model(x[shard], y[shard])[1].backward()
-    weights = {
-        name: p.full_tensor() for name, p in raw_model.named_parameters()
-    }  # every rank takes part in the gather
+    weights = {name: p.full_tensor() for name, p in raw_model.named_parameters()}  # every rank takes part in the gather
     grads = {name: p.grad.full_tensor() for name, p in raw_model.named_parameters()}
     local = {name: p.to_local().numel() for name, p in raw_model.named_parameters()}
     if rank == 0:
@@ -55,9 +53,7 @@ def test_fsdp_builds_the_same_weights_and_gradients_as_one_process(tmp_path):
     generator = torch.Generator().manual_seed(1)
     x = torch.randint(0, 128, (8, 16), generator=generator)
     y = torch.randint(0, 128, (8, 16), generator=generator)
-    mp.spawn(
-        sharded_gradients, args=(2, str(tmp_path / "rendezvous"), x, y, str(tmp_path / "out.pt")), nprocs=2
-    )
+    mp.spawn(sharded_gradients, args=(2, str(tmp_path / "rendezvous"), x, y, str(tmp_path / "out.pt")), nprocs=2)
     sharded = torch.load(tmp_path / "out.pt", weights_only=True)
 
     torch.manual_seed(0)
@@ -89,13 +85,8 @@ def test_fsdp_trains_and_resumes_like_one_process_in_either_direction(tiny_run, 
     run_script(
         "train.py", *common, "--max_iters=8", "--out_dir=one", "--init_from=resume", cwd=tmp_path
     )  # the reference
-    result = torchrun(
-        *common, "--max_iters=8", "--out_dir=b", "--init_from=resume", "--fsdp=True", cwd=tmp_path
-    )
-    assert (
-        "FSDP;" in result.stdout
-        and result.stdout.count("saved b/last.pth and b/trained.pth at iteration 8") == 1
-    )
+    result = torchrun(*common, "--max_iters=8", "--out_dir=b", "--init_from=resume", "--fsdp=True", cwd=tmp_path)
+    assert "FSDP;" in result.stdout and result.stdout.count("saved b/last.pth and b/trained.pth at iteration 8") == 1
     one = losses(tmp_path / "one")
     assert len(one) == 8
     assert losses(tmp_path / "a") == pytest.approx(one, abs=1e-4)  # its first 4 steps trained under FSDP
@@ -104,10 +95,7 @@ def test_fsdp_trains_and_resumes_like_one_process_in_either_direction(tiny_run, 
     # the FSDP checkpoint is an ordinary one: whole weights, loadable with weights_only, sampled from
     checkpoint = torch.load(tmp_path / "b" / "trained.pth", weights_only=True)
     vocab_size = json.loads((tiny_run / "data" / "meta.json").read_text())["vocab_size"]
-    assert (
-        checkpoint["model"]["wte.weight"].shape == (-(-vocab_size // 64) * 64, 32)
-        and checkpoint["iter_num"] == 8
-    )
+    assert checkpoint["model"]["wte.weight"].shape == (-(-vocab_size // 64) * 64, 32) and checkpoint["iter_num"] == 8
     assert all(isinstance(name, str) for name in checkpoint["optimizer"]["state"])
     sampled = run_script(
         "sample.py",

@@ -10,9 +10,7 @@ from helpers import ROOT, run_script, tense_lines
 from tensegpt.common import UserError
 from tensegpt.hf import load_hf, read_safetensors
 
-transformers = pytest.importorskip(
-    "transformers", reason="transformers is not installed (pip install transformers)"
-)
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
 pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
 
 
@@ -35,9 +33,7 @@ def small_hf_model(**overrides):
             if "ln" in name or name.endswith("bias"):
                 p.normal_(0.0, 0.5 if "bias" in name else 0.1).add_(
                     1.0
-                    if name.endswith("ln_1.weight")
-                    or name.endswith("ln_2.weight")
-                    or name.endswith("ln_f.weight")
+                    if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight")
                     else 0.0
                 )
     return model
@@ -105,9 +101,7 @@ def test_missing_or_wrong_folders_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="describes a 'bert' model; only GPT-2"):
         load_hf(str(tmp_path / "bert"))
     small_hf_model(scale_attn_by_inverse_layer_idx=True).save_pretrained(tmp_path / "odd")
-    with pytest.raises(
-        UserError, match="scale_attn_by_inverse_layer_idx is True, but model.py implements only false"
-    ):
+    with pytest.raises(UserError, match="scale_attn_by_inverse_layer_idx is True, but model.py implements only false"):
         load_hf(str(tmp_path / "odd"))
     result = run_script("sample.py", f"--init_from=hf:{tmp_path / 'nowhere'}", cwd=tmp_path, check=False)
     assert result.returncode == 1 and result.stderr.startswith(
@@ -224,10 +218,7 @@ def test_export_refuses_what_gpt2_cannot_be(tmp_path, gpt2_shaped_run, setting, 
     checkpoint["model_config"].update(setting)  # only the config is read before refusing
     torch.save(checkpoint, tmp_path / "other.pth")
     result = run_script("export.py", "--ckpt=other.pth", "--out=hf", cwd=tmp_path, check=False)
-    assert (
-        result.returncode == 1
-        and result.stderr.strip() == f"error: other.pth is not GPT-2 compatible: {problem}"
-    )
+    assert result.returncode == 1 and result.stderr.strip() == f"error: other.pth is not GPT-2 compatible: {problem}"
     assert not (tmp_path / "hf").exists()
 
 
@@ -257,10 +248,7 @@ def test_fine_tune_and_sample_from_hf_weights(tmp_path, gpt2_shaped_run):
         "--log_interval=3",
         cwd=tmp_path,
     )
-    assert (
-        f"initialising from the GPT-2 weights in {tmp_path / 'hf'} (n_layer 2, n_head 3, n_embd 48"
-        in out.stdout
-    )
+    assert f"initialising from the GPT-2 weights in {tmp_path / 'hf'} (n_layer 2, n_head 3, n_embd 48" in out.stdout
     checkpoint = torch.load(tmp_path / "ft" / "trained.pth", weights_only=True)
     assert checkpoint["model_config"]["n_embd"] == 48 and checkpoint["model_config"]["block_size"] == 32
     assert checkpoint["iter_num"] == 6

@@ -17,9 +17,7 @@ def tiny_config(**overrides):
     return GPTConfig(**{**dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32), **overrides})
 
 
-@pytest.mark.parametrize(
-    "pos_encoding,activation", [("learned", "gelu"), ("sinusoidal", "relu"), ("rotary", "swiglu")]
-)
+@pytest.mark.parametrize("pos_encoding,activation", [("learned", "gelu"), ("sinusoidal", "relu"), ("rotary", "swiglu")])
 def test_causal_later_tokens_never_change_earlier_logits(pos_encoding, activation):
     torch.manual_seed(0)
     model = GPT(tiny_config(pos_encoding=pos_encoding, activation=activation, bias=True)).eval()
@@ -163,17 +161,13 @@ def test_sampling_draws_from_the_softmax_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf"), 0.5]])
     generator = torch.Generator().manual_seed(0)
     n = 40000
-    draws = torch.cat(
-        [sample_next(logits.expand(1000, -1), 1.0, generator=generator) for _ in range(n // 1000)]
-    )
+    draws = torch.cat([sample_next(logits.expand(1000, -1), 1.0, generator=generator) for _ in range(n // 1000)])
     counts = torch.bincount(draws[:, 0], minlength=6).double() / n
     expected = torch.softmax(logits[0].double(), dim=0)
     assert counts[4] == 0  # no probability, never drawn
     assert (counts - expected).abs().max() < 0.01  # ~4 standard errors at these probabilities
     # top_k: only the k largest, in proportion to their probabilities
-    draws = torch.cat(
-        [sample_next(logits.expand(1000, -1), 1.0, top_k=2, generator=generator) for _ in range(20)]
-    )
+    draws = torch.cat([sample_next(logits.expand(1000, -1), 1.0, top_k=2, generator=generator) for _ in range(20)])
     counts = torch.bincount(draws[:, 0], minlength=6).double() / 20000
     assert set(draws[:, 0].tolist()) == {0, 1}
     assert abs(counts[0] - torch.sigmoid(torch.tensor(1.0)).item()) < 0.015
@@ -182,9 +176,7 @@ def test_sampling_draws_from_the_softmax_distribution():
         0,
         1,
     }
-    assert set(
-        sample_next(logits.expand(50, -1), 1.0, top_k=1, top_p=0.7, generator=generator)[:, 0].tolist()
-    ) == {0}
+    assert set(sample_next(logits.expand(50, -1), 1.0, top_k=1, top_p=0.7, generator=generator)[:, 0].tolist()) == {0}
 
 
 def test_a_tiny_temperature_is_the_most_likely_token_not_nan():
@@ -224,9 +216,7 @@ def test_attention_weights_reproduce_the_fast_path(pos_encoding):
     idx = torch.randint(0, 64, (1, 12))
     weights = attention_weights(model, idx)
     assert len(weights) == 2 and weights[0].shape == (2, 12, 12)
-    assert (
-        torch.allclose(weights[0].sum(-1), torch.ones(2, 12)) and weights[0].triu(1).abs().max() == 0
-    )  # causal rows
+    assert torch.allclose(weights[0].sum(-1), torch.ones(2, 12)) and weights[0].triu(1).abs().max() == 0  # causal rows
     assert_explicit_attention_is_the_fused_one(model, idx)
 
 

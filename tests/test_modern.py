@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import ROOT, assert_explicit_attention_is_the_fused_one, losses, run_script
 
-from model import GPT, GPTConfig, rotate
+from model import GPT, GPTConfig, positions_from, rotate
 from tensegpt.optim import configure_optimizers
 
 SWITCHES = {
@@ -39,8 +39,7 @@ def test_each_switch_trains_and_its_kv_cache_equals_a_full_recompute(switch):
     assert logits.shape == (3, 16, 64)
     loss.backward()
     assert all(
-        p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
-        for p in model.parameters()
+        p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in model.parameters()
     )
     model.eval()
     prompt = idx[:2, :5]
@@ -58,12 +57,14 @@ def test_rotary_attention_scores_depend_only_on_relative_position():
         torch.randn(1, 1, 1, 8).expand(1, 1, 12, 8),
         torch.randn(1, 1, 1, 8).expand(1, 1, 12, 8),
     )  # the same vectors everywhere
-    scores = rotate(q, 0) @ rotate(k, 0).transpose(-2, -1)  # (1, 1, 12, 12)
+    scores = rotate(q, positions_from(0, 12)) @ rotate(k, positions_from(0, 12)).transpose(-2, -1)  # (1, 1, 12, 12)
     for shift in (1, 5):
         assert torch.allclose(scores[0, 0, shift:, shift:], scores[0, 0, :-shift, :-shift], atol=1e-5)
     assert not torch.allclose(scores[0, 0, 0, 1], scores[0, 0, 0, 2])  # but they do depend on it
     # starting at position p is the same as being p places into a longer sequence (the KV cache relies on it)
-    assert torch.allclose(rotate(q, 7)[:, :, :5], rotate(q, 0)[:, :, 7:12], atol=1e-6)
+    assert torch.allclose(
+        rotate(q[:, :, :5], positions_from(7, 5)), rotate(q, positions_from(0, 12))[:, :, 7:12], atol=1e-6
+    )
 
 
 def test_grouped_query_attention_is_multi_head_attention_with_shared_keys_and_values():
@@ -73,12 +74,10 @@ def test_grouped_query_attention_is_multi_head_attention_with_shared_keys_and_va
     state = gqa.state_dict()
     C, hs = 32, 8
     for i in range(2):
-        w = state[
-            f"blocks.{i}.attn.c_attn.weight"
-        ]  # (C + 2 * 2 * hs, C): q, then 2 key heads, then 2 value heads
+        w = state[f"blocks.{i}.attn.c_attn.weight"]  # (C + 2 * 2 * hs, C): q, then 2 key heads, then 2 value heads
         q, k, v = w[:C], w[C : C + 2 * hs], w[C + 2 * hs :]
         # each key/value head serves 2 query heads: repeat it for each of them
-        repeat = lambda t: t.view(2, hs, C).repeat_interleave(2, dim=0).reshape(4 * hs, C)  # noqa: E731
+        repeat = lambda t: t.view(2, hs, C).repeat_interleave(2, dim=0).reshape(4 * hs, C)
         state[f"blocks.{i}.attn.c_attn.weight"] = torch.cat([q, repeat(k), repeat(v)])
     mha.load_state_dict(state)
     idx = torch.randint(0, 64, (2, 16))
@@ -89,7 +88,7 @@ def test_grouped_query_attention_is_multi_head_attention_with_shared_keys_and_va
     torch.manual_seed(0)
     assert torch.equal(same(idx, idx)[0], GPT(config()).eval()(idx, idx)[0])
     # and the KV cache holds only the key/value heads
-    assert gqa.new_caches(1)[0][0].shape == (1, 2, 16, 8) and mha.new_caches(1)[0][0].shape == (1, 4, 16, 8)
+    assert gqa.new_caches(1)[0].k.shape == (1, 2, 16, 8) and mha.new_caches(1)[0].k.shape == (1, 4, 16, 8)
 
 
 def test_swiglu_keeps_the_parameter_count_of_the_gelu_feed_forward():
@@ -151,9 +150,7 @@ def test_modern_config_with_muon_resumes_exactly(tiny_run, tmp_path):
     b = torch.load(tmp_path / "split" / "last.pth", weights_only=True)
     assert a["model_config"]["pos_encoding"] == "rotary" and a["train_config"]["optimizer"] == "muon"
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert any(
-        "momentum_buffer" in s for s in a["optimizer"]["state"].values()
-    )  # Muon's state is in the checkpoint
+    assert any("momentum_buffer" in s for s in a["optimizer"]["state"].values())  # Muon's state is in the checkpoint
 
 
 def test_muon_without_torch_optim_muon_is_a_clear_error(monkeypatch):

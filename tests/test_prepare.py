@@ -40,11 +40,7 @@ def test_prepare_writes_uint16_files_that_decode_back_to_the_lines(tmp_path):
     assert len(val) == round(303 * 0.1)
     assert train == [line for line in lines if line in set(train)]
     assert not set(train) & set(val)
-    assert (
-        meta["tokenizer"] == "gpt2-compact"
-        and meta["train_lines"] == len(train)
-        and meta["val_lines"] == len(val)
-    )
+    assert meta["tokenizer"] == "gpt2-compact" and meta["train_lines"] == len(train) and meta["val_lines"] == len(val)
     assert meta["train_tokens"] == (tmp_path / "d" / "train.bin").stat().st_size // 2
     import hashlib
 
@@ -55,7 +51,7 @@ def test_same_seed_same_split_other_seed_other_split(tmp_path):
     (tmp_path / "in.txt").write_text("\n".join(tense_lines(200)) + "\n", encoding="utf-8")
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         run_script("prepare.py", "--input=in.txt", f"--out_dir={name}", f"--seed={seed}", cwd=tmp_path)
-    read = lambda name: (tmp_path / name / "val.bin").read_bytes()  # noqa: E731
+    read = lambda name: (tmp_path / name / "val.bin").read_bytes()
     assert read("a") == read("b")
     assert read("a") != read("c")
 
@@ -103,8 +99,7 @@ def test_fast_batch_encoding_equals_encoding_each_line(kind):
 
 
 PROSE = [
-    "Alice was beginning to get very tired of sitting by her\nsister on the bank, and of having nothing to "
-    "do.",
+    "Alice was beginning to get very tired of sitting by her\nsister on the bank, and of having nothing to do.",
     "So she was considering in her own mind (as well as she could,\nfor the hot day made her feel very "
     "sleepy)\nwhether to get up.",
     "There was nothing so very remarkable in that.",
@@ -135,9 +130,7 @@ def test_paragraph_examples_keep_their_line_breaks_and_last_split_holds_the_end(
     )
     train, meta = split_at_eot(tmp_path / "data", "train")
     val, _ = split_at_eot(tmp_path / "data", "val")
-    assert (
-        train + val == PROSE * 4
-    )  # the byte-order mark is gone, blank lines (even with spaces) only separate
+    assert train + val == PROSE * 4  # the byte-order mark is gone, blank lines (even with spaces) only separate
     assert val == (PROSE * 4)[-5:] and meta["example"] == "paragraph" and meta["split"] == "last"
     assert meta["val_bytes"] == sum(len(p.encode()) + 1 for p in val)
     assert "hint" not in out.stderr and "20 paragraphs" in out.stdout
@@ -155,8 +148,7 @@ def test_file_example_is_one_stream_cut_at_a_line_break(tmp_path):
     assert run_script(
         "prepare.py", "--input=book.txt", "--example=file", "--split=random", cwd=tmp_path, check=False
     ).stderr.strip() == (
-        "error: --example=file is one stream, so its val split is the end of the text: use --split=last (or "
-        "auto)"
+        "error: --example=file is one stream, so its val split is the end of the text: use --split=last (or auto)"
     )
 
 
@@ -165,9 +157,7 @@ def test_wrapped_prose_under_the_line_setting_gets_a_hint(tmp_path):
     out = run_script("prepare.py", "--input=book.txt", cwd=tmp_path)
     assert out.stderr.startswith("hint: 58% of the lines of book.txt end mid-sentence")
     assert "--example=paragraph" in out.stderr
-    assert (
-        "hint" not in run_script("prepare.py", "--input=book.txt", "--example=paragraph", cwd=tmp_path).stderr
-    )
+    assert "hint" not in run_script("prepare.py", "--input=book.txt", "--example=paragraph", cwd=tmp_path).stderr
     (tmp_path / "sentences.txt").write_text("\n".join(tense_lines(100)) + "\n")
     assert run_script("prepare.py", "--input=sentences.txt", cwd=tmp_path).stderr == ""
 
@@ -204,9 +194,7 @@ def test_a_token_train_has_too_rarely_is_split_into_pieces_it_has_more_often(tmp
         tokenizer = tok.from_meta(meta)
         ids = np.fromfile(tmp_path / f"min{min_frequency}" / "train.bin", dtype=np.uint16).tolist()
         ends = [i for i, t in enumerate(ids) if t == tokenizer.eot]
-        pieces[min_frequency] = [
-            tokenizer.decode([t]) for t in ids[ends[-2] + 1 : ends[-1]]
-        ]  # the last train line's
+        pieces[min_frequency] = [tokenizer.decode([t]) for t in ids[ends[-2] + 1 : ends[-1]]]  # the last train line's
     # " grinned" occurs once: kept as GPT-2's one token only with --min_frequency=1; else its pieces
     assert pieces[1] == ["The", " cat", " grinned", "."]
     assert pieces[2] == ["The", " cat", " grin", "n", "ed", "."]

@@ -65,13 +65,10 @@ def test_the_line_reader_takes_any_bytes_or_says_where_they_are_not_utf8(tmp_pat
         return
     text = data.decode("utf-8", errors=errors).removeprefix("\ufeff")
     if example == "line":
-        assert examples == [
-            line.removesuffix("\r") for line in text.split("\n") if line.removesuffix("\r").strip()
-        ]
+        assert examples == [line.removesuffix("\r") for line in text.split("\n") if line.removesuffix("\r").strip()]
     elif example == "file":
         assert (
-            "".join(examples)
-            == "".join(line.removesuffix("\r") + "\n" for line in text.removesuffix("\n").split("\n"))
+            "".join(examples) == "".join(line.removesuffix("\r") + "\n" for line in text.removesuffix("\n").split("\n"))
             or text == ""
         )
     else:

@@ -16,8 +16,7 @@ from helpers import ROOT, run_script, tense_lines
 
 # What a command needs that the README leaves to the reader, or why it is run elsewhere.
 ELSEWHERE = {
-    "hf:path/to/gpt2": "needs a downloaded GPT-2 folder: tests/test_hf.py runs the same commands on a small "
-    "one",
+    "hf:path/to/gpt2": "needs a downloaded GPT-2 folder: tests/test_hf.py runs the same commands on a small one",
     "out-gpt2/trained.pth": "needs a GPT-2 shaped checkpoint: tests/test_hf.py exports one",
     "tests": "the test suite itself",
     "finetune_gpt2.py": "downloads GPT-2 124M; tests/test_chat.py runs --init_from=gpt2 on a cached tiny one",

@@ -26,8 +26,7 @@ def test_atomic_write_crash_before_rename_keeps_the_old_file(tmp_path, monkeypat
     monkeypatch.setattr(common.os, "replace", crash)
     with pytest.raises(
         common.UserError,
-        match=f"^cannot write {target} \\(simulated crash between write and rename\\); "
-        f"the previous file is unchanged$",
+        match=f"^cannot write {target} \\(simulated crash between write and rename\\); the previous file is unchanged$",
     ):
         common.atomic_write(str(target), lambda f: f.write(b"new checkpoint"))
     assert target.read_bytes() == b"old checkpoint"
@@ -71,9 +70,7 @@ def test_resume_is_exact(tiny_run, tmp_path):
     ]
     run_script("train.py", *common_args, "--out_dir=straight", "--max_iters=40", cwd=tmp_path)
     run_script("train.py", *common_args, "--out_dir=split", "--max_iters=20", cwd=tmp_path)
-    out = run_script(
-        "train.py", *common_args, "--out_dir=split", "--max_iters=40", "--init_from=resume", cwd=tmp_path
-    )
+    out = run_script("train.py", *common_args, "--out_dir=split", "--max_iters=40", "--init_from=resume", cwd=tmp_path)
     assert "resuming split/last.pth at iteration 20" in out.stdout
     straight, split = losses_by_iter(tmp_path / "straight"), losses_by_iter(tmp_path / "split")
     assert sorted(straight) == sorted(split) == list(range(1, 41))
@@ -182,11 +179,7 @@ def test_optimizer_state_of_an_older_checkpoint_is_translated_to_parameter_names
     optimizer.step()
     named = get_optimizer_state_dict(model, [optimizer], options=StateDictOptions(full_state_dict=True))
     translated = optimizer_state_by_name(optimizer.state_dict(), model)  # the numbered layout
-    assert (
-        sorted(translated["state"])
-        == sorted(named["state"])
-        == sorted(name for name, _ in model.named_parameters())
-    )
+    assert sorted(translated["state"]) == sorted(named["state"]) == sorted(name for name, _ in model.named_parameters())
     for name, state in named["state"].items():
         assert torch.equal(translated["state"][name]["exp_avg"], state["exp_avg"]), name
     assert [g["params"] for g in translated["param_groups"]] == [g["params"] for g in named["param_groups"]]

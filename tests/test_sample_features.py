@@ -117,9 +117,7 @@ def test_beam_search_scores_at_least_as_well_as_greedy(trained_run):
         new, logprob = beam_search(model, idx, 5, 30, stop_token=tokenizer.eot)
         assert logprob == pytest.approx(continuation_logprob(model, idx[0].tolist(), new), abs=1e-4)
         assert logprob / len(new) >= greedy_logprob / len(greedy) - 1e-6
-    out = run_script(
-        "sample.py", "--ckpt=out/trained.pth", "--start=The baby is", "--beam=4", cwd=trained_run
-    ).stdout
+    out = run_script("sample.py", "--ckpt=out/trained.pth", "--start=The baby is", "--beam=4", cwd=trained_run).stdout
     text, report = out.rstrip("\n").split("\n")
     assert text.startswith("The baby is") and report.startswith("beam search, 4 beams: log-probability -")
 
@@ -153,7 +151,7 @@ def test_repetition_penalty_makes_repeats_rarer(trained_run):
 
 def test_scores_prefer_the_right_tense(trained_run):
     model, tokenizer, _ = load_model(str(trained_run / "out" / "trained.pth"))
-    total = lambda text: sum(lp for _, lp in score_text(model, tokenizer, text, "cpu"))  # noqa: E731
+    total = lambda text: sum(lp for _, lp in score_text(model, tokenizer, text, "cpu"))
     assert total("The baby will sleep in the garden.") > total("The baby will slept in the garden.")
     assert total("She ate an apple yesterday.") > total("She eat an apple yesterday.")
     assert total("They have been playing in the garden for two hours.") > total(
@@ -221,9 +219,7 @@ def test_attention_heatmaps(tiny_run, tmp_path):
         f"--attention={tmp_path / 'attn.png'}",
         cwd=tiny_run,
     )
-    assert (
-        result.stderr.strip() == f"saved attention heatmaps of 2 layers x 2 heads to {tmp_path / 'attn.png'}"
-    )
+    assert result.stderr.strip() == f"saved attention heatmaps of 2 layers x 2 heads to {tmp_path / 'attn.png'}"
     width, height = png_size(tmp_path / "attn.png")
     assert width == height and width >= 400  # a 2 x 2 grid of square maps
 

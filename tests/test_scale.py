@@ -30,9 +30,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tiny_run
         result.stdout.count("model: ") == 1
         and result.stdout.count("saved ddp/last.pth and ddp/trained.pth at iteration 6") == 1
     )
-    assert (
-        "global batch 512 tokens per iteration (2 process(es) x 1 micro-batch(es) x 8 x 32)" in result.stdout
-    )
+    assert "global batch 512 tokens per iteration (2 process(es) x 1 micro-batch(es) x 8 x 32)" in result.stdout
     single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
     assert len(single) == len(ddp) == 6
     assert ddp[0] == pytest.approx(single[0], abs=1e-5)  # the same global batch, the same loss
