@@ -1,0 +1,209 @@
+"""
+Serves a trained model over HTTP with OpenAI's API, to many clients at once, and a web chat page.
+
+    python serve.py --ckpt=out-chat/trained.pth          # then open http://127.0.0.1:8000
+    curl http://127.0.0.1:8000/v1/chat/completions -H "Content-Type: application/json" \
+        -d '{"messages": [{"role": "user", "content": "Put in the past: She walks home."}]}'
+
+Routes: POST /v1/chat/completions (chat models), POST /v1/completions (any model), GET /v1/models,
+GET /health, GET / (the page). The official openai clients work with base_url=http://127.0.0.1:8000/v1.
+Requests running at the same time share each decoding step (continuous batching,
+tensegpt/engine.py); docs/serving.md has the fields, the errors and the figures.
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import torch
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, StreamingResponse
+
+from tensegpt.checkpoint import load_model
+from tensegpt.common import UserError, main_guard, parse_config, pick_device
+from tensegpt.engine import Engine
+from tensegpt.server import (
+    ApiError,
+    BodyLimit,
+    ChatRequest,
+    CompletionRequest,
+    Generation,
+    check_key,
+    check_sampling,
+    finish_unless_disconnected,
+    install_errors,
+    sse,
+)
+
+DEFAULTS = {
+    "ckpt": "out-chat/trained.pth",  # the checkpoint to serve (a chat model, or any model for /v1/completions)
+    "host": "127.0.0.1",  # the address to listen on; 0.0.0.0 opens it to the network
+    "port": 8000,
+    "model_name": "",  # the name clients ask for; empty: the checkpoint's folder (out-chat)
+    "api_key": "",  # required as 'Authorization: Bearer KEY' on /v1; empty: $TENSEGPT_API_KEY, or none
+    "max_batch": 16,  # sequences decoded together (the KV cache's rows)
+    "max_queue": 64,  # requests waiting for a row; beyond that the server answers 503
+    "prefill_chunk": 256,  # prompt positions run per step: a long prompt waits, the others keep decoding
+    "max_body_bytes": 1_000_000,  # a larger request body is refused (413)
+    "device": "auto",  # 'auto', 'cpu', 'cuda', 'mps'
+    "seed": 1337,  # the draws of requests that give no seed of their own
+}
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tensegpt", "chat_page.html")
+
+
+# ----------------------------------------------------------------------------- the routes
+
+
+def make_app(model, tokenizer, engine, name, api_key="", max_body_bytes=1_000_000):
+    app = FastAPI(title="tense-gpt", docs_url=None, redoc_url=None)
+    install_errors(app)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+
+    def authorized(request: Request):
+        check_key(request, api_key)
+
+    keyed = [Depends(authorized)]
+    block_size, is_chat = model.config.block_size, hasattr(tokenizer, "end")
+    card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "tense-gpt"}
+    card |= {"max_model_len": block_size, "chat": is_chat}
+
+    def check_model(requested):
+        if requested not in (None, name):
+            message = f"the model {requested!r} does not exist here; this server serves {name!r}"
+            raise ApiError(404, message, "model", "model_not_found")
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "busy_slots": engine.busy_slots(), "slots": engine.max_batch, "steps": engine.steps}
+
+    @app.get("/v1/models", dependencies=keyed)
+    def models():
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id}", dependencies=keyed)
+    def one_model(model_id: str):
+        check_model(model_id)
+        return card
+
+    @app.post("/v1/chat/completions", dependencies=keyed)
+    async def chat_completions(body: ChatRequest, request: Request):
+        check_model(body.model)
+        if not is_chat:
+            raise ApiError(400, f"{name} has no chat template (it was not fine-tuned to chat): use /v1/completions")
+        if not body.messages:
+            raise ApiError(400, "messages must hold at least one message", "messages")
+        # the template's roles: OpenAI's newer 'developer' is the system message
+        messages = [{"role": m.role.replace("developer", "system"), "content": m.text()} for m in body.messages]
+        prompt = tokenizer.prompt(messages)
+        return await respond(body, request, prompt, "messages", stop_tokens={tokenizer.end, tokenizer.eot})
+
+    @app.post("/v1/completions", dependencies=keyed)
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        if isinstance(body.prompt, list) and len(body.prompt) != 1:
+            raise ApiError(400, f"send one prompt per request; got a list of {len(body.prompt)}", "prompt")
+        text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+        # an empty prompt starts a new text, like sample.py's empty --start
+        prompt = tokenizer.encode(text) or [tokenizer.eot]
+        return await respond(body, request, prompt, "prompt", stop_tokens={tokenizer.eot})
+
+    async def respond(body, request, prompt, prompt_param, stop_tokens):
+        """Checks the request against the context, generates, and answers whole or as a stream."""
+        stop = check_sampling(body, max_n=engine.max_queue)
+        room = block_size - len(prompt)
+        if room < 1:
+            message = f"the prompt is {len(prompt)} tokens; this model's context is {block_size}: shorten it"
+            raise ApiError(400, message, prompt_param, "context_length_exceeded")
+        max_tokens = body.max_completion_tokens or body.max_tokens or room
+        if max_tokens > room:
+            message = (
+                f"max_tokens {max_tokens} and the prompt's {len(prompt)} tokens are more than this model's context "
+                f"of {block_size}: ask for at most {room}"
+            )
+            raise ApiError(400, message, "max_tokens", "context_length_exceeded")
+        top_k = body.top_k if body.top_k and body.top_k > 0 else None
+        settings = dict(temperature=body.temperature, top_k=top_k, top_p=body.top_p, seed=body.seed)
+        generation = Generation(engine, tokenizer, prompt, body.n, stop, max_tokens=max_tokens,
+                                stop_tokens=frozenset(stop_tokens), **settings)  # fmt: skip
+        is_chat_route = prompt_param == "messages"
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            events = stream(generation, is_chat_route, include_usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        reasons = await finish_unless_disconnected(generation, request)
+        if reasons is None:
+            return None  # the client left
+        choices = []
+        for i, text in enumerate(generation.texts):
+            if is_chat_route:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text}})
+            else:
+                choices.append({"index": i, "text": text})
+            choices[-1] |= {"finish_reason": reasons[i], "logprobs": None}
+        return envelope(generation, is_chat_route, choices, False) | {"usage": generation.usage()}
+
+    async def stream(generation, is_chat_route, include_usage):
+        """Server-sent events: a chunk per piece of text, the finish reasons, [DONE]."""
+        if is_chat_route:
+            for i in range(len(generation.sequences)):
+                first = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                yield sse(envelope(generation, True, [first], True))
+        async for i, text, reason in generation.events():
+            piece = {"delta": {"content": text} if text else {}} if is_chat_route else {"text": text}
+            choice = {"index": i, **piece, "finish_reason": reason, "logprobs": None}
+            yield sse(envelope(generation, is_chat_route, [choice], True))
+        if include_usage:
+            yield sse(envelope(generation, is_chat_route, [], True) | {"usage": generation.usage()})
+        yield sse("[DONE]")
+
+    def envelope(generation, is_chat_route, choices, chunk):
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if is_chat_route else "text_completion"
+        prefix = "chatcmpl-" if is_chat_route else "cmpl-"
+        return {"id": prefix + generation.id, "object": kind, "created": generation.created, "model": name,
+                "choices": choices}  # fmt: skip
+
+    @app.get("/", response_class=HTMLResponse)
+    def page():
+        with open(PAGE, encoding="utf-8") as f:
+            settings = json.dumps({"chat": is_chat, "model": name}).replace("</", "<\\/")
+            return f.read().replace("__SETTINGS__", settings)
+
+    return app
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+def main():
+    config = parse_config(DEFAULTS, sys.argv[1:], doc=__doc__)
+    if not 1 <= config["port"] <= 65535:
+        raise UserError(f"--port must be between 1 and 65535 (got {config['port']})")
+    for key in ("max_batch", "max_queue", "prefill_chunk", "max_body_bytes"):
+        if config[key] < 1:
+            raise UserError(f"--{key} must be at least 1 (got {config[key]})")
+    if not os.path.isfile(config["ckpt"]):
+        raise UserError(f"no checkpoint at {config['ckpt']} (from --ckpt): train one first (docs/serving.md)")
+    torch.manual_seed(config["seed"])
+    model, tokenizer, _ = load_model(config["ckpt"], pick_device(config["device"]))
+    name = config["model_name"] or os.path.basename(os.path.dirname(os.path.abspath(config["ckpt"])))
+    api_key = config["api_key"] or os.environ.get("TENSEGPT_API_KEY", "")
+
+    # the engine loop: one thread that steps the batch while requests come and go
+    engine = Engine(model, config["max_batch"], config["max_queue"], config["prefill_chunk"])
+    threading.Thread(target=engine.run_forever, name="engine", daemon=True).start()
+
+    app = make_app(model, tokenizer, engine, name, api_key, config["max_body_bytes"])
+    print(f"serving {name} ({'chat' if hasattr(tokenizer, 'end') else 'completions'}) at "
+          f"http://{config['host']}:{config['port']} (the page at /, the API at /v1)", flush=True)  # fmt: skip
+    # SIGTERM: uvicorn stops accepting, lets the streams in flight end, and returns; we then exit 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(app, host=config["host"], port=config["port"], log_level="info")
+    engine.stop()
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,316 @@
+"""
+The HTTP harness beneath serve.py: OpenAI's request fields and error bodies, the checks
+every request passes (size, key), and a request's tokens turned into text as they come.
+
+Requests are parsed by FastAPI and pydantic; anything wrong with one, from malformed JSON
+to a value out of range, is answered in OpenAI's shape with status 400:
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "...", "code": ...}}
+"""
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException
+
+from tensegpt.engine import QueueFull, Sequence
+
+# ----------------------------------------------------------------------------- requests
+
+
+class ApiError(Exception):
+    """A request the server refuses: the status and OpenAI's error fields."""
+
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self):
+        error = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+        return JSONResponse({"error": error}, status_code=self.status)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    # 'developer' is what OpenAI's newer clients call the system message
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self):
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """The fields both endpoints share. Fields that OpenAI's clients send and this server has no use for are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None  # an extension (vLLM and llama.cpp have it too); 0 or -1: off
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # accepted at their defaults only: this server cannot honour anything else
+    logprobs: bool | int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+class ChatRequest(Sampling):
+    messages: list[Message]
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+
+
+def check_sampling(body, max_n):
+    """The fields' ranges, each refused with the field named; returns the stop strings as a list."""
+    checks = [
+        ("max_tokens", body.max_tokens is None or body.max_tokens >= 1, "must be at least 1"),
+        ("max_completion_tokens", (body.max_completion_tokens or 1) >= 1, "must be at least 1"),
+        ("temperature", 0.0 <= body.temperature <= 2.0, "must be between 0 and 2 (0: the most likely token)"),
+        ("top_p", 0.0 < body.top_p <= 1.0, "must be in (0, 1]"),
+        ("top_k", body.top_k is None or body.top_k >= -1, "must be a whole number >= 1 (0 or -1: off)"),
+        ("n", 1 <= body.n <= max_n, f"must be between 1 and {max_n}"),
+        ("logprobs", not body.logprobs, "is not supported by this server"),
+        ("presence_penalty", body.presence_penalty == 0, "is not supported by this server (leave it at 0)"),
+        ("frequency_penalty", body.frequency_penalty == 0, "is not supported by this server (leave it at 0)"),
+    ]
+    for param, ok, problem in checks:
+        if not ok:
+            raise ApiError(400, f"{param} {problem}; got {getattr(body, param)!r}", param)
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4 or any(s == "" for s in stop):
+        raise ApiError(400, f"stop must be at most 4 non-empty strings; got {body.stop!r}", "stop")
+    return stop
+
+
+# ----------------------------------------------------------------------------- errors and checks
+
+
+def install_errors(app: FastAPI):
+    """Every refusal in OpenAI's error shape: the server's own, pydantic's, an unknown route, a crash."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e):
+        first = e.errors()[0]
+        where = [str(p) for p in first["loc"] if p != "body"]
+        param = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in where).lstrip(".") or None
+        if first["type"] == "json_invalid":
+            at = first["loc"][-1]
+            message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])} at character {at}"
+            return ApiError(400, message).response()
+        elif first["type"] == "missing":
+            message = f"{param} is required"
+        else:
+            message = f"{param or 'the body'}: {first['msg']}; got {json.dumps(first.get('input'))[:80]}"
+        return ApiError(400, message, param).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e):
+        if e.status_code == 404:
+            return ApiError(404, f"no route {request.method} {request.url.path}", kind="not_found_error").response()
+        if e.status_code == 405:
+            return ApiError(405, f"{request.method} is not allowed on {request.url.path}").response()
+        return ApiError(e.status_code, str(e.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def crash(request, e):
+        return ApiError(500, f"internal error: {e.__class__.__name__}", kind="server_error").response()
+
+
+class BodyLimit:
+    """Refuses a request body over max_bytes with 413, by its Content-Length or as it arrives (chunked)."""
+
+    def __init__(self, app, max_bytes):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        too_big = ApiError(413, f"the body is over the limit of {self.max_bytes} bytes (--max_body_bytes)")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await too_big.response()(scope, receive, send)
+        # no length declared (a chunked body): read it here, up to the limit, and hand it on whole
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await too_big.response()(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def check_key(request: Request, api_key):
+    """With an API key set, a /v1 request must carry 'Authorization: Bearer KEY' (401 otherwise)."""
+    if not api_key:
+        return
+    sent = request.headers.get("authorization", "")
+    if not hmac.compare_digest(sent.encode(), f"Bearer {api_key}".encode()):
+        raise ApiError(
+            401, "a valid API key is required: send 'Authorization: Bearer KEY'", kind="authentication_error"
+        )
+
+
+# ----------------------------------------------------------------------------- one request's generation
+
+
+class Generation:
+    """
+    The n sequences of one request, from the engine's thread to this request's coroutine:
+    events() yields (choice, new text, finish reason or None) as the tokens come. Text is held
+    back while it could still be the start of a stop string or ends inside a character.
+    """
+
+    def __init__(self, engine, tokenizer, prompt, n, stop, **settings):
+        self.engine, self.tokenizer, self.stop = engine, tokenizer, stop
+        self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+        self.id, self.created = uuid.uuid4().hex[:24], int(time.time())
+        self.prompt_tokens = len(prompt)
+        seed = settings.pop("seed")
+        self.sequences = [
+            Sequence(
+                prompt,
+                **settings,
+                seed=None if seed is None else (seed + i) % 2**63,
+                on_token=lambda token, i=i: self.put(i, token, None),
+                on_finish=lambda reason, i=i: self.put(i, None, reason),
+            )
+            for i in range(n)
+        ]
+        self.texts, self.shown = [""] * n, [0] * n
+        self.done, self.counted = [None] * n, [0] * n
+        try:
+            engine.submit(*self.sequences)
+        except QueueFull as e:
+            message = f"the server is busy: {e}; try again shortly"
+            raise ApiError(503, message, kind="server_error", code="overloaded") from None
+
+    def put(self, choice, token, reason):
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (choice, token, reason))
+
+    async def events(self):
+        try:
+            while not all(self.done):
+                choice, token, reason = await self.queue.get()
+                if self.done[choice]:
+                    continue
+                if token is not None:
+                    # the engine's thread may have added more tokens since this one: count what came here
+                    self.counted[choice] += 1
+                    tokens = self.sequences[choice].tokens[: self.counted[choice]]
+                    self.texts[choice] = self.tokenizer.decode(tokens)
+                    reason = self.cut_at_stop(choice)
+                if reason is not None:
+                    self.done[choice] = "stop" if reason == "cancelled" else reason
+                    if reason == "stop" and token is not None:
+                        # a stop string: the engine need not make more of this one
+                        self.engine.cancel(self.sequences[choice])
+                new = self.new_text(choice, final=reason is not None)
+                if new or reason is not None:
+                    yield choice, new, self.done[choice]
+        finally:
+            # the client went away (or the request ended): free every slot still held
+            for choice, sequence in enumerate(self.sequences):
+                if self.done[choice] is None:
+                    self.engine.cancel(sequence)
+
+    def cut_at_stop(self, choice):
+        """'stop' once a stop string appears in the text (cut before it), else None."""
+        text = self.texts[choice]
+        found = [text.find(s) for s in self.stop if s in text]
+        if found:
+            self.texts[choice] = text[: min(found)]
+            return "stop"
+        return None
+
+    def new_text(self, choice, final):
+        """The text not yet sent that can be sent: all of it when final."""
+        text, start = self.texts[choice], self.shown[choice]
+        end = len(text)
+        if not final:
+            if text.endswith("\ufffd"):
+                return ""
+            # hold back a tail that could still grow into a stop string
+            for s in self.stop:
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        end = min(end, len(text) - k)
+                        break
+        if end <= start:
+            return ""
+        self.shown[choice] = end
+        return text[start:end]
+
+    def usage(self):
+        # as OpenAI counts them: the prompt once, whatever n
+        completion = sum(self.counted)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}  # fmt: skip
+
+
+async def finish_unless_disconnected(generation, request):
+    """Runs a non-streamed generation to its end; if the client disconnects first, its sequences are freed."""
+    texts = {}
+
+    async def collect():
+        async for choice, _, reason in generation.events():
+            if reason is not None:
+                texts[choice] = reason
+
+    task = asyncio.ensure_future(collect())
+    while not task.done():
+        await asyncio.wait([task], timeout=0.25)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            break
+    try:
+        await task
+    except asyncio.CancelledError:
+        return None
+    return texts
+
+
+def sse(data):
+    """One server-sent event: what OpenAI's streaming clients read."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"

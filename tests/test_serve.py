@@ -1,0 +1,444 @@
+"""
+serve.py: OpenAI's API over a live server on a loopback port, driven by the official openai
+client, plain HTTP and a real browser; and the batching engine beneath it, in process.
+Every request loop here is bounded in count and time, and every server is stopped by its pid.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from helpers import ROOT, run_script
+
+from tensegpt.checkpoint import load_model
+from tensegpt.engine import Engine, QueueFull, Sequence
+
+TINY = os.path.join(ROOT, "config", "tiny.py")
+
+
+# ----------------------------------------------------------------------------- models and servers
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(trained_run, tmp_path_factory):
+    """The trained run's model fine-tuned on tense instructions (its vocabulary + chat tokens)."""
+    folder = tmp_path_factory.mktemp("serve_chat")
+    run_script("make_tense.py", "--task=chat", "--n=600", cwd=folder)
+    base = trained_run / "out" / "trained.pth"
+    run_script("prepare.py", "--input=tense_chat.jsonl", "--val_input=tense_chat_val.jsonl",
+               f"--vocab_from={base}", "--out_dir=data-chat", cwd=folder)  # fmt: skip
+    run_script("train.py", TINY, "--chat=True", f"--init_from={base}", "--data_dir=data-chat",
+               "--out_dir=out-chat", "--n_embd=64", "--max_iters=60", "--eval_interval=60", cwd=folder)  # fmt: skip
+    return folder / "out-chat" / "trained.pth"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """python serve.py on a free loopback port, until stop()."""
+
+    def __init__(self, ckpt, *args, env=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.path.join(os.path.dirname(ckpt), f"serve-{self.port}.log"), "w+")
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt={ckpt}", f"--port={self.port}", *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )  # fmt: skip
+        for _ in range(300):  # at most 30 s to start
+            if self.process.poll() is not None:
+                raise AssertionError(f"serve.py exited {self.process.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"serve.py did not answer in 30 s:\n{self.output()}")
+
+    def output(self):
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def chat_server(chat_ckpt):
+    server = Server(chat_ckpt, "--max_batch=8")
+    yield server
+    log = server.output()
+    server.stop()
+    assert "Traceback" not in log
+
+
+@pytest.fixture(scope="module")
+def plain_server(trained_run):
+    server = Server(trained_run / "out" / "trained.pth", "--model_name=tense")
+    yield server
+    server.stop()
+
+
+def post(server, path, body, **kwargs):
+    return httpx.post(server.url + path, json=body, timeout=30, **kwargs)
+
+
+def error_of(response, status):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+# ----------------------------------------------------------------------------- the official openai client
+
+
+def test_the_openai_client_chats_plain_and_streamed(chat_server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=chat_server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    [model] = client.models.list().data
+    assert model.id == "out-chat"
+    messages = [{"role": "user", "content": "Negate: The baby sleeps."}]
+    reply = client.chat.completions.create(model="out-chat", messages=messages, temperature=0, max_tokens=12)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 5 and reply.usage.completion_tokens >= 1
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    # streamed: the same greedy text, piece by piece, then the finish reason and the usage
+    pieces, reasons, usage = [], [], None
+    stream = client.chat.completions.create(model="out-chat", messages=messages, temperature=0, max_tokens=12,
+                                            stream=True, stream_options={"include_usage": True})  # fmt: skip
+    for chunk in stream:
+        for c in chunk.choices:
+            pieces.append(c.delta.content or "")
+            reasons.append(c.finish_reason)
+        usage = chunk.usage or usage
+    assert "".join(pieces) == choice.message.content
+    assert reasons[-1] == choice.finish_reason and all(r is None for r in reasons[:-1])
+    assert usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_the_openai_client_completes_plain_and_streamed(plain_server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=plain_server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    reply = client.completions.create(model="tense", prompt="The baby", temperature=0, max_tokens=12)
+    text = reply.choices[0].text
+    assert text and reply.usage.prompt_tokens == 2
+    streamed = client.completions.create(model="tense", prompt="The baby", temperature=0, max_tokens=12, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == text
+    # n choices with a seed: each its own sample, the same again for the same seed
+    first = client.completions.create(model="tense", prompt="The baby", max_tokens=12, n=3, seed=5)
+    again = client.completions.create(model="tense", prompt="The baby", max_tokens=12, n=3, seed=5)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert len({c.text for c in first.choices}) > 1
+
+
+def test_stop_strings_end_the_text_before_them(plain_server):
+    body = {"prompt": "The baby", "temperature": 0, "max_tokens": 20}
+    full = post(plain_server, "/v1/completions", body).json()["choices"][0]["text"]
+    words = full.split()
+    assert len(words) >= 3, full
+    stop = " " + words[1]
+    reply = post(plain_server, "/v1/completions", {**body, "stop": [stop, "zzz"]}).json()
+    assert reply["choices"][0]["text"] == full[: full.index(stop)]
+    assert reply["choices"][0]["finish_reason"] == "stop"
+    # streamed: no piece of the stop string is ever sent
+    with httpx.stream("POST", plain_server.url + "/v1/completions", json={**body, "stop": stop, "stream": True},
+                      timeout=30) as response:  # fmt: skip
+        texts = [json.loads(line[6:])["choices"][0]["text"] for line in response.iter_lines()
+                 if line.startswith("data: {")]  # fmt: skip
+    assert "".join(texts) == full[: full.index(stop)]
+
+
+# ----------------------------------------------------------------------------- continuous batching
+
+
+def test_concurrent_requests_get_the_greedy_text_they_get_alone(plain_server):
+    prompts = ["The baby", "Yesterday, the", "We", "By tomorrow, my friends", "She", "They have", "I", "Our teacher"]
+    alone = [
+        post(plain_server, "/v1/completions", {"prompt": p, "temperature": 0, "max_tokens": 16}).json() for p in prompts
+    ]
+    together = [None] * len(prompts)
+
+    def ask(i):
+        together[i] = post(plain_server, "/v1/completions", {"prompt": prompts[i], "temperature": 0, "max_tokens": 16})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [r.json()["choices"][0]["text"] for r in together] == [r["choices"][0]["text"] for r in alone]
+
+
+@pytest.fixture(scope="module")
+def trained_model(trained_run):
+    return load_model(str(trained_run / "out" / "trained.pth"))[:2]
+
+
+def run_engine(engine, sequences, max_steps=500):
+    """Steps the engine in this thread until every sequence has finished; returns their finish reasons."""
+    reasons = {}
+    for i, s in enumerate(sequences):
+        s.on_token, s.on_finish = (lambda t: None), (lambda r, i=i: reasons.__setitem__(i, r))
+    engine.submit(*sequences)
+    for _ in range(max_steps):
+        if len(reasons) == len(sequences):
+            return [reasons[i] for i in range(len(sequences))]
+        engine.step()
+    raise AssertionError("the engine did not finish in time")
+
+
+def test_a_sequence_decodes_the_same_alone_or_batched_with_others(trained_model):
+    model, tokenizer = trained_model
+    prompt = tokenizer.encode("Yesterday, the baby")
+    stop = frozenset({tokenizer.eot})
+
+    def mine(**settings):
+        return Sequence(prompt, max_tokens=20, stop_tokens=stop, **settings)
+
+    # others of other lengths and settings, some arriving later, one cancelled midway
+    def others():
+        texts = ["The", "By next year, our teacher will have", "We are", "She", "They will be washing the"]
+        return [Sequence(tokenizer.encode(t), max_tokens=25, stop_tokens=stop, temperature=1.0, seed=i)
+                for i, t in enumerate(texts)]  # fmt: skip
+
+    for settings in ({"temperature": 0}, {"temperature": 0.9, "seed": 7}, {"temperature": 1.2, "top_k": 5, "seed": 3}):
+        alone = mine(**settings)
+        run_engine(Engine(model, max_batch=8, prefill_chunk=4), [alone])
+        engine = Engine(model, max_batch=8, prefill_chunk=4)
+        early, late = others()[:3], others()[3:]
+        batched = mine(**settings)
+        for s in early:
+            s.on_token, s.on_finish = (lambda t: None), (lambda r: None)
+        engine.submit(*early)
+        for _ in range(3):  # the others are mid-sequence when it joins
+            engine.step()
+        early[1].cancelled = True
+        run_engine(engine, [batched, *late])
+        assert batched.tokens == alone.tokens, settings
+        for _ in range(100):  # the others finish too
+            engine.step()
+        assert engine.busy_slots() == 0 and sorted(engine.free) == list(range(8))
+
+
+def test_the_engine_prefills_long_prompts_in_chunks_beside_decoding_rows(trained_model):
+    model, tokenizer = trained_model
+    stop = frozenset({tokenizer.eot})
+    engine = Engine(model, max_batch=2, prefill_chunk=3)
+    short = Sequence(tokenizer.encode("The"), max_tokens=30, stop_tokens=stop, temperature=0)
+    long_prompt = tokenizer.encode("By this time next year, our teacher will have been")
+    long = Sequence(long_prompt, max_tokens=5, stop_tokens=stop, temperature=0)
+    seen = []
+    short.on_token, short.on_finish = (lambda t: seen.append("short")), (lambda r: None)
+    long.on_token, long.on_finish = (lambda t: seen.append("long")), (lambda r: None)
+    engine.submit(short)
+    engine.step()
+    engine.submit(long)
+    per_step = []
+    for _ in range(50):
+        if "long" in seen:
+            break
+        seen.clear()
+        engine.step()
+        per_step.append(seen.count("short"))
+    # its prompt went in 3 positions a step, and the short one made a token at every one of those steps
+    assert per_step == [1] * -(-len(long_prompt) // 3)
+
+
+def test_a_full_queue_is_refused_at_once(trained_model):
+    model, tokenizer = trained_model
+    engine = Engine(model, max_batch=1, max_queue=2)
+    make = lambda: Sequence([1, 2], max_tokens=3, stop_tokens=frozenset())
+    engine.submit(make(), make())
+    with pytest.raises(QueueFull, match="2 requests are waiting"):
+        engine.submit(make())
+
+
+# ----------------------------------------------------------------------------- bad input, as OpenAI answers it
+
+
+def test_bad_requests_get_openai_shaped_errors(chat_server, plain_server):
+    url = chat_server.url + "/v1/chat/completions"
+    hi = [{"role": "user", "content": "hi"}]
+    bad = httpx.post(url, content=b'{"messages": [', headers={"Content-Type": "application/json"}, timeout=30)
+    assert "not valid JSON" in error_of(bad, 400)["message"]
+    assert error_of(post(chat_server, "/v1/chat/completions", {}), 400)["param"] == "messages"
+    e = error_of(post(chat_server, "/v1/chat/completions", {"messages": "hi"}), 400)
+    assert e["param"] == "messages" and "list" in e["message"]
+    e = error_of(post(chat_server, "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}), 400)
+    assert e["param"] == "messages[0].role" and "robot" in e["message"]
+    e = error_of(post(chat_server, "/v1/chat/completions", {"messages": hi, "temperature": "hot"}), 400)
+    assert e["param"] == "temperature"
+    for field, value in (("max_tokens", 0), ("max_completion_tokens", -2), ("temperature", 3), ("top_p", 0),
+                         ("n", 0), ("presence_penalty", 0.5)):  # fmt: skip
+        e = error_of(post(chat_server, "/v1/chat/completions", {"messages": hi, field: value}), 400)
+        assert e["param"] == field and repr(value) in e["message"], e
+    # the context: 32 positions for these models
+    e = error_of(post(chat_server, "/v1/chat/completions", {"messages": hi, "max_tokens": 500}), 400)
+    assert e["code"] == "context_length_exceeded" and "context of 32" in e["message"] and "at most" in e["message"]
+    long = [{"role": "user", "content": "The baby sleeps. " * 20}]
+    e = error_of(post(chat_server, "/v1/chat/completions", {"messages": long}), 400)
+    assert e["code"] == "context_length_exceeded" and "context is 32" in e["message"]
+    e = error_of(post(chat_server, "/v1/chat/completions", {"messages": hi, "model": "gpt-4o"}), 404)
+    assert e["code"] == "model_not_found" and "out-chat" in e["message"]
+    assert error_of(httpx.get(chat_server.url + "/v1/nothing", timeout=30), 404)["type"] == "not_found_error"
+    assert error_of(httpx.get(url, timeout=30), 405)
+    # a plain model has no chat template
+    e = error_of(post(plain_server, "/v1/chat/completions", {"messages": hi}), 400)
+    assert "/v1/completions" in e["message"]
+    # a body over --max_body_bytes (1 MB by default), declared or not
+    big = {"messages": [{"role": "user", "content": "x" * 1_100_000}]}
+    assert "over the limit" in error_of(post(chat_server, "/v1/chat/completions", big), 413)["message"]
+    chunked = httpx.post(url, content=iter([json.dumps(big).encode()]), timeout=30,
+                         headers={"Content-Type": "application/json"})  # fmt: skip
+    assert error_of(chunked, 413)
+
+
+def test_an_api_key_is_required_when_set(chat_ckpt):
+    server = Server(chat_ckpt, env={"TENSEGPT_API_KEY": "sesame"})
+    try:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert error_of(post(server, "/v1/chat/completions", body), 401)["type"] == "authentication_error"
+        wrong = post(server, "/v1/chat/completions", body, headers={"Authorization": "Bearer open"})
+        assert error_of(wrong, 401)
+        assert post(server, "/v1/chat/completions", body, headers={"Authorization": "Bearer sesame"}).status_code == 200
+        assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_a_full_queue_answers_503_and_every_request_ends(trained_run):
+    server = Server(trained_run / "out" / "trained.pth", "--max_batch=1", "--max_queue=1")
+    try:
+        results = []
+
+        def ask():
+            body = {"prompt": "The", "max_tokens": 30, "temperature": 1.0, "stop": "zzz"}
+            results.append(post(server, "/v1/completions", body))
+
+        threads = [threading.Thread(target=ask) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        statuses = sorted(r.status_code for r in results)
+        assert len(results) == 16 and set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses
+        for r in results:
+            if r.status_code == 503:
+                assert error_of(r, 503)["code"] == "overloaded"
+            else:
+                assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    finally:
+        server.stop()
+
+
+# ----------------------------------------------------------------------------- clients that leave, and SIGTERM
+
+
+def test_a_client_that_disconnects_frees_its_rows(plain_server):
+    body = {"prompt": "The", "max_tokens": 30, "temperature": 1.0, "stream": True, "stop": "zzz", "seed": 1}
+    leaving = httpx.stream("POST", plain_server.url + "/v1/completions", json=body, timeout=30)
+    response = leaving.__enter__()
+    lines = response.iter_lines()
+    assert next(lines).startswith("data: ")
+    leaving.__exit__(None, None, None)  # gone mid-stream
+    with httpx.stream("POST", plain_server.url + "/v1/completions", json=body, timeout=30) as stayed:
+        events = [line for line in stayed.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["choices"][0]["finish_reason"]
+    for _ in range(100):  # the slots come back
+        if httpx.get(plain_server.url + "/health", timeout=30).json()["busy_slots"] == 0:
+            break
+        time.sleep(0.05)
+    assert httpx.get(plain_server.url + "/health", timeout=30).json()["busy_slots"] == 0
+
+
+def test_sigterm_lets_streams_end_and_exits_0(trained_run):
+    server = Server(trained_run / "out" / "trained.pth")
+    body = {"prompt": "The", "max_tokens": 30, "stream": True, "stop": "zzz"}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        server.process.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    assert server.process.wait(timeout=30) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/health", timeout=5)
+    assert "Traceback" not in server.output()
+    server.stop()
+
+
+def test_serve_py_refuses_bad_options_in_one_line(tmp_path):
+    result = run_script("serve.py", "--ckpt=missing.pth", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        "error: no checkpoint at missing.pth (from --ckpt): train one first (docs/serving.md)"
+    )
+    result = run_script("serve.py", "--max_batch=0", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "--max_batch must be at least 1 (got 0)" in result.stderr
+
+
+# ----------------------------------------------------------------------------- the page, in a real browser
+
+
+def chromium():
+    """Debian's chromium and chromedriver (apt-get install chromium chromium-driver), or None."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+def test_the_page_chats_in_a_real_browser(chat_server):
+    found = chromium()
+    if found is None:
+        message = "no chromium + chromedriver on PATH: apt-get install chromium chromium-driver"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=found[1]), options=options)
+    try:
+        browser.get(chat_server.url + "/")
+        assert browser.find_element(By.ID, "model").text == "out-chat"
+        temperature = browser.find_element(By.ID, "temperature")
+        temperature.clear()
+        temperature.send_keys("0")
+        question = "Negate: The baby sleeps."
+        browser.find_element(By.ID, "input").send_keys(question)
+        browser.find_element(By.ID, "send").click()
+        wait = WebDriverWait(browser, 30)
+        # the answer has streamed in once the send button is back
+        wait.until(
+            lambda b: b.find_element(By.ID, "send").is_enabled() and b.find_elements(By.CSS_SELECTOR, ".assistant")
+        )
+        turns = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".turn")]
+        expected = post(
+            chat_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": question}], "temperature": 0}
+        )
+        assert turns == [question, expected.json()["choices"][0]["message"]["content"].strip()]
+    finally:
+        browser.quit()
