@@ -137,6 +137,8 @@ def make_app(model, tokenizer, engine, name, api_key="", max_body_bytes=1_000_00
         reasons = await finish_unless_disconnected(generation, request)
         if reasons is None:
             return None  # the client left
+        if "error" in reasons.values():
+            raise ApiError(500, "the server failed while generating (see its log)", kind="server_error")
         choices = []
         for i, text in enumerate(generation.texts):
             if is_chat_route:

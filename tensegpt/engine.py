@@ -20,7 +20,9 @@ asyncio loop).
 """
 
 import collections
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -44,7 +46,7 @@ class Sequence:
     top_p: float = None
     seed: int = None
     on_token: callable = None  # on_token(token id), from the engine's thread
-    on_finish: callable = None  # on_finish('stop' or 'length' or 'cancelled')
+    on_finish: callable = None  # on_finish('stop', 'length', 'cancelled' or 'error')
     tokens: list = field(default_factory=list)  # the new tokens so far
     cached: int = 0  # positions of prompt + tokens held in the cache
     slot: int = None
@@ -126,7 +128,16 @@ class Engine:
                     self.wake.wait()
                 if self.stopped:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:
+                # a fault in a step (out of memory, say) ends the sequences in flight, not the server
+                print(f"engine: a step failed ({e.__class__.__name__}: {e}); its sequences end with an error",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                for sequence in self.prefilling + self.decoding:
+                    self.finish(sequence, "error")
+            # let the server's thread take the GIL between steps, to send what this step made
+            time.sleep(0)
 
     @torch.inference_mode()
     def step(self):

@@ -232,23 +232,30 @@ class Generation:
     async def events(self):
         try:
             while not all(self.done):
-                choice, token, reason = await self.queue.get()
-                if self.done[choice]:
-                    continue
-                if token is not None:
-                    # the engine's thread may have added more tokens since this one: count what came here
-                    self.counted[choice] += 1
-                    tokens = self.sequences[choice].tokens[: self.counted[choice]]
-                    self.texts[choice] = self.tokenizer.decode(tokens)
-                    reason = self.cut_at_stop(choice)
-                if reason is not None:
-                    self.done[choice] = "stop" if reason == "cancelled" else reason
-                    if reason == "stop" and token is not None:
-                        # a stop string: the engine need not make more of this one
-                        self.engine.cancel(self.sequences[choice])
-                new = self.new_text(choice, final=reason is not None)
-                if new or reason is not None:
-                    yield choice, new, self.done[choice]
+                # everything that came since the last look, so a slow reader gets fewer, larger pieces
+                batch = [await self.queue.get()]
+                while not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                changed = set()
+                for choice, token, reason in batch:
+                    if self.done[choice]:
+                        continue
+                    if token is not None:
+                        self.counted[choice] += 1
+                    else:
+                        self.done[choice] = "stop" if reason == "cancelled" else reason
+                    changed.add(choice)
+                for choice in sorted(changed):
+                    # the engine's thread may have added tokens since: decode only those that came here
+                    self.texts[choice] = self.tokenizer.decode(self.sequences[choice].tokens[: self.counted[choice]])
+                    if self.cut_at_stop(choice):
+                        if self.done[choice] is None:
+                            # the engine need not make more of this one
+                            self.engine.cancel(self.sequences[choice])
+                        self.done[choice] = "stop"
+                    new = self.new_text(choice, final=self.done[choice] is not None)
+                    if new or self.done[choice]:
+                        yield choice, new, self.done[choice]
         finally:
             # the client went away (or the request ended): free every slot still held
             for choice, sequence in enumerate(self.sequences):
@@ -256,13 +263,12 @@ class Generation:
                     self.engine.cancel(sequence)
 
     def cut_at_stop(self, choice):
-        """'stop' once a stop string appears in the text (cut before it), else None."""
+        """True once a stop string appears in the text, which is then cut before it."""
         text = self.texts[choice]
         found = [text.find(s) for s in self.stop if s in text]
         if found:
             self.texts[choice] = text[: min(found)]
-            return "stop"
-        return None
+        return bool(found)
 
     def new_text(self, choice, final):
         """The text not yet sent that can be sent: all of it when final."""

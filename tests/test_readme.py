@@ -16,6 +16,7 @@ from helpers import ROOT, run_script, tense_lines
 
 # What a command needs that the README leaves to the reader, or why it is run elsewhere.
 ELSEWHERE = {
+    "serve.py": "a server that runs until it is stopped: tests/test_serve.py starts it on a loopback port",
     "hf:path/to/gpt2": "needs a downloaded GPT-2 folder: tests/test_hf.py runs the same commands on a small one",
     "out-gpt2/trained.pth": "needs a GPT-2 shaped checkpoint: tests/test_hf.py exports one",
     "tests": "the test suite itself",
@@ -39,6 +40,7 @@ PAGES = ["README.md"] + [
         "modern-block",
         "performance",
         "chat",
+        "serving",
     )
 ]
 

@@ -442,3 +442,23 @@ def test_the_page_chats_in_a_real_browser(chat_server):
         assert turns == [question, expected.json()["choices"][0]["message"]["content"].strip()]
     finally:
         browser.quit()
+
+
+def test_a_failed_step_ends_its_sequences_with_an_error_and_frees_their_slots(trained_model, capsys):
+    model, tokenizer = trained_model
+    engine = Engine(model, max_batch=2)
+    reasons = []
+    sequences = [Sequence([1, 2, 3], max_tokens=5, stop_tokens=frozenset(), on_token=lambda t: None,
+                          on_finish=reasons.append) for _ in range(2)]  # fmt: skip
+    engine.forward = lambda tokens, batch: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    engine.submit(*sequences)
+    thread = threading.Thread(target=engine.run_forever)
+    thread.start()
+    for _ in range(100):
+        if len(reasons) == 2:
+            break
+        time.sleep(0.05)
+    engine.stop()
+    thread.join(timeout=10)
+    assert reasons == ["error", "error"] and engine.busy_slots() == 0
+    assert "engine: a step failed (RuntimeError: out of memory)" in capsys.readouterr().err

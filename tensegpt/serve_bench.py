@@ -1,0 +1,231 @@
+"""
+What continuous batching buys, measured against serve.py over loopback (docs/serving.md):
+
+    python -m tensegpt.serve_bench --ckpt=out-chat/trained.pth      # a chat model, through /v1/chat/completions
+    python -m tensegpt.serve_bench --gpt2                            # GPT-2 124M, random weights, /v1/completions
+    python -m tensegpt.serve_bench --ckpt=out-chat/trained.pth --load_requests=400   # the load test
+
+For each number of concurrent clients (1, 4, 8, 16) the same list of streamed requests is
+served, the clients each taking the next request as theirs ends; 1 client is the requests
+served one at a time. Reported: aggregate completion tokens per second, time to first token
+and time between tokens (p50, p95). The load test sends a fixed number of requests from
+concurrent clients, mixed streamed and not, some abandoned mid-stream, and checks that each
+got a complete answer or a clear error, the server's memory and its log. It is a benchmark:
+nothing here asserts a speed.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import httpx
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from model import GPT, GPTConfig  # noqa: E402
+from tensegpt.checkpoint import save  # noqa: E402
+from tensegpt.common import parse_config  # noqa: E402
+from tensegpt.tokenizer import GPT2  # noqa: E402
+
+DEFAULTS = {
+    "ckpt": "",  # the checkpoint to serve
+    "gpt2": False,  # serve GPT-2 124M with random weights instead (built here, nothing downloaded)
+    "streams": "1,4,8,16",  # the numbers of concurrent clients
+    "requests": 32,  # requests per number of clients
+    "max_tokens": 32,  # per request (a chat model's answer usually ends before)
+    "stream": True,  # False: whole answers, no per-token HTTP cost (TTFT is then the whole request)
+    "load_requests": 0,  # > 0: the load test instead, with this many requests
+    "port": 8765,
+}
+CHAT_REQUESTS = [
+    "Put this sentence in the past simple: The baby sleeps on the sofa.",
+    "Negate: My friends have read the book.",
+    "Make this a question: She will be washing the car.",
+    "Which tense is this: They had cooked dinner?",
+]
+TEXT_PROMPTS = ["The baby", "Yesterday, my friends", "By next year, our teacher", "She is not", "They have"]
+
+
+def gpt2_checkpoint(folder):
+    """GPT-2 124M's shape with random weights, saved as a checkpoint serve.py loads."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True)
+    path = os.path.join(folder, "gpt2-random", "trained.pth")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    model = GPT(config)
+    save({"model": model.state_dict(), "model_config": config.__dict__, "tokenizer_meta": GPT2().meta()}, path)
+    return path
+
+
+def start_server(ckpt, port, log):
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt={ckpt}", f"--port={port}"],
+                               stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    for _ in range(600):
+        try:
+            card = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).json()["data"][0]
+            return process, card
+        except (httpx.HTTPError, KeyError):
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("serve.py did not start")
+
+
+def request_body(card, i, max_tokens, stream=True):
+    body = {"max_tokens": max_tokens, "temperature": 0.8, "seed": i, "stream": stream}
+    if card["chat"]:
+        return {**body, "messages": [{"role": "user", "content": CHAT_REQUESTS[i % len(CHAT_REQUESTS)]}]}
+    return {**body, "prompt": TEXT_PROMPTS[i % len(TEXT_PROMPTS)]}
+
+
+def streamed(client, url, body):
+    """(time to first token, gaps between tokens, tokens) of one streamed request."""
+    start, times, tokens = time.perf_counter(), [], 0
+    with client.stream("POST", url, json={**body, "stream_options": {"include_usage": True}}) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"the server refused a request: {response.read().decode()}")
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and (
+                chunk["choices"][0].get("delta", {}).get("content") or chunk["choices"][0].get("text")
+            ):
+                times.append(time.perf_counter())
+    return times[0] - start, [b - a for a, b in zip(times, times[1:])], tokens
+
+
+def whole(client, url, body):
+    """(time to the whole answer, no gaps, tokens) of one request answered whole."""
+    start = time.perf_counter()
+    reply = client.post(url, json={**body, "stream": False}).json()
+    return time.perf_counter() - start, [], reply["usage"]["completion_tokens"]
+
+
+def serve_requests(url, card, clients, n_requests, max_tokens, stream=True):
+    """n_requests streamed requests from `clients` concurrent clients: the figures of one row."""
+    path = url + ("/v1/chat/completions" if card["chat"] else "/v1/completions")
+    queue, results, lock = list(range(n_requests)), [], threading.Lock()
+
+    def client_loop():
+        with httpx.Client(timeout=120) as client:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    i = queue.pop(0)
+                results.append((streamed if stream else whole)(client, path, request_body(card, i, max_tokens)))
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    ttft = [r[0] * 1000 for r in results]
+    gaps = [g * 1000 for r in results for g in r[1]] or [float("nan")]
+    tokens = sum(r[2] for r in results)
+    pct = lambda xs, q: statistics.quantiles(xs, n=20)[18] if q == 95 and len(xs) > 1 else statistics.median(xs)
+    return {"clients": clients, "requests": n_requests, "tokens": tokens, "seconds": seconds,
+            "tokens_per_sec": tokens / seconds, "ttft_p50_ms": pct(ttft, 50), "ttft_p95_ms": pct(ttft, 95),
+            "itl_p50_ms": pct(gaps, 50), "itl_p95_ms": pct(gaps, 95)}  # fmt: skip
+
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+
+
+def load_test(url, card, pid, n_requests, max_tokens, clients=8):
+    """n_requests from `clients` clients: every third not streamed, every fifth abandoned after its first piece."""
+    path = url + ("/v1/chat/completions" if card["chat"] else "/v1/completions")
+    outcomes, lock, queue = (
+        {"complete": 0, "abandoned": 0, "error": 0, "lost": 0},
+        threading.Lock(),
+        list(range(n_requests)),
+    )
+    memory = [rss_mb(pid)]
+
+    def one(client, i):
+        body = request_body(card, i, max_tokens, stream=i % 3 != 0)
+        if not body["stream"]:
+            response = client.post(path, json=body)
+            ok = response.status_code == 200 and response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+            return "complete" if ok else ("error" if "error" in response.json() else "lost")
+        with client.stream("POST", path, json=body) as response:
+            if response.status_code != 200:
+                response.read()
+                return "error" if "error" in response.json() else "lost"
+            if i % 5 == 0:
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        return "abandoned"
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+            return "complete" if events and events[-1] == "data: [DONE]" else "lost"
+
+    def client_loop():
+        with httpx.Client(timeout=120) as client:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    i = queue.pop(0)
+                outcome = one(client, i)
+                with lock:
+                    outcomes[outcome] += 1
+                    if sum(outcomes.values()) % 50 == 0:
+                        memory.append(rss_mb(pid))
+
+    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    memory.append(rss_mb(pid))
+    return {**outcomes, "rss_mb": [round(m) for m in memory]}
+
+
+def main():
+    config = parse_config(DEFAULTS, sys.argv[1:], allow_files=False, doc=__doc__)
+    with tempfile.TemporaryDirectory() as folder:
+        ckpt = gpt2_checkpoint(folder) if config["gpt2"] else config["ckpt"]
+        log_path = os.path.join(folder, "serve.log")
+        with open(log_path, "w") as log:
+            process, card = start_server(ckpt, config["port"], log)
+        url = f"http://127.0.0.1:{config['port']}"
+        try:
+            print(f"serving {card['id']} ({'chat' if card['chat'] else 'completions'}), torch threads "
+                  f"{torch.get_num_threads()}, {os.cpu_count()} cores")  # fmt: skip
+            if config["load_requests"]:
+                report = load_test(url, card, process.pid, config["load_requests"], config["max_tokens"])
+                with open(log_path) as f:
+                    report["tracebacks_in_log"] = f.read().count("Traceback")
+                print(json.dumps(report))
+                return
+            # one warm-up request: the first pays for lazy initialisation
+            serve_requests(url, card, 1, 1, config["max_tokens"])
+            rows = [serve_requests(url, card, int(c), config["requests"], config["max_tokens"], config["stream"])
+                    for c in config["streams"].split(",")]  # fmt: skip
+            alone = rows[0]["tokens_per_sec"]
+            print("clients | tokens/s | x one at a time | TTFT p50 / p95 ms | between tokens p50 / p95 ms")
+            for r in rows:
+                ttft = f"{r['ttft_p50_ms']:7.1f} / {r['ttft_p95_ms']:7.1f}"
+                itl = f"{r['itl_p50_ms']:6.1f} / {r['itl_p95_ms']:6.1f}"
+                speedup = r["tokens_per_sec"] / alone
+                print(f"{r['clients']:>7} | {r['tokens_per_sec']:8.1f} | {speedup:15.2f} | {ttft} | {itl}")
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
