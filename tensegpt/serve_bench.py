@@ -110,10 +110,9 @@ def whole(client, url, body):
     return time.perf_counter() - start, [], reply["usage"]["completion_tokens"]
 
 
-def serve_requests(url, card, clients, n_requests, max_tokens, stream=True):
-    """n_requests streamed requests from `clients` concurrent clients: the figures of one row."""
-    path = url + ("/v1/chat/completions" if card["chat"] else "/v1/completions")
-    queue, results, lock = list(range(n_requests)), [], threading.Lock()
+def run_clients(clients, n_requests, request):
+    """Requests 0..n_requests-1 from `clients` concurrent clients, each taking the next as its last ends."""
+    queue, lock = list(range(n_requests)), threading.Lock()
 
     def client_loop():
         with httpx.Client(timeout=120) as client:
@@ -122,14 +121,23 @@ def serve_requests(url, card, clients, n_requests, max_tokens, stream=True):
                     if not queue:
                         return
                     i = queue.pop(0)
-                results.append((streamed if stream else whole)(client, path, request_body(card, i, max_tokens)))
+                request(client, i)
 
-    start = time.perf_counter()
     threads = [threading.Thread(target=client_loop) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+
+
+def serve_requests(url, card, clients, n_requests, max_tokens, stream=True):
+    """n_requests streamed requests from `clients` concurrent clients: the figures of one row."""
+    path = url + ("/v1/chat/completions" if card["chat"] else "/v1/completions")
+    results, measure = [], streamed if stream else whole
+    start = time.perf_counter()
+    run_clients(
+        clients, n_requests, lambda client, i: results.append(measure(client, path, request_body(card, i, max_tokens)))
+    )
     seconds = time.perf_counter() - start
     ttft = [r[0] * 1000 for r in results]
     gaps = [g * 1000 for r in results for g in r[1]] or [float("nan")]
@@ -148,11 +156,7 @@ def rss_mb(pid):
 def load_test(url, card, pid, n_requests, max_tokens, clients=8):
     """n_requests from `clients` clients: every third not streamed, every fifth abandoned after its first piece."""
     path = url + ("/v1/chat/completions" if card["chat"] else "/v1/completions")
-    outcomes, lock, queue = (
-        {"complete": 0, "abandoned": 0, "error": 0, "lost": 0},
-        threading.Lock(),
-        list(range(n_requests)),
-    )
+    outcomes, lock = {"complete": 0, "abandoned": 0, "error": 0, "lost": 0}, threading.Lock()
     memory = [rss_mb(pid)]
 
     def one(client, i):
@@ -172,24 +176,14 @@ def load_test(url, card, pid, n_requests, max_tokens, clients=8):
             events = [line for line in response.iter_lines() if line.startswith("data: ")]
             return "complete" if events and events[-1] == "data: [DONE]" else "lost"
 
-    def client_loop():
-        with httpx.Client(timeout=120) as client:
-            while True:
-                with lock:
-                    if not queue:
-                        return
-                    i = queue.pop(0)
-                outcome = one(client, i)
-                with lock:
-                    outcomes[outcome] += 1
-                    if sum(outcomes.values()) % 50 == 0:
-                        memory.append(rss_mb(pid))
+    def counted(client, i):
+        outcome = one(client, i)
+        with lock:
+            outcomes[outcome] += 1
+            if sum(outcomes.values()) % 50 == 0:
+                memory.append(rss_mb(pid))
 
-    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_clients(clients, n_requests, counted)
     memory.append(rss_mb(pid))
     return {**outcomes, "rss_mb": [round(m) for m in memory]}
 
