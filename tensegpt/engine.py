@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import sample_next
+from model import positions_from, sample_next
 
 
 class QueueFull(Exception):
@@ -74,7 +74,7 @@ class SlotCache:
     def update(self, pos, k, v):
         T = k.size(2)
         rows = self.slots[:, None]  # (B, 1)
-        columns = pos[:, None] + torch.arange(T, device=pos.device)  # (B, T)
+        columns = positions_from(pos, T)  # (B, T)
         # indexing slots and positions together puts them first: (B, T, n_kv_head, hs)
         self.cache.k[rows, :, columns] = k.transpose(1, 2)
         self.cache.v[rows, :, columns] = v.transpose(1, 2)
