@@ -161,7 +161,8 @@ class Engine:
 
     def prefill(self):
         """The next chunk of every new prompt, padded to one length, in one forward pass."""
-        batch = [s for s in self.prefilling if not self.drop_if_cancelled(s, self.prefilling)]
+        # a copy to walk: a cancelled sequence leaves self.prefilling on the way
+        batch = [s for s in list(self.prefilling) if not self.drop_if_cancelled(s, self.prefilling)]
         if not batch:
             return
         left = [len(s.prompt) - s.cached for s in batch]
@@ -184,7 +185,8 @@ class Engine:
 
     def decode(self):
         """One new token for every decoding sequence, all rows in one forward pass."""
-        batch = [s for s in self.decoding if not self.drop_if_cancelled(s, self.decoding)]
+        # a copy to walk: a cancelled sequence leaves self.decoding on the way
+        batch = [s for s in list(self.decoding) if not self.drop_if_cancelled(s, self.decoding)]
         if not batch:
             return
         tokens = torch.tensor([[s.tokens[-1]] for s in batch])  # (B, 1): each row's latest token

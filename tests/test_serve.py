@@ -16,6 +16,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from helpers import ROOT, run_script
 
 from tensegpt.checkpoint import load_model
@@ -462,3 +463,19 @@ def test_a_failed_step_ends_its_sequences_with_an_error_and_frees_their_slots(tr
     thread.join(timeout=10)
     assert reasons == ["error", "error"] and engine.busy_slots() == 0
     assert "engine: a step failed (RuntimeError: out of memory)" in capsys.readouterr().err
+
+
+def test_neighbouring_cancelled_sequences_all_leave_at_the_next_step():
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    engine = Engine(model, max_batch=4)
+    reasons = []
+    sequences = [Sequence([1, 2], max_tokens=20, stop_tokens=frozenset(), on_token=lambda t: None,
+                          on_finish=reasons.append) for _ in range(4)]  # fmt: skip
+    engine.submit(*sequences)
+    engine.step()
+    sequences[0].cancelled = sequences[1].cancelled = True
+    engine.step()
+    assert reasons == ["cancelled", "cancelled"] and engine.decoding == sequences[2:] and engine.busy_slots() == 2
