@@ -65,11 +65,12 @@ class SlotCache:
     """
     One layer's KV cache seen through a batch's slots: row i of the batch is row slots[i] of the
     cache. It does what model.KVCache.update does, on those rows only (the model reads and writes
-    whatever rows the engine's batch holds, wherever they are in the cache).
+    whatever rows the engine's batch holds, wherever they are in the cache). end: the positions
+    the longest row holds after this step, known to the engine before the forward pass.
     """
 
-    def __init__(self, cache, slots):
-        self.cache, self.slots = cache, slots
+    def __init__(self, cache, slots, end):
+        self.cache, self.slots, self.end = cache, slots, end
 
     def update(self, pos, k, v):
         T = k.size(2)
@@ -78,8 +79,7 @@ class SlotCache:
         # indexing slots and positions together puts them first: (B, T, n_kv_head, hs)
         self.cache.k[rows, :, columns] = k.transpose(1, 2)
         self.cache.v[rows, :, columns] = v.transpose(1, 2)
-        S = int(pos.max()) + T
-        return self.cache.k[self.slots, :, :S], self.cache.v[self.slots, :, :S]
+        return self.cache.k[self.slots, :, : self.end], self.cache.v[self.slots, :, : self.end]
 
 
 class Engine:
@@ -199,7 +199,9 @@ class Engine:
         """The model's hidden states for tokens (B, T), row i at position batch[i].cached in slot batch[i].slot."""
         slots = torch.tensor([s.slot for s in batch], device=self.device)
         pos = torch.tensor([s.cached for s in batch], device=self.device)
-        caches = [SlotCache(cache, slots) for cache in self.caches]
+        # every layer reads keys up to the longest row's end: counted here once, not read back per layer
+        end = max(s.cached for s in batch) + tokens.size(1)
+        caches = [SlotCache(cache, slots, end) for cache in self.caches]
         return self.model.hidden_states(tokens.to(self.device), caches, pos)
 
     def emit(self, sequence, token):

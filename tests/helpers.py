@@ -188,5 +188,5 @@ def assert_explicit_attention_is_the_fused_one(model, idx):
             for cache, filled in zip(caches, alone):
                 cache.k[slot], cache.v[slot] = filled.k[0], filled.v[0]
         tokens = idx[0, starts][:, None]  # (2, 1)
-        step = both(tokens, [SlotCache(cache, slots) for cache in caches], pos=starts)  # (2, 1, C)
+        step = both(tokens, [SlotCache(cache, slots, T) for cache in caches], pos=starts)  # (2, 1, C)
         torch.testing.assert_close(step[:, 0], full[0, starts])
