@@ -35,6 +35,21 @@ def run_script(script, *args, cwd, check=True, timeout=120, **popen_args):
     return result
 
 
+def fine_tune_chat(folder, base, *train_args):
+    """
+    make_tense.py's tense instructions (600 conversations) prepared on base's vocabulary into
+    folder/data-chat and fine-tuned from base with config/tiny.py and train_args into
+    folder/out-chat; returns the new checkpoint's path.
+    """
+    run_script("make_tense.py", "--task=chat", "--n=600", cwd=folder)
+    run_script("prepare.py", "--input=tense_chat.jsonl", "--val_input=tense_chat_val.jsonl",
+               f"--vocab_from={base}", "--out_dir=data-chat", cwd=folder)  # fmt: skip
+    tiny = os.path.join(ROOT, "config", "tiny.py")
+    run_script("train.py", tiny, "--chat=True", f"--init_from={base}", "--data_dir=data-chat",
+               "--out_dir=out-chat", *train_args, cwd=folder)  # fmt: skip
+    return folder / "out-chat" / "trained.pth"
+
+
 class ForkServer:
     """
     A process that has imported torch, numpy and tiktoken and does nothing else: for each

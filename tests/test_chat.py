@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, fails, run_script, talk, torchrun, write_jsonl
+from helpers import ROOT, fails, fine_tune_chat, run_script, talk, torchrun, write_jsonl
 
 from model import GPT, GPTConfig
 from tensegpt import lora
@@ -24,28 +24,7 @@ TINY = os.path.join(ROOT, "config", "tiny.py")
 def chat_run(tiny_run, tmp_path_factory):
     """The tiny run's model fine-tuned a few steps on tense instructions (its vocabulary + chat tokens)."""
     folder = tmp_path_factory.mktemp("chat_run")
-    run_script("make_tense.py", "--task=chat", "--n=600", cwd=folder)
-    base = tiny_run / "out" / "trained.pth"
-    run_script(
-        "prepare.py",
-        "--input=tense_chat.jsonl",
-        "--val_input=tense_chat_val.jsonl",
-        f"--vocab_from={base}",
-        "--out_dir=data-chat",
-        cwd=folder,
-    )
-    run_script(
-        "train.py",
-        TINY,
-        "--chat=True",
-        f"--init_from={base}",
-        "--data_dir=data-chat",
-        "--out_dir=out-chat",
-        "--max_iters=8",
-        "--eval_interval=4",
-        "--block_size=32",
-        cwd=folder,
-    )
+    fine_tune_chat(folder, tiny_run / "out" / "trained.pth", "--max_iters=8", "--eval_interval=4", "--block_size=32")
     return folder
 
 

@@ -17,13 +17,10 @@ import time
 import httpx
 import pytest
 import torch
-from helpers import ROOT, run_script
+from helpers import ROOT, fine_tune_chat, run_script
 
 from tensegpt.checkpoint import load_model
 from tensegpt.engine import Engine, QueueFull, Sequence
-
-TINY = os.path.join(ROOT, "config", "tiny.py")
-
 
 # ----------------------------------------------------------------------------- models and servers
 
@@ -32,13 +29,8 @@ TINY = os.path.join(ROOT, "config", "tiny.py")
 def chat_ckpt(trained_run, tmp_path_factory):
     """The trained run's model fine-tuned on tense instructions (its vocabulary + chat tokens)."""
     folder = tmp_path_factory.mktemp("serve_chat")
-    run_script("make_tense.py", "--task=chat", "--n=600", cwd=folder)
     base = trained_run / "out" / "trained.pth"
-    run_script("prepare.py", "--input=tense_chat.jsonl", "--val_input=tense_chat_val.jsonl",
-               f"--vocab_from={base}", "--out_dir=data-chat", cwd=folder)  # fmt: skip
-    run_script("train.py", TINY, "--chat=True", f"--init_from={base}", "--data_dir=data-chat",
-               "--out_dir=out-chat", "--n_embd=64", "--max_iters=60", "--eval_interval=60", cwd=folder)  # fmt: skip
-    return folder / "out-chat" / "trained.pth"
+    return fine_tune_chat(folder, base, "--n_embd=64", "--max_iters=60", "--eval_interval=60")
 
 
 def free_port():
