@@ -296,13 +296,13 @@ class Generation:
 
 
 async def finish_unless_disconnected(generation, request):
-    """Runs a non-streamed generation to its end; if the client disconnects first, its sequences are freed."""
-    texts = {}
+    """Each choice's finish reason once a non-streamed generation ends; None if the client left first."""
+    reasons = {}
 
     async def collect():
         async for choice, _, reason in generation.events():
             if reason is not None:
-                texts[choice] = reason
+                reasons[choice] = reason
 
     task = asyncio.ensure_future(collect())
     while not task.done():
@@ -314,7 +314,7 @@ async def finish_unless_disconnected(generation, request):
         await task
     except asyncio.CancelledError:
         return None
-    return texts
+    return reasons
 
 
 def sse(data):
