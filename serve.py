@@ -2,8 +2,8 @@
 Serves a trained model over HTTP with OpenAI's API, to many clients at once, and a web chat page.
 
     python serve.py --ckpt=out-chat/trained.pth          # then open http://127.0.0.1:8000
-    curl http://127.0.0.1:8000/v1/chat/completions -H "Content-Type: application/json" \
-        -d '{"messages": [{"role": "user", "content": "Put in the past: She walks home."}]}'
+    curl http://127.0.0.1:8000/v1/completions -d '{"prompt": "The baby is", "max_tokens": 20}' \\
+        -H "Content-Type: application/json"                  # text, from a model served with --ckpt=out/trained.pth
 
 Routes: POST /v1/chat/completions (chat models), POST /v1/completions (any model), GET /v1/models,
 GET /health, GET / (the page). The official openai clients work with base_url=http://127.0.0.1:8000/v1.
@@ -42,7 +42,7 @@ from tensegpt.server import (
 DEFAULTS = {
     "ckpt": "out-chat/trained.pth",  # the checkpoint to serve (a chat model, or any model for /v1/completions)
     "host": "127.0.0.1",  # the address to listen on; 0.0.0.0 opens it to the network
-    "port": 8000,
+    "port": 8000,  # the port to listen on
     "model_name": "",  # the name clients ask for; empty: the checkpoint's folder (out-chat)
     "api_key": "",  # required as 'Authorization: Bearer KEY' on /v1; empty: $TENSEGPT_API_KEY, or none
     "max_batch": 16,  # sequences decoded together (the KV cache's rows)
