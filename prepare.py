@@ -123,77 +123,51 @@ def offset_to_line(path, offset):
 
 
 def check_options(config):
-    checks = [
-        (
-            0.0 < config["val_fraction"] < 1.0,
-            f"--val_fraction must be between 0 and 1 (exclusive), got {config['val_fraction']}",
-        ),
-        (
-            config["example"] in ("line", "paragraph", "file"),
-            f"--example must be line, paragraph or file, got {config['example']!r}",
-        ),
-        (
-            config["split"] in ("auto", "random", "last"),
-            f"--split must be auto, random or last, got {config['split']!r}",
-        ),
-        (
-            not (config["example"] == "file" and config["split"] == "random"),
-            "--example=file is one stream, so its val split is the end of the text: use --split=last (or auto)",
-        ),
-        (
-            config["tokenizer"] in ("gpt2", "char", "word"),
-            f"--tokenizer must be gpt2, char or word, got {config['tokenizer']!r}",
-        ),
-        (
-            not config["full_vocab"] or config["tokenizer"] == "gpt2",
-            f"--full_vocab applies to --tokenizer=gpt2 only (got --tokenizer={config['tokenizer']})",
-        ),
-        (
-            config["tokenizer"] != "word" or 4 < config["vocab_size"] <= 65536,
-            f"--vocab_size must be between 5 and 65536 (4 ids are special tokens), got {config['vocab_size']}",
-        ),
-        (
-            config["min_frequency"] >= 0,
-            f"--min_frequency must be 1 or more (0: the tokenizer's default), got {config['min_frequency']}",
-        ),
-        (
-            config["tokenizer"] == "word" or config["vocab_size"] == DEFAULTS["vocab_size"],
-            f"--vocab_size applies to --tokenizer=word only; a {config['tokenizer']} vocabulary is what the "
-            "text uses" + (" (--min_frequency makes the compact one smaller)" if config["tokenizer"] == "gpt2" else ""),
-        ),
-        (
-            config["min_frequency"] == 0
-            or config["tokenizer"] == "word"
-            or (config["tokenizer"] == "gpt2" and not config["full_vocab"]),
-            "--min_frequency applies to the compact gpt2 vocabulary and to --tokenizer=word: "
-            + (
-                "--full_vocab keeps all of GPT-2's tokens"
-                if config["full_vocab"]
-                else "char keeps every character of the text"
-            ),
-        ),
-        (
-            config["errors"] in ("strict", "replace"),
-            f"--errors must be 'strict' or 'replace', got {config['errors']!r}",
-        ),
-        (config["input"] != "", "--input is empty: pass --input=FILE with a UTF-8 text file"),
-        (
-            not config["val_input"] or (is_chat_file(config["input"]) and is_chat_file(config["val_input"])),
-            "--val_input holds the held-out conversations of a .jsonl --input: give both as .jsonl files",
-        ),
-        (
-            not config["vocab_from"] or (config["tokenizer"] == "gpt2" and not config["full_vocab"]),
-            "--vocab_from takes the whole vocabulary of the folder or checkpoint it names: leave out "
-            "--tokenizer and --full_vocab",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    kind, example = config["tokenizer"], config["example"]
+    if not 0.0 < config["val_fraction"] < 1.0:
+        raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {config['val_fraction']}")
+    if example not in ("line", "paragraph", "file"):
+        raise UserError(f"--example must be line, paragraph or file, got {example!r}")
+    if config["split"] not in ("auto", "random", "last"):
+        raise UserError(f"--split must be auto, random or last, got {config['split']!r}")
+    if example == "file" and config["split"] == "random":
+        raise UserError(
+            "--example=file is one stream, so its val split is the end of the text: use --split=last (or auto)"
+        )
+    if kind not in ("gpt2", "char", "word"):
+        raise UserError(f"--tokenizer must be gpt2, char or word, got {kind!r}")
+    if config["full_vocab"] and kind != "gpt2":
+        raise UserError(f"--full_vocab applies to --tokenizer=gpt2 only (got --tokenizer={kind})")
+    if kind == "word" and not 4 < config["vocab_size"] <= 65536:
+        size = config["vocab_size"]
+        raise UserError(f"--vocab_size must be between 5 and 65536 (4 ids are special tokens), got {size}")
+    if config["min_frequency"] < 0:
+        frequency = config["min_frequency"]
+        raise UserError(f"--min_frequency must be 1 or more (0: the tokenizer's default), got {frequency}")
+    if kind != "word" and config["vocab_size"] != DEFAULTS["vocab_size"]:
+        smaller = " (--min_frequency makes the compact one smaller)" if kind == "gpt2" else ""
+        raise UserError(
+            f"--vocab_size applies to --tokenizer=word only; a {kind} vocabulary is what the text uses{smaller}"
+        )
+    if config["min_frequency"] and (kind == "char" or config["full_vocab"]):
+        keeps = "char keeps every character of the text"
+        if config["full_vocab"]:
+            keeps = "--full_vocab keeps all of GPT-2's tokens"
+        raise UserError(f"--min_frequency applies to the compact gpt2 vocabulary and to --tokenizer=word: {keeps}")
+    if config["errors"] not in ("strict", "replace"):
+        raise UserError(f"--errors must be 'strict' or 'replace', got {config['errors']!r}")
+    if config["input"] == "":
+        raise UserError("--input is empty: pass --input=FILE with a UTF-8 text file")
+    if config["val_input"] and not (is_chat_file(config["input"]) and is_chat_file(config["val_input"])):
+        raise UserError("--val_input holds the held-out conversations of a .jsonl --input: give both as .jsonl files")
+    if config["vocab_from"] and (kind != "gpt2" or config["full_vocab"]):
+        raise UserError(
+            "--vocab_from takes the whole vocabulary of the folder or checkpoint it names: "
+            "leave out --tokenizer and --full_vocab"
+        )
     check_seed(config)
-    path = config["input"]
-    if os.path.isdir(path):
-        raise UserError(f"--input={path} is a folder: pass --input=FILE with a UTF-8 text file")
+    if os.path.isdir(config["input"]):
+        raise UserError(f"--input={config['input']} is a folder: pass --input=FILE with a UTF-8 text file")
     for key in ("input", "val_input"):
         if config[key] and not os.path.isfile(config[key]):
             what = "a UTF-8 text file" if key == "input" else "a .jsonl file of conversations"
@@ -242,117 +216,227 @@ def main():
     if is_chat_file(config["input"]):  # conversations: their own story, below
         return prepare_chat(config)
     path, out_dir, example, kind = config["input"], config["out_dir"], config["example"], config["tokenizer"]
-    min_frequency = config["min_frequency"] or MIN_FREQUENCY.get(kind)  # char has none
     check_writable_folder(out_dir, "out_dir")
 
-    # Pass 1: check the text decodes, count its examples, hash it; char and word build their vocabulary.
+    # Pass 1: check the text decodes, count its examples, hash it; char and word count what their vocabulary holds.
     n_examples, counts, lines, open_lines, has_text = 0, collections.Counter(), 0, 0, False
     for _, examples in read_examples(path, config["errors"], example):
         n_examples += len(examples)
         has_text = has_text or any(not e.isspace() for e in examples if e)
-        if kind == "char":
-            counts.update(itertools.chain.from_iterable(examples))
-        elif kind == "word":
-            counts.update(itertools.chain.from_iterable(map(tok.Word.pieces, examples)))
+        if kind != "gpt2":
+            counts.update(vocabulary_units(kind, examples))
         if example == "line":
             lines += len(examples)
             open_lines += sum(not line.rstrip().endswith(SENTENCE_END) for line in examples)
     noun = {"line": "lines", "paragraph": "paragraphs", "file": "lines"}[example]
-    if not has_text:  # --example=file keeps blank lines as examples: count only text
+    # --example=file keeps blank lines as examples: count only text
+    if not has_text:
         raise UserError(f"{path} has no text (it is empty or only whitespace); give it at least a few lines")
     if n_examples < 2:
         raise UserError(
             f"{path} is too small: it has 1 {noun[:-1]}, and train and val need at least one each; add more {noun}"
         )
-    if config["vocab_from"]:  # the vocabulary of the model this text will fine-tune
-        tokenizer = vocabulary_of(config["vocab_from"])
-        line_end = "" if example == "line" else "\n"  # a paragraph's or a stream's line breaks are text
-        tok.check_spelled(tokenizer, numbered_lines(path, config["errors"], line_end), config["vocab_from"])
-    elif kind == "char":
-        if len(counts) + 1 > 65536:
-            raise UserError(
-                f"{path} has {len(counts):,} distinct characters, more than the 65,535 that uint16 ids can "
-                "hold "
-                f"with end-of-text: use --tokenizer=gpt2"
-            )
-        tokenizer = tok.Char.from_counts(counts)
-    elif kind == "word":
-        tokenizer = tok.Word.from_counts(counts, config["vocab_size"], min_frequency)
+    if config["vocab_from"]:
+        # a paragraph's or a stream's line breaks are text
+        line_end = "" if example == "line" else "\n"
+        tokenizer = vocabulary_from(config["vocab_from"], numbered_lines(path, config["errors"], line_end))
+    elif kind == "gpt2":
+        # made compact after the train split, once we know which ids it uses
+        tokenizer = tok.GPT2()
     else:
-        tokenizer = tok.GPT2()  # made compact after the train split, once we know which ids it uses
+        tokenizer = new_vocabulary(config, counts, path)
     if lines >= 20 and open_lines > lines / 2:
         print(
-            f"hint: {100 * open_lines // lines}% of the lines of {path} end mid-sentence, as wrapped prose "
-            "does; with "
-            f"--example=line each line is a separate example. For a book use --example=paragraph (or file)",
+            f"hint: {100 * open_lines // lines}% of the lines of {path} end mid-sentence, as wrapped prose does; "
+            "with --example=line each line is a separate example. For a book use --example=paragraph (or file)",
             file=sys.stderr,
         )
 
-    # Which examples go to val: a seeded random choice, or the last ones.
-    n_val = min(n_examples - 1, max(1, round(n_examples * config["val_fraction"])))
-    is_val = np.zeros(n_examples, dtype=bool)
-    if config["split"] == "random" or (config["split"] == "auto" and example != "file"):
-        is_val[np.random.default_rng(config["seed"]).choice(n_examples, size=n_val, replace=False)] = True
-    else:
-        is_val[n_examples - n_val :] = True
+    is_val = choose_val(n_examples, config, stream=example == "file")
 
     # Pass 2 tokenizes the train examples, pass 3 the val ones with the finished tokenizer (the
     # compact vocabulary is the train split's): a batch at a time, GPT-2 on every core.
     data, counted = {}, {}
     data["train"], counted["train"] = tokenize_split(path, config["errors"], example, is_val, "train", tokenizer)
     if kind == "gpt2" and not config["full_vocab"] and not config["vocab_from"]:
-        counts = np.bincount(data["train"], minlength=tok.GPT2_EOT + 1)
-        tokenizer = tok.CompactGPT2.from_used_ids(np.flatnonzero(counts >= min_frequency).tolist())
+        gpt2_counts = np.bincount(data["train"], minlength=tok.GPT2_EOT + 1)
+        tokenizer = new_vocabulary(config, gpt2_counts, path)
         to_compact = np.full(tok.GPT2_EOT + 1, -1, dtype=np.int64)
         to_compact[tokenizer.gpt2_ids] = np.arange(tokenizer.vocab_size)
-        if (to_compact[np.flatnonzero(counts)] >= 0).all():
-            data["train"] = to_compact[data["train"]].astype(
-                np.uint16
-            )  # the same tokens: the compact BPE encodes them alike
-        else:  # rarer tokens than --min_frequency now split into pieces seen elsewhere: encode again
+        if (to_compact[np.flatnonzero(gpt2_counts)] >= 0).all():
+            # the same tokens: the compact BPE encodes them alike
+            data["train"] = to_compact[data["train"]].astype(np.uint16)
+        else:
+            # rarer tokens than --min_frequency now split into pieces seen elsewhere: encode again
             if os.path.getsize(path) > PROGRESS_BYTES:
-                rare = int((to_compact[np.flatnonzero(counts)] < 0).sum())
-                print(
-                    f"train: encoding again with the compact vocabulary ({rare:,} rarer GPT-2 tokens split "
-                    "into pieces)",
-                    flush=True,
-                )
+                rare = int((to_compact[np.flatnonzero(gpt2_counts)] < 0).sum())
+                print(f"train: encoding again with the compact vocabulary ({rare:,} rarer GPT-2 tokens)", flush=True)
             data["train"], _ = tokenize_split(path, config["errors"], example, is_val, "train", tokenizer)
     data["val"], counted["val"] = tokenize_split(path, config["errors"], example, is_val, "val", tokenizer)
 
     meta = {
+        **common_meta(tokenizer, config, path),
+        "train_tokens": int(len(data["train"])),
+        "val_tokens": int(len(data["val"])),
+        # the number of examples (named lines, the one kind of example the first data folders had)
+        "train_lines": counted["train"]["examples"],
+        "val_lines": counted["val"]["examples"],
+        "train_chars": counted["train"]["chars"],
+        "val_chars": counted["val"]["chars"],
+        # UTF-8 bytes of the text: for bits per byte
+        "train_bytes": counted["train"]["bytes"],
+        "val_bytes": counted["val"]["bytes"],
+        "example": example,
+        "split": "last" if config["split"] == "last" or example == "file" else "random",
+    }
+    write_outputs(out_dir, {"train.bin": data["train"], "val.bin": data["val"]}, meta)
+    print(
+        f"{path}: {n_examples:,} {noun} -> train {meta['train_tokens']:,} tokens ({meta['train_lines']:,} {noun}), "
+        f"val {meta['val_tokens']:,} tokens ({meta['val_lines']:,} {noun}); "
+        f"tokenizer {meta['tokenizer']}, vocab {tokenizer.vocab_size:,}; wrote {out_dir}/train.bin, val.bin, meta.json"
+    )
+
+
+def prepare_chat(config):
+    """
+    A JSONL file of conversations -> train.bin / val.bin (the template's token ids),
+    train.mask.bin / val.mask.bin (1 where the loss counts: assistant turns) and meta.json.
+    Whole conversations go to train or val: --val_input, or a val_fraction of them (--split).
+    """
+    path, out_dir, kind = config["input"], config["out_dir"], config["tokenizer"]
+    check_writable_folder(out_dir, "out_dir")
+    conversations = {"train": read_conversations(path)}
+    if config["val_input"]:
+        conversations["val"] = read_conversations(config["val_input"])
+    else:
+        every = conversations.pop("train")
+        if len(every) < 2:
+            raise UserError(f"{path} holds 1 conversation; train and val need at least one each: add more")
+        is_val = choose_val(len(every), config)
+        conversations = {
+            split: [c for c, v in zip(every, is_val) if v == (split == "val")] for split in ("train", "val")
+        }
+
+    # the vocabulary: the base model's (--vocab_from), or built from the train conversations' text
+    if config["vocab_from"]:
+        base = vocabulary_from(config["vocab_from"], numbered_contents(path, config["val_input"]))
+    else:
+        texts = [m["content"] for c in conversations["train"] for m in c]
+        if kind != "gpt2":
+            counts = collections.Counter(vocabulary_units(kind, texts))
+        else:
+            counts = np.bincount(tok.encode_examples(tok.GPT2(), texts), minlength=tok.GPT2_EOT + 1)
+        base = new_vocabulary(config, counts, path)
+    tokenizer = ChatTokenizer(base)
+    check_fits_uint16(tokenizer, path)
+
+    meta = {**common_meta(tokenizer, config, path, config["val_input"]), "chat": True}
+    outputs = {}
+    for split, convs in conversations.items():
+        pairs = [tokenizer.encode_conversation(c) for c in convs]
+        outputs[f"{split}.bin"] = np.fromiter(itertools.chain.from_iterable(p[0] for p in pairs), dtype=np.uint16)
+        outputs[f"{split}.mask.bin"] = np.fromiter(itertools.chain.from_iterable(p[1] for p in pairs), dtype=np.uint8)
+        text_bytes = sum(len(m["content"].encode("utf-8", "surrogatepass")) + 1 for c in convs for m in c)
+        meta[f"{split}_tokens"] = len(outputs[f"{split}.bin"])
+        meta[f"{split}_conversations"] = len(convs)
+        meta[f"{split}_bytes"] = text_bytes
+    meta["example"] = "conversation"
+    meta["split"] = "file" if config["val_input"] else ("last" if config["split"] == "last" else "random")
+    write_outputs(out_dir, outputs, meta)
+    print(
+        f"{path}: {meta['train_conversations']:,} conversations -> train {meta['train_tokens']:,} tokens, "
+        f"val {meta['val_tokens']:,} tokens ({meta['val_conversations']:,} conversations); "
+        f"tokenizer {meta['tokenizer']} with chat tokens, vocab {tokenizer.vocab_size:,}; "
+        f"wrote {out_dir}/train.bin, val.bin, their .mask.bin, meta.json"
+    )
+
+
+# The steps both stories share: which examples are held out, the vocabulary, meta.json, writing.
+
+
+def choose_val(n, config, stream=False):
+    """A bool per example, True for val: a seeded random val_fraction, or the last ones (--split=last, streams)."""
+    n_val = min(n - 1, max(1, round(n * config["val_fraction"])))
+    is_val = np.zeros(n, dtype=bool)
+    if config["split"] == "last" or stream:
+        is_val[n - n_val :] = True
+    else:
+        is_val[np.random.default_rng(config["seed"]).choice(n, size=n_val, replace=False)] = True
+    return is_val
+
+
+def vocabulary_units(kind, texts):
+    """What a char or word vocabulary gives ids to, one item per occurrence in texts (to count)."""
+    pieces = texts if kind == "char" else map(tok.Word.pieces, texts)
+    return itertools.chain.from_iterable(pieces)
+
+
+def new_vocabulary(config, counts, path):
+    """
+    The --tokenizer built from counts: of characters (char) or words (word), or GPT-2 ids
+    (gpt2: the compact vocabulary keeps the ids used at least --min_frequency times).
+    """
+    kind = config["tokenizer"]
+    min_frequency = config["min_frequency"] or MIN_FREQUENCY.get(kind)
+    if kind == "char":
+        tokenizer = tok.Char.from_counts(counts)
+    elif kind == "word":
+        tokenizer = tok.Word.from_counts(counts, config["vocab_size"], min_frequency)
+    elif config["full_vocab"]:
+        tokenizer = tok.GPT2()
+    else:
+        tokenizer = tok.CompactGPT2.from_used_ids(np.flatnonzero(counts >= min_frequency).tolist())
+    check_fits_uint16(tokenizer, path)
+    return tokenizer
+
+
+def check_fits_uint16(tokenizer, path):
+    """train.bin holds uint16 ids: a vocabulary of more than 65,536 tokens is refused before anything is written."""
+    if tokenizer.vocab_size > 65536:
+        fix = "use --tokenizer=gpt2" if tokenizer.name == "char" else "use a smaller --vocab_size"
+        raise UserError(
+            f"{path} needs {tokenizer.vocab_size:,} {tokenizer.name} token ids with end-of-text, more than the 65,536 "
+            f"that uint16 ids can hold: {fix}"
+        )
+
+
+def vocabulary_from(path, numbered_texts):
+    """The tokenizer (without chat tokens) of a data folder or a checkpoint (--vocab_from); it must spell the texts."""
+    if os.path.isdir(path):
+        meta = tok.read_meta(path)
+    else:
+        from tensegpt import checkpoint  # imports torch: only here
+
+        hint = "pass the data folder or the trained.pth of the model to fine-tune"
+        meta = checkpoint.load(path, missing_hint=hint)["tokenizer_meta"]
+    tokenizer = tok.base_from_meta(meta)
+    tok.check_spelled(tokenizer, numbered_texts, path)
+    return tokenizer
+
+
+def common_meta(tokenizer, config, *sources):
+    """meta.json's fields that say how the ids were made: the tokenizer, the source files and the split's settings."""
+    return {
         **tokenizer.meta(),
         "vocab_size": tokenizer.vocab_size,
         "eot": tokenizer.eot,
         "dtype": "uint16",
-        "train_tokens": int(len(data["train"])),
-        "val_tokens": int(len(data["val"])),
-        "train_lines": counted["train"]["examples"],  # examples; "lines" for the data folders made before --example
-        "val_lines": counted["val"]["examples"],
-        "train_chars": counted["train"]["chars"],
-        "val_chars": counted["val"]["chars"],
-        "train_bytes": counted["train"]["bytes"],  # UTF-8 bytes of the text: for bits per byte
-        "val_bytes": counted["val"]["bytes"],
-        "example": example,
-        "split": "last" if config["split"] == "last" or example == "file" else "random",
-        "source": os.path.abspath(path),
-        "source_sha256": sha256_of(path),
+        "source": os.path.abspath(sources[0]),
+        "source_sha256": sha256_of(*sources),
         "val_fraction": config["val_fraction"],
         "seed": config["seed"],
         **({"vocab_from": config["vocab_from"]} if config["vocab_from"] else {}),
     }
-    # Each file is replaced atomically; meta.json goes last and records the token counts,
-    # so train.py can tell if an interrupted run left .bin files that don't match it.
-    for split, arr in data.items():
-        atomic_write(os.path.join(out_dir, f"{split}.bin"), arr.tofile)
+
+
+def write_outputs(out_dir, arrays, meta):
+    """
+    Each file is replaced atomically; meta.json goes last and records the token counts,
+    so train.py can tell if an interrupted run left .bin files that don't match it.
+    """
+    for name, array in arrays.items():
+        atomic_write(os.path.join(out_dir, name), array.tofile)
     atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    print(
-        f"{path}: {n_examples:,} {noun} -> train {meta['train_tokens']:,} tokens ({meta['train_lines']:,} "
-        f"{noun}), "
-        f"val {meta['val_tokens']:,} tokens ({meta['val_lines']:,} {noun}); "
-        f"tokenizer {meta['tokenizer']}, vocab {tokenizer.vocab_size:,}; wrote {out_dir}/train.bin, val.bin, "
-        "meta.json"
-    )
 
 
 def sha256_of(*paths):
@@ -372,90 +456,6 @@ def numbered_lines(path, errors, end=""):
         for line in lines:
             number += 1
             yield f"{path} line {number}", line + end
-
-
-def vocabulary_of(path):
-    """The tokenizer (without chat tokens) of a data folder or a checkpoint: --vocab_from."""
-    if os.path.isdir(path):
-        meta = tok.read_meta(path)
-    else:
-        from tensegpt import checkpoint  # imports torch: only here
-
-        hint = "pass the data folder or the trained.pth of the model to fine-tune"
-        meta = checkpoint.load(path, missing_hint=hint)["tokenizer_meta"]
-    return tok.base_from_meta(meta)
-
-
-def prepare_chat(config):
-    """
-    A JSONL file of conversations -> train.bin / val.bin (the template's token ids),
-    train.mask.bin / val.mask.bin (1 where the loss counts: assistant turns) and meta.json.
-    Whole conversations go to train or val: --val_input, or a seeded val_fraction of them.
-    """
-    path, out_dir, kind = config["input"], config["out_dir"], config["tokenizer"]
-    check_writable_folder(out_dir, "out_dir")
-    conversations = {"train": read_conversations(path)}
-    if config["val_input"]:
-        conversations["val"] = read_conversations(config["val_input"])
-    else:
-        every = conversations.pop("train")
-        if len(every) < 2:
-            raise UserError(f"{path} holds 1 conversation; train and val need at least one each: add more")
-        n_val = min(len(every) - 1, max(1, round(len(every) * config["val_fraction"])))
-        is_val = np.zeros(len(every), dtype=bool)
-        is_val[np.random.default_rng(config["seed"]).choice(len(every), size=n_val, replace=False)] = True
-        conversations = {
-            split: [c for c, v in zip(every, is_val) if v == (split == "val")] for split in ("train", "val")
-        }
-
-    # the vocabulary: the base model's (--vocab_from), or built from the train conversations' text
-    texts = [m["content"] for c in conversations["train"] for m in c]
-    if config["vocab_from"]:
-        base = vocabulary_of(config["vocab_from"])
-        tok.check_spelled(base, numbered_contents(path, config["val_input"]), config["vocab_from"])
-    elif kind == "char":
-        base = tok.Char.from_counts(collections.Counter(itertools.chain.from_iterable(texts)))
-    elif kind == "word":
-        counts = collections.Counter(itertools.chain.from_iterable(map(tok.Word.pieces, texts)))
-        base = tok.Word.from_counts(counts, config["vocab_size"], config["min_frequency"] or MIN_FREQUENCY["word"])
-    elif config["full_vocab"]:
-        base = tok.GPT2()
-    else:
-        gpt2_counts = np.bincount(tok.encode_examples(tok.GPT2(), texts), minlength=tok.GPT2_EOT + 1)
-        min_frequency = config["min_frequency"] or MIN_FREQUENCY["gpt2"]
-        base = tok.CompactGPT2.from_used_ids(np.flatnonzero(gpt2_counts >= min_frequency).tolist())
-    tokenizer = ChatTokenizer(base)
-
-    meta = {
-        **tokenizer.meta(),
-        "vocab_size": tokenizer.vocab_size,
-        "eot": tokenizer.eot,
-        "dtype": "uint16",
-        "chat": True,
-    }
-    for split, convs in conversations.items():
-        pairs = [tokenizer.encode_conversation(c) for c in convs]
-        ids = np.fromiter(itertools.chain.from_iterable(p[0] for p in pairs), dtype=np.uint16)
-        trained = np.fromiter(itertools.chain.from_iterable(p[1] for p in pairs), dtype=np.uint8)
-        atomic_write(os.path.join(out_dir, f"{split}.bin"), ids.tofile)
-        atomic_write(os.path.join(out_dir, f"{split}.mask.bin"), trained.tofile)
-        text_bytes = sum(len(m["content"].encode("utf-8", "surrogatepass")) + 1 for c in convs for m in c)
-        meta.update({f"{split}_tokens": len(ids), f"{split}_conversations": len(convs), f"{split}_bytes": text_bytes})
-    meta.update({
-        "example": "conversation", "split": "file" if config["val_input"] else "random",
-        "source": os.path.abspath(path), "source_sha256": sha256_of(path, config["val_input"]),
-        "val_fraction": config["val_fraction"], "seed": config["seed"],
-        **({"vocab_from": config["vocab_from"]} if config["vocab_from"] else {}),
-    })  # fmt: skip
-    atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    print(
-        f"{path}: {meta['train_conversations']:,} conversations -> train {meta['train_tokens']:,} tokens, "
-        "val "
-        f"{meta['val_tokens']:,} tokens ({meta['val_conversations']:,} conversations); tokenizer "
-        f"{meta['tokenizer']} "
-        f"with chat tokens, vocab {tokenizer.vocab_size:,}; wrote {out_dir}/train.bin, val.bin, their "
-        ".mask.bin, meta.json"
-    )
 
 
 if __name__ == "__main__":

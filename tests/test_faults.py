@@ -343,8 +343,7 @@ def test_char_vocabulary_too_big_for_uint16_is_refused_before_writing(tmp_path):
     text = "".join(chr(c) for c in range(0x20000, 0x20000 + 70000))
     (tmp_path / "in.txt").write_text(text[:35000] + "\n" + text[35000:] + "\n", encoding="utf-8")
     assert fails("prepare.py", "--input=in.txt", "--tokenizer=char", cwd=tmp_path) == (
-        "error: in.txt has 70,000 distinct characters, more than the 65,535 that uint16 ids can hold with "
-        "end-of-text: "
+        "error: in.txt needs 70,001 char token ids with end-of-text, more than the 65,536 that uint16 ids can hold: "
         "use --tokenizer=gpt2"
     )
     assert not (tmp_path / "data" / "meta.json").exists()
