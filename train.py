@@ -20,7 +20,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -29,10 +28,10 @@ from tensegpt import checkpoint, distributed, lora, run_setup
 from tensegpt.chunked_loss import use_chunked_loss
 from tensegpt.common import parse_config
 from tensegpt.data import open_splits
-from tensegpt.hardware import autocast_for, measure_peak_flops, pick_dtype
+from tensegpt.hardware import autocast_for, measure_peak_flops
 from tensegpt.optim import configure_optimizers
 from tensegpt.packing import ChatBatches
-from tensegpt.runlog import RunLog, format_seconds
+from tensegpt.runlog import format_seconds
 from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 
 DEFAULTS = {
@@ -148,13 +147,15 @@ class Batches:
         return x, y
 
 
-def make_batches(split, config, device, seed, micro_batches=1, rank=0, world_size=1):
-    """Batches of a split: random windows of text, or rows of whole conversations (--chat)."""
+def make_batches(split, config, device, seed, micro_batches=1, rank=0, world_size=1, say=None):
+    """Batches of a split: random windows of text, or rows of whole conversations (--chat: say notes what is cut)."""
     B, T = config["batch_size"], config["block_size"]
-    if config["chat"]:
-        prompts_too = config["train_on_prompt"]
-        return ChatBatches(split, B, T, device, seed, micro_batches, rank, world_size, prompts_too)
-    return Batches(split, B, T, device, seed, micro_batches, rank, world_size)
+    if not config["chat"]:
+        return Batches(split, B, T, device, seed, micro_batches, rank, world_size)
+    batches = ChatBatches(split, B, T, device, seed, micro_batches, rank, world_size, config["train_on_prompt"])
+    if batches.too_long and say:
+        say(f"note: {batches.too_long:,} conversations are longer than block_size + 1 tokens: left out")
+    return batches
 
 
 # ----------------------------------------------------------------------------- one training step
@@ -212,73 +213,51 @@ def evaluate(model, splits, config, device, autocast):
 
 def main():
     config = parse_config(DEFAULTS, sys.argv[1:], doc=__doc__)
-    run_setup.check_train_config(config)
-    out_dir, resume = config["out_dir"], config["init_from"] == "resume"
-    best_path, last_path = os.path.join(out_dir, "trained.pth"), os.path.join(out_dir, "last.pth")
-    run_setup.refuse_overwrite(config, [best_path, last_path])
-    rank, local_rank, world_size, device = distributed.setup(config)  # one process: 0, 0, 1, the device
-    log = RunLog(config, master=rank == 0)  # only rank 0 prints and writes files
-    lock = run_setup.lock_out_dir(out_dir) if rank == 0 else None  # noqa: F841 - held until the process ends
-    dtype = pick_dtype(config["dtype"], device)
-    run_setup.check_layout(config, world_size, dtype)
-    device_type = device.split(":")[0]
-    # dropout masks differ between ranks; rank 0's weights are everyone's
-    torch.manual_seed(config["seed"] + rank)
+    # checks, the processes under torchrun, the device and dtype, the out_dir's lock, the log
+    run = run_setup.start_run(config)
+    log, device, world_size, resume = run.log, run.device, run.world_size, config["init_from"] == "resume"
 
-    # the data, and the model to start from: new, GPT-2's weights, or the run to resume
+    # the data, and the model to start from: new, GPT-2's weights, a checkpoint to fine-tune, or the run to resume
     splits, meta = open_splits(config["data_dir"], config["block_size"])
     tokenizer_meta = tokenizer_from_meta(meta).meta()  # all that decoding needs, for the checkpoint
     run_setup.check_data_kind(config, meta)
-    resume_path = last_path if os.path.exists(last_path) else best_path
-    if resume:  # the model is the checkpoint's
-        initial, changes = run_setup.load_resumable(resume_path, tokenizer_meta, meta, config, DEFAULTS)
-        gpt_config, base = checkpoint.gpt_config_of(initial, resume_path), initial.get("base")
-    else:  # new, or a trained model's weights: GPT-2's, or a checkpoint's to fine-tune
-        gpt_config, initial, base = run_setup.choose_model(config, meta, tokenizer_meta, log.say)
-    adapters = lora.check(config, gpt_config, initial)  # LoRA's settings, or None
+    start = run_setup.starting_point(config, meta, tokenizer_meta, run, DEFAULTS, get_lr)
 
-    # the model: the GPT (gpt), with a trained model's weights, and LoRA adapters if asked
-    gpt = distributed.build_gpt(gpt_config, config, device, world_size, dtype)
-    if initial is not None and not resume:
-        distributed.load_state(gpt, [], initial, config["fsdp"])
-    if adapters:
-        log.say(lora.describe(lora.add_adapters(gpt, adapters), adapters))
+    # the model: the GPT (gpt), with the starting weights, and LoRA adapters if asked
+    gpt = distributed.build_gpt(start.gpt_config, config, device, world_size, run.dtype)
+    if start.saved is not None and not resume:
+        distributed.load_state(gpt, [], start.saved, config["fsdp"])
+    if start.lora_settings:
+        log.say(lora.describe(lora.add_adapters(gpt, start.lora_settings), start.lora_settings))
     betas = (config["beta1"], config["beta2"])
     optimizers = configure_optimizers(gpt, config["learning_rate"], config["weight_decay"], betas, config["optimizer"])
     # each process takes its share of a step's grad_accum micro-batches
     micro_batches = config["grad_accum"] // world_size
-    batches = make_batches(splits["train"], config, device, config["seed"], micro_batches, rank, world_size)
-    if getattr(batches, "too_long", 0):  # chat: a conversation longer than a row is left out, and said
-        log.say(f"note: {batches.too_long:,} conversations are longer than block_size + 1 tokens: left out")
+    batches = make_batches(
+        splits["train"], config, device, config["seed"], micro_batches, run.rank, world_size, log.say
+    )
     iter_num, best_val_loss = 0, float("inf")
     if resume:
-        distributed.restore(initial, gpt, optimizers, batches.generator, device_type, config["fsdp"])
-        iter_num, best_val_loss = initial["iter_num"], initial["best_val_loss"]
-        log.say(f"resuming {resume_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")
-        for note in changes + [run_setup.schedule_note(initial, config, get_lr)]:  # what this resume changes
-            if note:
-                log.say(note)
-    del initial  # the whole weights: under FSDP each rank now keeps only its shard
+        distributed.restore(start.saved, gpt, optimizers, batches.generator, device.split(":")[0], config["fsdp"])
+        iter_num, best_val_loss = start.saved["iter_num"], start.saved["best_val_loss"]
+    for note in start.notes:
+        log.say(note)
+    # the whole weights: under FSDP each rank now keeps only its shard
+    start.saved = None
     # what the step calls: the GPT or, where its logits would be big, the loss in chunks; under DDP, wrapped
-    chunked = use_chunked_loss(gpt_config.vocab_size, config["batch_size"] * config["block_size"])
-    model = distributed.wrap(gpt, config, device, world_size, local_rank, chunked)
+    chunked = use_chunked_loss(start.gpt_config.vocab_size, config["batch_size"] * config["block_size"])
+    model = distributed.wrap(gpt, config, device, world_size, run.local_rank, chunked)
 
-    autocast, scaler = autocast_for(device, dtype)
-    peak = config["peak_flops"] or measure_peak_flops(device, getattr(torch, dtype))
-    log.describe(gpt, tokenizer_meta, device, dtype, world_size, peak)
-    about = {
-        "model_config": asdict(gpt_config),
-        "train_config": config,
-        "tokenizer_meta": tokenizer_meta,
-        "data": checkpoint.data_record(meta),
-        "base": base,  # the trained model this run started from (fine-tuning), or None
-        **({"lora": {**adapters, "base": base}} if adapters else {}),
-    }
+    autocast, scaler = autocast_for(device, run.dtype)
+    peak = config["peak_flops"] or measure_peak_flops(device, getattr(torch, run.dtype))
+    log.describe(gpt, tokenizer_meta, device, run.dtype, world_size, peak)
+    record = checkpoint.run_record(start.gpt_config, config, tokenizer_meta, meta, start.base, start.lora_settings)
 
-    def save(paths, reason):  # every rank: gathering FSDP's shards takes all of them
-        state = distributed.training_state(gpt, optimizers, batches.generator, device_type)
-        state.update(about, iter_num=iter_num, best_val_loss=best_val_loss)
-        if rank == 0:
+    def save(paths, reason):
+        # every rank: gathering FSDP's shards takes all of them
+        state = distributed.training_state(gpt, optimizers, batches.generator, device.split(":")[0])
+        state.update(record, iter_num=iter_num, best_val_loss=best_val_loss)
+        if run.rank == 0:
             for path in paths:
                 checkpoint.save(state, path)
         log.say(f"saved {' and '.join(paths)} at iteration {iter_num} ({reason})")
@@ -300,9 +279,9 @@ def main():
             if iter_num > start_iter:
                 improved, best_val_loss = losses["val"] < best_val_loss, min(best_val_loss, losses["val"])
                 if improved:
-                    save([last_path, best_path], "best val loss so far")
+                    save([run.last_path, run.best_path], "best val loss so far")
                 else:
-                    save([last_path], "latest")
+                    save([run.last_path], "latest")
             t_log += time.perf_counter() - t_eval  # ms/iter counts training steps only
         if iter_num >= config["max_iters"]:
             break
@@ -318,16 +297,16 @@ def main():
             log.progress(iter_num, mean[:n_logged].tolist(), lr, time.perf_counter() - t_log)
             t_log, n_logged = time.perf_counter(), 0
         if stop:
-            save([last_path], "interrupted")
+            save([run.last_path], "interrupted")
             args = [a for a in sys.argv[1:] if not a.startswith(("--init_from", "--overwrite"))]
             log.say(f"interrupted: continue with python train.py {' '.join(args)} --init_from=resume", sys.stderr)
             sys.exit(130)
 
     log.say(
         f"done: best val loss {best_val_loss:.4f}, {format_seconds(time.perf_counter() - t_start)}; "
-        f"{best_path} is the best model, {last_path} the latest state"
+        f"{run.best_path} is the best model, {run.last_path} the latest state"
     )
-    ckpt_flag = "" if best_path == os.path.join("out", "trained.pth") else " --ckpt=" + best_path
+    ckpt_flag = "" if run.best_path == os.path.join("out", "trained.pth") else " --ckpt=" + run.best_path
     log.say(f"sample from it: python sample.py{ckpt_flag}")
     distributed.finish(world_size)
 

@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 import zipfile
+from dataclasses import asdict
 
 import torch
 
@@ -48,6 +49,19 @@ RESUME_KEYS = ["optimizer", "iter_num", "best_val_loss", "rng"]
 def data_record(meta):
     """What a checkpoint remembers of its data, so that resume can refuse data prepared differently."""
     return {key: meta.get(key) for key in DATA_KEYS}
+
+
+def run_record(gpt_config, config, tokenizer_meta, meta, base, lora_settings):
+    """What each checkpoint of a run holds beside its weights: the settings, the tokenizer, the data, the start."""
+    return {
+        "model_config": asdict(gpt_config),
+        "train_config": config,
+        "tokenizer_meta": tokenizer_meta,
+        "data": data_record(meta),
+        # the trained model this run started from (fine-tuning), or None
+        "base": base,
+        **({"lora": {**lora_settings, "base": base}} if lora_settings else {}),
+    }
 
 
 def save(checkpoint, path):

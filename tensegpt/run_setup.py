@@ -1,18 +1,21 @@
 """
-What train.py checks and decides before its first step: its settings, the out_dir (an OS
-lock, and no silent overwrite of a finished run), the layout, the model to start from
-(new, GPT-2's weights, or a checkpoint to resume) and what a resume changes.
+What train.py checks and decides before its first step, in its two named steps:
+start_run (its settings, the processes, device and dtype, the out_dir: an OS lock, and no
+silent overwrite of a finished run) and starting_point (the model to start from: new,
+GPT-2's weights, a checkpoint to fine-tune or the run to resume, and what a resume changes).
 """
 
 import os
 import sys
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 import torch
 
 from model import GPTConfig, check_config
-from tensegpt import checkpoint
+from tensegpt import checkpoint, distributed, lora
 from tensegpt.common import UserError, check_seed, check_writable_folder
+from tensegpt.hardware import pick_dtype
+from tensegpt.runlog import RunLog
 from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
@@ -95,6 +98,64 @@ def check_train_config(config):
     if not config["data_dir"]:
         raise UserError("--data_dir is empty: pass the folder prepare.py wrote, --data_dir=DIR")
     check_writable_folder(config["out_dir"], "out_dir")
+
+
+@dataclass
+class Run:
+    """Where and how this process trains, settled before any work."""
+
+    rank: int  # 0 for one process; torchrun's rank otherwise
+    local_rank: int
+    world_size: int
+    device: str
+    dtype: str
+    log: RunLog  # progress lines, metrics.jsonl and loss.png (rank 0 only)
+    lock: object  # the out_dir's OS lock: held while the run lives
+    best_path: str  # out_dir/trained.pth, the best val loss so far
+    last_path: str  # out_dir/last.pth, the latest state
+
+
+def start_run(config):
+    """train.py's first step: its settings checked, the processes, device and dtype, the out_dir locked."""
+    check_train_config(config)
+    best_path, last_path = os.path.join(config["out_dir"], "trained.pth"), os.path.join(config["out_dir"], "last.pth")
+    refuse_overwrite(config, [best_path, last_path])
+    rank, local_rank, world_size, device = distributed.setup(config)  # one process: 0, 0, 1, the device
+    log = RunLog(config, master=rank == 0)  # only rank 0 prints and writes files
+    lock = lock_out_dir(config["out_dir"]) if rank == 0 else None
+    dtype = pick_dtype(config["dtype"], device)
+    check_layout(config, world_size, dtype)
+    # dropout masks differ between ranks; rank 0's weights are everyone's
+    torch.manual_seed(config["seed"] + rank)
+    return Run(rank, local_rank, world_size, device, dtype, log, lock, best_path, last_path)
+
+
+@dataclass
+class Start:
+    """The model a run starts from: starting_point's answer."""
+
+    gpt_config: GPTConfig
+    saved: dict | None  # the checkpoint to resume, or {"model": weights} to fine-tune; None: new weights
+    base: str | None  # the trained model a fine-tuning run starts from (recorded in its checkpoints)
+    lora_settings: dict | None  # LoRA's rank, alpha, targets; None: LoRA off
+    notes: list  # resume: what this run changes, a line each
+
+
+def starting_point(config, meta, tokenizer_meta, run, defaults, get_lr):
+    """
+    train.py's second step: the model to start from. Resume: the run's own last.pth (or
+    trained.pth), refused if it cannot serve these settings; otherwise new, GPT-2's weights
+    or a checkpoint to fine-tune (choose_model).
+    """
+    if config["init_from"] == "resume":
+        path = run.last_path if os.path.exists(run.last_path) else run.best_path
+        saved, changes = load_resumable(path, tokenizer_meta, meta, config, defaults)
+        resuming = f"resuming {path} at iteration {saved['iter_num']} (best val loss {saved['best_val_loss']:.4f})"
+        notes = [note for note in [resuming, *changes, schedule_note(saved, config, get_lr)] if note]
+        gpt_config, base = checkpoint.gpt_config_of(saved, path), saved.get("base")
+    else:
+        (gpt_config, saved, base), notes = choose_model(config, meta, tokenizer_meta, run.log.say), []
+    return Start(gpt_config, saved, base, lora.check(config, gpt_config, saved), notes)
 
 
 def refuse_overwrite(config, paths):
