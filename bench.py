@@ -15,10 +15,9 @@ Measures where the time goes, on this machine, in one run (ratios are what to co
 5. with --heldout=FILE, quality on text the model has not seen: prepare.py holds out the
    last 10% of FILE (--split=last), train.py trains the config for quality_steps steps,
    and the held-out text is scored in bits per byte (lower is better; comparable across
-   tokenizers) for: the compact vocabulary with the old byte fallback, the compact
-   vocabulary closed under GPT-2's merges with every train token, with the tokens seen
-   at least twice or four times (today's default), GPT-2's full vocabulary, and the
-   three --example settings.
+   tokenizers) for: the compact vocabulary with every train token, with the tokens seen
+   at least twice or four times (the default --min_frequency), GPT-2's full vocabulary,
+   and the three --example settings.
 6. with --switch_steps=N, what each modern-block switch buys (model.py's docstring): the
    config trained N steps on --input, and on --heldout if given, once with GPT-2's block,
    once per switch and once with all (config/modern.py); per variant the parameters,
@@ -31,7 +30,8 @@ Measures where the time goes, on this machine, in one run (ratios are what to co
 8. with --decode_tokens=N, GPT-2 124M's generation against transformers' generate in
    each precision, against the memory-bandwidth bound, and speculative decoding; with
    --ckpt and --draft, a trained pair too (tensegpt/decode_bench.py).
-It is a benchmark, not a test: nothing here asserts a speed.
+It is a benchmark, not a test: nothing here asserts a speed. Sections 5 and 6 live in
+tensegpt/quality_bench.py, 8 in tensegpt/decode_bench.py, the tables in tensegpt/bench_report.py.
 """
 
 import json
@@ -47,15 +47,15 @@ import torch
 
 from model import GPT
 from tensegpt import tokenizer as tok
-from tensegpt.checkpoint import load_model
+from tensegpt.bench_report import print_report
 from tensegpt.chunked_loss import ChunkedLoss, use_chunked_loss
-from tensegpt.common import UserError, atomic_write, main_guard, parse_config, pick_device, script_defaults
-from tensegpt.decode_bench import bench_checkpoint_pair, bench_decoding, print_decoding, sync, tokens_per_sec
+from tensegpt.common import UserError, main_guard, parse_config, pick_device, script_defaults
+from tensegpt.decode_bench import bench_checkpoint_pair, bench_decoding, sync, tokens_per_sec
 from tensegpt.hardware import autocast_for, estimate_mfu, measure_peak_flops, pick_dtype
-from tensegpt.loss_eval import held_out_loss
 from tensegpt.optim import configure_optimizers
+from tensegpt.quality_bench import bench_quality, bench_switches, run_script
 from tensegpt.run_setup import gpt_config_for
-from tensegpt.runlog import read_metrics
+from train import Batches, train_step
 
 DEFAULTS = {
     "config": "config/small.py",  # the training config whose model is measured
@@ -78,13 +78,6 @@ DEFAULTS = {
     "json": False,  # print the report as JSON
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def run_script(script, *args):
-    done = subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True, text=True)
-    if done.returncode:
-        raise UserError(f"{script} {' '.join(args)} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return done
 
 
 def prepare_data(path, folder, full_vocab):
@@ -124,22 +117,11 @@ def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed,
     measure_memory = device == "cpu" and reset_peak_memory()
     optimizers = configure_optimizers(gpt, 1e-3, 0.1, (0.9, 0.99))
     autocast, scaler = autocast_for(device, dtype)
-    generator = torch.Generator().manual_seed(0)
+    batches = Batches(data, B, T, device, seed=0, grad_accum=accum)
     times = []
     for step in range(warmup + timed):
         start = time.perf_counter()
-        for _ in range(accum):
-            starts = torch.randint(len(data) - T, (B, 1), generator=generator).numpy()
-            windows = torch.from_numpy(data[starts + np.arange(T + 1)].astype(np.int64)).to(device)  # (B, T+1)
-            x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
-            with autocast:
-                loss = model(x, y)[1] / accum
-            scaler.scale(loss).backward()
-        scaler.unscale_(optimizers[0])
-        torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
-        scaler.step(optimizers[0])
-        scaler.update()
-        optimizers[0].zero_grad(set_to_none=True)
+        train_step(model, optimizers, scaler, batches, 1e-3, train_config, autocast)
         sync(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
@@ -240,192 +222,6 @@ def bench_sampling(train_config, vocab_sizes, block_size, new_tokens, device):
 
         rates[name] = tokens_per_sec(generate, new_tokens, device)
     return rates
-
-
-def legacy_compact(folder):
-    """
-    Rewrites a prepared compact folder with the old compact vocabulary: the train split's
-    GPT-2 tokens, the 256 bytes and end-of-text, anything else spelled in single bytes.
-    """
-    meta = tok.read_meta(folder)
-    new = tok.from_meta(meta)
-    gpt2_ids = np.array(new.gpt2_ids)
-    train = gpt2_ids[np.fromfile(os.path.join(folder, "train.bin"), dtype=np.uint16)]  # the same tokens, GPT-2's ids
-    old = tok.CompactGPT2(sorted(set(np.unique(train).tolist()) | set(tok.single_byte_ids()) | {tok.GPT2_EOT}), "bytes")
-    to_old = np.zeros(tok.GPT2_EOT + 1, dtype=np.uint16)
-    to_old[old.gpt2_ids] = np.arange(old.vocab_size)
-    texts = tok.decode_examples(new, np.fromfile(os.path.join(folder, "val.bin"), dtype=np.uint16))
-    data = {"train": to_old[train], "val": tok.encode_examples(old, texts)}
-    for split, arr in data.items():
-        atomic_write(os.path.join(folder, f"{split}.bin"), arr.tofile)
-    meta.update(
-        old.meta(),
-        vocab_size=old.vocab_size,
-        eot=old.eot,
-        train_tokens=len(data["train"]),
-        val_tokens=len(data["val"]),
-    )
-    atomic_write(os.path.join(folder, "meta.json"), lambda f: f.write(json.dumps(meta).encode()))
-
-
-QUALITY_VARIANTS = [  # (name, prepare.py options, old byte fallback)
-    ("compact, byte fallback (first)", ["--example=paragraph", "--min_frequency=1"], True),
-    ("compact, every train token", ["--example=paragraph", "--min_frequency=1"], False),
-    ("compact, --min_frequency=2", ["--example=paragraph", "--min_frequency=2"], False),
-    ("compact, --min_frequency=4 (now)", ["--example=paragraph"], False),
-    ("full GPT-2 vocabulary", ["--example=paragraph", "--full_vocab=True"], False),
-    ("compact, --example=line", ["--example=line"], False),
-    ("compact, --example=file", ["--example=file"], False),
-]
-
-
-def score_held_out(ckpt, data_dir):
-    """(model, held-out figures: val loss, bits per byte, ..., vocabulary) of a checkpoint on a val split."""
-    model, tokenizer, _ = load_model(ckpt)
-    meta = tok.read_meta(data_dir)
-    val = np.fromfile(os.path.join(data_dir, "val.bin"), dtype=np.uint16)
-    return model, {
-        **held_out_loss(model, val, meta, tokenizer, batch_size=8),
-        "vocab_size": meta["vocab_size"],
-    }
-
-
-def bench_quality(text, steps, config_path, dtype):
-    """Bits per byte on the held-out last 10% of text after `steps` training steps, per variant."""
-    results = {}
-    for name, options, old_fallback in QUALITY_VARIANTS:
-        with tempfile.TemporaryDirectory() as folder:
-            run_script(
-                "prepare.py",
-                f"--input={text}",
-                f"--out_dir={folder}/data",
-                "--split=last",
-                "--val_fraction=0.1",
-                *options,
-            )
-            if old_fallback:
-                legacy_compact(f"{folder}/data")
-            start = time.perf_counter()
-            run_script(
-                "train.py",
-                config_path,
-                f"--data_dir={folder}/data",
-                f"--out_dir={folder}/out",
-                f"--max_iters={steps}",
-                f"--eval_interval={steps}",
-                f"--dtype={dtype}",
-            )
-            seconds = time.perf_counter() - start
-            model, scores = score_held_out(f"{folder}/out/trained.pth", f"{folder}/data")
-        results[name] = {
-            "bits_per_byte": scores["bits_per_byte"],
-            "vocab_size": scores["vocab_size"],
-            "val_tokens": scores["val_tokens"],
-            "train_seconds": seconds,
-            "steps": steps,
-        }
-    return results
-
-
-SWITCH_VARIANTS = [  # (name, train.py options): GPT-2's block, each switch alone, all of them
-    ("GPT-2 block", []),
-    ("rotary positions", ["--pos_encoding=rotary"]),
-    ("RMSNorm", ["--norm=rmsnorm"]),
-    ("SwiGLU", ["--activation=swiglu"]),
-    ("squared ReLU", ["--activation=relu2"]),
-    ("GQA (n_kv_head 1)", ["--n_kv_head=1"]),
-    ("QK-norm", ["--qk_norm=True"]),
-    ("Muon", ["--optimizer=muon"]),
-    ("all (config/modern.py)", [os.path.join(HERE, "config", "modern.py")]),
-]
-
-
-def training_seconds(records):
-    """{iteration: seconds of training steps before it} from metrics.jsonl records (not evaluations)."""
-    clock, elapsed, last_iter = 0.0, {0: 0.0}, 0
-    for r in records:  # a log line carries the ms/iter of the steps since the one before
-        if "ms_per_iter" in r:
-            clock += r["ms_per_iter"] / 1000 * (r["iter"] - last_iter)
-            elapsed[r["iter"]], last_iter = clock, r["iter"]
-    return elapsed
-
-
-def best_loss_within(records, seconds):
-    """The best val loss of the evaluations within `seconds` of training steps (trained.pth then)."""
-    elapsed = training_seconds(records)
-    return min(
-        r["val_loss"] for r in records if "val_loss" in r and elapsed.get(r["iter"], float("inf")) <= seconds * 1.001
-    )
-
-
-def bench_switches(text, heldout, steps, config_path, dtype, eval_samples):
-    """Each modern-block switch alone and all together, against GPT-2's block: see the docstring's item 6."""
-    corpora = [("tense", [f"--input={text}"])] + (
-        [("prose", [f"--input={heldout}", "--split=last", "--val_fraction=0.1", "--example=paragraph"])]
-        if heldout
-        else []
-    )
-    schedule = [
-        f"--max_iters={steps}",
-        f"--eval_interval={max(1, steps // 6)}",
-        f"--log_interval={max(1, steps // 12)}",
-        f"--dtype={dtype}",
-    ]
-    results = {name: {} for name, _ in SWITCH_VARIANTS}
-    with tempfile.TemporaryDirectory() as folder:
-        for corpus, options in corpora:
-            run_script("prepare.py", *options, f"--out_dir={folder}/{corpus}")
-            for i, (name, switches) in enumerate(SWITCH_VARIANTS):
-                out = f"{folder}/{corpus}-{i}"
-                run_script(
-                    "train.py",
-                    config_path,
-                    *switches,
-                    f"--data_dir={folder}/{corpus}",
-                    f"--out_dir={out}",
-                    *schedule,
-                )
-                records = read_metrics(f"{out}/metrics.jsonl")
-                if corpus == "tense":  # eval.py scores val (bits per byte) and measures the grammar and the probe
-                    model = load_model(f"{out}/trained.pth")[0]
-                    done = run_script(
-                        "eval.py",
-                        f"--ckpt={out}/trained.pth",
-                        f"--data_dir={folder}/tense",
-                        f"--num_samples={eval_samples}",
-                        "--json=True",
-                        f"--picture={out}/probe.png",
-                    )
-                    report = json.loads(done.stdout)
-                    row = {
-                        k: report[k]
-                        for k in (
-                            "bits_per_byte",
-                            "grammatical",
-                            "tense_agreement",
-                            "semantic_errors",
-                            "probe_accuracy",
-                        )
-                        if k in report
-                    }
-                else:
-                    model, scores = score_held_out(f"{out}/trained.pth", f"{folder}/{corpus}")
-                    row = {"bits_per_byte": scores["bits_per_byte"]}
-                results[name][corpus] = row
-                row["records"] = records
-                row["val_loss"] = min(r["val_loss"] for r in records if "val_loss" in r)
-                row["tokens_per_sec"] = statistics.median(r["tokens_per_sec"] for r in records if "tokens_per_sec" in r)
-                row["seconds"] = max(training_seconds(records).values())
-                results[name]["params_M"] = model.num_params() / 1e6
-                results[name]["kv_cache_mb"] = (
-                    sum(t.numel() * t.element_size() for cache in model.new_caches(1) for t in (cache.k, cache.v)) / 1e6
-                )
-        for corpus, _ in corpora:  # the same wall-clock: what the fastest variant needs for its steps
-            budget = min(r[corpus]["seconds"] for r in results.values())
-            for r in results.values():
-                r[corpus]["val_loss_same_seconds"] = best_loss_within(r[corpus].pop("records"), budget)
-                r[corpus]["same_seconds"] = budget
-    return results
 
 
 def bench_prepare(source, megabytes):
@@ -557,121 +353,8 @@ def main():
 
     if opts["json"]:
         print(json.dumps(report, indent=1))
-        return
-    c, f, p = report["train_compact"], report["train_full"], report["train_full_plain_loss"]
-    print(f"device {device}, {dtype}, torch {report['torch']}, {report['threads']} threads, {opts['config']}")
-    print(
-        f"{'matmul peak (torch.mm)':34} float32 {report['matmul_peak_gflops']['float32']:8.1f} GFLOP/s   "
-        f"bfloat16 {report['matmul_peak_gflops']['bfloat16']:8.1f} GFLOP/s"
-    )
-    print(f"{'training':34} {'compact vocab':>16} {'full vocab':>16} {'ratio':>8} {'full, plain loss':>17}")
-    print(f"{'  vocab rows':34} {c['vocab_size']:>16,} {f['vocab_size']:>16,} {'':>8} {p['vocab_size']:>17,}")
-    print(f"{'  parameters (M)':34} {c['params_M']:>16.2f} {f['params_M']:>16.2f} {'':>8} {p['params_M']:>17.2f}")
-    print(
-        f"{'  ms/iter (median)':34} {c['ms_per_iter']:>16.1f} {f['ms_per_iter']:>16.1f} {'':>8} "
-        f"{p['ms_per_iter']:>17.1f}"
-    )
-    print(
-        f"{'  tokens/s':34} {c['tokens_per_sec']:>16,.0f} {f['tokens_per_sec']:>16,.0f} "
-        f"{report['train_speedup']:>7.1f}x "
-        f"{p['tokens_per_sec']:>17,.0f}"
-    )
-    print(
-        f"{'  MFU (of the measured peak)':34} {100 * c['mfu']:>15.1f}% {100 * f['mfu']:>15.1f}% {'':>8} "
-        f"{100 * p['mfu']:>16.1f}%"
-    )
-    if c["peak_memory_mb"] is not None:
-        print(
-            f"{'  peak resident memory (MB)':34} {c['peak_memory_mb']:>16,.0f} {f['peak_memory_mb']:>16,.0f} "
-            f"{'':>8} "
-            f"{p['peak_memory_mb']:>17,.0f}"
-        )
-    print(
-        f"{'  chunked loss (full vocab)':34} {'on' if c['chunked_loss'] else 'off':>16} {'on':>16} {'':>8} "
-        f"{'off':>17}   "
-        f"chunked is {report['chunked_loss_speedup']:.2f}x the plain loss"
-    )
-    print(f"{'generation':34} {'KV cache':>16} {'full recompute':>16} {'ratio':>8}")
-    label = f"  tokens/s ({gen['new_tokens']} new, block {gen['block_size']})"
-    print(
-        f"{label:34} {gen['kv_cache_tokens_per_sec']:>16,.0f} {gen['full_recompute_tokens_per_sec']:>16,.0f} "
-        f"{gen['speedup']:>7.1f}x"
-    )
-    if "ratio_500_to_50" in gen:
-        print(
-            f"{'  ms/token at position 50, 500':34} {gen['ms_per_token_at_50']:>16.2f} "
-            f"{gen['ms_per_token_at_500']:>16.2f} "
-            f"{gen['ratio_500_to_50']:>7.2f}x"
-        )
-    sampled = gen["sampled_tokens_per_sec"]
-    print(f"{'  sampled tokens/s, T=0.8':34} {'compact vocab':>16} {'full vocab':>16}")
-    print(
-        f"{'':34} {sampled['compact']:>16,.0f} {sampled['full']:>16,.0f} {sampled['compact'] / sampled['full']:>7.2f}x"
-    )
-    print_training_shapes(report)
-    print_decoding(report)
-    if "prepare" in report:
-        p = report["prepare"]
-        print(
-            f"{'prepare':34} {p['megabytes']:.0f} MB in {p['seconds']:.1f} s: {p['mb_per_sec']:.1f} MB/s, "
-            f"peak memory {p['peak_memory_mb']:.0f} MB, {p['threads']} threads"
-        )
-    if "heldout" in report:
-        print(f"held-out quality: last 10% of {opts['heldout']}, {opts['quality_steps']} steps of {opts['config']}")
-        print(f"{'':34} {'bits per byte':>16} {'vocab':>8} {'train time':>11}")
-        for name, _, _ in QUALITY_VARIANTS:
-            q = report["heldout"][name]
-            print(f"{'  ' + name:34} {q['bits_per_byte']:>16.3f} {q['vocab_size']:>8,} {q['train_seconds']:>10.0f}s")
-    if "switches" in report:
-        print_switches(report["switches"], opts)
-
-
-def print_training_shapes(report):
-    """One full-vocabulary training step at each shape: chunked, plain, transformers."""
-    for shape, step in report.get("training_shapes", {}).items():
-        ms = {kind: step[kind]["ms_per_iter"] for kind in ("chunked", "plain", "transformers")}
-        print(
-            f"{'training step, ' + shape + ' shape':34} chunked {ms['chunked']:7.1f} ms   "
-            f"plain {ms['plain']:7.1f} ms"
-            f"   transformers {ms['transformers']:7.1f} ms   (train.py uses {step['train_py_uses']})"
-        )
-
-
-def print_switches(switches, opts):
-    steps = opts["switch_steps"]
-    first = next(iter(switches.values()))
-    print(
-        f"modern-block switches: {steps} steps of {opts['config']} on {opts['input']}"
-        f" (best val loss in N steps, and in the {first['tense']['same_seconds']:.0f} s of training the "
-        "fastest needs for them)"
-    )
-    print(
-        f"{'':24} {'params M':>8} {'KV MB':>6} {'tok/s':>7} {'best val':>8} {'same time':>9} {'bits/B':>7} "
-        f"{'gramm.':>7} "
-        f"{'agree':>6} {'who-what':>8} {'probe':>6}"
-    )
-    pct = lambda row, key: f"{100 * row[key]:.1f}%" if key in row else "-"
-    for name, r in switches.items():
-        t = r["tense"]
-        print(
-            f"{name:24} {r['params_M']:>8.3f} {r['kv_cache_mb']:>6.2f} {t['tokens_per_sec']:>7,.0f} "
-            f"{t['val_loss']:>8.4f} "
-            f"{t['val_loss_same_seconds']:>9.4f} {t['bits_per_byte']:>7.4f} {pct(t, 'grammatical'):>7} "
-            f"{pct(t, 'tense_agreement'):>6} "
-            f"{pct(t, 'semantic_errors'):>8} {pct(t, 'probe_accuracy'):>6}"
-        )
-    if "prose" in first:
-        print(
-            f"held-out prose: {steps} steps on the first 90% of {opts['heldout']}, scored on the last 10% "
-            f"(best val loss in N steps and in {first['prose']['same_seconds']:.0f} s)"
-        )
-        print(f"{'':24} {'tok/s':>7} {'best val':>8} {'same time':>9} {'bits/B':>7}")
-        for name, r in switches.items():
-            p = r["prose"]
-            print(
-                f"{name:24} {p['tokens_per_sec']:>7,.0f} {p['val_loss']:>8.4f} "
-                f"{p['val_loss_same_seconds']:>9.4f} {p['bits_per_byte']:>7.4f}"
-            )
+    else:
+        print_report(report, opts)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def main():
     except ImportError:
         raise UserError("export.py writes safetensors: pip install safetensors") from None
     checkpoint = ckpt.load(config["ckpt"])
-    model_config = vars(ckpt.gpt_config_of(checkpoint, config["ckpt"]))  # with the keys older checkpoints lack
+    # gpt_config_of fills in the model keys a checkpoint lacks with GPTConfig's defaults
+    model_config = vars(ckpt.gpt_config_of(checkpoint, config["ckpt"]))
     problem = check_exportable(model_config, checkpoint["tokenizer_meta"]["tokenizer"])
     if problem:
         raise UserError(f"{config['ckpt']} is not GPT-2 compatible: {problem}")

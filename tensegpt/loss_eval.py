@@ -53,7 +53,8 @@ def held_out_loss(model, val, meta, tokenizer, batch_size):
     """val loss (nats per token), perplexity and bits per byte of a model over a split's token ids."""
     nats, counted = total_nats(model, val, model.config.block_size, batch_size)
     val_bytes = meta.get("val_bytes")
-    if val_bytes is None:  # a folder prepared before meta.json counted bytes: one line break per example
+    # a meta.json without val_bytes (one of the first prepare.py's): one line break per example
+    if val_bytes is None:
         val_bytes = sum(len(line.encode()) + 1 for line in decode_examples(tokenizer, val))
     return {
         "val_loss": nats / counted,

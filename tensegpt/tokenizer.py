@@ -146,8 +146,8 @@ class CompactGPT2(GPT2):
     merges reach (" bashful" -> " bash" + "ful"), which the model has learned, instead
     of single bytes, which it has not.
 
-    fallback="bytes" is the older scheme (a token outside the set is spelled in single
-    bytes), kept so data folders and checkpoints made before this change still work.
+    fallback="bytes" spells a token outside the set in single bytes instead: it reads the
+    meta.json files and checkpoints whose gpt2-compact tokenizer has no "fallback" key.
     """
 
     name = "gpt2-compact"
@@ -423,7 +423,7 @@ def base_from_meta(meta):
     if kind == "gpt2":
         return GPT2()
     if kind == "gpt2-compact":
-        # made before compact vocabularies were closed under merges: no "fallback" key, bytes
+        # a meta.json or checkpoint without a "fallback" key spells unknown tokens in bytes
         return CompactGPT2(meta["gpt2_ids"], meta.get("fallback", "bytes"))
     if kind == "char":
         return Char(meta["chars"])
