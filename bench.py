@@ -155,7 +155,7 @@ class ReferenceGPT(torch.nn.Module):
                 resid_pdrop=0.0,
                 embd_pdrop=0.0,
                 attn_pdrop=0.0,
-            )  # fmt: skip
+            )
         )
 
     def forward(self, idx, targets):
@@ -236,8 +236,8 @@ def bench_prepare(source, megabytes):
         # prepare.py in a child process that reports its own peak resident memory (VmHWM:
         # unlike getrusage's maxrss, it does not count the memory of this process it forked from)
         runner = (
-            "import os, runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, "
-            "os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__'); "
+            "import os, runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+            "runpy.run_path(sys.argv[0], run_name='__main__'); "
             "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
         )
         start = time.perf_counter()
@@ -282,8 +282,8 @@ def check_options(opts):
         raise UserError(f"--input={opts['input']} is not a file: pass a UTF-8 text, like tense.txt")
     if opts["heldout"] and not os.path.isfile(opts["heldout"]):
         raise UserError(
-            f"--heldout={opts['heldout']} is not a file: pass a UTF-8 text, or leave it empty to skip the "
-            "quality figures"
+            f"--heldout={opts['heldout']} is not a file: pass a UTF-8 text, "
+            "or leave it empty to skip the quality figures"
         )
 
 

@@ -87,8 +87,8 @@ def load_split(data_dir, split, tokenizer_meta):
     meta = read_meta(data_dir)
     if tokenizer_from_meta(meta).meta() != tokenizer_meta:
         raise UserError(
-            f"{data_dir}/ was prepared with another tokenizer than the checkpoint's: pass the --data_dir it "
-            "was trained on"
+            f"{data_dir}/ was prepared with another tokenizer than the checkpoint's: "
+            "pass the --data_dir it was trained on"
         )
     return np.asarray(open_split(data_dir, split, meta)), meta
 
@@ -339,9 +339,9 @@ def tense_report(report, model, tokenizer, checkpoint, data_dir, val, config, de
             notes.append("no picture of the probe: pip install matplotlib")
     else:
         notes.append(
-            f"the grammar check and the probe are for models trained on tense.txt; {data_dir}/'s val text is "
-            "not "
-            f"its sentences ({parses} of {min(len(val_lines), 500)} parse), so they are skipped"
+            "the grammar check and the probe are for models trained on tense.txt; "
+            f"{data_dir}/'s val text is not its sentences ({parses} of {min(len(val_lines), 500)} parse), "
+            "so they are skipped"
         )
 
 
@@ -354,18 +354,16 @@ def show(report, config, notes):
     else:
         print(
             f"{config['ckpt']} on {report['data_dir']}/ val ({report['val_tokens']:,} tokens, "
-            f"{report['val_bytes']:,} bytes): "
-            f"loss {report['val_loss']:.4f}, perplexity {report['val_perplexity']:.3f}, "
-            f"{report['bits_per_byte']:.4f} bits per byte"
+            f"{report['val_bytes']:,} bytes): loss {report['val_loss']:.4f}, "
+            f"perplexity {report['val_perplexity']:.3f}, {report['bits_per_byte']:.4f} bits per byte"
         )
         if "grammatical" in report:
             print(
-                f"{report['samples']} samples at temperature {config['temperature']}: grammatical "
-                f"{report['grammatical']:.1%}, "
-                f"tense agreement {report['tense_agreement']:.1%} (of {report['with_time_phrase']} with a "
-                "time phrase), "
-                f"who-does-what errors {report['semantic_errors']:.1%}, novel {report['novel']:.1%} (of the "
-                "grammatical ones)"
+                f"{report['samples']} samples at temperature {config['temperature']}: "
+                f"grammatical {report['grammatical']:.1%}, tense agreement {report['tense_agreement']:.1%} "
+                f"(of {report['with_time_phrase']} with a time phrase), "
+                f"who-does-what errors {report['semantic_errors']:.1%}, novel {report['novel']:.1%} "
+                "(of the grammatical ones)"
             )
             for bad in report["examples_bad"][:3]:
                 print(f"  not grammatical: {bad!r}")
@@ -378,8 +376,8 @@ def show(report, config, notes):
             for bad in report["examples_bad_time_prompt"][:3]:
                 print(f"  not in its tense: {bad!r}")
             print(
-                f"minimal-pairs probe, {config['probe_per_tense']} held-out statements per tense (chance "
-                f"{1 / len(TENSES):.1%}):"
+                f"minimal-pairs probe, {config['probe_per_tense']} held-out statements per tense "
+                f"(chance {1 / len(TENSES):.1%}):"
             )
             for tense, accuracy in report["probe_per_tense"].items():
                 print(f"  {tense:28} {accuracy:7.1%}")

@@ -67,7 +67,7 @@ def main():
     if old and not config["overwrite"]:
         raise UserError(
             f"{out}/ already holds files ({', '.join(old[:4])}{', ...' if len(old) > 4 else ''}): "
-            f"pass --overwrite=True to replace its model files, or another --out=DIR"
+            "pass --overwrite=True to replace its model files, or another --out=DIR"
         )
     for name in old:  # another model's weights (pytorch_model.bin, ...) would load in place of ours
         if any(fnmatch.fnmatch(name, pattern) for pattern in HF_MODEL_FILES):

@@ -4,11 +4,9 @@ The whole GPT in one file, in the order data flows through it:
     token ids -> token embedding + positional encoding -> n_layer x Block -> norm -> logits
     Block: x + attention(norm(x)), then x + feed_forward(norm(x))   (pre-norm, GPT-2)
 
-then generation: the KV cache and the sampling step. It needs only torch: copy it into
-your own project and `from model import GPT, GPTConfig`.
-
-References: "Attention Is All You Need" (Vaswani et al. 2017); GPT-2 (Radford et al. 2019)
-for pre-LayerNorm, learned positions, tied embeddings and the scaled initialisation.
+then generation: the KV cache and the sampling step. After "Attention Is All You Need" (Vaswani et al.
+2017) and GPT-2 (Radford et al. 2019: pre-LayerNorm, learned positions, tied embeddings, the scaled
+initialisation). It needs only torch: copy it into your own project and `from model import GPT, GPTConfig`.
 
 The defaults are GPT-2's block. Each newer idea is one switch of GPTConfig, written next
 to the GPT-2 piece it replaces (config/modern.py turns them all on):
@@ -50,12 +48,11 @@ class GPTConfig:
 
     def __post_init__(self):
         if self.d_ff == 0:
-            # SwiGLU has three matrices instead of two: 2/3 of the width keeps the parameter
-            # count (LLaMA's rule), rounded up to a multiple of 32 for the matmuls
+            # SwiGLU has three matrices instead of two: 2/3 of the width keeps the parameter count (LLaMA's
+            # rule), rounded up to a multiple of 32 for the matmuls
             swiglu = self.activation == "swiglu"
             self.d_ff = -(-8 * self.n_embd // 3 // 32) * 32 if swiglu else 4 * self.n_embd
-        if self.n_kv_head == 0:
-            self.n_kv_head = self.n_head
+        self.n_kv_head = self.n_kv_head or self.n_head
 
 
 def check_config(config):
@@ -90,10 +87,9 @@ def positions_from(pos, T, device=None):
 
 def attention_mask(pos, T, device=None):
     """
-    Which keys each of T new queries at pos.. may see, built once for every layer: None where
-    the fused kernel's own rule is right (pos == 0: query i sees keys 0..i; one new token at
-    the same position in every row: it sees every cached key), else (B or 1, 1, T, S) with
-    True where a query at position p meets a key at position <= p.
+    Which keys each of T new queries at pos.. may see, built once for every layer: (B or 1, 1, T, S),
+    True where a query at position p meets a key at position <= p. None where the fused kernel's own
+    rule is right: pos == 0 (query i sees keys 0..i), or one new token at one pos (every cached key).
     """
     if isinstance(pos, int) and (pos == 0 or T == 1):
         return None
@@ -102,35 +98,36 @@ def attention_mask(pos, T, device=None):
     return (keys <= queries[..., None])[:, None]  # (B or 1, 1, T, S)
 
 
+def angles(positions, d):
+    """The angle p * 10000^(-2i/d) of each position p (B or 1, T) and pair i of d dimensions: (B or 1, T, d/2)."""
+    frequency = 10000.0 ** (-torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d)
+    return positions.float()[..., None] * frequency
+
+
 def sinusoidal_positions(positions, n_embd):
-    """PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(...) at positions (B, T): (B, T, C)."""
-    position = positions.float().unsqueeze(-1)  # (B, T, 1)
-    i2 = torch.arange(0, n_embd, 2, dtype=torch.float32, device=positions.device)  # 2i
-    frequency = torch.exp(i2 * (-math.log(10000.0) / n_embd))  # 10000^(-2i/d)
-    pe = torch.zeros(*positions.shape, n_embd, device=positions.device)
-    pe[..., 0::2] = torch.sin(position * frequency)
-    pe[..., 1::2] = torch.cos(position * frequency)[..., : n_embd // 2]
-    return pe
+    """Vaswani et al.'s PE(p, 2i) = sin(angle), PE(p, 2i+1) = cos(angle) at positions (B, T): (B, T, C)."""
+    angle = angles(positions, n_embd)  # (B, T, C/2)
+    # sin and cos interleaved: (B, T, C/2, 2) -> (B, T, C)
+    return torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-2)[..., :n_embd]
 
 
 def rotate(x, positions):
     """
-    Rotary position embedding (Su et al. 2021, RoFormer): the pairs (x_i, x_{i + d/2}) of
-    each head's query or key at position p turn by the angle p * 10000^(-2i/d). A query at
-    p and a key at p' then meet at an angle that depends only on p - p', so attention sees
-    relative positions. x (B, heads, T, d) at positions (B or 1, T).
+    Rotary position embedding (Su et al. 2021): the pairs (x_i, x_{i + d/2}) of each head's query or key
+    at position p turn by the angle p * 10000^(-2i/d). A query at p and a key at p' then meet at an angle
+    that depends only on p - p': attention sees relative positions. x (B, heads, T, d), positions (B or 1, T).
     """
     d = x.size(-1)
-    frequency = 10000.0 ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
-    angle = (positions.float()[..., None] * frequency)[:, None]  # (B, 1, T, d/2): the same for every head
+    # the same for every head: (B, 1, T, d/2)
+    angle = angles(positions, d)[:, None]
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 def make_norm(config, size):
-    # LayerNorm centres and scales each vector; RMSNorm (Zhang & Sennrich 2019) only
-    # scales it by its root mean square: one reduction fewer, and it trains as well
+    # LayerNorm centres and scales each vector; RMSNorm (Zhang & Sennrich 2019) only scales it by its root
+    # mean square: one reduction fewer, and it trains as well
     if config.norm == "rmsnorm":
         return nn.RMSNorm(size, eps=1e-5)
     return nn.LayerNorm(size, bias=config.bias)
@@ -141,24 +138,20 @@ def make_norm(config, size):
 
 class KVCache:
     """
-    The keys and values one attention layer has seen, kept for generation: those of earlier
-    positions never change (attention is causal), so they are computed once and each new
-    token runs the model on its own position only. Each row of the batch is one sequence.
-    (A server that decodes rows at different positions passes its own cache with an update
-    of the same form: tensegpt/engine.py's SlotCache.)
+    The keys and values one attention layer has seen, one row per sequence: those of earlier positions
+    never change (attention is causal), so each new token runs the model on its own position only.
+    (A server that decodes rows at different positions passes its own cache: tensegpt/engine.py.)
     """
 
-    def __init__(self, batch_size, n_kv_head, block_size, head_size, device=None, dtype=None):
-        shape = (batch_size, n_kv_head, block_size, head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, shape, device=None, dtype=None):
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (B, n_kv_head, block_size, hs)
+        self.v = torch.zeros_like(self.k)
 
     def update(self, pos, k, v):
         """Stores k, v (B, n_kv_head, T, hs) at positions pos..pos+T-1; returns those of positions 0..pos+T-1."""
-        T = k.size(2)
-        self.k[:, :, pos : pos + T] = k
-        self.v[:, :, pos : pos + T] = v
-        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]
+        end = pos + k.size(2)
+        self.k[:, :, pos:end], self.v[:, :, pos:end] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -176,20 +169,17 @@ class CausalSelfAttention(nn.Module):
             # unit-scale queries and keys keep the logits from growing without bound (loss spikes)
             self.q_norm = nn.RMSNorm(self.head_size, eps=1e-5)
             self.k_norm = nn.RMSNorm(self.head_size, eps=1e-5)
-        self.dropout = config.dropout
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
-        # flash: PyTorch's fused kernel, which never holds the (T, S) weights. False: the
-        # textbook's computation written out below, which keeps its weights in self.weights
-        # (sample.py --attention draws them); both give the same output.
+        # flash: PyTorch's fused kernel, which never holds the (T, S) weights. False: the textbook's
+        # computation written out, which keeps them in self.weights (sample.py --attention draws them).
         self.flash = True
         self.weights = None
 
     def forward(self, x, mask=None, cache=None, pos=0):
         """
-        x (B, T, C) at positions pos..pos+T-1 -> (B, T, C). mask (B or 1, 1, T, S): which of the
-        S keys each query may see, from GPT.attention_mask; None: query i sees keys up to i
-        (T == S), or every key (one new token after a cache).
+        x (B, T, C) at positions pos..pos+T-1 -> (B, T, C). mask: which of the S keys each query may see
+        (attention_mask); None: query i sees keys up to i (T == S), or every key (one token after a cache).
         """
         B, T, C = x.shape
         kv_size = self.n_kv_head * self.head_size
@@ -213,7 +203,7 @@ class CausalSelfAttention(nn.Module):
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         if self.flash:
             # is_causal lets query i see keys 0..i, right when the T queries are all S positions
-            dropout = self.dropout if self.training else 0.0
+            dropout = self.attn_dropout.p if self.training else 0.0
             causal = mask is None and T > 1
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
         else:
@@ -278,10 +268,9 @@ class GPT(nn.Module):
         if problems:
             raise ValueError("; ".join(problems))
         self.config = config
-        # The one unusual trick: the layers are made on the meta device (shapes only: no
-        # memory, no random numbers) and init_weights fills them once. Each layer's own
-        # default initialisation would only be drawn and thrown away, and a model sharded
-        # across processes (train.py --fsdp) can fill its shards with the same numbers.
+        # The one unusual trick: the layers are made on the meta device (shapes only: no memory, no random
+        # numbers) and init_weights fills them once. Each layer's own default initialisation would only be
+        # drawn and thrown away, and a model sharded across processes (--fsdp) fills its shards alike.
         with torch.device("meta"):
             self.wte = nn.Embedding(config.vocab_size, config.n_embd)
             if config.pos_encoding == "learned":
@@ -308,9 +297,9 @@ class GPT(nn.Module):
 
     def initial_value(self, name, p):
         """
-        The whole initial tensor of parameter `name`: matrices N(0, 0.02), biases 0, norm
-        gains 1. Each residual branch adds to the stream, so the projections that write
-        into it (c_proj) get 0.02 / sqrt(2 * n_layer): the stream's variance stays flat.
+        The whole initial tensor of parameter `name`: matrices N(0, 0.02), biases 0, norm gains 1. Each
+        residual branch adds to the stream, so the projections that write into it (c_proj) get
+        0.02 / sqrt(2 * n_layer): the stream's variance stays flat.
         """
         full = torch.empty(p.shape, dtype=torch.float32)
         if name.endswith("c_proj.weight"):
@@ -330,10 +319,9 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, caches=None, pos=0):
         """
-        idx (B, T) token ids -> (logits, loss). With targets (B, T), the ids that come next:
-        logits (B, T, V) and the mean cross-entropy. Without: the logits of the last position
-        (B, 1, V), all that generation needs, and None. caches (new_caches) and pos (where idx
-        starts: an int, or a (B,) tensor with each row's own start): see generate_stream.
+        idx (B, T) token ids -> (logits, loss). With targets (B, T), the ids that come next: logits (B, T, V)
+        and the mean cross-entropy. Without: the last position's logits (B, 1, V), all generation needs, and
+        None. caches (new_caches), pos (where idx starts: an int, or (B,) starts a row each): generate_stream.
         """
         x = self.hidden_states(idx, caches, pos)  # (B, T, C)
         if targets is None:
@@ -376,7 +364,7 @@ class GPT(nn.Module):
         """One KVCache per layer, for batch_size sequences of up to block_size tokens."""
         c, p = self.config, self.wte.weight
         shape = (batch_size, c.n_kv_head, c.block_size, c.n_embd // c.n_head)
-        return [KVCache(*shape, device=device or p.device, dtype=dtype or p.dtype) for _ in range(c.n_layer)]
+        return [KVCache(shape, device=device or p.device, dtype=dtype or p.dtype) for _ in range(c.n_layer)]
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, **sampling):
@@ -389,13 +377,11 @@ class GPT(nn.Module):
         stop_token=None, use_cache=True, generator=None, repetition_penalty=1.0,
     ):  # fmt: skip
         """
-        Yields the next token ids (B, 1) one step at a time, so a caller can print as they come,
-        until max_new_tokens or until every row has produced stop_token.
-
-        With the KV cache each new token runs the model on one position. The model sees
-        at most block_size tokens: past that, the oldest fall out of the window, and since
-        every position then moves, the cache is rebuilt from the window (exactly what a
-        full recompute would see). use_cache=False recomputes the whole window every token.
+        Yields the next token ids (B, 1) one step at a time, so a caller can print as they come, until
+        max_new_tokens or until every row has produced stop_token. With the KV cache each new token runs the
+        model on one position. The model sees at most block_size tokens: past that, the oldest fall out of
+        the window, and since every position then moves, the cache is rebuilt from the window (exactly what
+        a full recompute would see). use_cache=False recomputes the whole window every token.
         """
         block_size = self.config.block_size
         caches, cached = None, 0  # cached: how many positions the cache holds
@@ -434,10 +420,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, g
 
 
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
-    """
-    The distribution the next token is drawn from, (B, V) logits -> (B, V) probabilities:
-    divide by the temperature, keep the top_k most likely tokens and the top_p nucleus, softmax.
-    """
+    """The distribution of the next token, (B, V) logits -> (B, V): / temperature, top_k, top_p, softmax."""
     # subtracting the max first: a tiny temperature then gives 0 and -huge, never inf - inf = nan
     logits = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
     return torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
@@ -445,9 +428,8 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
 
 def draw(probs, generator=None):
     """
-    One token per row of probs (B, V), drawn with its probability: what torch.multinomial(probs, 1)
-    does, by inverse-CDF sampling at a tenth of its cost over 50,304 tokens. One uniform number u
-    per row; the token is the first whose cumulative probability passes u.
+    One token per row of probs (B, V), drawn with its probability: torch.multinomial(probs, 1) at a tenth of its cost
+    over 50,304 tokens, by inverse-CDF sampling: the first token whose cumulative probability passes a uniform number u.
     """
     cdf = probs.cumsum(dim=-1)  # (B, V), non-decreasing
     u = torch.rand((cdf.size(0), 1), device=cdf.device, generator=generator) * cdf[:, -1:]
@@ -458,9 +440,8 @@ def draw(probs, generator=None):
 
 def filter_logits(logits, top_k=None, top_p=None):
     """
-    Sets to -inf every logit outside the top_k largest and outside the nucleus: the
-    smallest set of most likely tokens whose probabilities add up to at least top_p
-    (Holtzman et al. 2019). The most likely token always survives.
+    Sets to -inf every logit outside the top_k largest and outside the nucleus (Holtzman et al. 2019): the
+    smallest set of most likely tokens whose probabilities add up to at least top_p. The top token survives.
     """
     logits = logits.clone()
     if top_k is not None and top_k < logits.size(-1):
@@ -477,9 +458,8 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 def penalize_repetition(logits, idx, penalty):
     """
-    CTRL's repetition penalty (Keskar et al. 2019): for every token already in idx, a
-    positive logit is divided by penalty and a negative one multiplied, so with
-    penalty > 1 a repeat always becomes less likely.
+    CTRL's repetition penalty (Keskar et al. 2019): for every token already in idx, a positive logit is
+    divided by penalty and a negative one multiplied, so with penalty > 1 a repeat always becomes less likely.
     """
     seen = torch.gather(logits, 1, idx)  # (B, T): the logits of the tokens already present
     seen = torch.where(seen > 0, seen / penalty, seen * penalty)

@@ -79,9 +79,8 @@ def read_batches(path, errors):
             except UnicodeDecodeError as e:
                 line = offset_to_line(path, offset + e.start)
                 raise UserError(
-                    f"{path} is not UTF-8: byte 0x{chunk[e.start]:02x} at offset {offset + e.start} (line "
-                    f"{line}); "
-                    f"convert it to UTF-8, or pass --errors=replace to replace bad bytes with U+FFFD"
+                    f"{path} is not UTF-8: byte 0x{chunk[e.start]:02x} at offset {offset + e.start} (line {line}); "
+                    "convert it to UTF-8, or pass --errors=replace to replace bad bytes with U+FFFD"
                 ) from None
             if offset == 0:
                 text = text.removeprefix("\ufeff")  # a byte-order mark marks the encoding; it is not text
@@ -395,8 +394,8 @@ def check_fits_uint16(tokenizer, path):
     if tokenizer.vocab_size > 65536:
         fix = "use --tokenizer=gpt2" if tokenizer.name == "char" else "use a smaller --vocab_size"
         raise UserError(
-            f"{path} needs {tokenizer.vocab_size:,} {tokenizer.name} token ids with end-of-text, more than the 65,536 "
-            f"that uint16 ids can hold: {fix}"
+            f"{path} needs {tokenizer.vocab_size:,} {tokenizer.name} token ids with end-of-text, "
+            f"more than the 65,536 that uint16 ids can hold: {fix}"
         )
 
 

@@ -121,8 +121,8 @@ def make_app(model, tokenizer, engine, name, api_key="", max_body_bytes=1_000_00
         max_tokens = body.max_completion_tokens or body.max_tokens or room
         if max_tokens > room:
             message = (
-                f"max_tokens {max_tokens} and the prompt's {len(prompt)} tokens are more than this model's context "
-                f"of {block_size}: ask for at most {room}"
+                f"max_tokens {max_tokens} and the prompt's {len(prompt)} tokens are more than this model's context of "
+                f"{block_size}: ask for at most {room}"
             )
             raise ApiError(400, message, "max_tokens", "context_length_exceeded")
         top_k = body.top_k if body.top_k and body.top_k > 0 else None

@@ -18,8 +18,8 @@ def print_report(report, opts):
     if "prepare" in report:
         p = report["prepare"]
         print(
-            f"{'prepare':34} {p['megabytes']:.0f} MB in {p['seconds']:.1f} s: {p['mb_per_sec']:.1f} MB/s, "
-            f"peak memory {p['peak_memory_mb']:.0f} MB, {p['threads']} threads"
+            f"{'prepare':34} {p['megabytes']:.0f} MB in {p['seconds']:.1f} s: "
+            f"{p['mb_per_sec']:.1f} MB/s, peak memory {p['peak_memory_mb']:.0f} MB, {p['threads']} threads"
         )
     if "heldout" in report:
         print_heldout(report["heldout"], opts)
@@ -69,8 +69,8 @@ def print_training_shapes(report):
     for shape, step in report.get("training_shapes", {}).items():
         ms = {kind: step[kind]["ms_per_iter"] for kind in ("chunked", "plain", "transformers")}
         print(
-            f"{'training step, ' + shape + ' shape':34} chunked {ms['chunked']:7.1f} ms   plain {ms['plain']:7.1f} ms"
-            f"   transformers {ms['transformers']:7.1f} ms   (train.py uses {step['train_py_uses']})"
+            f"{'training step, ' + shape + ' shape':34} chunked {ms['chunked']:7.1f} ms   plain {ms['plain']:7.1f} ms  "
+            f" transformers {ms['transformers']:7.1f} ms   (train.py uses {step['train_py_uses']})"
         )
 
 
@@ -115,6 +115,6 @@ def print_switches(switches, opts):
         for name, r in switches.items():
             p = r["prose"]
             print(
-                f"{name:24} {p['tokens_per_sec']:>7,.0f} {p['val_loss']:>8.4f} "
-                f"{p['val_loss_same_seconds']:>9.4f} {p['bits_per_byte']:>7.4f}"
+                f"{name:24} {p['tokens_per_sec']:>7,.0f} {p['val_loss']:>8.4f} {p['val_loss_same_seconds']:>9.4f} "
+                f"{p['bits_per_byte']:>7.4f}"
             )

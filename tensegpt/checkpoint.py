@@ -78,8 +78,8 @@ def load(
         raise UserError(f"no checkpoint at {path}: {missing_hint}")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
         raise UserError(
-            f"{path} is not a checkpoint (not a torch.save archive, or truncated): pass the trained.pth that "
-            "train.py wrote"
+            f"{path} is not a checkpoint (not a torch.save archive, or truncated): "
+            "pass the trained.pth that train.py wrote"
         )
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
@@ -88,13 +88,13 @@ def load(
         found = re.search(r"GLOBAL (\S+)", str(e))
         what = f" ({found.group(1)})" if found else ""
         raise UserError(
-            f"{path} holds objects other than tensors and plain values{what}, refused for safety: only load "
-            "checkpoints you trust"
+            f"{path} holds objects other than tensors and plain values{what}, refused for safety: "
+            "only load checkpoints you trust"
         ) from None
     except Exception as e:  # a damaged archive fails in many ways
         raise UserError(
-            f"{path} is not a readable checkpoint (damaged or truncated: {e.__class__.__name__}); train "
-            "again or restore it"
+            f"{path} is not a readable checkpoint (damaged or truncated: {e.__class__.__name__}); "
+            "train again or restore it"
         ) from None
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("tokenizer"), dict):
         checkpoint["tokenizer_meta"] = checkpoint.pop("tokenizer")  # written before the key had its own name
@@ -132,9 +132,8 @@ def build_model(checkpoint, path):
     broken = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if broken:
         raise UserError(
-            f"{path} holds NaN or infinite weights "
-            f"({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}): "
-            f"it cannot generate; use a checkpoint from before training diverged"
+            f"{path} holds NaN or infinite weights ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}): "
+            "it cannot generate; use a checkpoint from before training diverged"
         )
     return model
 
@@ -178,19 +177,17 @@ def check_resumable(checkpoint, path, tokenizer_meta, meta, config):
     if then is not None and then != now:
         diff = [f"{k} {then.get(k)!r} then, {now[k]!r} now" for k in DATA_KEYS if then.get(k) != now[k]]
         raise UserError(
-            f"{path} was trained on data prepared differently from {config['data_dir']}/ "
-            f"({'; '.join(diff)}): "
-            "resuming would train on lines it was validated on, or on other text; prepare the data as "
-            "before, "
-            f"or start a new --out_dir"
+            f"{path} was trained on data prepared differently from {config['data_dir']}/ ({'; '.join(diff)}): "
+            "resuming would train on lines it was validated on, or on other text; "
+            "prepare the data as before, or start a new --out_dir"
         )
     if checkpoint["tokenizer_meta"] != tokenizer_meta:
         raise UserError(
-            f"{path} was trained on data with another tokenizer than {config['data_dir']}/: prepare the same "
-            "data again or use another --out_dir"
+            f"{path} was trained on data with another tokenizer than {config['data_dir']}/: "
+            "prepare the same data again or use another --out_dir"
         )
     if checkpoint["iter_num"] >= config["max_iters"]:
         raise UserError(
             f"{path} is already at iteration {checkpoint['iter_num']} >= max_iters {config['max_iters']}: "
-            f"pass a larger --max_iters to train on"
+            "pass a larger --max_iters to train on"
         )

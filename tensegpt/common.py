@@ -232,8 +232,8 @@ def check_output_file(path, key, extensions=None):
     ending = os.path.splitext(path)[1].lstrip(".").lower()
     if extensions is not None and ending not in extensions:
         raise UserError(
-            f"--{key}={path}: cannot write a .{ending or '(no ending)'} file; use one of "
-            f".{', .'.join(sorted(extensions))}"
+            f"--{key}={path}: cannot write a .{ending or '(no ending)'} file; "
+            f"use one of .{', .'.join(sorted(extensions))}"
         )
 
 

@@ -43,8 +43,7 @@ def open_split(data_dir, split, meta=None):
     largest = int(tokens.max())
     if largest >= meta["vocab_size"]:
         raise UserError(
-            f"{path} holds token id {largest}, but {meta_path} says the vocabulary has {meta['vocab_size']} "
-            "ids: "
+            f"{path} holds token id {largest}, but {meta_path} says the vocabulary has {meta['vocab_size']} ids: "
             f"the files do not belong together; {again}"
         )
     return tokens

@@ -169,17 +169,17 @@ def print_decoding(report):
     if "decoding" in report:
         d = report["decoding"]
         print(
-            f"GPT-2 124M generation, batch 1, {d['new_tokens']} tokens, T=0.8, top-k 200; memory reads "
-            f"{d['bandwidth_gb_per_s']:.1f} GB/s; transformers {d['transformers_float32']:.1f} tokens/s "
-            f"(float32), {d['transformers_bfloat16']:.1f} (bfloat16)"
+            f"GPT-2 124M generation, batch 1, {d['new_tokens']} tokens, T=0.8, top-k 200; "
+            f"memory reads {d['bandwidth_gb_per_s']:.1f} GB/s; "
+            f"transformers {d['transformers_float32']:.1f} tokens/s (float32), {d['transformers_bfloat16']:.1f} "
+            "(bfloat16)"
         )
         print(f"{'':12} {'tokens/s':>9} {'vs HF':>6} {'MB/token':>9} {'bound':>7} {'of bound':>9} {'bits/B':>8}")
         for precision in PRECISIONS:
             r = d[precision]
             print(
-                f"{precision:12} {r['tokens_per_sec']:>9.1f} {r['vs_transformers']:>5.2f}x "
-                f"{r['mb_per_token']:>9.0f} {r['bound_tokens_per_sec']:>7.1f} "
-                f"{100 * r['share_of_bound']:>8.0f}% "
+                f"{precision:12} {r['tokens_per_sec']:>9.1f} {r['vs_transformers']:>5.2f}x {r['mb_per_token']:>9.0f} "
+                f"{r['bound_tokens_per_sec']:>7.1f} {100 * r['share_of_bound']:>8.0f}% "
                 f"{100 * r['bits_per_byte_vs_float32']:>+7.3f}%   greedy text "
                 f"{'unchanged' if r['greedy_text_unchanged'] else 'differs'}"
             )

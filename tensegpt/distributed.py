@@ -46,8 +46,7 @@ def setup(config):
     if config["grad_accum"] % world_size:
         fit = world_size * max(1, config["grad_accum"] // world_size)
         raise UserError(
-            f"grad_accum ({config['grad_accum']}) must be a multiple of the number of processes "
-            f"({world_size}): "
+            f"grad_accum ({config['grad_accum']}) must be a multiple of the number of processes ({world_size}): "
             f"the micro-batches of a step are shared out among them; try --grad_accum={fit}"
         )
     device = config["device"]

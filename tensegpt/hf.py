@@ -78,7 +78,7 @@ def read_safetensors(path):
     ) as e:
         raise UserError(
             f"{path} is not a readable safetensors file (damaged or truncated: {e.__class__.__name__}); "
-            f"save or copy the model again"
+            "save or copy the model again"
         ) from None
     return tensors
 
@@ -102,12 +102,10 @@ def hub_folder(name):
         except Exception:
             why = str(online).splitlines()[0][:120] if str(online) else online.__class__.__name__
             raise UserError(
-                f"GPT-2 weights {name!r} are neither in the Hugging Face cache nor downloadable here "
-                f"({why}): "
-                "run once online, or download them elsewhere (huggingface-cli download "
-                f"openai-community/{name} "
-                f"config.json model.safetensors --local-dir {name}), copy the folder here and pass "
-                f"--init_from=hf:{name}"
+                f"GPT-2 weights {name!r} are neither in the Hugging Face cache nor downloadable here ({why}): "
+                f"run once online, or download them elsewhere (huggingface-cli download openai-community/{name} "
+                f"config.json model.safetensors --local-dir {name}), "
+                f"copy the folder here and pass --init_from=hf:{name}"
             ) from None
 
 
@@ -120,7 +118,7 @@ def load_hf(folder, block_size=None, dropout=None):
     if not os.path.isfile(config_path):
         raise UserError(
             f"no Hugging Face model in {folder}: put its config.json and model.safetensors "
-            f"(or pytorch_model.bin) in that folder (nothing is downloaded)"
+            "(or pytorch_model.bin) in that folder (nothing is downloaded)"
         )
     try:
         with open(config_path, "rb") as f:
@@ -176,7 +174,7 @@ def load_hf(folder, block_size=None, dropout=None):
         except Exception as e:  # refused pickles and damaged archives alike
             raise UserError(
                 f"{bin_path} is not a readable weights-only checkpoint ({e.__class__.__name__}); "
-                f"use model.safetensors, or save the model again"
+                "use model.safetensors, or save the model again"
             ) from None
     else:
         raise UserError(
@@ -201,9 +199,9 @@ def load_hf(folder, block_size=None, dropout=None):
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise UserError(
-                f"{folder}: {name} has shape {tuple(tensor.shape)}, but config.json gives "
-                f"{tuple(expected[name].shape)}; "
-                f"the weights and config.json do not belong together"
+                f"{folder}: {name} has shape {tuple(tensor.shape)}, "
+                f"but config.json gives {tuple(expected[name].shape)}; "
+                "the weights and config.json do not belong together"
             )
     if block_size is not None:
         if block_size > config.block_size:
@@ -234,8 +232,8 @@ def check_exportable(model_config, tokenizer_name):
         ),
         (
             c["n_kv_head"] == c["n_head"],
-            f"n_kv_head is {c['n_kv_head']} (grouped-query attention); GPT-2 gives every head its keys and "
-            "values: train with --n_kv_head=0",
+            f"n_kv_head is {c['n_kv_head']} (grouped-query attention); GPT-2 gives every head its keys and values: "
+            "train with --n_kv_head=0",
         ),
         (
             not c["qk_norm"],
@@ -243,8 +241,8 @@ def check_exportable(model_config, tokenizer_name):
         ),
         (
             tokenizer_name == "gpt2",
-            f"the tokenizer is {tokenizer_name!r}; GPT-2 needs its own 50,257 ids: prepare with "
-            "--full_vocab=True (and --tokenizer=gpt2)",
+            f"the tokenizer is {tokenizer_name!r}; GPT-2 needs its own 50,257 ids: "
+            "prepare with --full_vocab=True (and --tokenizer=gpt2)",
         ),
     ]
     return "; ".join(message for ok, message in fixes if not ok) or None

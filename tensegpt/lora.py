@@ -164,6 +164,6 @@ def describe(gpt, lora):
     params = list(gpt.parameters())
     trained, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
     return (
-        f"LoRA rank {lora['rank']}, alpha {lora['alpha']:g} on {','.join(lora['targets'])}: training "
-        f"{trained:,} of {total:,} parameters ({100 * trained / total:.1f}%); the rest are frozen"
+        f"LoRA rank {lora['rank']}, alpha {lora['alpha']:g} on {','.join(lora['targets'])}: "
+        f"training {trained:,} of {total:,} parameters ({100 * trained / total:.1f}%); the rest are frozen"
     )

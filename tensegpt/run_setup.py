@@ -86,9 +86,8 @@ def check_train_config(config):
     init = config["init_from"]
     if init not in ("scratch", "resume", *GPT2_NAMES) and not init.startswith("hf:") and not init.endswith(".pth"):
         raise UserError(
-            f"init_from must be 'scratch', 'resume', 'hf:FOLDER', one of {', '.join(GPT2_NAMES)} (GPT-2 from "
-            "the "
-            f"Hugging Face hub) or a checkpoint FILE.pth to fine-tune; got {init!r}"
+            f"init_from must be 'scratch', 'resume', 'hf:FOLDER', one of {', '.join(GPT2_NAMES)} "
+            f"(GPT-2 from the Hugging Face hub) or a checkpoint FILE.pth to fine-tune; got {init!r}"
         )
     if config["optimizer"] not in ("adamw", "muon"):
         raise UserError(f"optimizer must be 'adamw' or 'muon', got {config['optimizer']!r}")
@@ -164,7 +163,7 @@ def refuse_overwrite(config, paths):
         args = " ".join(a for a in sys.argv[1:] if not a.startswith("--overwrite"))
         raise UserError(
             f"{existing[0]} already exists: to start over, run python train.py {args} --overwrite=True; "
-            f"to continue it, --init_from=resume; or pass another --out_dir"
+            "to continue it, --init_from=resume; or pass another --out_dir"
         )
 
 
@@ -187,7 +186,7 @@ def lock_out_dir(out_dir):
         holder = handle.read().strip() or "unknown"
         raise UserError(
             f"another train.py (process {holder}) is training into {out_dir}/ right now: "
-            f"wait for it to finish, or pass another --out_dir"
+            "wait for it to finish, or pass another --out_dir"
         ) from None
     handle.truncate(0)
     handle.write(str(os.getpid()))
@@ -200,7 +199,7 @@ def check_layout(config, world_size, dtype):
     if config["optimizer"] == "muon" and not hasattr(torch.optim, "Muon"):
         raise UserError(
             f"--optimizer=muon needs torch.optim.Muon (torch 2.9 or later; this is {torch.__version__}): "
-            f"upgrade torch, or use --optimizer=adamw"
+            "upgrade torch, or use --optimizer=adamw"
         )
     if not config["fsdp"]:
         return
@@ -243,13 +242,14 @@ def check_data_kind(config, meta):
     data_dir = config["data_dir"]
     if config["chat"] and not meta.get("chat"):
         raise UserError(
-            f"--chat=True trains on conversations, but {data_dir}/ holds plain text: prepare a .jsonl of "
-            f"conversations with prepare.py, or leave out --chat"
+            f"--chat=True trains on conversations, but {data_dir}/ holds plain text: "
+            "prepare a .jsonl of conversations with prepare.py, or leave out --chat"
         )
     if meta.get("chat") and not config["chat"]:
         raise UserError(
-            f"{data_dir}/ holds conversations (prepared from a .jsonl): fine-tune on them with --chat=True "
-            f"(config/chat.py), which counts the loss on the answers; or pass a plain-text --data_dir"
+            f"{data_dir}/ holds conversations (prepared from a .jsonl): "
+            "fine-tune on them with --chat=True (config/chat.py), which counts the loss on the answers; "
+            "or pass a plain-text --data_dir"
         )
 
 
@@ -286,8 +286,9 @@ def fine_tuning_start(path, config, meta, tokenizer_meta, say):
     base_tokens = {k: v for k, v in base["tokenizer_meta"].items() if k != "chat_tokens"}
     if base_tokens != {k: v for k, v in tokenizer_meta.items() if k != "chat_tokens"}:
         raise UserError(
-            f"{config['data_dir']}/ does not speak {path}'s tokens ({base['tokenizer_meta']['tokenizer']} "
-            f"vocabulary of another text): prepare the data with --vocab_from={path}"
+            f"{config['data_dir']}/ does not speak {path}'s tokens "
+            f"({base['tokenizer_meta']['tokenizer']} vocabulary of another text): "
+            f"prepare the data with --vocab_from={path}"
         )
     saved = checkpoint.gpt_config_of(base, path)
     block_size = config["block_size"]
@@ -306,8 +307,8 @@ def fine_tuning_start(path, config, meta, tokenizer_meta, say):
     if "wpe.weight" in state:
         state["wpe.weight"] = state["wpe.weight"][:block_size]
     say(
-        f"fine-tuning {path} (n_layer {saved.n_layer}, n_head {saved.n_head}, n_embd {saved.n_embd}; the "
-        f"config's model keys are not used), {len(new_ids)} new token(s) started as end-of-text"
+        f"fine-tuning {path} (n_layer {saved.n_layer}, n_head {saved.n_head}, n_embd {saved.n_embd}; "
+        f"the config's model keys are not used), {len(new_ids)} new token(s) started as end-of-text"
     )
     return gpt_config, state, new_ids.start
 
@@ -318,15 +319,15 @@ def load_gpt2_weights(folder, config, tokenizer_meta, say):
 
     if tokenizer_meta["tokenizer"] != "gpt2":
         raise UserError(
-            f"GPT-2 weights need data in GPT-2's own ids, but {config['data_dir']}/ is "
-            f"{tokenizer_meta['tokenizer']}: prepare it with --full_vocab=True"
+            f"GPT-2 weights need data in GPT-2's own ids, but {config['data_dir']}/ is {tokenizer_meta['tokenizer']}: "
+            "prepare it with --full_vocab=True"
         )
     # the architecture is the checkpoint's; the context can shrink (fewer learned positions)
     model = load_hf(folder, block_size=config["block_size"], dropout=config["dropout"])
     c = model.config
     say(
-        f"initialising from the GPT-2 weights in {folder} (n_layer {c.n_layer}, n_head {c.n_head}, "
-        f"n_embd {c.n_embd}; the model keys of the config are not used)"
+        f"initialising from the GPT-2 weights in {folder} (n_layer {c.n_layer}, n_head {c.n_head}, n_embd {c.n_embd}; "
+        "the model keys of the config are not used)"
     )
     return model
 
@@ -358,9 +359,9 @@ def resume_changes(saved, path, config, defaults):
         asks = " ".join(f"--{key}={now[key]!r}" for key in changed)
         why = "; ".join(dict.fromkeys(RESUME_MATCH[key] for key in changed))  # each reason once
         raise UserError(
-            f"{path} was trained with {was} and this run asks for {asks}: {why}; resume with {was}, or start "
-            "a new run from scratch (leave out --init_from=resume and pass another --out_dir, or "
-            "--overwrite=True)"
+            f"{path} was trained with {was} and this run asks for {asks}: {why}; "
+            f"resume with {was}, or start a new run from scratch "
+            "(leave out --init_from=resume and pass another --out_dir, or --overwrite=True)"
         )
     return [
         f"note: --{key} was {then[key]!r} and is now {now[key]!r}: {why}"
@@ -378,7 +379,7 @@ def schedule_note(saved, config, get_lr):
         return None
     return (
         f"note: the learning-rate schedule now decays until iteration {end(config)} (it was {end(before)}): "
-        f"at iteration {it} the rate goes from {get_lr(it, before):.2e} to {get_lr(it, config):.2e}, so the "
-        f"loss may rise for a while before it falls again. To keep the old schedule, pass "
-        f"--lr_decay_iters={end(before)} (the rate then stays at min_lr)"
+        f"at iteration {it} the rate goes from {get_lr(it, before):.2e} to {get_lr(it, config):.2e}, "
+        "so the loss may rise for a while before it falls again. "
+        f"To keep the old schedule, pass --lr_decay_iters={end(before)} (the rate then stays at min_lr)"
     )

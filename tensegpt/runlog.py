@@ -48,10 +48,10 @@ class RunLog:
         self.flops_of = lambda tokens_per_sec: estimate_mfu(model, tokens_per_sec, peak * world_size)
         self.say(
             f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {model.config.vocab_size} "
-            f"({tokenizer_meta['tokenizer']}); device {device}, "
-            f"{dtype}{', compiled' if c['compile'] else ''}, "
-            f"{layout}; global batch {B * T * accum:,} tokens per iteration ({world_size} process(es) x "
-            f"{accum // world_size} micro-batch(es) x {B} x {T}); matmul peak {peak / 1e9:.0f} GFLOP/s"
+            f"({tokenizer_meta['tokenizer']}); device {device}, {dtype}{', compiled' if c['compile'] else ''}, "
+            f"{layout}; global batch {B * T * accum:,} tokens per iteration "
+            f"({world_size} process(es) x {accum // world_size} micro-batch(es) x {B} x {T}); "
+            f"matmul peak {peak / 1e9:.0f} GFLOP/s"
         )
 
     def memory(self, model, optimizers):
@@ -72,19 +72,18 @@ class RunLog:
         bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
         if bad:
             raise UserError(
-                f"loss became {losses[bad[0]]} at iteration {iter_num - len(losses) + bad[0] + 1}; stopped "
-                f"without saving, {self.out_dir}/last.pth keeps the last good state; try a lower "
-                f"--learning_rate (now {c['learning_rate']})"
+                f"loss became {losses[bad[0]]} at iteration {iter_num - len(losses) + bad[0] + 1}; "
+                f"stopped without saving, {self.out_dir}/last.pth keeps the last good state; "
+                f"try a lower --learning_rate (now {c['learning_rate']})"
             )
         dt = seconds / len(losses)
         tokens_per_sec = c["batch_size"] * c["block_size"] * c["grad_accum"] / dt
         mfu = self.flops_of(tokens_per_sec)
         eta = dt * (c["max_iters"] - iter_num)  # at the pace of the last log_interval iterations
         self.say(
-            f"iter {iter_num}/{c['max_iters']} ({100 * iter_num / c['max_iters']:.0f}%) | loss "
-            f"{losses[-1]:.4f} | "
-            f"lr {lr:.2e} | {1000 * dt:.1f} ms/iter, {1 / dt:.1f} it/s | {tokens_per_sec:,.0f} tok/s | "
-            f"MFU {100 * mfu:.1f}% | ETA {format_seconds(eta)}"
+            f"iter {iter_num}/{c['max_iters']} ({100 * iter_num / c['max_iters']:.0f}%) | loss {losses[-1]:.4f} | lr "
+            f"{lr:.2e} | {1000 * dt:.1f} ms/iter, {1 / dt:.1f} it/s | {tokens_per_sec:,.0f} tok/s | MFU "
+            f"{100 * mfu:.1f}% | ETA {format_seconds(eta)}"
         )
         self.append(
             {

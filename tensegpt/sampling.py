@@ -52,8 +52,8 @@ def check_options(config):
         temps = temps if isinstance(temps, (tuple, list)) else (temps,)
         if not temps or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in temps):
             raise UserError(
-                "--temperatures must be numbers > 0 separated by commas, like 0.2,0.8,1.2 (got "
-                f"{config['temperatures']!r})"
+                "--temperatures must be numbers > 0 separated by commas, like 0.2,0.8,1.2 "
+                f"(got {config['temperatures']!r})"
             )
         temps = [float(t) for t in temps]
     if config["score"] is not None:
@@ -121,8 +121,8 @@ def load_draft(config, tokenizer, device):
     draft, draft_tokenizer = load_model(config["draft"], device)[:2]
     if draft_tokenizer.meta() != tokenizer.meta():
         raise UserError(
-            f"the draft {config['draft']} was trained on other tokens than the model: speculative decoding "
-            "compares token ids, so train the draft on the same data folder"
+            f"the draft {config['draft']} was trained on other tokens than the model: "
+            "speculative decoding compares token ids, so train the draft on the same data folder"
         )
     return for_decoding(draft, config["draft_precision"])
 
@@ -131,8 +131,8 @@ def report_drafts(stats):
     """After speculative decoding, on stderr: how many drafted tokens were kept."""
     if stats.get("proposed"):
         print(
-            f"speculative decoding: the model kept {stats['accepted']} of the draft's {stats['proposed']} "
-            f"tokens ({100 * stats['accepted'] / stats['proposed']:.0f}%), "
+            f"speculative decoding: the model kept {stats['accepted']} of the draft's {stats['proposed']} tokens "
+            f"({100 * stats['accepted'] / stats['proposed']:.0f}%), "
             f"{(stats['accepted'] + stats['passes']) / stats['passes']:.2f} tokens per pass of the model",
             file=sys.stderr,
         )
@@ -206,8 +206,8 @@ def check_chat_model(tokenizer, ckpt):
     """--chat needs a model fine-tuned with the chat template: a one-line error for any other."""
     if not hasattr(tokenizer, "end"):
         raise UserError(
-            f"{ckpt} has no chat tokens: it continues text, it was not fine-tuned to answer. Fine-tune it "
-            f"with python train.py config/chat.py (docs/chat.md), or leave out --chat"
+            f"{ckpt} has no chat tokens: it continues text, it was not fine-tuned to answer. "
+            "Fine-tune it with python train.py config/chat.py (docs/chat.md), or leave out --chat"
         )
 
 

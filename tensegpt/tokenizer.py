@@ -301,8 +301,8 @@ def check_spelled(tokenizer, numbered_texts, vocab_from):
             if unknown:
                 raise UserError(
                     f"{where} has characters that the char vocabulary of {vocab_from} lacks "
-                    f"({', '.join(map(repr, unknown[:10]))}): a char model has no id for them; replace "
-                    "them, or train the base model on text that has them"
+                    f"({', '.join(map(repr, unknown[:10]))}): a char model has no id for them; "
+                    "replace them, or train the base model on text that has them"
                 )
         else:  # word: each line cut into words once, each word looked up in the vocabulary
             pieces = tokenizer.pieces(text)
@@ -314,8 +314,8 @@ def check_spelled(tokenizer, numbered_texts, vocab_from):
         common = " ".join(repr(w) for w, _ in missing.most_common(10))
         print(
             f"note: {sum(missing.values()):,} of {total:,} words ({sum(missing.values()) / total:.1%}; "
-            f"{len(missing):,} distinct, first at {first}) are not in the word vocabulary of {vocab_from} "
-            f"and are read as <unk>. Most common: {common}",
+            f"{len(missing):,} distinct, first at {first}) are not in the word vocabulary of {vocab_from} and are read "
+            f"as <unk>. Most common: {common}",
             file=sys.stderr,
         )
 
@@ -437,8 +437,8 @@ def read_meta(data_dir):
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise UserError(
-            f"no prepared data in {data_dir}/ (meta.json is missing): run python prepare.py first, or pass "
-            "--data_dir=DIR"
+            f"no prepared data in {data_dir}/ (meta.json is missing): "
+            "run python prepare.py first, or pass --data_dir=DIR"
         )
     try:
         with open(meta_path, "rb") as f:
