@@ -18,7 +18,7 @@ Measures where the time goes, on this machine, in one run (ratios are what to co
    tokenizers) for: the compact vocabulary with every train token, with the tokens seen
    at least twice or four times (the default --min_frequency), GPT-2's full vocabulary,
    and the three --example settings.
-6. with --switch_steps=N, what each modern-block switch buys (model.py's docstring): the
+6. with --switch_steps=N, what each modern-block switch buys (GPTConfig in model.py): the
    config trained N steps on --input, and on --heldout if given, once with GPT-2's block,
    once per switch and once with all (config/modern.py); per variant the parameters,
    tokens/s, KV-cache size, the best val loss in N steps and in the same training seconds

@@ -8,13 +8,8 @@ then generation: the KV cache and the sampling step. After "Attention Is All You
 2017) and GPT-2 (Radford et al. 2019: pre-LayerNorm, learned positions, tied embeddings, the scaled
 initialisation). It needs only torch: copy it into your own project and `from model import GPT, GPTConfig`.
 
-The defaults are GPT-2's block. Each newer idea is one switch of GPTConfig, written next
-to the GPT-2 piece it replaces (config/modern.py turns them all on):
-    pos_encoding='rotary'   rotary position embeddings (Su et al. 2021)
-    norm='rmsnorm'          RMSNorm (Zhang & Sennrich 2019)
-    activation='swiglu'     SwiGLU (Shazeer 2020); 'relu2': squared ReLU (So et al. 2021)
-    n_kv_head < n_head      grouped-query attention (Ainslie et al. 2023)
-    qk_norm=True            QK-norm (Henry et al. 2020; Dehghani et al. 2023)
+The defaults are GPT-2's block. Each newer idea is one switch of GPTConfig (its fields name the papers),
+written next to the GPT-2 piece it replaces; config/modern.py turns them all on.
 """
 
 import math
@@ -40,11 +35,13 @@ class GPTConfig:
     d_ff: int = 0  # feed-forward hidden size; 0: 4 * n_embd (swiglu: 8/3 * n_embd, see below)
     dropout: float = 0.0
     bias: bool = False  # biases in Linear layers and LayerNorms (GPT-2: True)
-    pos_encoding: str = "learned"  # 'learned' (GPT-2), 'sinusoidal' (Vaswani et al.) or 'rotary'
-    activation: str = "gelu"  # 'gelu' (GPT-2's tanh approximation), 'relu', 'relu2' or 'swiglu'
-    norm: str = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm'
-    n_kv_head: int = 0  # key/value heads, a divisor of n_head (grouped-query attention); 0: n_head
-    qk_norm: bool = False  # RMS-normalise each head's queries and keys before their dot product
+    pos_encoding: str = "learned"  # 'learned' (GPT-2), 'sinusoidal' (Vaswani et al.), 'rotary' (Su et al. 2021)
+    # 'gelu' (GPT-2's tanh approximation), 'relu', 'relu2' (squared ReLU, So et al. 2021), 'swiglu' (Shazeer 2020)
+    activation: str = "gelu"
+    norm: str = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm' (Zhang & Sennrich 2019)
+    n_kv_head: int = 0  # key/value heads dividing n_head: grouped-query attention (Ainslie et al. 2023); 0: n_head
+    # RMS-normalise each head's queries and keys before their dot product (Henry et al. 2020; Dehghani et al. 2023)
+    qk_norm: bool = False
 
     def __post_init__(self):
         if self.d_ff == 0:
