@@ -4,14 +4,17 @@ What continuous batching buys, measured against serve.py over loopback (docs/ser
     python -m tensegpt.serve_bench --ckpt=out-chat/trained.pth      # a chat model, through /v1/chat/completions
     python -m tensegpt.serve_bench --gpt2                            # GPT-2 124M, random weights, /v1/completions
     python -m tensegpt.serve_bench --ckpt=out-chat/trained.pth --load_requests=400   # the load test
+    python -m tensegpt.serve_bench --gpt2 --engine_only=True       # the bound: the engine alone, no HTTP
 
 For each number of concurrent clients (1, 4, 8, 16) the same list of streamed requests is
 served, the clients each taking the next request as theirs ends; 1 client is the requests
 served one at a time. Reported: aggregate completion tokens per second, time to first token
 and time between tokens (p50, p95). The load test sends a fixed number of requests from
 concurrent clients, mixed streamed and not, some abandoned mid-stream, and checks that each
-got a complete answer or a clear error, the server's memory and its log. It is a benchmark:
-nothing here asserts a speed.
+got a complete answer or a clear error, the server's memory and its log. --engine_only steps
+the batching engine in this process, every row decoding, with no HTTP, server or clients:
+the ceiling that batching can reach on this machine. It is a benchmark: nothing here asserts
+a speed.
 """
 
 import json
@@ -30,8 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from model import GPT, GPTConfig  # noqa: E402
-from tensegpt.checkpoint import save  # noqa: E402
+from tensegpt.checkpoint import load_model, save  # noqa: E402
 from tensegpt.common import parse_config  # noqa: E402
+from tensegpt.engine import Engine, Sequence  # noqa: E402
 from tensegpt.tokenizer import GPT2  # noqa: E402
 
 DEFAULTS = {
@@ -43,6 +47,7 @@ DEFAULTS = {
     "stream": True,  # False: whole answers, no per-token HTTP cost (TTFT is then the whole request)
     "load_requests": 0,  # > 0: the load test instead, with this many requests
     "port": 8765,
+    "engine_only": False,  # True: the engine alone, in this process, at each --streams number of rows
 }
 CHAT_REQUESTS = [
     "Put this sentence in the past simple: The baby sleeps on the sofa.",
@@ -188,10 +193,36 @@ def load_test(url, card, pid, n_requests, max_tokens, clients=8):
     return {**outcomes, "rss_mb": [round(m) for m in memory]}
 
 
+def engine_alone(model, rows, steps=20):
+    """ms per decode step and tokens/s of the engine with `rows` sequences decoding, no HTTP."""
+    engine = Engine(model, max_batch=rows)
+    quiet = dict(on_token=lambda token: None, on_finish=lambda reason: None)
+    engine.submit(*[Sequence([1] * 8, 10**9, frozenset(), temperature=0.8, seed=i, **quiet) for i in range(rows)])
+    # admit and prefill, then a few untimed steps
+    for _ in range(4):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    ms = 1000 * statistics.median(times)
+    return {"rows": rows, "ms_per_step": ms, "tokens_per_sec": rows / ms * 1000}
+
+
 def main():
     config = parse_config(DEFAULTS, sys.argv[1:], allow_files=False, doc=__doc__)
     with tempfile.TemporaryDirectory() as folder:
         ckpt = gpt2_checkpoint(folder) if config["gpt2"] else config["ckpt"]
+        if config["engine_only"]:
+            model = load_model(ckpt)[0]
+            rows = [engine_alone(model, int(c)) for c in config["streams"].split(",")]
+            print(f"the engine alone, {torch.get_num_threads()} torch threads")
+            print("rows | ms per step | tokens/s | x one row")
+            for r in rows:
+                speedup = r["tokens_per_sec"] / rows[0]["tokens_per_sec"]
+                print(f"{r['rows']:>4} | {r['ms_per_step']:11.2f} | {r['tokens_per_sec']:8.1f} | {speedup:9.2f}")
+            return
         log_path = os.path.join(folder, "serve.log")
         with open(log_path, "w") as log:
             process, card = start_server(ckpt, config["port"], log)
