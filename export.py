@@ -1,36 +1,52 @@
 """
-Exports a trained checkpoint as a Hugging Face GPT-2 folder.
+Exports a trained checkpoint as a Hugging Face folder that transformers, vLLM, TGI and
+llama.cpp's converter load.
 
     python export.py --ckpt=out/trained.pth --out=hf-model
 
-writes config.json, model.safetensors, and GPT-2's tokenizer files (vocab.json,
-merges.txt) into the folder, which transformers then loads:
+writes the model (config.json, model.safetensors, generation_config.json) and its tokenizer
+(tokenizer.json, tokenizer_config.json, vocab.json, merges.txt):
 
-    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
-    model = GPT2LMHeadModel.from_pretrained("hf-model")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained("hf-model")
+    tokenizer = AutoTokenizer.from_pretrained("hf-model")
 
-Only a GPT-2 shaped model converts: learned positions, GELU, and GPT-2's own token ids
-(prepare.py --full_vocab=True). A model trained with bias=False exports with zero
-biases, which computes the same. Needs the safetensors package (pip install safetensors).
+The architecture follows the model's switches (tensegpt/hf.py): learned positions are
+GPT-2 (GPT2LMHeadModel), rotary positions with RMSNorm and SwiGLU are Llama
+(LlamaForCausalLM), and with QK-norm Qwen3 (Qwen3ForCausalLM); any other mix is refused,
+naming the switch to change. The tokenizer is the one the model was trained with, GPT-2's
+or the compact vocabulary cut out of it, as a byte-level BPE that gives the same ids
+(tensegpt/hf_tokenizer.py); a chat model's tokenizer_config.json carries its chat template.
+LoRA adapters are merged in. Needs the safetensors package (pip install safetensors).
 """
 
 import fnmatch
 import json
 import os
-import shutil
 import sys
 
 from tensegpt import checkpoint as ckpt
+from tensegpt import hf_tokenizer
 from tensegpt.common import UserError, atomic_write, check_writable_folder, main_guard, parse_config
-from tensegpt.hf import check_exportable, to_hf
+from tensegpt.hf import export_architecture, to_hf
 from tensegpt.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256, gpt2_file
+from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 
 DEFAULTS = {
     "ckpt": "out/trained.pth",  # the checkpoint to export
     "out": "hf-model",  # the folder to write; one that holds other files needs --overwrite=True
     "overwrite": False,  # True: replace the model files of a non-empty --out folder (other files stay)
 }
-WRITES = ["config.json", "model.safetensors", "vocab.json", "merges.txt"]
+WRITES = [
+    "config.json",
+    "model.safetensors",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+]
+ARCHITECTURES = {"gpt2": "GPT-2", "llama": "Llama", "qwen3": "Qwen3"}
 # what transformers may load a model or tokenizer from: removed on --overwrite, so no stale file wins
 HF_MODEL_FILES = [
     "pytorch_model*.bin",
@@ -38,11 +54,10 @@ HF_MODEL_FILES = [
     "*.index.json",
     "tf_model.h5",
     "flax_model.msgpack",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
 ]
 
 
@@ -55,11 +70,36 @@ def main():
     checkpoint = ckpt.load(config["ckpt"])
     # gpt_config_of fills in the model keys a checkpoint lacks with GPTConfig's defaults
     model_config = vars(ckpt.gpt_config_of(checkpoint, config["ckpt"]))
-    problem = check_exportable(model_config, checkpoint["tokenizer_meta"]["tokenizer"])
+    tokenizer_meta = checkpoint["tokenizer_meta"]
+    architecture, problem = export_architecture(model_config)
+    problem = problem or hf_tokenizer.exportable_tokenizer(tokenizer_meta)
     if problem:
-        raise UserError(f"{config['ckpt']} is not GPT-2 compatible: {problem}")
+        raise UserError(f"{config['ckpt']} cannot be exported: {problem}")
+    tokenizer = tokenizer_from_meta(tokenizer_meta)
+    # a chat model's answer ends with <|end|>; a text ends with end-of-text
+    chat = hasattr(tokenizer, "end")
+    eos = [tokenizer.end, tokenizer.eot] if chat else tokenizer.eot
     weights = ckpt.build_model(checkpoint, config["ckpt"]).state_dict()  # LoRA adapters merged in
-    hf_config, tensors = to_hf(model_config, weights)
+    hf_config, tensors = to_hf(model_config, weights, tokenizer.vocab_size, tokenizer.eot, eos)
+
+    # the tokenizer the model was trained with, in the files transformers reads
+    tokenizer_json = hf_tokenizer.bpe_tokenizer_json(tokenizer_meta)
+    if tokenizer_meta["tokenizer"] == "gpt2":
+        # GPT-2's own vocab.json and merges.txt, byte for byte
+        vocab = read_bytes(gpt2_file("encoder.json", ENCODER_JSON_SHA256))
+        merges = read_bytes(gpt2_file("vocab.bpe", VOCAB_BPE_SHA256))
+    else:
+        vocab, merges = hf_tokenizer.vocab_and_merges(tokenizer_json)
+    generation = {"bos_token_id": tokenizer.eot, "eos_token_id": eos, "pad_token_id": tokenizer.eot}
+    files = {
+        "model.safetensors": save(tensors, metadata={"format": "pt"}),
+        "config.json": as_json(hf_config),
+        "generation_config.json": as_json(generation),
+        "tokenizer.json": as_json(tokenizer_json),
+        "tokenizer_config.json": as_json(hf_tokenizer.tokenizer_config(tokenizer_meta, model_config["block_size"])),
+        "vocab.json": vocab,
+        "merges.txt": merges,
+    }
 
     out = config["out"]
     check_writable_folder(out, "out")
@@ -72,17 +112,22 @@ def main():
     for name in old:  # another model's weights (pytorch_model.bin, ...) would load in place of ours
         if any(fnmatch.fnmatch(name, pattern) for pattern in HF_MODEL_FILES):
             os.remove(os.path.join(out, name))
-    atomic_write(os.path.join(out, "model.safetensors"), lambda f: f.write(save(tensors, metadata={"format": "pt"})))
-    atomic_write(os.path.join(out, "config.json"), lambda f: f.write(json.dumps(hf_config, indent=2).encode()))
-    # GPT-2's tokenizer files under the names transformers looks for
-    for source, name, digest in (
-        ("encoder.json", "vocab.json", ENCODER_JSON_SHA256),
-        ("vocab.bpe", "merges.txt", VOCAB_BPE_SHA256),
-    ):
-        with open(gpt2_file(source, digest), "rb") as src:
-            atomic_write(os.path.join(out, name), lambda f, src=src: shutil.copyfileobj(src, f))
+    for name, data in files.items():
+        atomic_write(os.path.join(out, name), lambda f, data=data: f.write(data))
     n_params = sum(t.numel() for t in tensors.values())
-    print(f"wrote {out}/config.json, model.safetensors ({n_params / 1e6:.2f}M parameters), vocab.json, merges.txt")
+    print(
+        f"wrote {out}/config.json, model.safetensors ({ARCHITECTURES[architecture]}, {n_params / 1e6:.2f}M parameters, "
+        f"vocab {tokenizer.vocab_size:,}{', chat template' if chat else ''}), {', '.join(list(files)[2:])}"
+    )
+
+
+def as_json(value):
+    return json.dumps(value, indent=2, ensure_ascii=False).encode()
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
 
 
 if __name__ == "__main__":

@@ -400,8 +400,12 @@ def check_fits_uint16(tokenizer, path):
 
 
 def vocabulary_from(path, numbered_texts):
-    """The tokenizer (without chat tokens) of a data folder or a checkpoint (--vocab_from); it must spell the texts."""
-    if os.path.isdir(path):
+    """The tokenizer (no chat tokens) of a data folder, checkpoint or export (--vocab_from); it must spell the texts."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        from tensegpt.hf_tokenizer import meta_from_folder  # a Hugging Face folder export.py wrote
+
+        meta = meta_from_folder(path)
+    elif os.path.isdir(path):
         meta = tok.read_meta(path)
     else:
         from tensegpt import checkpoint  # imports torch: only here

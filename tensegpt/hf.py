@@ -1,11 +1,16 @@
 """
-To and from Hugging Face's GPT-2 layout: a folder with config.json and model.safetensors
-(or pytorch_model.bin), as transformers' GPT2LMHeadModel saves and loads it.
+To and from Hugging Face's layouts: a folder with config.json and model.safetensors (or
+pytorch_model.bin), as transformers' save_pretrained writes it, for the three architectures
+model.py's switches can be.
 
-With pos_encoding='learned', activation='gelu' (GPT-2's tanh approximation), GPT-2's
-BPE ids and layer norms of epsilon 1e-5, model.py computes exactly what GPT-2 does. The
-only difference in the weights is the layout of the matrices: GPT-2 keeps them as
-"Conv1D" (in, out), nn.Linear as (out, in), so they are transposed on the way.
+GPT-2: pos_encoding='learned', activation='gelu' (GPT-2's tanh approximation) or 'relu',
+LayerNorm of epsilon 1e-5. The only difference in the weights is the layout of the
+matrices: GPT-2 keeps them as "Conv1D" (in, out), nn.Linear as (out, in), so they are
+transposed on the way. Llama: pos_encoding='rotary', activation='swiglu', norm='rmsnorm',
+any n_kv_head; Qwen3: the same with qk_norm. Their weights keep nn.Linear's layout; q, k, v
+and SwiGLU's two halves are separate matrices there, one here. export_architecture says
+which a config is, or which switch to change.
+
 transformers itself is not needed. hub_folder() is the one place that downloads: GPT-2's
 weights by name, through huggingface_hub (the library users already have for that job),
 which keeps them in its cache and reads them from there when the machine is offline.
@@ -111,8 +116,9 @@ def hub_folder(name):
 
 def load_hf(folder, block_size=None, dropout=None):
     """
-    A model.GPT with the weights of a Hugging Face GPT-2 folder. block_size: keep only
-    the first positions (a shorter context to fine-tune with); dropout: in place of GPT-2's.
+    A model.GPT with the weights of a Hugging Face folder of GPT-2, Llama or Qwen3 (what
+    export.py writes). block_size: keep only the first positions (a shorter context to
+    fine-tune with); dropout: in place of the folder's.
     """
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
@@ -129,26 +135,73 @@ def load_hf(folder, block_size=None, dropout=None):
         raise UserError(
             f"{config_path} holds a {type(hf).__name__}, not a JSON object of settings; save or copy the model again"
         )
-    if hf.get("model_type") != "gpt2":
-        raise UserError(f"{config_path} describes a {hf.get('model_type')!r} model; only GPT-2 ('gpt2') converts")
-    activation = hf.get("activation_function", "gelu_new")
-    checks = {
-        "activation_function": (activation in ("gelu_new", "gelu_pytorch_tanh", "relu"), "gelu_new or relu"),
-        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5) == 1e-5, "1e-5"),
-        "scale_attn_weights": (hf.get("scale_attn_weights", True), "true"),
-        "scale_attn_by_inverse_layer_idx": (not hf.get("scale_attn_by_inverse_layer_idx", False), "false"),
-        "reorder_and_upcast_attn": (not hf.get("reorder_and_upcast_attn", False), "false"),
-        "tie_word_embeddings": (hf.get("tie_word_embeddings", True), "true"),
-    }
+    kind = hf.get("model_type")
+    if kind not in ("gpt2", "llama", "qwen3"):
+        raise UserError(
+            f"{config_path} describes a {kind!r} model; GPT-2 ('gpt2'), Llama ('llama') and Qwen3 ('qwen3') convert"
+        )
+    config = gpt2_config(hf, config_path) if kind == "gpt2" else llama_config(hf, config_path)
+    problems = check_config(config)
+    if problems:
+        raise UserError(f"{config_path}: {'; '.join(problems)}")
+
+    hf_state = read_weights(folder)
+    try:
+        state = from_gpt2(hf_state, config) if kind == "gpt2" else from_llama(hf_state, config)
+    except KeyError as e:
+        raise UserError(f"{folder}: the weights lack {e.args[0]}; is this a {kind} checkpoint?") from None
+    state["lm_head.weight"] = state["wte.weight"]  # tied
+    with torch.device("meta"):  # the shapes config.json promises, without allocating a model
+        expected = GPT(config).state_dict()
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise UserError(
+                f"{folder}: {name} has shape {tuple(tensor.shape)}, but config.json gives "
+                f"{tuple(expected[name].shape)}; the weights and config.json do not belong together"
+            )
+    if block_size is not None:
+        if block_size > config.block_size:
+            raise UserError(f"--block_size={block_size} is longer than the {config.block_size} positions of {folder}")
+        if "wpe.weight" in state:
+            state["wpe.weight"] = state["wpe.weight"][:block_size]
+        config = replace(config, block_size=block_size)
+    config = replace(config, dropout=config.dropout if dropout is None else dropout)
+    model = GPT(config)
+    model.load_state_dict(state)
+    return model
+
+
+def refuse_unless(checks, settings, config_path):
+    """checks: {key: (ok, what model.py implements)}; the first that fails, with its setting, as a UserError."""
     for key, (ok, wanted) in checks.items():
         if not ok:
-            raise UserError(f"{config_path}: {key} is {hf.get(key)!r}, but model.py implements only {wanted}")
-    for key in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"):  # before GPTConfig sees them
+            raise UserError(f"{config_path}: {key} is {settings.get(key)!r}, but model.py implements only {wanted}")
+
+
+def whole_numbers(hf, keys, config_path):
+    for key in keys:
         if not isinstance(hf.get(key), int) or isinstance(hf.get(key), bool) or hf[key] <= 0:
             raise UserError(
                 f"{config_path}: {key} is {hf.get(key)!r}, not a positive whole number; save or copy the model again"
             )
-    config = GPTConfig(
+
+
+def gpt2_config(hf, config_path):
+    activation = hf.get("activation_function", "gelu_new")
+    refuse_unless(
+        {
+            "activation_function": (activation in ("gelu_new", "gelu_pytorch_tanh", "relu"), "gelu_new or relu"),
+            "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5) == 1e-5, "1e-5"),
+            "scale_attn_weights": (hf.get("scale_attn_weights", True), "true"),
+            "scale_attn_by_inverse_layer_idx": (not hf.get("scale_attn_by_inverse_layer_idx", False), "false"),
+            "reorder_and_upcast_attn": (not hf.get("reorder_and_upcast_attn", False), "false"),
+            "tie_word_embeddings": (hf.get("tie_word_embeddings", True), "true"),
+        },
+        hf,
+        config_path,
+    )
+    whole_numbers(hf, ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"), config_path)
+    return GPTConfig(
         vocab_size=hf["vocab_size"],
         block_size=hf["n_positions"],
         n_layer=hf["n_layer"],
@@ -160,96 +213,159 @@ def load_hf(folder, block_size=None, dropout=None):
         pos_encoding="learned",
         activation="relu" if activation == "relu" else "gelu",
     )
-    problems = check_config(config)
-    if problems:
-        raise UserError(f"{config_path}: {'; '.join(problems)}")
 
+
+def llama_config(hf, config_path):
+    whole_numbers(
+        hf,
+        ("vocab_size", "max_position_embeddings", "num_hidden_layers", "num_attention_heads", "hidden_size"),
+        config_path,
+    )
+    heads = hf["num_attention_heads"]
+    rope = hf.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    settings = {**hf, "rope_theta": theta, "rope_type": rope.get("rope_type", "default")}
+    refuse_unless(
+        {
+            "hidden_act": (hf.get("hidden_act", "silu") == "silu", "silu (SwiGLU)"),
+            "rms_norm_eps": (hf.get("rms_norm_eps", 1e-6) == 1e-5, "1e-5"),
+            "rope_theta": (theta == 10000.0, "10000"),
+            "rope_type": (rope.get("rope_type", "default") == "default" and not hf.get("rope_scaling"), "default"),
+            "tie_word_embeddings": (hf.get("tie_word_embeddings", False), "true (one matrix for input and output)"),
+            "head_dim": (hf.get("head_dim") in (None, hf["hidden_size"] // heads), "hidden_size / num_attention_heads"),
+            "mlp_bias": (
+                hf.get("mlp_bias", hf.get("attention_bias", False)) == hf.get("attention_bias", False),
+                "the same as attention_bias",
+            ),  # fmt: skip
+            "use_sliding_window": (not hf.get("use_sliding_window", False), "false"),
+        },
+        settings,
+        config_path,
+    )
+    return GPTConfig(
+        vocab_size=hf["vocab_size"],
+        block_size=hf["max_position_embeddings"],
+        n_layer=hf["num_hidden_layers"],
+        n_head=heads,
+        n_embd=hf["hidden_size"],
+        d_ff=hf.get("intermediate_size") or 0,
+        dropout=hf.get("attention_dropout", 0.0),
+        bias=bool(hf.get("attention_bias", False)),
+        pos_encoding="rotary",
+        activation="swiglu",
+        norm="rmsnorm",
+        n_kv_head=hf.get("num_key_value_heads") or heads,
+        qk_norm=hf["model_type"] == "qwen3",
+    )
+
+
+def read_weights(folder):
+    """The tensors of model.safetensors, or of a weights-only pytorch_model.bin, by name."""
     safetensors_path = os.path.join(folder, "model.safetensors")
     bin_path = os.path.join(folder, "pytorch_model.bin")
     if os.path.isfile(safetensors_path):
-        hf_state = read_safetensors(safetensors_path)
-    elif os.path.isfile(bin_path):
+        return read_safetensors(safetensors_path)
+    if os.path.isfile(bin_path):
         try:
-            hf_state = torch.load(bin_path, map_location="cpu", weights_only=True)
+            return torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as e:  # refused pickles and damaged archives alike
             raise UserError(
                 f"{bin_path} is not a readable weights-only checkpoint ({e.__class__.__name__}); "
                 "use model.safetensors, or save the model again"
             ) from None
-    else:
-        raise UserError(
-            f"{folder} has a config.json but no weights: put model.safetensors or pytorch_model.bin beside it"
-        )
+    raise UserError(f"{folder} has a config.json but no weights: put model.safetensors or pytorch_model.bin beside it")
+
+
+def from_gpt2(hf_state, config):
+    """model.py's state from GPT-2's tensors (its Conv1D matrices transposed back)."""
     # GPT2LMHeadModel saves "transformer.h.0...", GPT2Model (the original release) "h.0..."
     hf_state = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+    state = {name: hf_state[name] for name in TOP_KEYS}
+    for i in range(config.n_layer):
+        for name, transpose in BLOCK_KEYS.items():
+            tensor = hf_state[f"h.{i}.{name}"]
+            state[f"blocks.{i}.{name}"] = tensor.t().contiguous() if transpose else tensor
+    return state
 
-    state = {}
-    try:
-        for name in TOP_KEYS:
-            state[name] = hf_state[name]
-        for i in range(config.n_layer):
-            for name, transpose in BLOCK_KEYS.items():
-                tensor = hf_state[f"h.{i}.{name}"]
-                state[f"blocks.{i}.{name}"] = tensor.t().contiguous() if transpose else tensor
-    except KeyError as e:
-        raise UserError(f"{folder}: the weights lack {e.args[0]}; is this a GPT-2 checkpoint?") from None
-    state["lm_head.weight"] = state["wte.weight"]  # tied
-    with torch.device("meta"):  # the shapes config.json promises, without allocating a model
-        expected = GPT(config).state_dict()
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise UserError(
-                f"{folder}: {name} has shape {tuple(tensor.shape)}, "
-                f"but config.json gives {tuple(expected[name].shape)}; "
-                "the weights and config.json do not belong together"
+
+def from_llama(hf_state, config):
+    """model.py's state from Llama's or Qwen3's tensors: q, k, v joined into c_attn, gate and up into c_fc."""
+    state = {"wte.weight": hf_state["model.embed_tokens.weight"], "ln_f.weight": hf_state["model.norm.weight"]}
+    for i in range(config.n_layer):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        state[ours + "ln_1.weight"] = hf_state[theirs + "input_layernorm.weight"]
+        state[ours + "ln_2.weight"] = hf_state[theirs + "post_attention_layernorm.weight"]
+        for kind in ("weight", "bias") if config.bias else ("weight",):
+            attention = [hf_state[f"{theirs}self_attn.{p}_proj.{kind}"] for p in ("q", "k", "v")]
+            state[ours + f"attn.c_attn.{kind}"] = torch.cat(attention)
+            state[ours + f"attn.c_proj.{kind}"] = hf_state[f"{theirs}self_attn.o_proj.{kind}"]
+            gate_up = [hf_state[f"{theirs}mlp.{p}_proj.{kind}"] for p in ("gate", "up")]
+            state[ours + f"mlp.c_fc.{kind}"] = torch.cat(gate_up)
+            state[ours + f"mlp.c_proj.{kind}"] = hf_state[f"{theirs}mlp.down_proj.{kind}"]
+        if config.qk_norm:
+            state[ours + "attn.q_norm.weight"] = hf_state[theirs + "self_attn.q_norm.weight"]
+            state[ours + "attn.k_norm.weight"] = hf_state[theirs + "self_attn.k_norm.weight"]
+    return state
+
+
+def export_architecture(model_config):
+    """
+    ('gpt2', 'llama' or 'qwen3', None): the Hugging Face architecture a model.py config is,
+    or (None, why not, with the switch to change). Learned positions make GPT-2 (GELU or ReLU,
+    LayerNorm, a key and value per head); rotary positions make Llama (SwiGLU, RMSNorm, any
+    grouped key/value heads), and with QK-norm Qwen3.
+    """
+    c, problems = model_config, []
+    if c["pos_encoding"] == "learned":
+        target = "gpt2"
+        if c["activation"] not in ("gelu", "relu"):
+            problems.append(f"activation is {c['activation']!r}; GPT-2 uses GELU: train with --activation=gelu")
+        if c["norm"] != "layernorm":
+            problems.append(f"norm is {c['norm']!r}; GPT-2 uses LayerNorm: train with --norm=layernorm")
+        if c["n_kv_head"] != c["n_head"]:
+            problems.append(
+                f"n_kv_head is {c['n_kv_head']} (grouped-query attention); GPT-2 gives every head its keys and values: "
+                "train with --n_kv_head=0 (or, for Llama, --pos_encoding=rotary)"
             )
-    if block_size is not None:
-        if block_size > config.block_size:
-            raise UserError(f"--block_size={block_size} is longer than the {config.block_size} positions of {folder}")
-        state["wpe.weight"] = state["wpe.weight"][:block_size]
-        config = replace(config, block_size=block_size)
-    config = replace(config, dropout=config.dropout if dropout is None else dropout)
-    model = GPT(config)
-    model.load_state_dict(state)
-    return model
+        if c["qk_norm"]:
+            problems.append(
+                "qk_norm is on; GPT-2 does not normalise queries and keys: "
+                "train with --qk_norm=False (or, for Qwen3, --pos_encoding=rotary)"
+            )
+    elif c["pos_encoding"] == "rotary":
+        target = "qwen3" if c["qk_norm"] else "llama"
+        if c["activation"] != "swiglu":
+            problems.append(
+                f"activation is {c['activation']!r}; with rotary positions that is Llama or Qwen3, which use SwiGLU: "
+                "train with --activation=swiglu"
+            )
+        if c["norm"] != "rmsnorm":
+            problems.append(f"norm is {c['norm']!r}; Llama and Qwen3 use RMSNorm: train with --norm=rmsnorm")
+        if c["qk_norm"] and c["bias"]:
+            problems.append("QK-norm makes it Qwen3, whose feed-forward has no biases: train with --bias=False")
+    else:
+        return None, (
+            f"pos_encoding is {c['pos_encoding']!r}, which no standard architecture has: "
+            "train with --pos_encoding=learned (GPT-2) or --pos_encoding=rotary (Llama, Qwen3)"
+        )
+    return (None, "; ".join(problems)) if problems else (target, None)
 
 
-def check_exportable(model_config, tokenizer_name):
-    """Why a checkpoint cannot be GPT-2, as a message with the fix, or None. model_config: a dict."""
-    c = model_config
-    fixes = [
-        (
-            c["pos_encoding"] == "learned",
-            f"pos_encoding is {c['pos_encoding']!r}; GPT-2 learns its positions: train with --pos_encoding=learned",
-        ),
-        (
-            c["activation"] in ("gelu", "relu"),
-            f"activation is {c['activation']!r}; GPT-2 uses GELU: train with --activation=gelu",
-        ),
-        (
-            c["norm"] == "layernorm",
-            f"norm is {c['norm']!r}; GPT-2 uses LayerNorm: train with --norm=layernorm",
-        ),
-        (
-            c["n_kv_head"] == c["n_head"],
-            f"n_kv_head is {c['n_kv_head']} (grouped-query attention); GPT-2 gives every head its keys and values: "
-            "train with --n_kv_head=0",
-        ),
-        (
-            not c["qk_norm"],
-            "qk_norm is on; GPT-2 does not normalise queries and keys: train with --qk_norm=False",
-        ),
-        (
-            tokenizer_name == "gpt2",
-            f"the tokenizer is {tokenizer_name!r}; GPT-2 needs its own 50,257 ids: "
-            "prepare with --full_vocab=True (and --tokenizer=gpt2)",
-        ),
-    ]
-    return "; ".join(message for ok, message in fixes if not ok) or None
+def to_hf(model_config, state, vocab_size, eot, eos):
+    """(config.json dict, tensors by Hugging Face name) of a model.py checkpoint; vocab_size rows are kept."""
+    architecture, problem = export_architecture(model_config)
+    if problem:
+        raise ValueError(problem)
+    if architecture == "gpt2":
+        config, tensors = gpt2_tensors(model_config, state, vocab_size)
+    else:
+        config, tensors = llama_tensors(model_config, state, vocab_size, qwen3=architecture == "qwen3")
+    config.update(bos_token_id=eot, eos_token_id=eos, tie_word_embeddings=True, torch_dtype="float32")
+    return config, tensors
 
 
-def to_hf(model_config, state, vocab_size=50257):
-    """(config.json dict, tensors by GPT-2 name) for a model.py checkpoint of GPT-2's architecture."""
+def gpt2_tensors(model_config, state, vocab_size):
+    """GPT2LMHeadModel's config and tensors: the same names, its matrices transposed (Conv1D)."""
     c = model_config
     tensors = {}
     for name in TOP_KEYS:
@@ -257,7 +373,7 @@ def to_hf(model_config, state, vocab_size=50257):
             tensors[f"transformer.{name}"] = state[name]
         else:  # bias=False: a LayerNorm without bias is one with bias 0
             tensors[f"transformer.{name}"] = torch.zeros(c["n_embd"])
-    # the model's padding rows (never a target) are left out: GPT-2 has exactly 50,257 tokens
+    # the model's padding rows (never a target) are left out: one row per token of the tokenizer
     tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:vocab_size]
     for i in range(c["n_layer"]):
         for name, transpose in BLOCK_KEYS.items():
@@ -284,9 +400,60 @@ def to_hf(model_config, state, vocab_size=50257):
         "attn_pdrop": c["dropout"],
         "layer_norm_epsilon": 1e-5,
         "initializer_range": 0.02,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
-        "tie_word_embeddings": True,
-        "torch_dtype": "float32",
     }
+    return config, tensors
+
+
+def llama_tensors(model_config, state, vocab_size, qwen3=False):
+    """
+    LlamaForCausalLM's (or Qwen3ForCausalLM's) config and tensors. The conventions already
+    agree: rotary positions turn the pairs (i, i + d/2) of each head at the angle
+    p * 10000^(-2i/d) (Hugging Face's rotate_half layout), RMSNorm's epsilon is 1e-5, and
+    grouped key/value heads serve consecutive query heads. c_attn splits into q, k, v; c_fc
+    into SwiGLU's gate and up halves.
+    """
+    c = model_config
+    C, hs, d_ff = c["n_embd"], c["n_embd"] // c["n_head"], c["d_ff"]
+    kv = c["n_kv_head"] * hs
+    tensors = {"model.embed_tokens.weight": state["wte.weight"][:vocab_size], "model.norm.weight": state["ln_f.weight"]}
+    for i in range(c["n_layer"]):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        tensors[theirs + "input_layernorm.weight"] = state[ours + "ln_1.weight"]
+        tensors[theirs + "post_attention_layernorm.weight"] = state[ours + "ln_2.weight"]
+        for kind in ("weight", "bias") if c["bias"] else ("weight",):
+            q, k, v = state[ours + f"attn.c_attn.{kind}"].split([C, kv, kv])
+            gate, up = state[ours + f"mlp.c_fc.{kind}"].split([d_ff, d_ff])
+            named = {"self_attn.q_proj": q, "self_attn.k_proj": k, "self_attn.v_proj": v, "mlp.gate_proj": gate,
+                     "mlp.up_proj": up, "self_attn.o_proj": state[ours + f"attn.c_proj.{kind}"],
+                     "mlp.down_proj": state[ours + f"mlp.c_proj.{kind}"]}  # fmt: skip
+            for name, tensor in named.items():
+                tensors[f"{theirs}{name}.{kind}"] = tensor
+        if qwen3:
+            tensors[theirs + "self_attn.q_norm.weight"] = state[ours + "attn.q_norm.weight"]
+            tensors[theirs + "self_attn.k_norm.weight"] = state[ours + "attn.k_norm.weight"]
+    tensors = {name: tensor.float().contiguous() for name, tensor in tensors.items()}
+    config = {
+        "model_type": "qwen3" if qwen3 else "llama",
+        "architectures": ["Qwen3ForCausalLM" if qwen3 else "LlamaForCausalLM"],
+        "vocab_size": vocab_size,
+        "hidden_size": C,
+        "intermediate_size": d_ff,
+        "num_hidden_layers": c["n_layer"],
+        "num_attention_heads": c["n_head"],
+        "num_key_value_heads": c["n_kv_head"],
+        "head_dim": hs,
+        "max_position_embeddings": c["block_size"],
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        # both spellings: rope_parameters (transformers 5), rope_theta (earlier ones and the converters)
+        "rope_theta": 10000.0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "attention_bias": c["bias"],
+        "attention_dropout": c["dropout"],
+        "initializer_range": 0.02,
+    }
+    if qwen3:
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=c["n_layer"])
+    else:
+        config.update(mlp_bias=c["bias"], pretraining_tp=1)
     return config, tensors

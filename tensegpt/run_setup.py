@@ -314,19 +314,27 @@ def fine_tuning_start(path, config, meta, tokenizer_meta, say):
 
 
 def load_gpt2_weights(folder, config, tokenizer_meta, say):
-    """A GPT with the weights of a Hugging Face GPT-2 folder, cut to config's block_size, for fine-tuning."""
+    """A GPT with the weights of a Hugging Face folder (GPT-2, Llama, Qwen3), cut to --block_size, to fine-tune."""
     from tensegpt.hf import load_hf
+    from tensegpt.hf_tokenizer import meta_from_folder
 
-    if tokenizer_meta["tokenizer"] != "gpt2":
+    theirs = meta_from_folder(folder)
+    if {k: v for k, v in theirs.items() if k != "chat_tokens"} != {
+        k: v for k, v in tokenizer_meta.items() if k != "chat_tokens"
+    }:
+        if theirs["tokenizer"] == "gpt2":
+            fix = "prepare it with --full_vocab=True"
+        else:
+            fix = f"prepare it with --vocab_from={folder}"
         raise UserError(
-            f"GPT-2 weights need data in GPT-2's own ids, but {config['data_dir']}/ is {tokenizer_meta['tokenizer']}: "
-            "prepare it with --full_vocab=True"
+            f"the weights in {folder} read {theirs['tokenizer']} ids, but {config['data_dir']}/ is "
+            f"{tokenizer_meta['tokenizer']} of another vocabulary: {fix}"
         )
     # the architecture is the checkpoint's; the context can shrink (fewer learned positions)
     model = load_hf(folder, block_size=config["block_size"], dropout=config["dropout"])
     c = model.config
     say(
-        f"initialising from the GPT-2 weights in {folder} (n_layer {c.n_layer}, n_head {c.n_head}, n_embd {c.n_embd}; "
+        f"initialising from the weights in {folder} (n_layer {c.n_layer}, n_head {c.n_head}, n_embd {c.n_embd}; "
         "the model keys of the config are not used)"
     )
     return model

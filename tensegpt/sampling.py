@@ -92,7 +92,7 @@ def check_options(config):
 
 
 def load_sampling_model(config, device):
-    """(model, tokenizer) from --ckpt, or from a Hugging Face GPT-2 folder with --init_from=hf:FOLDER."""
+    """(model, tokenizer) from --ckpt, or from a Hugging Face folder (GPT-2, Llama, Qwen3): --init_from=hf:FOLDER."""
     if not config["init_from"]:
         ckpt = config["ckpt"]
         if not os.path.isfile(ckpt):
@@ -105,11 +105,13 @@ def load_sampling_model(config, device):
             raise UserError(f"no checkpoint at {ckpt}: {hint}")
         return load_model(ckpt, device)[:2]
     if not config["init_from"].startswith("hf:"):
-        raise UserError(f"--init_from must be hf:FOLDER (a Hugging Face GPT-2 folder), got {config['init_from']!r}")
+        raise UserError(f"--init_from must be hf:FOLDER (a Hugging Face folder), got {config['init_from']!r}")
     from tensegpt.hf import load_hf
-    from tensegpt.tokenizer import GPT2
+    from tensegpt.hf_tokenizer import meta_from_folder
+    from tensegpt.tokenizer import from_meta
 
-    return load_hf(config["init_from"][3:]).to(device).eval(), GPT2()
+    folder = config["init_from"][3:]
+    return load_hf(folder).to(device).eval(), from_meta(meta_from_folder(folder))
 
 
 def load_draft(config, tokenizer, device):

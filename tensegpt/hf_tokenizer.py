@@ -1,0 +1,185 @@
+"""
+The tokenizer files of an export (export.py): this project's tokenizer as a Hugging Face
+`tokenizers` BPE that gives the same ids, with the chat template and its special tokens.
+
+GPT-2's BPE and the compact vocabulary cut out of it (tokenizer.CompactGPT2) are both
+byte-level BPEs over GPT-2's regex, so both become a `tokenizers` BPE model: the vocabulary
+(each token under GPT-2's printable spelling of its bytes, from encoder.json) and the merges.
+tiktoken merges any two neighbouring pieces whose joined bytes are a token, the lowest-ranked
+token first; a `tokenizers` BPE merges only the pairs its list names, the first-listed first.
+So the list names every pair of tokens that joins into a token, ordered by the rank of what it
+makes: the same merges in the same order, for any text (tests/test_export.py checks it).
+
+A chat model's four template tokens are special tokens after the vocabulary, and
+tokenizer_config.json's chat_template renders a conversation as chat.ChatTokenizer does:
+end-of-text, then each turn as <|role|> content <|end|>, then <|assistant|> to ask for an
+answer. Char and word vocabularies have no such twin and are refused (see exportable_tokenizer).
+"""
+
+import json
+import os
+
+from tensegpt.chat import CHAT_TOKENS
+from tensegpt.common import UserError
+from tensegpt.tokenizer import (
+    ENCODER_JSON_SHA256,
+    ENDOFTEXT,
+    GPT2_EOT,
+    VOCAB_BPE_SHA256,
+    gpt2_encoding,
+    gpt2_file,
+)
+
+# one conversation as ChatTokenizer.encode_conversation writes it, in Jinja (what apply_chat_template runs)
+CHAT_TEMPLATE = (
+    "{{ '" + ENDOFTEXT + "' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('roles are system, user and assistant; got ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def exportable_tokenizer(tokenizer_meta):
+    """Why a checkpoint's tokenizer has no Hugging Face twin, as a message with the fix, or None."""
+    kind = tokenizer_meta["tokenizer"]
+    if kind == "char":
+        return (
+            "its char vocabulary drops the characters it lacks, which no `tokenizers` model does: "
+            "to export, prepare the text with --tokenizer=gpt2 and train again"
+        )
+    if kind == "word":
+        return (
+            "its word vocabulary lowercases and splits with Python's \\w, which `tokenizers` does not match "
+            "character for character: to export, prepare the text with --tokenizer=gpt2 and train again"
+        )
+    if kind == "gpt2-compact" and tokenizer_meta.get("fallback", "bytes") != "subwords":
+        return (
+            "its compact vocabulary spells unknown tokens in single bytes (a data folder made before the merges "
+            "were kept), which no BPE does: prepare the data again and train again"
+        )
+    return None
+
+
+def gpt2_ids_of(tokenizer_meta):
+    """The GPT-2 id of each id of the vocabulary, in order (the full vocabulary: GPT-2's own)."""
+    if tokenizer_meta["tokenizer"] == "gpt2-compact":
+        return list(tokenizer_meta["gpt2_ids"])
+    return list(range(GPT2_EOT + 1))
+
+
+def bpe_tokenizer_json(tokenizer_meta):
+    """tokenizer.json (as a dict) of a gpt2 or gpt2-compact tokenizer, chat tokens included."""
+    with open(gpt2_file("encoder.json", ENCODER_JSON_SHA256), encoding="utf-8") as f:
+        spelling = {gpt2_id: text for text, gpt2_id in json.load(f).items()}
+    gpt2 = gpt2_encoding()
+    gpt2_ids = gpt2_ids_of(tokenizer_meta)
+    vocab = {spelling[g]: i for i, g in enumerate(gpt2_ids)}
+    if tokenizer_meta["tokenizer"] == "gpt2":
+        # GPT-2's own merges, as its merges.txt lists them
+        with open(gpt2_file("vocab.bpe", VOCAB_BPE_SHA256), encoding="utf-8") as f:
+            merges = [line.split(" ") for line in f.read().split("\n")[1:] if line]
+    else:
+        # every pair of kept tokens whose bytes join into a kept token, ordered by that token's id (its rank)
+        id_of = {gpt2.decode_single_token_bytes(g): i for i, g in enumerate(gpt2_ids) if g != GPT2_EOT}
+        merges = []
+        for token in sorted(id_of, key=id_of.get):
+            for cut in range(1, len(token)):
+                left, right = token[:cut], token[cut:]
+                if left in id_of and right in id_of:
+                    merges.append([spelling[gpt2_ids[id_of[left]]], spelling[gpt2_ids[id_of[right]]]])
+    eot = gpt2_ids.index(GPT2_EOT)
+    specials = [(ENDOFTEXT, eot)]
+    if tokenizer_meta.get("chat_tokens"):
+        specials += [(text, len(gpt2_ids) + k) for k, text in enumerate(CHAT_TOKENS)]
+    added = [
+        {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": True}
+        for text, i in specials
+    ]  # fmt: skip
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": "",
+            "end_of_word_suffix": "",
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": merges,
+        },
+    }
+
+
+def vocab_and_merges(tokenizer_json):
+    """vocab.json and merges.txt (the files GPT-2's slow tokenizer reads) of a tokenizer.json, as bytes."""
+    model = tokenizer_json["model"]
+    merges = "#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in model["merges"])
+    return json.dumps(model["vocab"], ensure_ascii=False).encode(), merges.encode()
+
+
+def tokenizer_config(tokenizer_meta, block_size):
+    """tokenizer_config.json: which class loads it, the special tokens, and a chat model's template."""
+    chat = bool(tokenizer_meta.get("chat_tokens"))
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": block_size,
+        "add_prefix_space": False,
+        "bos_token": ENDOFTEXT,
+        "eos_token": "<|end|>" if chat else ENDOFTEXT,
+        "pad_token": ENDOFTEXT,
+        "unk_token": None,
+        "clean_up_tokenization_spaces": False,
+    }
+    if chat:
+        config["additional_special_tokens"] = list(CHAT_TOKENS)
+        config["chat_template"] = CHAT_TEMPLATE
+    return config
+
+
+def meta_from_folder(folder):
+    """
+    The tokenizer_meta of a Hugging Face folder's tokenizer.json: GPT-2's (also when the
+    folder has none, as GPT-2's original release), or a compact vocabulary cut out of it,
+    with chat tokens if it has them. A tokenizer that is not one of those is refused: its
+    ids would mean other tokens here.
+    """
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        return {"tokenizer": "gpt2"}
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        vocab, merges = saved["model"]["vocab"], saved["model"]["merges"]
+        added = {token["content"]: token["id"] for token in saved.get("added_tokens", [])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a tokenizers BPE file ({e.__class__.__name__}: {e})") from None
+    with open(gpt2_file("encoder.json", ENCODER_JSON_SHA256), encoding="utf-8") as f:
+        gpt2_id = json.load(f)
+    order = sorted(vocab, key=vocab.get)
+    if any(text not in gpt2_id for text in order) or [vocab[t] for t in order] != list(range(len(order))):
+        raise UserError(f"{path} is not GPT-2's byte-level BPE or a vocabulary cut out of it: it cannot be read here")
+    gpt2_ids = [gpt2_id[text] for text in order]
+    if gpt2_ids == list(range(GPT2_EOT + 1)):
+        meta = {"tokenizer": "gpt2"}
+    else:
+        meta = {"tokenizer": "gpt2-compact", "gpt2_ids": gpt2_ids, "fallback": "subwords"}
+    if all(added.get(text) == len(order) + k for k, text in enumerate(CHAT_TOKENS)):
+        meta["chat_tokens"] = list(CHAT_TOKENS)
+    expected = bpe_tokenizer_json(meta)["model"]["merges"]
+    if [list(pair) if not isinstance(pair, str) else pair.split(" ") for pair in merges] != expected:
+        raise UserError(f"{path} has the vocabulary of a GPT-2 BPE but other merges: it would split words otherwise")
+    return meta
