@@ -17,7 +17,12 @@ GPT-2 (GPT2LMHeadModel), rotary positions with RMSNorm and SwiGLU are Llama
 naming the switch to change. The tokenizer is the one the model was trained with, GPT-2's
 or the compact vocabulary cut out of it, as a byte-level BPE that gives the same ids
 (tensegpt/hf_tokenizer.py); a chat model's tokenizer_config.json carries its chat template.
-LoRA adapters are merged in. Needs the safetensors package (pip install safetensors).
+LoRA adapters are merged in; with --adapter_out=DIR they are written there instead, as a
+PEFT folder for the base model in --out:
+
+    python export.py --ckpt=out-lora/trained.pth --out=hf-base --adapter_out=hf-adapter
+
+Needs the safetensors package (pip install safetensors).
 """
 
 import fnmatch
@@ -26,9 +31,9 @@ import os
 import sys
 
 from tensegpt import checkpoint as ckpt
-from tensegpt import hf_tokenizer
+from tensegpt import hf_tokenizer, lora
 from tensegpt.common import UserError, atomic_write, check_writable_folder, main_guard, parse_config
-from tensegpt.hf import export_architecture, to_hf
+from tensegpt.hf import export_architecture, peft_adapter, to_hf
 from tensegpt.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256, gpt2_file
 from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 
@@ -36,6 +41,7 @@ DEFAULTS = {
     "ckpt": "out/trained.pth",  # the checkpoint to export
     "out": "hf-model",  # the folder to write; one that holds other files needs --overwrite=True
     "overwrite": False,  # True: replace the model files of a non-empty --out folder (other files stay)
+    "adapter_out": "",  # a LoRA fine-tune: its adapters as a PEFT folder here, the base model in --out; empty: merged
 }
 WRITES = [
     "config.json",
@@ -79,8 +85,17 @@ def main():
     # a chat model's answer ends with <|end|>; a text ends with end-of-text
     chat = hasattr(tokenizer, "end")
     eos = [tokenizer.end, tokenizer.eot] if chat else tokenizer.eot
-    weights = ckpt.build_model(checkpoint, config["ckpt"]).state_dict()  # LoRA adapters merged in
+    lora_settings, separate = checkpoint.get("lora"), bool(config["adapter_out"])
+    if separate and not lora_settings:
+        raise UserError(
+            f"{config['ckpt']} has no LoRA adapters (it was not trained with --lora_rank): leave out --adapter_out"
+        )
+    model = ckpt.build_model(checkpoint, config["ckpt"], merge=not separate)
+    # the base and its adapters apart (PEFT), or one model with the adapters merged in
+    weights, adapters = lora.split(model) if separate else (model.state_dict(), None)
     hf_config, tensors = to_hf(model_config, weights, tokenizer.vocab_size, tokenizer.eot, eos)
+    if separate:
+        adapter_config, adapter_tensors = peft_adapter(model_config, adapters, lora_settings, tokenizer.vocab_size)
 
     # the tokenizer the model was trained with, in the files transformers reads
     tokenizer_json = hf_tokenizer.bpe_tokenizer_json(tokenizer_meta)
@@ -119,6 +134,16 @@ def main():
         f"wrote {out}/config.json, model.safetensors ({ARCHITECTURES[architecture]}, {n_params / 1e6:.2f}M parameters, "
         f"vocab {tokenizer.vocab_size:,}{', chat template' if chat else ''}), {', '.join(list(files)[2:])}"
     )
+    if separate:
+        adapter_out = config["adapter_out"]
+        adapter_config["base_model_name_or_path"] = os.path.abspath(out)
+        check_writable_folder(adapter_out, "adapter_out")
+        adapter_weights = save(adapter_tensors, metadata={"format": "pt"})
+        atomic_write(os.path.join(adapter_out, "adapter_model.safetensors"), lambda f: f.write(adapter_weights))
+        atomic_write(os.path.join(adapter_out, "adapter_config.json"), lambda f: f.write(as_json(adapter_config)))
+        targets = ", ".join(adapter_config["target_modules"])
+        whole = " and the adapted embedding whole" if adapter_config["modules_to_save"] else ""
+        print(f"wrote {adapter_out}/adapter_config.json, adapter_model.safetensors (PEFT LoRA on {targets}{whole})")
 
 
 def as_json(value):

@@ -118,14 +118,14 @@ def gpt_config_of(checkpoint, path):
         raise cannot_load(path, e) from None
 
 
-def build_model(checkpoint, path):
-    """The GPT a checkpoint describes, with its weights (LoRA adapters merged in), or a UserError."""
+def build_model(checkpoint, path, merge=True):
+    """The GPT a checkpoint describes, with its weights (LoRA adapters merged in, or kept apart), or a UserError."""
     try:
         model = GPT(gpt_config_of(checkpoint, path))
         if checkpoint.get("lora"):
             lora.add_adapters(model, checkpoint["lora"])
         model.load_state_dict(checkpoint["model"])
-        if checkpoint.get("lora"):
+        if checkpoint.get("lora") and merge:
             lora.merge(model)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise cannot_load(path, e) from None

@@ -457,3 +457,62 @@ def llama_tensors(model_config, state, vocab_size, qwen3=False):
     else:
         config.update(mlp_bias=c["bias"], pretraining_tp=1)
     return config, tensors
+
+
+def peft_adapter(model_config, adapters, lora_settings, vocab_size):
+    """
+    (adapter_config.json dict, tensors) of a PEFT LoRA folder for the base that to_hf wrote:
+    each adapted matrix's A and B under Hugging Face's module names (c_attn's B split across
+    q, k and v for Llama and Qwen3, which share its A; c_fc's across gate and up), and an
+    adapted embedding, new rows included, as a module to save whole: once as the embedding and
+    once as the output layer, which share it here and are separate modules in PEFT.
+    """
+    c = model_config
+    architecture, _ = export_architecture(c)
+    C, kv, d_ff = c["n_embd"], c["n_kv_head"] * (c["n_embd"] // c["n_head"]), c["d_ff"]
+    tensors, targets = {}, set()
+    for name, pair in adapters.items():
+        if name == "wte":
+            continue
+        A, B = pair
+        # "blocks.3.attn.c_attn" -> layer 3, attn, c_attn
+        _, i, part, matrix = name.split(".")
+        if architecture == "gpt2":
+            pieces = {f"transformer.h.{i}.{part}.{matrix}": B}
+        elif matrix == "c_attn":
+            q, k, v = B.split([C, kv, kv])
+            pieces = {f"model.layers.{i}.self_attn.{p}_proj": b for p, b in zip("qkv", (q, k, v))}
+        elif matrix == "c_fc":
+            gate, up = B.split([d_ff, d_ff])
+            pieces = {f"model.layers.{i}.mlp.gate_proj": gate, f"model.layers.{i}.mlp.up_proj": up}
+        else:
+            pieces = {f"model.layers.{i}." + ("self_attn.o_proj" if part == "attn" else "mlp.down_proj"): B}
+        for module, b in pieces.items():
+            tensors[f"base_model.model.{module}.lora_A.weight"] = A.float().clone()
+            tensors[f"base_model.model.{module}.lora_B.weight"] = b.float().contiguous()
+            targets.add(module.rsplit(".", 1)[-1])
+    saved = None
+    if adapters["wte"] is not None:
+        embedding = "transformer.wte" if architecture == "gpt2" else "model.embed_tokens"
+        saved = [embedding.rsplit(".", 1)[-1], "lm_head"]
+        weight = adapters["wte"][:vocab_size].float().contiguous()
+        tensors[f"base_model.model.{embedding}.weight"] = weight
+        tensors["base_model.model.lm_head.weight"] = weight.clone()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": lora_settings["rank"],
+        "lora_alpha": lora_settings["alpha"],
+        "lora_dropout": 0.0,
+        "target_modules": sorted(targets),
+        # GPT-2's matrices are Conv1D, (in, out)
+        "fan_in_fan_out": architecture == "gpt2",
+        "bias": "none",
+        "modules_to_save": saved,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "base_model_name_or_path": None,
+    }
+    return config, tensors

@@ -159,6 +159,30 @@ def merge(gpt):
     return gpt
 
 
+def split(gpt):
+    """
+    (the base's state dict, the adapters) of a GPT with adapters, what a PEFT export needs:
+    the base is every frozen weight (an adapted embedding as its rows, without the low-rank
+    update); the adapters, {"blocks.0.attn.c_attn": (A, B), ...}, and under "wte" the whole
+    adapted embedding (new rows and update in), or None when the embedding was not adapted.
+    """
+    base, adapters = {}, {"wte": None}
+    for name, tensor in gpt.state_dict().items():
+        if name.endswith((".lora_A", ".lora_B")) or name.startswith("wte."):
+            continue
+        base[name] = tensor
+    for name, module in gpt.named_modules():
+        if isinstance(module, LoRALinear):
+            adapters[name] = (module.lora_A.detach(), module.lora_B.detach())
+    if isinstance(gpt.wte, AdaptedEmbedding):
+        base["wte.weight"] = torch.cat([gpt.wte.frozen, gpt.wte.fresh]).detach()
+        adapters["wte"] = gpt.wte.weight.detach()
+    else:
+        base["wte.weight"] = gpt.wte.weight.detach()
+    base["lm_head.weight"] = base["wte.weight"]
+    return base, adapters
+
+
 def describe(gpt, lora):
     """The line train.py prints: what trains, out of how many parameters."""
     params = list(gpt.parameters())

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model import GPT, GPTConfig
+from tensegpt import lora
 from tensegpt.chat import ChatTokenizer
 from tensegpt.checkpoint import load_model, save
 from tensegpt.common import UserError
@@ -167,6 +168,48 @@ def test_an_export_of_the_compact_vocabulary_fine_tunes_and_samples_from_its_fol
     assert fails("train.py", "--init_from=hf:hf", "--data_dir=full", "--out_dir=o2", cwd=tmp_path) == (
         "error: the weights in hf read gpt2-compact ids, but full/ is gpt2 of another vocabulary: "
         "prepare it with --vocab_from=hf"
+    )
+
+
+@pytest.mark.parametrize(
+    "shape,targets,chat",
+    [
+        ("gpt2", ["c_attn", "c_proj", "c_fc", "wte"], True),
+        ("llama", ["c_attn", "c_proj", "c_fc"], False),
+    ],
+)
+def test_lora_adapters_export_as_a_peft_folder_for_the_base(shape, targets, chat, tmp_path):
+    """The base in --out, the adapters in --adapter_out; PeftModel over the base computes our merged model."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
+    tokenizer = ChatTokenizer(COMPACT) if chat else COMPACT
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=-(-tokenizer.vocab_size // 64) * 64, block_size=64, n_layer=2, n_head=4, n_embd=64,
+                       **SHAPES[shape])  # fmt: skip
+    model = GPT(config)
+    # chat tokens are new rows the fine-tune trains whole (fresh_from), beside the adapters
+    settings = {"rank": 4, "alpha": 8.0, "targets": targets, "fresh_from": COMPACT.vocab_size}
+    lora.add_adapters(model, settings)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "fresh" in name:
+                p.normal_(0.0, 0.05)
+    checkpoint = {"model": model.state_dict(), "model_config": config.__dict__, "tokenizer_meta": tokenizer.meta()}
+    save({**checkpoint, "lora": {**settings, "base": "base.pth"}}, tmp_path / "lora.pth")
+    out = run_script("export.py", "--ckpt=lora.pth", "--out=base", "--adapter_out=adapter", cwd=tmp_path).stdout
+    assert out.splitlines()[1].startswith("wrote adapter/adapter_config.json, adapter_model.safetensors (PEFT LoRA on")
+    merged = load_model(str(tmp_path / "lora.pth"))[0]
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    idx = torch.randint(0, tokenizer.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = merged(idx, idx)[0][..., : tokenizer.vocab_size]
+        assert not torch.allclose(base(idx).logits, ours, atol=1e-2)  # the base alone is not the fine-tune
+        adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        assert torch.allclose(adapted(idx).logits, ours, atol=1e-5, rtol=0)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["peft_type"] == "LORA"
+    random_checkpoint(tmp_path / "plain.pth", tokenizer, **SHAPES[shape])
+    assert fails("export.py", "--ckpt=plain.pth", "--out=o", "--adapter_out=a", cwd=tmp_path) == (
+        "error: plain.pth has no LoRA adapters (it was not trained with --lora_rank): leave out --adapter_out"
     )
 
 

@@ -18,7 +18,7 @@ from helpers import ROOT, run_script, tense_lines
 ELSEWHERE = {
     "serve.py": "a server that runs until it is stopped: tests/test_serve.py starts it on a loopback port",
     "hf:path/to/gpt2": "needs a downloaded GPT-2 folder: tests/test_hf.py runs the same commands on a small one",
-    "out-gpt2/trained.pth": "needs a GPT-2 shaped checkpoint: tests/test_hf.py exports one",
+    "out-lora/trained.pth": "needs a LoRA fine-tune: tests/test_export.py exports its adapters as a PEFT folder",
     "tests": "the test suite itself",
     "finetune_gpt2.py": "downloads GPT-2 124M; tests/test_chat.py runs --init_from=gpt2 on a cached tiny one",
 }
