@@ -9,11 +9,13 @@ Shows what a trained model learned, as numbers.
    (total nats over the val split / ln 2 / its UTF-8 bytes). A char model and a GPT-2
    model cut the same text into different tokens; per byte they compare.
 2. For a model trained on tense.txt (its val text parses with make_tense.py's grammar),
-   the grammar check: num_samples sentences, half from an empty prompt and half from the
-   grammar's subjects, and the share that the grammar can produce (grammatical), whose
-   time phrase agrees with the verb's tense (tense_agreement, of those with a time phrase),
-   that break who-does-what (semantic_errors: a baby driving a bus), and that are not a
-   line of the training text (novel).
+   correct sentences: a sentence is correct when the grammar can produce it, its time
+   phrase (if any) agrees with the verb's tense, and its subject may do its verb (no baby
+   driving a bus). The share is measured three ways, num_samples sentences from an empty
+   prompt, num_samples after the grammar's subjects, and time_prompts after a time phrase
+   of one tense ("Yesterday, the baby"); the headline is the worst of the three, with the
+   parts beneath it. Also, over the first two: grammatical, tense_agreement (of those with
+   a time phrase), semantic_errors and novel (not a line of the training text).
 3. A minimal-pairs probe: held-out statements of each tense, each scored after a time
    phrase of each of the twelve tenses ("Yesterday, the baby ate an apple." against
    "Tomorrow, the baby ate an apple."): the model "prefers" the tense whose phrase makes
@@ -54,9 +56,9 @@ from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 DEFAULTS = {
     "ckpt": "out/trained.pth",  # the checkpoint to evaluate
     "data_dir": "",  # the prepared data to score; empty: the data_dir the checkpoint was trained on
-    "num_samples": 1000,  # sentences sampled for the grammar check (at 240 the shares moved 1-2 points)
+    "num_samples": 1000,  # sentences sampled from an empty prompt, and as many after the grammar's subjects
     "temperature": 0.8,  # of those samples (sample.py's default)
-    "time_prompts": 600,  # prompts opening with a time phrase ("Yesterday, the baby"), spread over the tenses
+    "time_prompts": 1008,  # prompts opening with a time phrase ("Yesterday, the baby"), spread over the 12 tenses
     "max_new_tokens": 60,  # the most tokens per sampled sentence
     "probe_per_tense": 25,  # held-out statements per tense in the minimal-pairs probe
     "picture": "",  # PNG of the probe's 12 x 12 table; empty: probe.png beside the checkpoint
@@ -95,11 +97,11 @@ def load_split(data_dir, split, tokenizer_meta):
 
 @torch.no_grad()
 def sample_sentences(model, tokenizer, config, device):
-    """num_samples sentences: half from an empty prompt, half spread over the grammar's subjects."""
+    """(num_samples sentences from an empty prompt, num_samples spread over the grammar's subjects)."""
     n = config["num_samples"]
     subjects = [s for s, _, _ in grammar.SUBJECTS]
-    groups = [[""] * (n - n // 2)] + [[s] * k for s, k in zip(subjects, spread(n // 2, len(subjects))) if k]
-    return complete(model, tokenizer, groups, config, device)
+    groups = [[s] * k for s, k in zip(subjects, spread(n, len(subjects))) if k]
+    return complete(model, tokenizer, [[""] * n], config, device), complete(model, tokenizer, groups, config, device)
 
 
 def time_phrase_prompts(config):
@@ -120,8 +122,11 @@ def time_phrase_prompts(config):
 
 
 def time_phrase_check(model, tokenizer, config, device, table, lowercase):
-    """The grammar check after time-phrase prompts, per tense: does the model keep the phrase's tense?"""
-    per_tense, bad, prompts_of = {}, [], time_phrase_prompts(config)
+    """
+    The sentences after time-phrase prompts: their texts, and per tense the share that parse
+    in the phrase's tense (does the model keep the tense the phrase asks for?).
+    """
+    per_tense, bad, every, prompts_of = {}, [], [], time_phrase_prompts(config)
     for tense, prompts in prompts_of.items():
         by_length = {}  # prompts of as many tokens make one batch
         for prompt in prompts:
@@ -131,11 +136,39 @@ def time_phrase_check(model, tokenizer, config, device, table, lowercase):
         kept = [p is not None and p["agrees"] for p in parsed]
         per_tense[tense] = sum(kept) / len(texts)
         bad += [t for t, k in zip(texts, kept) if not k]
-    return {
+        every += texts
+    report = {
         "time_prompts": sum(len(p) for p in prompts_of.values()),
         "time_prompt_agreement": sum(per_tense.values()) / len(per_tense),
         "time_prompt_per_tense": per_tense,
         "examples_bad_time_prompt": bad[:20],
+    }
+    return report, every
+
+
+def correctness(texts, table, lowercase):
+    """
+    The share of texts that are correct sentences (parse, agree with their time phrase, the
+    subject may do the verb), each part's share, and what was wrong with the first misses.
+    """
+    parsed = [grammar.parse(t, table, lowercase) for t in texts]
+    wrong = []
+    for text, p in zip(texts, parsed):
+        if p is None:
+            wrong.append((text, "not grammatical"))
+        elif not p["agrees"]:
+            wrong.append((text, f"a {p['tense']} verb after a time phrase of another tense"))
+        elif not p["sensible"]:
+            wrong.append((text, "the subject cannot do that"))
+    good = [p for p in parsed if p is not None]
+    share = lambda part, whole: part / whole if whole else 0.0
+    return {
+        "samples": len(texts),
+        "correct": share(len(texts) - len(wrong), len(texts)),
+        "grammatical": share(len(good), len(texts)),
+        "agrees": share(sum(p["agrees"] for p in good), len(good)),
+        "sensible": share(sum(p["sensible"] for p in good), len(good)),
+        "examples_wrong": [{"text": t, "why": why} for t, why in wrong[:10]],
     }
 
 
@@ -324,8 +357,14 @@ def tense_report(report, model, tokenizer, checkpoint, data_dir, val, config, de
     parses = sum(grammar.parse(line, table, lowercase) is not None for line in val_lines[:500])
     if val_lines and parses >= 0.9 * min(len(val_lines), 500):
         train_lines = decode_examples(tokenizer, load_split(data_dir, "train", checkpoint["tokenizer_meta"])[0])
-        report.update(grammar_check(sample_sentences(model, tokenizer, config, device), train_lines, table, lowercase))
-        report.update(time_phrase_check(model, tokenizer, config, device, table, lowercase))
+        unprompted, after_subject = sample_sentences(model, tokenizer, config, device)
+        report.update(grammar_check(unprompted + after_subject, train_lines, table, lowercase))
+        timed, after_time = time_phrase_check(model, tokenizer, config, device, table, lowercase)
+        report.update(timed)
+        # the headline: the share of correct sentences, the worst of the three ways of asking
+        kinds = {"unconditional": unprompted, "after a subject": after_subject, "after a time phrase": after_time}
+        report["correct_by_prompt"] = {kind: correctness(texts, table, lowercase) for kind, texts in kinds.items()}
+        report["correct_sentences"] = min(part["correct"] for part in report["correct_by_prompt"].values())
         counts = probe(model, tokenizer, config, train_lines)
         per_tense = counts.diagonal() / counts.sum(axis=1)
         report["probe_accuracy"] = float(per_tense.mean())
@@ -357,6 +396,21 @@ def show(report, config, notes):
             f"{report['val_bytes']:,} bytes): loss {report['val_loss']:.4f}, "
             f"perplexity {report['val_perplexity']:.3f}, {report['bits_per_byte']:.4f} bits per byte"
         )
+        if "correct_sentences" in report:
+            print(
+                f"correct sentences {report['correct_sentences']:.1%} (the worst of three ways to sample, at "
+                f"temperature {config['temperature']}: a sentence is correct when it parses, agrees with its time "
+                "phrase and its subject may do its verb)"
+            )
+            print(f"  {'':26} {'samples':>8} {'correct':>8} {'grammatical':>12} {'agrees':>7} {'who-what ok':>12}")
+            for kind, part in report["correct_by_prompt"].items():
+                print(
+                    f"  {kind:26} {part['samples']:>8,} {part['correct']:>8.1%} {part['grammatical']:>12.1%} "
+                    f"{part['agrees']:>7.1%} {part['sensible']:>12.1%}"
+                )
+            for kind, part in report["correct_by_prompt"].items():
+                for miss in part["examples_wrong"][:2]:
+                    print(f"  wrong, {kind}: {miss['text']!r} ({miss['why']})")
         if "grammatical" in report:
             print(
                 f"{report['samples']} samples at temperature {config['temperature']}: "

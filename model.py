@@ -122,11 +122,18 @@ def rotate(x, positions):
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+class RMSNorm(nn.RMSNorm):
+    # under bfloat16 autocast the input is bfloat16 and the gain float32: normalise in float32, as autocast
+    # runs LayerNorm (and as Llama does), which is also the fused kernel's case
+    def forward(self, x):
+        return super().forward(x.float()).type_as(x)
+
+
 def make_norm(config, size):
     # LayerNorm centres and scales each vector; RMSNorm (Zhang & Sennrich 2019) only scales it by its root
     # mean square: one reduction fewer, and it trains as well
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(size, eps=1e-5)
+        return RMSNorm(size, eps=1e-5)
     return nn.LayerNorm(size, bias=config.bias)
 
 
@@ -164,8 +171,8 @@ class CausalSelfAttention(nn.Module):
         self.rotary, self.qk_norm = config.pos_encoding == "rotary", config.qk_norm
         if self.qk_norm:
             # unit-scale queries and keys keep the logits from growing without bound (loss spikes)
-            self.q_norm = nn.RMSNorm(self.head_size, eps=1e-5)
-            self.k_norm = nn.RMSNorm(self.head_size, eps=1e-5)
+            self.q_norm = RMSNorm(self.head_size, eps=1e-5)
+            self.k_norm = RMSNorm(self.head_size, eps=1e-5)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         # flash: PyTorch's fused kernel, which never holds the (T, S) weights. False: the textbook's

@@ -110,7 +110,13 @@ def test_eval_reports_every_figure_in_range_and_draws_the_probe(trained_run, tmp
     report = json.loads(out.stdout)
     for key in ("grammatical", "tense_agreement", "semantic_errors", "novel", "probe_accuracy"):
         assert 0.0 <= report[key] <= 1.0, key
-    assert report["samples"] == 48 and len(report["probe_per_tense"]) == 12
+    assert report["samples"] == 96 and len(report["probe_per_tense"]) == 12  # unconditional and after subjects
+    parts = report["correct_by_prompt"]
+    assert [parts[k]["samples"] for k in ("unconditional", "after a subject", "after a time phrase")] == [48, 48, 24]
+    assert report["correct_sentences"] == min(part["correct"] for part in parts.values())
+    for part in parts.values():
+        wrong = round((1 - part["correct"]) * part["samples"])
+        assert part["correct"] <= part["grammatical"] and len(part["examples_wrong"]) == min(10, wrong)
     assert len(report["time_prompt_per_tense"]) == 12 and 0.0 <= report["time_prompt_agreement"] <= 1.0
     assert report["time_prompts"] == 24  # 2 per tense
     assert len(report["examples_bad_time_prompt"]) <= 20
@@ -149,3 +155,21 @@ def test_eval_on_data_with_another_tokenizer(tiny_run, tmp_path):
     assert fails("eval.py", f"--ckpt={tiny_run / 'out' / 'trained.pth'}", "--data_dir=data", cwd=tmp_path) == (
         "error: data/ was prepared with another tokenizer than the checkpoint's: pass the --data_dir it was trained on"
     )
+
+
+def test_a_sentence_is_correct_only_when_it_parses_agrees_and_makes_sense():
+    from eval import correctness
+
+    texts = [
+        "The baby is not drinking some milk.",
+        "Every weekend, my brother learned to swim.",
+        "The birds were been drinking some milk.",
+        "The baby will not sing in the choir next week.",
+    ]
+    part = correctness(texts, grammar.cores(), lowercase=False)
+    assert part["samples"] == 4 and part["correct"] == 0.25 and part["grammatical"] == 0.75
+    assert [(w["text"], w["why"]) for w in part["examples_wrong"]] == [
+        (texts[1], "a past simple verb after a time phrase of another tense"),
+        (texts[2], "not grammatical"),
+        (texts[3], "the subject cannot do that"),
+    ]
