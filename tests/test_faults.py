@@ -578,16 +578,18 @@ def test_export_into_a_folder_with_another_model_refuses_then_replaces_its_files
     (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"the old model's weights")
     (tmp_path / "hf" / "notes.txt").write_text("mine")
     assert fails("export.py", "--ckpt=out/trained.pth", "--out=hf", cwd=tmp_path) == (
-        "error: hf/ already holds files (notes.txt, pytorch_model.bin): pass --overwrite=True to replace its "
-        "model files, "
-        "or another --out=DIR"
+        "error: hf/ already holds files (notes.txt, pytorch_model.bin): "
+        "pass --overwrite=True to replace its model files, or another --out=DIR"
     )
     run_script("export.py", "--ckpt=out/trained.pth", "--out=hf", "--overwrite=True", cwd=tmp_path)
     assert sorted(os.listdir(tmp_path / "hf")) == [
         "config.json",
+        "generation_config.json",
         "merges.txt",
         "model.safetensors",
         "notes.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
         "vocab.json",
     ]
     # exporting again over our own files needs no --overwrite
