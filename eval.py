@@ -74,7 +74,7 @@ ONLY = {t: [p for p in grammar.TIMES[t] if grammar.PHRASE_TENSES[p] == {t}] for 
 
 
 def check_options(config):
-    for key in ("num_samples", "time_prompts", "max_new_tokens", "probe_per_tense", "batch_size"):
+    for key in ("num_samples", "time_prompts", "max_new_tokens", "probe_per_tense", "batch_size", "chat_samples"):
         if config[key] < 1:
             raise UserError(f"--{key} must be at least 1, got {config[key]}")
     if config["temperature"] <= 0:

@@ -27,7 +27,7 @@ import os
 import sys
 
 from tensegpt.common import UserError, atomic_write, check_seed, main_guard, parse_config
-from tensegpt.grammar import generate, instructions
+from tensegpt.grammar import generate, instructions, most_sentences
 
 DEFAULTS = {
     "n": 100000,  # how many distinct sentences
@@ -41,8 +41,11 @@ DEFAULTS = {
 def main():
     opts = parse_config(DEFAULTS, sys.argv[1:], allow_files=False, doc=__doc__)
     check_seed(opts)
-    if opts["n"] < 1:
-        raise UserError(f"--n must be at least 1, got {opts['n']}")
+    if not 1 <= opts["n"] <= most_sentences():
+        raise UserError(
+            f"--n must be between 1 and {most_sentences():,} (the distinct sentences the grammar draws quickly), "
+            f"got {opts['n']}"
+        )
     if not 0.0 <= opts["time_first"] <= 1.0:
         raise UserError(f"--time_first must be between 0 and 1, got {opts['time_first']}")
     if opts["task"] == "chat":
@@ -61,6 +64,10 @@ def write_instructions(opts):
     stem, ending = os.path.splitext(out)
     val_out = f"{stem}_val{ending or '.jsonl'}"
     train, val = instructions(opts["n"] if opts["n"] != DEFAULTS["n"] else 30000, opts["seed"])
+    if not train or not val:
+        raise UserError(
+            f"--n={opts['n']} leaves no conversation in train or in val (a tenth is held out): use --n=100 or more"
+        )
     for path, conversations in ((out, train), (val_out, val)):
         text = "".join(json.dumps({"messages": c}) + "\n" for c in conversations)
         atomic_write(path, lambda f, text=text: f.write(text.encode("utf-8")))

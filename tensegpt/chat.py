@@ -99,9 +99,11 @@ def read_conversations(path):
         where = f"{path} line {number}"
         try:
             record = json.loads(line)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
+            # RecursionError: brackets nested deeper than the parser goes
+            reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
             raise UserError(
-                f"{where} is not JSON ({str(e).split(':')[0]}): each line is one conversation, "
+                f"{where} is not JSON ({reason}): each line is one conversation, "
                 '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
             ) from None
         messages = record.get("messages") if isinstance(record, dict) else None

@@ -129,7 +129,7 @@ def load_hf(folder, block_size=None, dropout=None):
     try:
         with open(config_path, "rb") as f:
             hf = json.loads(f.read())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise UserError(f"{config_path} is not JSON ({e}); save or copy the model again") from None
     if not isinstance(hf, dict):
         raise UserError(

@@ -165,7 +165,7 @@ def meta_from_folder(folder):
             saved = json.load(f)
         vocab, merges = saved["model"]["vocab"], saved["model"]["merges"]
         added = {token["content"]: token["id"] for token in saved.get("added_tokens", [])}
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise UserError(f"{path} is not a tokenizers BPE file ({e.__class__.__name__}: {e})") from None
     with open(gpt2_file("encoder.json", ENCODER_JSON_SHA256), encoding="utf-8") as f:
         gpt2_id = json.load(f)

@@ -451,6 +451,6 @@ def read_meta(data_dir):
             raise ValueError("; ".join(problems))
         if from_meta(meta).vocab_size != meta["vocab_size"]:
             raise ValueError(f"vocab_size {meta['vocab_size']} does not match its tokenizer's")
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise UserError(f"{meta_path} is damaged ({e}): run python prepare.py again") from None
     return meta

@@ -465,6 +465,17 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
             ["--temperatures=[]"],
             "--temperatures must be numbers > 0 separated by commas, like 0.2,0.8,1.2 (got [])",
         ),
+        ("eval.py", ["--chat_samples=-3"], "--chat_samples must be at least 1, got -3"),
+        (
+            "make_tense.py",
+            ["--n=1000000000"],
+            "--n must be between 1 and 258,552 (the distinct sentences the grammar draws quickly), got 1000000000",
+        ),
+        (
+            "make_tense.py",
+            ["--task=chat", "--n=3"],
+            "--n=3 leaves no conversation in train or in val (a tenth is held out): use --n=100 or more",
+        ),
     ],
 )
 def test_bad_options_are_one_line_before_any_work(tmp_path, script, args, message):
@@ -595,3 +606,20 @@ def test_export_into_a_folder_with_another_model_refuses_then_replaces_its_files
     # exporting again over our own files needs no --overwrite
     run_script("export.py", "--ckpt=out/trained.pth", "--out=hf2", cwd=tmp_path)
     run_script("export.py", "--ckpt=out/trained.pth", "--out=hf2", cwd=tmp_path)
+
+
+def test_json_nested_deeper_than_the_parser_goes_is_one_line(tmp_path):
+    """A RecursionError from json is the same one-line error as any other parse failure, in every reader."""
+    deep = "[" * 100_000
+    good = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}'
+    (tmp_path / "chat.jsonl").write_text(good + "\n" + deep + "\n")
+    assert fails("prepare.py", "--input=chat.jsonl", cwd=tmp_path) == (
+        "error: chat.jsonl line 2 is not JSON (nested too deeply): each line is one conversation, "
+        '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
+    )
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "data" / "meta.json").write_text(deep)
+    assert fails("train.py", "--data_dir=data", cwd=tmp_path).startswith("error: data/meta.json is damaged (")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(deep)
+    assert fails("sample.py", "--init_from=hf:hf", cwd=tmp_path).startswith("error: hf/config.json is not JSON (")
