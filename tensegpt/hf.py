@@ -404,6 +404,25 @@ def gpt2_tensors(model_config, state, vocab_size):
     return config, tensors
 
 
+LLAMA_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def llama_pieces(model_config, matrix, tensor):
+    """
+    One of a block's LLAMA_MATRICES (its weight, bias or LoRA B: rows are its outputs) as
+    Llama's modules: c_attn's rows split into q, k and v, c_fc's into SwiGLU's gate and up.
+    """
+    c = model_config
+    kv = c["n_kv_head"] * (c["n_embd"] // c["n_head"])
+    if matrix == "attn.c_attn":
+        return dict(
+            zip(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), tensor.split([c["n_embd"], kv, kv]))
+        )
+    if matrix == "mlp.c_fc":
+        return dict(zip(("mlp.gate_proj", "mlp.up_proj"), tensor.split([c["d_ff"], c["d_ff"]])))
+    return {"self_attn.o_proj" if matrix == "attn.c_proj" else "mlp.down_proj": tensor}
+
+
 def llama_tensors(model_config, state, vocab_size, qwen3=False):
     """
     LlamaForCausalLM's (or Qwen3ForCausalLM's) config and tensors. The conventions already
@@ -413,21 +432,15 @@ def llama_tensors(model_config, state, vocab_size, qwen3=False):
     into SwiGLU's gate and up halves.
     """
     c = model_config
-    C, hs, d_ff = c["n_embd"], c["n_embd"] // c["n_head"], c["d_ff"]
-    kv = c["n_kv_head"] * hs
     tensors = {"model.embed_tokens.weight": state["wte.weight"][:vocab_size], "model.norm.weight": state["ln_f.weight"]}
     for i in range(c["n_layer"]):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
         tensors[theirs + "input_layernorm.weight"] = state[ours + "ln_1.weight"]
         tensors[theirs + "post_attention_layernorm.weight"] = state[ours + "ln_2.weight"]
         for kind in ("weight", "bias") if c["bias"] else ("weight",):
-            q, k, v = state[ours + f"attn.c_attn.{kind}"].split([C, kv, kv])
-            gate, up = state[ours + f"mlp.c_fc.{kind}"].split([d_ff, d_ff])
-            named = {"self_attn.q_proj": q, "self_attn.k_proj": k, "self_attn.v_proj": v, "mlp.gate_proj": gate,
-                     "mlp.up_proj": up, "self_attn.o_proj": state[ours + f"attn.c_proj.{kind}"],
-                     "mlp.down_proj": state[ours + f"mlp.c_proj.{kind}"]}  # fmt: skip
-            for name, tensor in named.items():
-                tensors[f"{theirs}{name}.{kind}"] = tensor
+            for matrix in LLAMA_MATRICES:
+                for name, piece in llama_pieces(c, matrix, state[f"{ours}{matrix}.{kind}"]).items():
+                    tensors[f"{theirs}{name}.{kind}"] = piece
         if qwen3:
             tensors[theirs + "self_attn.q_norm.weight"] = state[ours + "attn.q_norm.weight"]
             tensors[theirs + "self_attn.k_norm.weight"] = state[ours + "attn.k_norm.weight"]
@@ -436,12 +449,12 @@ def llama_tensors(model_config, state, vocab_size, qwen3=False):
         "model_type": "qwen3" if qwen3 else "llama",
         "architectures": ["Qwen3ForCausalLM" if qwen3 else "LlamaForCausalLM"],
         "vocab_size": vocab_size,
-        "hidden_size": C,
-        "intermediate_size": d_ff,
+        "hidden_size": c["n_embd"],
+        "intermediate_size": c["d_ff"],
         "num_hidden_layers": c["n_layer"],
         "num_attention_heads": c["n_head"],
         "num_key_value_heads": c["n_kv_head"],
-        "head_dim": hs,
+        "head_dim": c["n_embd"] // c["n_head"],
         "max_position_embeddings": c["block_size"],
         "hidden_act": "silu",
         "rms_norm_eps": 1e-5,
@@ -469,24 +482,17 @@ def peft_adapter(model_config, adapters, lora_settings, vocab_size):
     """
     c = model_config
     architecture, _ = export_architecture(c)
-    C, kv, d_ff = c["n_embd"], c["n_kv_head"] * (c["n_embd"] // c["n_head"]), c["d_ff"]
     tensors, targets = {}, set()
     for name, pair in adapters.items():
         if name == "wte":
             continue
         A, B = pair
-        # "blocks.3.attn.c_attn" -> layer 3, attn, c_attn
-        _, i, part, matrix = name.split(".")
+        # "blocks.3.attn.c_attn" -> layer 3, "attn.c_attn"
+        _, i, matrix = name.split(".", 2)
         if architecture == "gpt2":
-            pieces = {f"transformer.h.{i}.{part}.{matrix}": B}
-        elif matrix == "c_attn":
-            q, k, v = B.split([C, kv, kv])
-            pieces = {f"model.layers.{i}.self_attn.{p}_proj": b for p, b in zip("qkv", (q, k, v))}
-        elif matrix == "c_fc":
-            gate, up = B.split([d_ff, d_ff])
-            pieces = {f"model.layers.{i}.mlp.gate_proj": gate, f"model.layers.{i}.mlp.up_proj": up}
+            pieces = {f"transformer.h.{i}.{matrix}": B}
         else:
-            pieces = {f"model.layers.{i}." + ("self_attn.o_proj" if part == "attn" else "mlp.down_proj"): B}
+            pieces = {f"model.layers.{i}.{module}": b for module, b in llama_pieces(c, matrix, B).items()}
         for module, b in pieces.items():
             tensors[f"base_model.model.{module}.lora_A.weight"] = A.float().clone()
             tensors[f"base_model.model.{module}.lora_B.weight"] = b.float().contiguous()

@@ -16,6 +16,7 @@ end-of-text, then each turn as <|role|> content <|end|>, then <|assistant|> to a
 answer. Char and word vocabularies have no such twin and are refused (see exportable_tokenizer).
 """
 
+import functools
 import json
 import os
 
@@ -64,6 +65,13 @@ def exportable_tokenizer(tokenizer_meta):
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def gpt2_spellings():
+    """GPT-2's encoder.json: each token's printable spelling of its bytes -> its GPT-2 id."""
+    with open(gpt2_file("encoder.json", ENCODER_JSON_SHA256), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def gpt2_ids_of(tokenizer_meta):
     """The GPT-2 id of each id of the vocabulary, in order (the full vocabulary: GPT-2's own)."""
     if tokenizer_meta["tokenizer"] == "gpt2-compact":
@@ -73,8 +81,7 @@ def gpt2_ids_of(tokenizer_meta):
 
 def bpe_tokenizer_json(tokenizer_meta):
     """tokenizer.json (as a dict) of a gpt2 or gpt2-compact tokenizer, chat tokens included."""
-    with open(gpt2_file("encoder.json", ENCODER_JSON_SHA256), encoding="utf-8") as f:
-        spelling = {gpt2_id: text for text, gpt2_id in json.load(f).items()}
+    spelling = {gpt2_id: text for text, gpt2_id in gpt2_spellings().items()}
     gpt2 = gpt2_encoding()
     gpt2_ids = gpt2_ids_of(tokenizer_meta)
     vocab = {spelling[g]: i for i, g in enumerate(gpt2_ids)}
@@ -167,8 +174,7 @@ def meta_from_folder(folder):
         added = {token["content"]: token["id"] for token in saved.get("added_tokens", [])}
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise UserError(f"{path} is not a tokenizers BPE file ({e.__class__.__name__}: {e})") from None
-    with open(gpt2_file("encoder.json", ENCODER_JSON_SHA256), encoding="utf-8") as f:
-        gpt2_id = json.load(f)
+    gpt2_id = gpt2_spellings()
     order = sorted(vocab, key=vocab.get)
     if any(text not in gpt2_id for text in order) or [vocab[t] for t in order] != list(range(len(order))):
         raise UserError(f"{path} is not GPT-2's byte-level BPE or a vocabulary cut out of it: it cannot be read here")
