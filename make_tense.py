@@ -41,9 +41,10 @@ DEFAULTS = {
 def main():
     opts = parse_config(DEFAULTS, sys.argv[1:], allow_files=False, doc=__doc__)
     check_seed(opts)
-    if not 1 <= opts["n"] <= most_sentences():
+    most = most_sentences()
+    if not 1 <= opts["n"] <= most:
         raise UserError(
-            f"--n must be between 1 and {most_sentences():,} (the distinct sentences the grammar draws quickly), "
+            f"--n must be between 1 and {most:,} (the distinct sentences the grammar draws quickly), "
             f"got {opts['n']}"
         )
     if not 0.0 <= opts["time_first"] <= 1.0:
