@@ -44,8 +44,7 @@ def main():
     most = most_sentences()
     if not 1 <= opts["n"] <= most:
         raise UserError(
-            f"--n must be between 1 and {most:,} (the distinct sentences the grammar draws quickly), "
-            f"got {opts['n']}"
+            f"--n must be between 1 and {most:,} (the distinct sentences the grammar draws quickly), got {opts['n']}"
         )
     if not 0.0 <= opts["time_first"] <= 1.0:
         raise UserError(f"--time_first must be between 0 and 1, got {opts['time_first']}")
