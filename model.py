@@ -4,12 +4,12 @@ The whole GPT in one file, in the order data flows through it:
     token ids -> token embedding + positional encoding -> n_layer x Block -> norm -> logits
     Block: x + attention(norm(x)), then x + feed_forward(norm(x))   (pre-norm, GPT-2)
 
-then generation: the KV cache and the sampling step. After "Attention Is All You Need" (Vaswani et al.
-2017) and GPT-2 (Radford et al. 2019: pre-LayerNorm, learned positions, tied embeddings, the scaled
-initialisation). It needs only torch: copy it into your own project and `from model import GPT, GPTConfig`.
+then generation: the KV cache and the sampling step. After "Attention Is All You Need" (Vaswani et al. 2017) and
+GPT-2 (Radford et al. 2019: pre-LayerNorm, learned positions, tied embeddings, the scaled initialisation). It needs
+only torch: copy it into your own project and `from model import GPT, GPTConfig`.
 
-The defaults are GPT-2's block. Each newer idea is one switch of GPTConfig (its fields name the papers),
-written next to the GPT-2 piece it replaces; config/modern.py turns them all on.
+The defaults are GPT-2's block. Each newer idea is one switch of GPTConfig (its fields name the papers), written next
+to the GPT-2 piece it replaces; config/modern.py turns them all on.
 """
 
 import math
@@ -36,17 +36,14 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False  # biases in Linear layers and LayerNorms (GPT-2: True)
     pos_encoding: str = "learned"  # 'learned' (GPT-2), 'sinusoidal' (Vaswani et al.), 'rotary' (Su et al. 2021)
-    # 'gelu' (GPT-2's tanh approximation), 'relu', 'relu2' (squared ReLU, So et al. 2021), 'swiglu' (Shazeer 2020)
-    activation: str = "gelu"
+    activation: str = "gelu"  # 'gelu' (GPT-2), 'relu', 'relu2' (squared, So et al. 2021), 'swiglu' (Shazeer 2020)
     norm: str = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm' (Zhang & Sennrich 2019)
     n_kv_head: int = 0  # key/value heads dividing n_head: grouped-query attention (Ainslie et al. 2023); 0: n_head
-    # RMS-normalise each head's queries and keys before their dot product (Henry et al. 2020; Dehghani et al. 2023)
-    qk_norm: bool = False
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys (Henry et al. 2020; Dehghani et al. 2023)
 
     def __post_init__(self):
         if self.d_ff == 0:
-            # SwiGLU has three matrices instead of two: 2/3 of the width keeps the parameter count (LLaMA's
-            # rule), rounded up to a multiple of 32 for the matmuls
+            # SwiGLU has 3 matrices, not 2: 2/3 of the width keeps the parameter count (LLaMA), rounded up to 32
             swiglu = self.activation == "swiglu"
             self.d_ff = -(-8 * self.n_embd // 3 // 32) * 32 if swiglu else 4 * self.n_embd
         self.n_kv_head = self.n_kv_head or self.n_head
@@ -73,8 +70,6 @@ def check_config(config):
 
 
 # ----------------------------------------------------------------------------- positions and norms
-
-
 def positions_from(pos, T, device=None):
     """The positions of T new tokens after pos: (1, T) for an int pos, (B, T) for a (B,) tensor of starts."""
     if isinstance(pos, int):
@@ -84,9 +79,9 @@ def positions_from(pos, T, device=None):
 
 def attention_mask(pos, T, device=None):
     """
-    Which keys each of T new queries at pos.. may see, built once for every layer: (B or 1, 1, T, S),
-    True where a query at position p meets a key at position <= p. None where the fused kernel's own
-    rule is right: pos == 0 (query i sees keys 0..i), or one new token at one pos (every cached key).
+    Which keys each of T new queries at pos.. may see, built once for every layer: (B or 1, 1, T, S), True where a query
+    at position p meets a key at position <= p. None where the fused kernel's own rule is right: pos == 0 (query i sees
+    keys 0..i), or one new token at one pos (every cached key).
     """
     if isinstance(pos, int) and (pos == 0 or T == 1):
         return None
@@ -110,41 +105,37 @@ def sinusoidal_positions(positions, n_embd):
 
 def rotate(x, positions):
     """
-    Rotary position embedding (Su et al. 2021): the pairs (x_i, x_{i + d/2}) of each head's query or key
-    at position p turn by the angle p * 10000^(-2i/d). A query at p and a key at p' then meet at an angle
-    that depends only on p - p': attention sees relative positions. x (B, heads, T, d), positions (B or 1, T).
+    Rotary position embedding (Su et al. 2021): the pairs (x_i, x_{i + d/2}) of each head's query or key at position p
+    turn by the angle p * 10000^(-2i/d). A query at p and a key at p' then meet at an angle that depends only on p - p':
+    attention sees relative positions. x (B, heads, T, d), positions (B or 1, T).
     """
     d = x.size(-1)
-    # the same for every head: (B, 1, T, d/2)
-    angle = angles(positions, d)[:, None]
+    angle = angles(positions, d)[:, None]  # the same for every head: (B, 1, T, d/2)
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class RMSNorm(nn.RMSNorm):
-    # under bfloat16 autocast the input is bfloat16 and the gain float32: normalise in float32, as autocast
-    # runs LayerNorm (and as Llama does), which is also the fused kernel's case
+    # under bfloat16 autocast the input is bfloat16 and the gain float32: normalise in float32, as autocast runs
+    # LayerNorm (and as Llama does), which is also the fused kernel's case
     def forward(self, x):
         return super().forward(x.float()).type_as(x)
 
 
 def make_norm(config, size):
-    # LayerNorm centres and scales each vector; RMSNorm (Zhang & Sennrich 2019) only scales it by its root
-    # mean square: one reduction fewer, and it trains as well
+    # LayerNorm centres and scales each vector; RMSNorm (Zhang & Sennrich 2019) only scales it by its root mean
+    # square: one reduction fewer, and it trains as well
     if config.norm == "rmsnorm":
         return RMSNorm(size, eps=1e-5)
     return nn.LayerNorm(size, bias=config.bias)
 
 
 # ----------------------------------------------------------------------------- the block
-
-
 class KVCache:
     """
-    The keys and values one attention layer has seen, one row per sequence: those of earlier positions
-    never change (attention is causal), so each new token runs the model on its own position only.
-    (A server that decodes rows at different positions passes its own cache: tensegpt/engine.py.)
+    The keys and values one attention layer has seen, one row per sequence: those of earlier positions never change
+    (attention is causal), so each new token runs the model on its own position only (a server's: tensegpt/engine.py).
     """
 
     def __init__(self, shape, device=None, dtype=None):
@@ -171,8 +162,7 @@ class CausalSelfAttention(nn.Module):
         self.rotary, self.qk_norm = config.pos_encoding == "rotary", config.qk_norm
         if self.qk_norm:
             # unit-scale queries and keys keep the logits from growing without bound (loss spikes)
-            self.q_norm = RMSNorm(self.head_size, eps=1e-5)
-            self.k_norm = RMSNorm(self.head_size, eps=1e-5)
+            self.q_norm, self.k_norm = RMSNorm(self.head_size, eps=1e-5), RMSNorm(self.head_size, eps=1e-5)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         # flash: PyTorch's fused kernel, which never holds the (T, S) weights. False: the textbook's
@@ -189,9 +179,7 @@ class CausalSelfAttention(nn.Module):
         kv_size = self.n_kv_head * self.head_size
         q, k, v = self.c_attn(x).split([C, kv_size, kv_size], dim=2)
         # (B, T, heads * hs) -> (B, heads, T, hs): each head attends in its own subspace
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
+        q, k, v = (t.view(B, T, -1, self.head_size).transpose(1, 2) for t in (q, k, v))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary:
@@ -263,18 +251,15 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
-
-
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
-        problems = check_config(config)
-        if problems:
+        if problems := check_config(config):
             raise ValueError("; ".join(problems))
         self.config = config
-        # The one unusual trick: the layers are made on the meta device (shapes only: no memory, no random
-        # numbers) and init_weights fills them once. Each layer's own default initialisation would only be
-        # drawn and thrown away, and a model sharded across processes (--fsdp) fills its shards alike.
+        # The one unusual trick: the layers are made on the meta device (shapes only: no memory, no random numbers)
+        # and init_weights fills them once. Each layer's own default initialisation would only be drawn and thrown
+        # away, and a model sharded across processes (--fsdp) fills its shards alike.
         with torch.device("meta"):
             self.wte = nn.Embedding(config.vocab_size, config.n_embd)
             if config.pos_encoding == "learned":
@@ -286,8 +271,7 @@ class GPT(nn.Module):
         device = torch.get_default_device()
         if device.type != "meta":
             self.to_empty(device=device)
-        # The output layer shares its weight with the token embedding (weight tying,
-        # Press & Wolf 2017): fewer parameters, and it trains better at this size.
+        # weight tying (Press & Wolf 2017): the output layer is the token embedding; fewer parameters, trains better
         self.lm_head.weight = self.wte.weight
         self.grad_checkpointing = False  # train.py's --grad_checkpointing
         if device.type != "meta":
@@ -301,9 +285,8 @@ class GPT(nn.Module):
 
     def initial_value(self, name, p):
         """
-        The whole initial tensor of parameter `name`: matrices N(0, 0.02), biases 0, norm gains 1. Each
-        residual branch adds to the stream, so the projections that write into it (c_proj) get
-        0.02 / sqrt(2 * n_layer): the stream's variance stays flat.
+        The whole initial tensor of parameter `name`: matrices N(0, 0.02), biases 0, norm gains 1. Each residual branch
+        adds to the stream, so those that write into it (c_proj) get 0.02 / sqrt(2 * n_layer): its variance stays flat.
         """
         full = torch.empty(p.shape, dtype=torch.float32)
         if name.endswith("c_proj.weight"):
@@ -363,7 +346,6 @@ class GPT(nn.Module):
         return self.drop(x)
 
     # ------------------------------------------------------------------------- generation
-
     def new_caches(self, batch_size, device=None, dtype=None):
         """One KVCache per layer, for batch_size sequences of up to block_size tokens."""
         c, p = self.config, self.wte.weight
@@ -381,11 +363,11 @@ class GPT(nn.Module):
         stop_token=None, use_cache=True, generator=None, repetition_penalty=1.0,
     ):  # fmt: skip
         """
-        Yields the next token ids (B, 1) one step at a time, so a caller can print as they come, until
-        max_new_tokens or until every row has produced stop_token. With the KV cache each new token runs the
-        model on one position. The model sees at most block_size tokens: past that, the oldest fall out of
-        the window, and since every position then moves, the cache is rebuilt from the window (exactly what
-        a full recompute would see). use_cache=False recomputes the whole window every token.
+        Yields the next token ids (B, 1) one step at a time, so a caller can print as they come, until max_new_tokens or
+        until every row has produced stop_token. With the KV cache each new token runs the model on one position. The
+        model sees at most block_size tokens: past that, the oldest fall out of the window, and since every position
+        then moves, the cache is rebuilt from the window (exactly what a full recompute would see). use_cache=False
+        recomputes the whole window every token.
         """
         block_size = self.config.block_size
         caches, cached = None, 0  # cached: how many positions the cache holds
@@ -414,8 +396,6 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------- sampling
-
-
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
     """logits (B, V) of the last position -> next ids (B, 1): the most likely, or a draw from next_token_probs."""
     if greedy:
@@ -444,8 +424,8 @@ def draw(probs, generator=None):
 
 def filter_logits(logits, top_k=None, top_p=None):
     """
-    Sets to -inf every logit outside the top_k largest and outside the nucleus (Holtzman et al. 2019): the
-    smallest set of most likely tokens whose probabilities add up to at least top_p. The top token survives.
+    Sets to -inf every logit outside the top_k largest and outside the nucleus (Holtzman et al. 2019): the smallest set
+    of most likely tokens whose probabilities add up to at least top_p. The top token survives.
     """
     logits = logits.clone()
     if top_k is not None and top_k < logits.size(-1):
@@ -462,8 +442,8 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 def penalize_repetition(logits, idx, penalty):
     """
-    CTRL's repetition penalty (Keskar et al. 2019): for every token already in idx, a positive logit is
-    divided by penalty and a negative one multiplied, so with penalty > 1 a repeat always becomes less likely.
+    CTRL's repetition penalty (Keskar et al. 2019): for every token already in idx, a positive logit is divided by
+    penalty and a negative one multiplied, so with penalty > 1 a repeat always becomes less likely.
     """
     seen = torch.gather(logits, 1, idx)  # (B, T): the logits of the tokens already present
     seen = torch.where(seen > 0, seen / penalty, seen * penalty)
