@@ -21,6 +21,11 @@ Shows what a trained model learned, as numbers.
    "Tomorrow, the baby ate an apple."): the model "prefers" the tense whose phrase makes
    the rest of the sentence most likely. Accuracy per tense (chance: 1 in 12), and a
    12 x 12 picture of verb tense x preferred tense (with matplotlib).
+For a chat model (its data holds conversations), exact match instead: each held-out
+conversation's answers generated greedily and compared with the reference, per task and per
+tense asked for, beside the model it was fine-tuned from. make_tense.py's held-out file tags
+each conversation as worded like training ("seen") or by a phrasing family training never
+used ("held-out"): the two are reported side by side, with the held-out families named.
 Other models get part 1 and a one-line note.
 """
 
@@ -33,7 +38,7 @@ import numpy as np
 import torch
 
 from model import GPT
-from tensegpt import grammar
+from tensegpt import grammar, instructions
 from tensegpt.chat import decode_conversations
 from tensegpt.checkpoint import load_model
 from tensegpt.common import (
@@ -286,41 +291,58 @@ def draw_probe(counts, path):
     return True
 
 
-def instruction_accuracy(model, tokenizer, conversations):
+def instruction_accuracy(model, tokenizer, conversations, tags):
     """
-    Exact match on held-out conversations: each assistant turn is generated greedily after the
-    conversation so far (the reference's earlier turns) and compared with the reference; a
-    conversation counts when every turn matches. Overall, per instruction, per tense asked for.
+    Exact match on held-out conversations: each assistant turn is generated greedily after the conversation so
+    far (the reference's earlier turns) and compared with the reference; a conversation counts when every turn
+    matches. Overall and for each phrasing (tags' "phrasing": make_tense.py's "seen" and "held-out" families),
+    per task and per tense asked for.
     """
     table = grammar.cores()
-    rows, misses = [], []
-    for messages in conversations:
-        miss = None  # the first turn that missed: what was asked, the answer, the model's reply
+    rows = []  # (phrasing, task, tense asked, right, the first turn that missed)
+    for messages, tag in zip(conversations, tags):
+        miss = None
         for i in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
             reply = answer(model, tokenizer, messages[:i])
             if reply != messages[i]["content"]:
                 miss = {"asked": messages[i - 1]["content"], "expected": messages[i]["content"], "got": reply}
                 break  # the conversation is wrong: its later turns need not be generated
-        rows.append((grammar.task_of(messages), grammar.tense_asked(messages, table), miss is None))
-        if miss:
-            misses.append(miss)
-    share = lambda key: {
-        k: float(np.mean([r for *ks, r in rows if ks[key] == k])) for k in sorted({x[key] for x in rows})
-    }
-    return {
-        "conversations": len(rows),
-        "exact_match": float(np.mean([r for *_, r in rows])),
-        "exact_match_per_task": share(0),
-        "exact_match_per_tense": share(1),
-        "examples_wrong": misses[:10],
-    }
+        task = tag.get("task", "all")
+        tense = instructions.tense_asked(messages, table) if task != "off-task" else "other"
+        rows.append((tag.get("phrasing", "all"), task, tense, miss is None, miss, tag.get("family", "")))
+
+    def summary(rows):
+        def share(key):
+            groups = sorted({key(r) for r in rows} - {"other"})
+            return {g: float(np.mean([r[3] for r in rows if key(r) == g])) for g in groups}
+
+        return {
+            "conversations": len(rows),
+            "exact_match": float(np.mean([r[3] for r in rows])),
+            "exact_match_per_task": share(lambda r: r[1]),
+            "exact_match_per_tense": share(lambda r: r[2]),
+            "exact_match_per_family": share(lambda r: f"{r[1]}: {r[5]}"),
+            "examples_wrong": [r[4] for r in rows if r[4]][:10],
+        }
+
+    phrasings = sorted({r[0] for r in rows}, key=lambda p: (p != "seen", p))
+    return {**summary(rows), "by_phrasing": {p: summary([r for r in rows if r[0] == p]) for p in phrasings}}
 
 
 def chat_report(model, tokenizer, checkpoint, data_dir, val, meta, config, device):
     """A chat model's exact match, beside the same for the model it was fine-tuned from (template alone)."""
     conversations = decode_conversations(tokenizer, val)
-    conversations = random.Random(config["seed"]).sample(conversations, min(config["chat_samples"], len(conversations)))
-    report = {"chat": instruction_accuracy(model, tokenizer, conversations)}
+    tags = read_val_tags(data_dir, meta, len(conversations))
+    chosen = sorted(
+        random.Random(config["seed"]).sample(range(len(conversations)), min(config["chat_samples"], len(conversations)))
+    )
+    conversations, tags = [conversations[i] for i in chosen], [tags[i] for i in chosen]
+    report = {"chat": instruction_accuracy(model, tokenizer, conversations, tags)}
+    if any(t.get("phrasing") == "held-out" for t in tags):
+        report["held_out_families"] = {
+            task: [instructions.FRAMES[task][f] for f in sorted(families)]
+            for task, families in instructions.HELD_OUT.items()
+        }
     base = checkpoint.get("base") or ""
     if base.endswith(".pth") and os.path.isfile(base):
         # the base, with rows for the chat tokens made as fine-tuning made them
@@ -328,8 +350,23 @@ def chat_report(model, tokenizer, checkpoint, data_dir, val, meta, config, devic
         gpt_config, state, _ = fine_tuning_start(base, settings, meta, checkpoint["tokenizer_meta"], lambda *_: None)
         before = GPT(gpt_config).to(device).eval()
         before.load_state_dict(state)
-        report["chat_before"] = {"ckpt": base, **instruction_accuracy(before, tokenizer, conversations)}
+        report["chat_before"] = {"ckpt": base, **instruction_accuracy(before, tokenizer, conversations, tags)}
     return report
+
+
+def read_val_tags(data_dir, meta, count):
+    """Each val conversation's tags (prepare.py's val.tags.jsonl), or {} for each where the data has none."""
+    if not meta.get("val_tags"):
+        return [{}] * count
+    path = os.path.join(data_dir, meta["val_tags"])
+    try:
+        with open(path, encoding="utf-8") as f:
+            tags = [json.loads(line) for line in f]
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"cannot read {path} ({e}): run prepare.py again") from None
+    if len(tags) != count:
+        raise UserError(f"{path} tags {len(tags)} conversations, val.bin holds {count}: run prepare.py again")
+    return tags
 
 
 def main():
@@ -444,15 +481,28 @@ def show(report, config, notes):
 
 def show_chat(report):
     runs = [("fine-tuned", report["chat"])] + ([("before", report["chat_before"])] if "chat_before" in report else [])
+    phrasings = list(report["chat"]["by_phrasing"])
     n = report["chat"]["conversations"]
-    print(f"exact match on {n} held-out conversations (greedy; every turn must match):")
-    print(f"  {'':28}" + "".join(f"{name:>12}" for name, _ in runs))
+    print(f"exact match on {n} held-out conversations (greedy; every turn must match; off-task: the fixed reply):")
+    if "held_out_families" in report:
+        print("  seen: held-out sentences worded as in training; held-out: worded by families training never saw")
+    columns = [(name, p) for name, _ in runs for p in phrasings]
+    print(f"  {'':28}" + "".join(f"{name:>12}" for name, _ in columns))
+    print(f"  {'':28}" + "".join(f"{p:>12}" for _, p in columns))
+    by = {name: run["by_phrasing"] for name, run in runs}
     for key in ("exact_match_per_task", "exact_match_per_tense"):
         for k in report["chat"][key]:
-            print(f"  {k:28}" + "".join(f"{run[key].get(k, 0.0):12.1%}" for _, run in runs))
-    print(f"  {'all':28}" + "".join(f"{run['exact_match']:12.1%}" for _, run in runs))
-    for miss in report["chat"]["examples_wrong"][:3]:
-        print(f"  missed: {miss['asked']!r} -> {miss['got']!r} (expected {miss['expected']!r})")
+            print(f"  {k:28}" + "".join(cell(by[name][p][key].get(k)) for name, p in columns))
+    print(f"  {'all':28}" + "".join(cell(by[name][p]["exact_match"]) for name, p in columns))
+    for p in phrasings:
+        for miss in report["chat"]["by_phrasing"][p]["examples_wrong"][:3]:
+            print(f"  missed ({p}): {miss['asked']!r} -> {miss['got']!r} (expected {miss['expected']!r})")
+    for task, frames in report.get("held_out_families", {}).items():
+        print(f"  held-out families, {task}: " + " | ".join(frames))
+
+
+def cell(value):
+    return f"{'-':>12}" if value is None else f"{value:12.1%}"
 
 
 if __name__ == "__main__":

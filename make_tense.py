@@ -15,11 +15,14 @@ deterministic for a given seed.
 
 --task=chat writes instructions about the same grammar as conversations, for chat
 fine-tuning (docs/chat.md): rewrite a sentence into a named tense, name a sentence's tense,
-make it negative or a question, and two-turn rewrites; every instruction has exactly one
-right answer, and the held-out file's sentences (subject, verb, object) are never in the
-training file, in any tense.
+make it negative or a question, a second turn about the first answer, and one fixed reply to
+anything else; every instruction has exactly one right answer. The held-out file's sentences
+(subject, verb, object) are never in the training file, in any tense, and half of its
+conversations are worded by phrasing families the training file never uses. Each line
+carries, beside its messages, its task, phrasing family and whether that family is held out.
 
-The grammar itself (its tables, sentence() and parse()) is tensegpt/grammar.py.
+The grammar itself (its tables, sentence() and parse()) is tensegpt/grammar.py; the
+instructions and their phrasings, tensegpt/instructions.py.
 """
 
 import json
@@ -27,7 +30,8 @@ import os
 import sys
 
 from tensegpt.common import UserError, atomic_write, check_seed, main_guard, parse_config
-from tensegpt.grammar import generate, instructions, most_sentences
+from tensegpt.grammar import generate, most_sentences
+from tensegpt.instructions import instructions
 
 DEFAULTS = {
     "n": 100000,  # how many distinct sentences
@@ -69,7 +73,7 @@ def write_instructions(opts):
             f"--n={opts['n']} leaves no conversation in train or in val (a tenth is held out): use --n=100 or more"
         )
     for path, conversations in ((out, train), (val_out, val)):
-        text = "".join(json.dumps({"messages": c}) + "\n" for c in conversations)
+        text = "".join(json.dumps(c) + "\n" for c in conversations)
         atomic_write(path, lambda f, text=text: f.write(text.encode("utf-8")))
     print(f"wrote {len(train):,} conversations to {out} and {len(val):,} held out to {val_out}")
 

@@ -140,5 +140,18 @@ def numbered_contents(*paths):
                     yield f"{path} line {number}", message["content"]
 
 
+def read_tags(path):
+    """
+    For each conversation of a JSONL file that read_conversations accepted, its other keys with a plain value
+    (make_tense.py's "task", "family", "phrasing"): what eval.py groups the answers by. {} where it has none.
+    """
+    tags = []
+    with open(path, encoding="utf-8-sig") as f:
+        for line in filter(str.strip, f):
+            record = json.loads(line)
+            tags.append({k: v for k, v in record.items() if k != "messages" and isinstance(v, (str, int, float, bool))})
+    return tags
+
+
 def is_chat_file(path):
     return path.lower().endswith(".jsonl")

@@ -10,7 +10,7 @@ import torch
 from helpers import ROOT, fails, fine_tune_chat, run_script, talk, torchrun, write_jsonl
 
 from model import GPT, GPTConfig
-from tensegpt import lora
+from tensegpt import instructions, lora
 from tensegpt import tokenizer as tok
 from tensegpt.chat import CHAT_TOKENS, ChatTokenizer, decode_conversations, read_conversations
 from tensegpt.chunked_loss import IGNORE, ChunkedLoss
@@ -237,18 +237,40 @@ def test_eval_reports_exact_match_beside_the_model_before_fine_tuning(chat_run):
     out = run_script("eval.py", "--ckpt=out-chat/trained.pth", "--json=True", "--chat_samples=20", cwd=chat_run)
     report = json.loads(out.stdout)
     assert report["chat"]["conversations"] == report["chat_before"]["conversations"] == 20
-    assert set(report["chat"]["exact_match_per_task"]) <= {
-        "rewrite",
-        "name",
-        "negative",
-        "question",
-        "two-turn",
-    }
+    assert set(report["chat"]["exact_match_per_task"]) <= set(instructions.TASKS)
+    # held-out sentences worded as in training, and worded by the held-out families, side by side
+    groups = report["chat"]["by_phrasing"]
+    assert list(groups) == ["seen", "held-out"] and sum(g["conversations"] for g in groups.values()) == 20
+    assert list(report["chat_before"]["by_phrasing"]) == ["seen", "held-out"]
+    assert "convert {x} to the {tense}" in report["held_out_families"]["rewrite"]
     assert 0.0 <= report["chat_before"]["exact_match"] <= 1.0
     # the tiny model before fine-tuning misses every one: each miss names the question, answer and reply
     misses = report["chat_before"]["examples_wrong"]
     assert report["chat_before"]["exact_match"] == 0.0 and len(misses) == 10
     assert all(m["expected"] != m["got"] and m["asked"] for m in misses)
+    shown = run_script("eval.py", "--ckpt=out-chat/trained.pth", "--chat_samples=20", cwd=chat_run).stdout
+    assert "held-out families, rewrite: convert {x} to the {tense} | " in shown
+    assert shown.count("seen") >= 2 and "held-out" in shown.splitlines()[3]
+
+
+def test_prepare_keeps_each_val_conversations_tags_for_eval(tmp_path):
+    line = lambda tags: json.dumps({"messages": talk("a", "b"), **tags})
+    lines = [line({"task": "x", "phrasing": "seen"}), line({"task": "y", "phrasing": "held-out", "n": [1]})]
+    (tmp_path / "val.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "train.jsonl").write_text(line({}) + "\n" + line({}) + "\n")
+    run_script(
+        "prepare.py", "--input=train.jsonl", "--val_input=val.jsonl", "--tokenizer=char", "--out_dir=d", cwd=tmp_path
+    )
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert meta["val_tags"] == "val.tags.jsonl"
+    # plain values only: a list is not a tag
+    tags = [json.loads(line) for line in (tmp_path / "d" / "val.tags.jsonl").read_text().splitlines()]
+    assert tags == [{"task": "x", "phrasing": "seen"}, {"task": "y", "phrasing": "held-out"}]
+    # a file without tags records none
+    run_script(
+        "prepare.py", "--input=train.jsonl", "--val_input=train.jsonl", "--tokenizer=char", "--out_dir=d", cwd=tmp_path
+    )
+    assert "val_tags" not in json.loads((tmp_path / "d" / "meta.json").read_text())
 
 
 def test_chat_data_and_plain_data_are_not_mixed_up(chat_run, tiny_run):
