@@ -304,6 +304,17 @@ def test_a_mark_file_that_does_not_match_its_ids_is_one_line(chat_run, tmp_path)
     assert message.startswith("error: data-chat/train.mask.bin has ") and "run python prepare.py again" in message
 
 
+def test_val_tags_that_do_not_match_the_val_split_are_one_line(chat_run, tmp_path):
+    import shutil
+
+    shutil.copytree(chat_run / "data-chat", tmp_path / "data-chat")
+    tags = tmp_path / "data-chat" / "val.tags.jsonl"
+    tags.write_text("".join(tags.read_text().splitlines(keepends=True)[1:]))
+    ckpt = chat_run / "out-chat" / "trained.pth"
+    message = fails("eval.py", f"--ckpt={ckpt}", "--data_dir=data-chat", "--chat_samples=2", cwd=tmp_path)
+    assert "val.tags.jsonl tags" in message and "run prepare.py again" in message
+
+
 # ----------------------------------------------------------------------------- LoRA
 
 
