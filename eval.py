@@ -299,7 +299,7 @@ def instruction_accuracy(model, tokenizer, conversations, tags):
     per task and per tense asked for.
     """
     table = grammar.cores()
-    rows = []  # (phrasing, task, tense asked, right, the first turn that missed)
+    rows = []
     for messages, tag in zip(conversations, tags):
         miss = None
         for i in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
@@ -309,24 +309,27 @@ def instruction_accuracy(model, tokenizer, conversations, tags):
                 break  # the conversation is wrong: its later turns need not be generated
         task = tag.get("task", "all")
         tense = instructions.tense_asked(messages, table) if task != "off-task" else "other"
-        rows.append((tag.get("phrasing", "all"), task, tense, miss is None, miss, tag.get("family", "")))
+        family = f"{task}: {tag.get('family', '')}"
+        rows.append(
+            {"phrasing": tag.get("phrasing", "all"), "task": task, "tense": tense, "family": family, "miss": miss}
+        )
 
     def summary(rows):
         def share(key):
-            groups = sorted({key(r) for r in rows} - {"other"})
-            return {g: float(np.mean([r[3] for r in rows if key(r) == g])) for g in groups}
+            groups = sorted({r[key] for r in rows} - {"other"})
+            return {g: float(np.mean([not r["miss"] for r in rows if r[key] == g])) for g in groups}
 
         return {
             "conversations": len(rows),
-            "exact_match": float(np.mean([r[3] for r in rows])),
-            "exact_match_per_task": share(lambda r: r[1]),
-            "exact_match_per_tense": share(lambda r: r[2]),
-            "exact_match_per_family": share(lambda r: f"{r[1]}: {r[5]}"),
-            "examples_wrong": [r[4] for r in rows if r[4]][:10],
+            "exact_match": float(np.mean([not r["miss"] for r in rows])),
+            "exact_match_per_task": share("task"),
+            "exact_match_per_tense": share("tense"),
+            "exact_match_per_family": share("family"),
+            "examples_wrong": [r["miss"] for r in rows if r["miss"]][:10],
         }
 
-    phrasings = sorted({r[0] for r in rows}, key=lambda p: (p != "seen", p))
-    return {**summary(rows), "by_phrasing": {p: summary([r for r in rows if r[0] == p]) for p in phrasings}}
+    phrasings = sorted({r["phrasing"] for r in rows}, key=lambda p: (p != "seen", p))
+    return {**summary(rows), "by_phrasing": {p: summary([r for r in rows if r["phrasing"] == p]) for p in phrasings}}
 
 
 def chat_report(model, tokenizer, checkpoint, data_dir, val, meta, config, device):
