@@ -39,7 +39,7 @@ import torch
 
 from model import GPT
 from tensegpt import grammar, instructions
-from tensegpt.chat import decode_conversations
+from tensegpt.chat import decode_conversations, read_val_tags
 from tensegpt.checkpoint import load_model
 from tensegpt.common import (
     UserError,
@@ -342,10 +342,7 @@ def chat_report(model, tokenizer, checkpoint, data_dir, val, meta, config, devic
     conversations, tags = [conversations[i] for i in chosen], [tags[i] for i in chosen]
     report = {"chat": instruction_accuracy(model, tokenizer, conversations, tags)}
     if any(t.get("phrasing") == "held-out" for t in tags):
-        report["held_out_families"] = {
-            task: [instructions.FRAMES[task][f] for f in sorted(families)]
-            for task, families in instructions.HELD_OUT.items()
-        }
+        report["held_out_families"] = instructions.held_out_frames()
     base = checkpoint.get("base") or ""
     if base.endswith(".pth") and os.path.isfile(base):
         # the base, with rows for the chat tokens made as fine-tuning made them
@@ -355,21 +352,6 @@ def chat_report(model, tokenizer, checkpoint, data_dir, val, meta, config, devic
         before.load_state_dict(state)
         report["chat_before"] = {"ckpt": base, **instruction_accuracy(before, tokenizer, conversations, tags)}
     return report
-
-
-def read_val_tags(data_dir, meta, count):
-    """Each val conversation's tags (prepare.py's val.tags.jsonl), or {} for each where the data has none."""
-    if not meta.get("val_tags"):
-        return [{}] * count
-    path = os.path.join(data_dir, meta["val_tags"])
-    try:
-        with open(path, encoding="utf-8") as f:
-            tags = [json.loads(line) for line in f]
-    except (OSError, ValueError, RecursionError) as e:
-        raise UserError(f"cannot read {path} ({e}): run prepare.py again") from None
-    if len(tags) != count:
-        raise UserError(f"{path} tags {len(tags)} conversations, val.bin holds {count}: run prepare.py again")
-    return tags
 
 
 def main():

@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from tensegpt import tokenizer as tok
-from tensegpt.chat import ChatTokenizer, is_chat_file, numbered_contents, read_conversations, read_tags
+from tensegpt.chat import ChatTokenizer, is_chat_file, numbered_contents, read_records
 from tensegpt.common import (
     UserError,
     atomic_write,
@@ -304,19 +304,18 @@ def prepare_chat(config):
     """
     path, out_dir, kind = config["input"], config["out_dir"], config["tokenizer"]
     check_writable_folder(out_dir, "out_dir")
-    conversations = {"train": read_conversations(path)}
-    tags = {"train": read_tags(path)}
+    # (messages, tags) of each conversation
+    records = {"train": read_records(path)}
     if config["val_input"]:
-        conversations["val"] = read_conversations(config["val_input"])
-        tags["val"] = read_tags(config["val_input"])
+        records["val"] = read_records(config["val_input"])
     else:
-        every, every_tags = conversations.pop("train"), tags.pop("train")
+        every = records.pop("train")
         if len(every) < 2:
             raise UserError(f"{path} holds 1 conversation; train and val need at least one each: add more")
         is_val = choose_val(len(every), config)
-        for split in ("train", "val"):
-            conversations[split] = [c for c, v in zip(every, is_val) if v == (split == "val")]
-            tags[split] = [t for t, v in zip(every_tags, is_val) if v == (split == "val")]
+        records = {split: [r for r, v in zip(every, is_val) if v == (split == "val")] for split in ("train", "val")}
+    conversations = {split: [messages for messages, _ in rs] for split, rs in records.items()}
+    val_tags = [tags for _, tags in records["val"]]
 
     # the vocabulary: the base model's (--vocab_from), or built from the train conversations' text
     if config["vocab_from"]:
@@ -343,9 +342,9 @@ def prepare_chat(config):
         meta[f"{split}_bytes"] = text_bytes
     meta["example"] = "conversation"
     meta["split"] = "file" if config["val_input"] else ("last" if config["split"] == "last" else "random")
-    if any(tags["val"]):
+    if any(val_tags):
         # each val conversation's other keys (make_tense.py's task and phrasing family), for eval.py's groups
-        text = "".join(json.dumps(t) + "\n" for t in tags["val"])
+        text = "".join(json.dumps(t) + "\n" for t in val_tags)
         atomic_write(os.path.join(out_dir, "val.tags.jsonl"), lambda f: f.write(text.encode("utf-8")))
         meta["val_tags"] = "val.tags.jsonl"
     write_outputs(out_dir, outputs, meta)

@@ -16,6 +16,7 @@ or BPE pieces), never the special token: only the template makes those.
 """
 
 import json
+import os
 
 from tensegpt.common import UserError
 
@@ -85,6 +86,14 @@ def decode_conversations(tokenizer, ids):
 
 def read_conversations(path):
     """[messages] of a JSONL file, each checked; a UserError names the line and what is wrong."""
+    return [messages for messages, _ in read_records(path)]
+
+
+def read_records(path):
+    """
+    [(messages, tags)] of a JSONL file, each checked as read_conversations says. tags: the line's other keys with
+    a plain value (make_tense.py's "task", "family", "phrasing"), what eval.py groups the answers by; {} if none.
+    """
     conversations = []
     try:
         with open(path, encoding="utf-8-sig") as f:  # a byte-order mark marks the encoding; it is not text
@@ -125,7 +134,8 @@ def read_conversations(path):
         empty = [i for i, m in enumerate(messages, 1) if m["role"] == "assistant" and not m["content"].strip()]
         if empty:
             raise UserError(f"{where}: assistant message {empty[0]} is empty: nothing to learn from it")
-        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+        tags = {k: v for k, v in record.items() if k != "messages" and isinstance(v, (str, int, float, bool))}
+        conversations.append(([{"role": m["role"], "content": m["content"]} for m in messages], tags))
     if not conversations:
         raise UserError(f"{path} holds no conversation: write one JSON object a line")
     return conversations
@@ -140,16 +150,18 @@ def numbered_contents(*paths):
                     yield f"{path} line {number}", message["content"]
 
 
-def read_tags(path):
-    """
-    For each conversation of a JSONL file that read_conversations accepted, its other keys with a plain value
-    (make_tense.py's "task", "family", "phrasing"): what eval.py groups the answers by. {} where it has none.
-    """
-    tags = []
-    with open(path, encoding="utf-8-sig") as f:
-        for line in filter(str.strip, f):
-            record = json.loads(line)
-            tags.append({k: v for k, v in record.items() if k != "messages" and isinstance(v, (str, int, float, bool))})
+def read_val_tags(data_dir, meta, count):
+    """Each val conversation's tags (prepare.py's val.tags.jsonl), or {} for each where the data has none."""
+    if not meta.get("val_tags"):
+        return [{}] * count
+    path = os.path.join(data_dir, meta["val_tags"])
+    try:
+        with open(path, encoding="utf-8") as f:
+            tags = [json.loads(line) for line in f]
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"cannot read {path} ({e}): run prepare.py again") from None
+    if len(tags) != count:
+        raise UserError(f"{path} tags {len(tags)} conversations, val.bin holds {count}: run prepare.py again")
     return tags
 
 

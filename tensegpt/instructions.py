@@ -180,7 +180,7 @@ REFUSAL = "I can only rewrite, negate, question or name the tense of English sen
 SYSTEM = "You rewrite English sentences exactly as asked."
 # the tasks in the shares make_tense.py writes them (off-task replies are one in eleven)
 TASK_CYCLE = ["rewrite", "name", "negative", "question", "two-turn"] * 2 + ["off-task"]
-TASKS = ["rewrite", "name", "negative", "question", "two-turn", "off-task"]
+TASKS = list(dict.fromkeys(TASK_CYCLE))
 
 # ----------------------------------------------------------------------------- styles
 
@@ -205,15 +205,26 @@ POLITE = [
 TENSE_WORDS = ["{tense}", "{tense} tense", "{Tense}"]
 
 
+def wrappers(frame):
+    """The politeness a frame takes: an imperative any of POLITE, a question, greeting or fragment none."""
+    return ["{}"] if frame.endswith(("?", "!", ".")) else POLITE
+
+
+def marks(frame, how):
+    """The final marks a request may end with, each with how often random_style draws it."""
+    if frame.endswith("?") or how.endswith("?"):
+        return {"?": 0.85, "": 0.15}
+    return {".": 0.75, "!": 0.1, "": 0.15}
+
+
 def styles(frame):
     """Every style a frame can be dressed in: (placement, pointer, politeness, capital, tense words, mark)."""
-    question = frame.endswith("?")
     placements = list(POINTERS) if "{x}" in frame else [None]
-    polite = ["{}"] if frame.endswith(("?", "!", ".")) else POLITE
-    for placement, how, capital, tense_words in itertools.product(placements, polite, (True, False), TENSE_WORDS):
-        asks = question or how.endswith("?")
+    for placement, how, capital, tense_words in itertools.product(
+        placements, wrappers(frame), (True, False), TENSE_WORDS
+    ):
         for pointer in POINTERS[placement] if placement else [None]:
-            for mark in ("?", "") if asks else (".", "!", ""):
+            for mark in marks(frame, how):
                 yield placement, pointer, how, capital, tense_words, mark
 
 
@@ -221,9 +232,10 @@ def random_style(rng, frame):
     """One style, drawn with the common ones more often: a capital letter, a full stop, the plain tense name."""
     placement = rng.choice(list(POINTERS)) if "{x}" in frame else None
     pointer = rng.choice(POINTERS[placement]) if placement else None
-    how = "{}" if frame.endswith(("?", "!", ".")) or rng.random() < 0.5 else rng.choice(POLITE[1:])
-    asks = frame.endswith("?") or how.endswith("?")
-    mark = rng.choices(["?", ""], [0.85, 0.15])[0] if asks else rng.choices([".", "!", ""], [0.75, 0.1, 0.15])[0]
+    polite = wrappers(frame)
+    how = "{}" if len(polite) == 1 or rng.random() < 0.5 else rng.choice(polite[1:])
+    mark_weights = marks(frame, how)
+    mark = rng.choices(list(mark_weights), list(mark_weights.values()))[0]
     tense_words = rng.choices(TENSE_WORDS, [0.6, 0.25, 0.15])[0]
     return placement, pointer, how, rng.random() < 0.85, tense_words, mark
 
@@ -358,6 +370,11 @@ def instructions(n, seed, val_fraction=0.1):
         task = TASK_CYCLE[i % len(TASK_CYCLE)]
         out[split].append(conversation(rng, rng.choice(pools[split]), task, held_out=unseen))
     return out["train"], out["val"]
+
+
+def held_out_frames():
+    """{task: the frames of its held-out families}: what eval.py names as held out."""
+    return {task: [FRAMES[task][f] for f in sorted(families)] for task, families in HELD_OUT.items()}
 
 
 def family_pattern(task, family):
