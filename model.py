@@ -117,10 +117,10 @@ def rotate(x, positions):
 
 
 class RMSNorm(nn.RMSNorm):
-    # under bfloat16 autocast the input is bfloat16 and the gain float32: normalise in float32, as autocast runs
-    # LayerNorm (and as Llama does), which is also the fused kernel's case
+    # in bfloat16 (autocast, or a server's bfloat16 weights) normalise in float32, as autocast runs LayerNorm (and as
+    # Llama does); input and gain of one dtype are also the fused kernel's case
     def forward(self, x):
-        return super().forward(x.float()).type_as(x)
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).type_as(x)
 
 
 def make_norm(config, size):

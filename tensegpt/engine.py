@@ -20,6 +20,7 @@ asyncio loop).
 """
 
 import collections
+import statistics
 import sys
 import threading
 import time
@@ -231,3 +232,21 @@ class Engine:
             self.free.append(sequence.slot)
             self.free.sort()
             sequence.slot = None
+
+
+def step_seconds(model, rows, steps=10):
+    """Median seconds of one engine step with `rows` sequences decoding, the engine's busiest case."""
+    engine = Engine(model, max_batch=rows)
+    quiet = dict(on_token=lambda token: None, on_finish=lambda reason: None)
+    engine.submit(*[Sequence([1] * 8, 10**9, frozenset(), temperature=0.8, seed=i, **quiet) for i in range(rows)])
+    # every sequence must last all the steps: 8 prompt positions, 4 untimed steps, the timed ones, within the context
+    steps = max(1, min(steps, model.config.block_size - 8 - 4 - 1))
+    # admit and prefill, then a few untimed steps
+    for _ in range(4):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

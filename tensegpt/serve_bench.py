@@ -17,15 +17,16 @@ the ceiling that batching can reach on this machine. It is a benchmark: nothing 
 a speed.
 """
 
+import asyncio
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
+import aiohttp
 import httpx
 import torch
 
@@ -35,7 +36,8 @@ sys.path.insert(0, ROOT)
 from model import GPT, GPTConfig  # noqa: E402
 from tensegpt.checkpoint import load_model, save  # noqa: E402
 from tensegpt.common import parse_config  # noqa: E402
-from tensegpt.engine import Engine, Sequence  # noqa: E402
+from tensegpt.engine import step_seconds  # noqa: E402
+from tensegpt.server import serving_dtype  # noqa: E402
 from tensegpt.tokenizer import GPT2  # noqa: E402
 
 DEFAULTS = {
@@ -47,6 +49,8 @@ DEFAULTS = {
     "stream": True,  # False: whole answers, no per-token HTTP cost (TTFT is then the whole request)
     "load_requests": 0,  # > 0: the load test instead, with this many requests
     "port": 8765,
+    "dtype": "auto",  # serve.py's --dtype (and the engine's alone)
+    "threads": 0,  # serve.py's --threads (and the engine's alone); 0: serve.py's own choice
     "engine_only": False,  # True: the engine alone, in this process, at each --streams number of rows
 }
 CHAT_REQUESTS = [
@@ -69,9 +73,10 @@ def gpt2_checkpoint(folder):
     return path
 
 
-def start_server(ckpt, port, log):
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt={ckpt}", f"--port={port}"],
-                               stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+def start_server(ckpt, port, options, log):
+    command = [sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt={ckpt}", f"--port={port}"]
+    command += [f"--{key}={options[key]}" for key in ("dtype", "threads")]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(600):
         try:
             card = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).json()["data"][0]
@@ -89,14 +94,14 @@ def request_body(card, i, max_tokens, stream=True):
     return {**body, "prompt": TEXT_PROMPTS[i % len(TEXT_PROMPTS)]}
 
 
-def streamed(client, url, body):
+async def streamed(session, url, body):
     """(time to first token, gaps between tokens, tokens) of one streamed request."""
     start, times, tokens = time.perf_counter(), [], 0
-    with client.stream("POST", url, json={**body, "stream_options": {"include_usage": True}}) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"the server refused a request: {response.read().decode()}")
-        for line in response.iter_lines():
-            if not line.startswith("data: {"):
+    async with session.post(url, json={**body, "stream_options": {"include_usage": True}}) as response:
+        if response.status != 200:
+            raise RuntimeError(f"the server refused a request: {await response.text()}")
+        async for line in response.content:
+            if not line.startswith(b"data: {"):
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
@@ -108,49 +113,63 @@ def streamed(client, url, body):
     return times[0] - start, [b - a for a, b in zip(times, times[1:])], tokens
 
 
-def whole(client, url, body):
+async def whole(session, url, body):
     """(time to the whole answer, no gaps, tokens) of one request answered whole."""
     start = time.perf_counter()
-    reply = client.post(url, json={**body, "stream": False}).json()
+    async with session.post(url, json={**body, "stream": False}) as response:
+        reply = await response.json()
     return time.perf_counter() - start, [], reply["usage"]["completion_tokens"]
 
 
 def run_clients(clients, n_requests, request):
-    """Requests 0..n_requests-1 from `clients` concurrent clients, each taking the next as its last ends."""
-    queue, lock = list(range(n_requests)), threading.Lock()
+    """
+    Requests 0..n_requests-1 from `clients` concurrent clients, each taking the next as its last
+    ends: request(session, i) coroutines on one event loop, so the clients cost this process
+    little (threads of a blocking client would fight over the GIL and take a core from the server).
+    """
+    queue = list(range(n_requests))
 
-    def client_loop():
-        with httpx.Client(timeout=120) as client:
-            while True:
-                with lock:
-                    if not queue:
-                        return
-                    i = queue.pop(0)
-                request(client, i)
+    async def client_loop(session):
+        while queue:
+            await request(session, queue.pop(0))
 
-    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    async def all_clients():
+        connector = aiohttp.TCPConnector(limit=clients)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+            await asyncio.gather(*[client_loop(session) for _ in range(clients)])
+
+    asyncio.run(all_clients())
 
 
-def serve_requests(url, card, clients, n_requests, max_tokens, stream=True):
-    """n_requests streamed requests from `clients` concurrent clients: the figures of one row."""
+def cpu_seconds(pid):
+    """User and system CPU time of a process so far, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def serve_requests(url, card, clients, n_requests, max_tokens, stream=True, pid=None):
+    """n_requests requests from `clients` concurrent clients: the figures of one row."""
     path = url + ("/v1/chat/completions" if card["chat"] else "/v1/completions")
     results, measure = [], streamed if stream else whole
+
+    async def one(session, i):
+        results.append(await measure(session, path, request_body(card, i, max_tokens)))
+
+    server_cpu, client_cpu = cpu_seconds(pid), time.process_time()
     start = time.perf_counter()
-    run_clients(
-        clients, n_requests, lambda client, i: results.append(measure(client, path, request_body(card, i, max_tokens)))
-    )
+    run_clients(clients, n_requests, one)
     seconds = time.perf_counter() - start
+    server_cpu, client_cpu = cpu_seconds(pid) - server_cpu, time.process_time() - client_cpu
     ttft = [r[0] * 1000 for r in results]
     gaps = [g * 1000 for r in results for g in r[1]] or [float("nan")]
     tokens = sum(r[2] for r in results)
     pct = lambda xs, q: statistics.quantiles(xs, n=20)[18] if q == 95 and len(xs) > 1 else statistics.median(xs)
+    # cores busy: CPU seconds per second of the row, the server's and the clients'
     return {"clients": clients, "requests": n_requests, "tokens": tokens, "seconds": seconds,
             "tokens_per_sec": tokens / seconds, "ttft_p50_ms": pct(ttft, 50), "ttft_p95_ms": pct(ttft, 95),
-            "itl_p50_ms": pct(gaps, 50), "itl_p95_ms": pct(gaps, 95)}  # fmt: skip
+            "itl_p50_ms": pct(gaps, 50), "itl_p95_ms": pct(gaps, 95),
+            "server_cpu": server_cpu / seconds, "client_cpu": client_cpu / seconds}  # fmt: skip
 
 
 def rss_mb(pid):
@@ -161,32 +180,30 @@ def rss_mb(pid):
 def load_test(url, card, pid, n_requests, max_tokens, clients=8):
     """n_requests from `clients` clients: every third not streamed, every fifth abandoned after its first piece."""
     path = url + ("/v1/chat/completions" if card["chat"] else "/v1/completions")
-    outcomes, lock = {"complete": 0, "abandoned": 0, "error": 0, "lost": 0}, threading.Lock()
+    outcomes = {"complete": 0, "abandoned": 0, "error": 0, "lost": 0}
     memory = [rss_mb(pid)]
 
-    def one(client, i):
+    async def one(session, i):
         body = request_body(card, i, max_tokens, stream=i % 3 != 0)
-        if not body["stream"]:
-            response = client.post(path, json=body)
-            ok = response.status_code == 200 and response.json()["choices"][0]["finish_reason"] in ("stop", "length")
-            return "complete" if ok else ("error" if "error" in response.json() else "lost")
-        with client.stream("POST", path, json=body) as response:
-            if response.status_code != 200:
-                response.read()
-                return "error" if "error" in response.json() else "lost"
-            if i % 5 == 0:
-                for line in response.iter_lines():
-                    if line.startswith("data: {"):
+        async with session.post(path, json=body) as response:
+            if response.status != 200 or not body["stream"]:
+                reply = await response.json()
+                ok = response.status == 200 and reply["choices"][0]["finish_reason"] in ("stop", "length")
+                return "complete" if ok else ("error" if "error" in reply else "lost")
+            events = []
+            async for line in response.content:
+                if line.startswith(b"data: "):
+                    events.append(line.strip())
+                    if i % 5 == 0:
+                        # hang up after the first piece: the server must free the slot
+                        response.close()
                         return "abandoned"
-            events = [line for line in response.iter_lines() if line.startswith("data: ")]
-            return "complete" if events and events[-1] == "data: [DONE]" else "lost"
+            return "complete" if events and events[-1] == b"data: [DONE]" else "lost"
 
-    def counted(client, i):
-        outcome = one(client, i)
-        with lock:
-            outcomes[outcome] += 1
-            if sum(outcomes.values()) % 50 == 0:
-                memory.append(rss_mb(pid))
+    async def counted(session, i):
+        outcomes[await one(session, i)] += 1
+        if sum(outcomes.values()) % 50 == 0:
+            memory.append(rss_mb(pid))
 
     run_clients(clients, n_requests, counted)
     memory.append(rss_mb(pid))
@@ -195,18 +212,7 @@ def load_test(url, card, pid, n_requests, max_tokens, clients=8):
 
 def engine_alone(model, rows, steps=20):
     """ms per decode step and tokens/s of the engine with `rows` sequences decoding, no HTTP."""
-    engine = Engine(model, max_batch=rows)
-    quiet = dict(on_token=lambda token: None, on_finish=lambda reason: None)
-    engine.submit(*[Sequence([1] * 8, 10**9, frozenset(), temperature=0.8, seed=i, **quiet) for i in range(rows)])
-    # admit and prefill, then a few untimed steps
-    for _ in range(4):
-        engine.step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - start)
-    ms = 1000 * statistics.median(times)
+    ms = 1000 * step_seconds(model, rows, steps)
     return {"rows": rows, "ms_per_step": ms, "tokens_per_sec": rows / ms * 1000}
 
 
@@ -215,9 +221,13 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         ckpt = gpt2_checkpoint(folder) if config["gpt2"] else config["ckpt"]
         if config["engine_only"]:
+            # no event loop to leave a core for: every core, unless --threads says otherwise
+            torch.set_num_threads(config["threads"] or torch.get_num_threads())
             model = load_model(ckpt)[0]
+            dtype = serving_dtype(model, config["dtype"], int(config["streams"].split(",")[-1]), "cpu")
+            model.to(getattr(torch, dtype))
             rows = [engine_alone(model, int(c)) for c in config["streams"].split(",")]
-            print(f"the engine alone, {torch.get_num_threads()} torch threads")
+            print(f"the engine alone, {dtype}, {torch.get_num_threads()} torch threads")
             print("rows | ms per step | tokens/s | x one row")
             for r in rows:
                 speedup = r["tokens_per_sec"] / rows[0]["tokens_per_sec"]
@@ -225,11 +235,12 @@ def main():
             return
         log_path = os.path.join(folder, "serve.log")
         with open(log_path, "w") as log:
-            process, card = start_server(ckpt, config["port"], log)
+            process, card = start_server(ckpt, config["port"], config, log)
         url = f"http://127.0.0.1:{config['port']}"
         try:
-            print(f"serving {card['id']} ({'chat' if card['chat'] else 'completions'}), torch threads "
-                  f"{torch.get_num_threads()}, {os.cpu_count()} cores")  # fmt: skip
+            with open(log_path) as f:
+                # serve.py's first line: the model, its dtype and threads
+                print(f.readline().strip() + f"; {os.cpu_count()} cores")
             if config["load_requests"]:
                 report = load_test(url, card, process.pid, config["load_requests"], config["max_tokens"])
                 with open(log_path) as f:
@@ -237,16 +248,18 @@ def main():
                 print(json.dumps(report))
                 return
             # one warm-up request: the first pays for lazy initialisation
-            serve_requests(url, card, 1, 1, config["max_tokens"])
-            rows = [serve_requests(url, card, int(c), config["requests"], config["max_tokens"], config["stream"])
-                    for c in config["streams"].split(",")]  # fmt: skip
+            serve_requests(url, card, 1, 1, config["max_tokens"], pid=process.pid)
+            rows = [serve_requests(url, card, int(c), config["requests"], config["max_tokens"], config["stream"],
+                                   process.pid) for c in config["streams"].split(",")]  # fmt: skip
             alone = rows[0]["tokens_per_sec"]
-            print("clients | tokens/s | x one at a time | TTFT p50 / p95 ms | between tokens p50 / p95 ms")
+            print("clients | tokens/s | x one at a time | TTFT p50 / p95 ms | between tokens p50 / p95 ms | "
+                  "cores busy: server, clients")  # fmt: skip
             for r in rows:
                 ttft = f"{r['ttft_p50_ms']:7.1f} / {r['ttft_p95_ms']:7.1f}"
                 itl = f"{r['itl_p50_ms']:6.1f} / {r['itl_p95_ms']:6.1f}"
                 speedup = r["tokens_per_sec"] / alone
-                print(f"{r['clients']:>7} | {r['tokens_per_sec']:8.1f} | {speedup:15.2f} | {ttft} | {itl}")
+                cpu = f"{r['server_cpu']:.2f}, {r['client_cpu']:.2f}"
+                print(f"{r['clients']:>7} | {r['tokens_per_sec']:8.1f} | {speedup:15.2f} | {ttft} | {itl} | {cpu}")
         finally:
             process.terminate()
             process.wait(timeout=60)

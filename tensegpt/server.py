@@ -9,19 +9,22 @@ to a value out of range, is answered in OpenAI's shape with status 400:
 """
 
 import asyncio
+import copy
 import hmac
 import json
 import time
 import uuid
 from typing import Literal
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
-from tensegpt.engine import QueueFull, Sequence
+from tensegpt.engine import QueueFull, Sequence, step_seconds
+from tensegpt.hardware import pick_dtype
 
 # ----------------------------------------------------------------------------- requests
 
@@ -190,6 +193,29 @@ def check_key(request: Request, api_key):
         raise ApiError(
             401, "a valid API key is required: send 'Authorization: Bearer KEY'", kind="authentication_error"
         )
+
+
+def model_threads(requested=0):
+    """
+    torch's threads for the model: requested, or with 0 one fewer than torch's default (the
+    cores), at least 1. The event loop that turns every token into HTTP needs a core of its
+    own: left all of them, torch's threads wait on each other at every operation while the
+    loop waits for a core (docs/serving.md measures both).
+    """
+    return requested or max(1, torch.get_num_threads() - 1)
+
+
+def serving_dtype(model, name, rows, device):
+    """
+    The dtype to serve in: name, or for 'auto' bfloat16 on GPUs that have it and, on a CPU,
+    whichever of float32 and bfloat16 makes the faster step of `rows` decoding sequences of
+    this model, timed here: bfloat16 halves the bytes a step reads and pays off on CPUs with
+    bfloat16 matmuls, for matrices large enough; a small model's steps are mostly overhead.
+    """
+    if name != "auto" or device != "cpu":
+        return pick_dtype(name, device)
+    times = {dtype: step_seconds(copy.deepcopy(model).to(dtype), rows) for dtype in (torch.float32, torch.bfloat16)}
+    return str(min(times, key=times.get)).removeprefix("torch.")
 
 
 # ----------------------------------------------------------------------------- one request's generation

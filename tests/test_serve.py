@@ -388,6 +388,39 @@ def test_serve_py_refuses_bad_options_in_one_line(tmp_path):
     )
     result = run_script("serve.py", "--max_batch=0", cwd=tmp_path, check=False)
     assert result.returncode == 1 and "--max_batch must be at least 1 (got 0)" in result.stderr
+    result = run_script("serve.py", "--dtype=half", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        "error: --dtype must be auto, float32, bfloat16 or float16 (got 'half')"
+    )
+    result = run_script("serve.py", "--threads=-1", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and result.stderr.strip() == "error: --threads must be 0 (auto) or more (got -1)"
+
+
+def test_the_serving_benchmark_measures_every_row_and_loses_no_request(chat_ckpt):
+    def bench(*args):
+        command = [sys.executable, "-m", "tensegpt.serve_bench", f"--ckpt={chat_ckpt}", f"--port={free_port()}", *args]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()
+
+    lines = bench("--streams=1,3", "--requests=6", "--max_tokens=4")
+    # serve.py's first line names what it chose, then a row per number of clients
+    assert lines[0].startswith("serving ") and "(chat; " in lines[0] and "torch threads on cpu" in lines[0]
+    rows = [line.split("|") for line in lines[2:]]
+    assert [int(row[0]) for row in rows] == [1, 3] and all(float(row[1]) > 0 for row in rows)
+    assert float(rows[0][2]) == 1.0
+    report = json.loads(bench("--load_requests=10", "--max_tokens=4")[-1])
+    # every fifth request (0 and 5) hangs up after its first piece; the rest end complete
+    assert {k: report[k] for k in ("complete", "abandoned", "error", "lost", "tracebacks_in_log")} == {
+        "complete": 8,
+        "abandoned": 2,
+        "error": 0,
+        "lost": 0,
+        "tracebacks_in_log": 0,
+    }
+    engine = bench("--engine_only=True", "--streams=1,2")
+    assert engine[0].startswith("the engine alone")
+    assert [line.split("|")[0].strip() for line in engine[2:]] == ["1", "2"]
 
 
 # ----------------------------------------------------------------------------- the page, in a real browser
