@@ -52,7 +52,7 @@ from tensegpt.common import (
     save_figure,
 )
 from tensegpt.data import open_split
-from tensegpt.decoding import answer
+from tensegpt.decoding import greedy_answers
 from tensegpt.loss_eval import held_out_loss
 from tensegpt.run_setup import fine_tuning_start
 from tensegpt.tokenizer import decode_examples, read_meta
@@ -299,14 +299,17 @@ def instruction_accuracy(model, tokenizer, conversations, tags):
     per task and per tense asked for.
     """
     table = grammar.cores()
+    # every assistant turn of every conversation, after the reference's turns before it, answered in one batch
+    turns = [(c, i) for c, conv in enumerate(conversations) for i, m in enumerate(conv) if m["role"] == "assistant"]
+    replies = dict(zip(turns, greedy_answers(model, tokenizer, [conversations[c][:i] for c, i in turns])))
     rows = []
-    for messages, tag in zip(conversations, tags):
+    for c, (messages, tag) in enumerate(zip(conversations, tags)):
+        # the conversation's first wrong turn, if any
+        wrong = [i for i, m in enumerate(messages) if m["role"] == "assistant" and replies[c, i] != m["content"]]
         miss = None
-        for i in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
-            reply = answer(model, tokenizer, messages[:i])
-            if reply != messages[i]["content"]:
-                miss = {"asked": messages[i - 1]["content"], "expected": messages[i]["content"], "got": reply}
-                break  # the conversation is wrong: its later turns need not be generated
+        if wrong:
+            i = wrong[0]
+            miss = {"asked": messages[i - 1]["content"], "expected": messages[i]["content"], "got": replies[c, i]}
         task = tag.get("task", "all")
         tense = instructions.tense_asked(messages, table) if task != "off-task" else "other"
         family = f"{task}: {tag.get('family', '')}"

@@ -463,3 +463,19 @@ def test_the_chat_history_drops_its_oldest_turns_whole_to_fit_the_context():
     kept = fit_history(tokenizer, history, room=len(tokenizer.prompt(system + history[3:])))
     assert kept == system + history[3:]  # the first question and its answer left together; the system stays
     assert fit_history(tokenizer, history, room=10**6) == history
+
+
+def test_answers_in_a_batch_are_the_answers_one_at_a_time():
+    """eval.py's exact match answers every turn in one batch (greedy_answers): the texts answer() gives alone."""
+    from tensegpt.decoding import answer, greedy_answers
+
+    tokenizer = ChatTokenizer(tok.Char.from_counts({c: 1 for c in "abcdefgh ."}))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=16)).eval()
+    texts = ["abc def", "h", "gg. a b c d e f", "da", "bad cafe. fed", "e e e"]
+    conversations = [[{"role": "user", "content": t}] for t in texts]
+    conversations.append([*conversations[0], {"role": "assistant", "content": "ace"}, {"role": "user", "content": "b"}])
+    alone = [answer(model, tokenizer, messages, max_new_tokens=12) for messages in conversations]
+    # 3 rows for 7 conversations: some join as others leave
+    assert greedy_answers(model, tokenizer, conversations, max_new_tokens=12, max_batch=3) == alone
+    assert len(set(alone)) > 3 and max(map(len, alone)) > 3
