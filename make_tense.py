@@ -10,7 +10,9 @@ suits the verb, one of twelve tenses, one of three forms (affirmative, negative,
 question) and, most of the time, a time phrase that agrees with the tense
 ("yesterday" only with the past simple, "by tomorrow" only with the future perfect).
 A statement puts its time phrase first some of the time, with the comma English uses
-("Yesterday, the baby ate an apple."); a question keeps it last. The output is
+("Yesterday, the baby ate an apple."); a question keeps it last. Half of the sentences
+(--siblings) are followed by a sibling, the same subject, verb and object in the next tense,
+so the text teaches copying words from the context (docs/preparing-data.md). The output is
 deterministic for a given seed.
 
 --task=chat writes instructions about the same grammar as conversations, for chat
@@ -38,6 +40,7 @@ DEFAULTS = {
     "seed": 1337,  # the same seed gives the same file (0 to 2**32 - 1)
     "out": "tense.txt",  # the file to write
     "time_first": 0.7,  # share of statements with a time phrase put first (docs/preparing-data.md: why)
+    "siblings": 0.5,  # share of sentences followed by one with the same words in another tense (docs/preparing-data.md)
     "task": "sentences",  # 'sentences' (tense.txt) or 'chat' (instruction conversations as .jsonl)
 }
 
@@ -50,14 +53,15 @@ def main():
         raise UserError(
             f"--n must be between 1 and {most:,} (the distinct sentences the grammar draws quickly), got {opts['n']}"
         )
-    if not 0.0 <= opts["time_first"] <= 1.0:
-        raise UserError(f"--time_first must be between 0 and 1, got {opts['time_first']}")
+    for key in ("time_first", "siblings"):
+        if not 0.0 <= opts[key] <= 1.0:
+            raise UserError(f"--{key} must be between 0 and 1, got {opts[key]}")
     if opts["task"] == "chat":
         write_instructions(opts)
         return
     if opts["task"] != "sentences":
         raise UserError(f"--task must be sentences or chat, got {opts['task']!r}")
-    lines = generate(opts["n"], opts["seed"], opts["time_first"])
+    lines = generate(opts["n"], opts["seed"], opts["time_first"], opts["siblings"])
     atomic_write(opts["out"], lambda f: f.write(("\n".join(lines) + "\n").encode("utf-8")))
     print(f"wrote {len(lines):,} sentences to {opts['out']}")
 

@@ -202,27 +202,45 @@ def most_sentences():
     return len(TENSES) * (smallest // 2)
 
 
-def generate(n, seed, time_first=0.7):
+def generate(n, seed, time_first=0.7, siblings=0.0):
+    """
+    n distinct sentences, shuffled. siblings: the share of sentences followed by a sibling,
+    the same subject, verb and object in another tense (its own form and time phrase): text in which the
+    next line often repeats words of the last one, so a model trained on it learns to copy
+    from its context (docs/preparing-data.md: what that buys chat fine-tuning).
+    """
     rng = random.Random(seed)
-    seen, out = set(), []
+    seen, groups, count = set(), [], 0
     # Sample combinations until n distinct sentences; every tense and form is drawn
     # uniformly so all twelve tenses get the same share of the data.
     can_do = {kind: [v for v in VERBS if kind in v[2]] for _, _, kind in SUBJECTS}
-    while len(out) < n:
+    while count < n:
         # every subject an equal share, with a verb it can do: the dog's 5 verbs are seen as
         # often as an adult's 36, so the model learns what a dog does not do
         subject, person, kind = rng.choice(SUBJECTS)
         verb, objects, who = rng.choice(can_do[kind])
-        tense = TENSES[len(out) % len(TENSES)]
+        tense = TENSES[count % len(TENSES)]
         form = rng.choice(["affirmative", "affirmative", "negative", "question"])
         obj = rng.choice(objects)
         time = rng.choice(TIMES[tense]) if rng.random() < 0.8 else ""
         text = sentence(subject, person, verb, obj, tense, form, time, time_first=rng.random() < time_first)
-        if text not in seen:
-            seen.add(text)
-            out.append(text)
-    rng.shuffle(out)  # no pattern in the order (the tenses were drawn in turn)
-    return out
+        if text in seen:
+            continue
+        seen.add(text)
+        group, count = [text], count + 1
+        if siblings and count < n and rng.random() < siblings:
+            # the next tense in turn: another tense than its sentence's, and the shares stay equal
+            tense = TENSES[count % len(TENSES)]
+            form = rng.choice(["affirmative", "affirmative", "negative", "question"])
+            time = rng.choice(TIMES[tense]) if rng.random() < 0.8 else ""
+            text = sentence(subject, person, verb, obj, tense, form, time, time_first=rng.random() < time_first)
+            if text not in seen:
+                seen.add(text)
+                group, count = group + [text], count + 1
+        groups.append(group)
+    # no pattern in the order (the tenses were drawn in turn); a sibling stays after its sentence
+    rng.shuffle(groups)
+    return [text for group in groups for text in group]
 
 
 PHRASE_TENSES = {}  # time phrase -> the tenses it agrees with ("today": present continuous and perfect)

@@ -32,6 +32,31 @@ def test_the_grammar_accepts_every_line_of_tense_txt(table):
     assert max(counts) - min(counts) <= 30 and sum(counts) == len(lines)
 
 
+def test_siblings_repeat_a_sentences_words_in_the_next_tense_on_the_next_line(table):
+    def words(line):
+        # the sentence without its time phrase and mark: the table's key, whose entry names subject, verb and object
+        p = grammar.parse(line, table)
+        text = line[:-1]
+        if p["time"]:
+            text = text[len(p["time"]) + 2 :] if p["time_first"] else text[: -len(p["time"]) - 1]
+        subject, _, verb, tense, _, obj = table[text][0]
+        return (subject.lower(), verb, obj), p["tense"]
+
+    plain = grammar.generate(3000, 7)
+    assert grammar.generate(3000, 7, siblings=0.0) == plain
+    lines = grammar.generate(3000, 7, siblings=0.5)
+    assert len(set(lines)) == 3000 and all(grammar.parse(line, table)["agrees"] for line in lines)
+    read = [words(line) for line in lines]
+    pairs = [i for i in range(len(read) - 1) if read[i][0] == read[i + 1][0]]
+    # about half the sentences are followed by a sibling (a third of the lines), each in another tense
+    assert 0.28 < len(pairs) / len(lines) < 0.38
+    assert sum(read[i][1] != read[i + 1][1] for i in pairs) > 0.95 * len(pairs)
+    without = [words(line)[0] for line in plain]
+    assert sum(a == b for a, b in zip(without, without[1:])) < 0.01 * len(plain)
+    counts = [sum(tense == t for _, tense in read) for t in grammar.TENSES]
+    assert max(counts) - min(counts) <= 30
+
+
 @pytest.mark.parametrize(
     "text,expected",
     [

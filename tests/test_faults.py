@@ -471,6 +471,7 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
             ["--n=1000000000"],
             "--n must be between 1 and 258,552 (the distinct sentences the grammar draws quickly), got 1000000000",
         ),
+        ("make_tense.py", ["--siblings=1.5"], "--siblings must be between 0 and 1, got 1.5"),
         (
             "make_tense.py",
             ["--task=chat", "--n=3"],
