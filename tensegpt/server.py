@@ -215,7 +215,8 @@ def serving_dtype(model, name, rows, device):
     """
     if name != "auto" or device != "cpu":
         return pick_dtype(name, device)
-    copies = {dtype: copy.deepcopy(model).to(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    # the model as loaded (float32) and one bfloat16 copy: half its size again, freed on return
+    copies = {torch.float32: model, torch.bfloat16: copy.deepcopy(model).to(torch.bfloat16)}
     sizes, times = sorted({1, rows}), {}
     # the best of two rounds, taken in turn, so that a moment when the machine is busy does not decide
     for _ in range(2):
