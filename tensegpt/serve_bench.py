@@ -9,9 +9,11 @@ What continuous batching buys, measured against serve.py over loopback (docs/ser
 For each number of concurrent clients (1, 4, 8, 16) the same list of streamed requests is
 served, the clients each taking the next request as theirs ends; 1 client is the requests
 served one at a time. Reported: aggregate completion tokens per second, time to first token
-and time between tokens (p50, p95). The load test sends a fixed number of requests from
-concurrent clients, mixed streamed and not, some abandoned mid-stream, and checks that each
-got a complete answer or a clear error, the server's memory and its log. --engine_only steps
+and time between tokens (p50, p95), and the cores the server and the clients kept busy (the
+clients are coroutines on one event loop, so that they take little from the server). The
+load test sends a fixed number of requests from concurrent clients, mixed streamed and not,
+some abandoned mid-stream, and checks that each got a complete answer or a clear error, the
+server's memory and its log. --engine_only steps
 the batching engine in this process, every row decoding, with no HTTP, server or clients:
 the ceiling that batching can reach on this machine. It is a benchmark: nothing here asserts
 a speed.
@@ -148,8 +150,8 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def serve_requests(url, card, clients, n_requests, max_tokens, stream=True, pid=None):
-    """n_requests requests from `clients` concurrent clients: the figures of one row."""
+def serve_requests(url, card, pid, clients, n_requests, max_tokens, stream=True):
+    """n_requests requests from `clients` concurrent clients to the server of process pid: the figures of one row."""
     path = url + ("/v1/chat/completions" if card["chat"] else "/v1/completions")
     results, measure = [], streamed if stream else whole
 
@@ -248,9 +250,9 @@ def main():
                 print(json.dumps(report))
                 return
             # one warm-up request: the first pays for lazy initialisation
-            serve_requests(url, card, 1, 1, config["max_tokens"], pid=process.pid)
-            rows = [serve_requests(url, card, int(c), config["requests"], config["max_tokens"], config["stream"],
-                                   process.pid) for c in config["streams"].split(",")]  # fmt: skip
+            serve_requests(url, card, process.pid, 1, 1, config["max_tokens"])
+            rows = [serve_requests(url, card, process.pid, int(c), config["requests"], config["max_tokens"],
+                                   config["stream"]) for c in config["streams"].split(",")]  # fmt: skip
             alone = rows[0]["tokens_per_sec"]
             print("clients | tokens/s | x one at a time | TTFT p50 / p95 ms | between tokens p50 / p95 ms | "
                   "cores busy: server, clients")  # fmt: skip
