@@ -205,9 +205,10 @@ def most_sentences():
 def generate(n, seed, time_first=0.7, siblings=0.0):
     """
     n distinct sentences, shuffled. siblings: the share of sentences followed by a sibling,
-    the same subject, verb and object in another tense (its own form and time phrase): text in which the
-    next line often repeats words of the last one, so a model trained on it learns to copy
-    from its context (docs/preparing-data.md: what that buys chat fine-tuning).
+    the same subject, verb and object in another tense (with its own form and time phrase):
+    text in which the next line often repeats words of the last one, so a model trained on
+    it learns to copy from its context (docs/preparing-data.md: what that buys chat
+    fine-tuning).
     """
     rng = random.Random(seed)
     seen, groups, count = set(), [], 0
