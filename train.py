@@ -28,7 +28,7 @@ from tensegpt import checkpoint, distributed, lora, run_setup
 from tensegpt.chunked_loss import use_chunked_loss
 from tensegpt.common import parse_config
 from tensegpt.data import open_splits
-from tensegpt.hardware import autocast_for, measure_peak_flops
+from tensegpt.hardware import autocast_for, measure_peak_flops, pick_attention, use_attention
 from tensegpt.optim import configure_optimizers
 from tensegpt.packing import ChatBatches
 from tensegpt.runlog import format_seconds
@@ -73,6 +73,7 @@ DEFAULTS = {
     # system
     "device": "auto",  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
     "dtype": "auto",  # 'auto', 'float32', 'bfloat16', 'float16'
+    "attention_kernel": "auto",  # 'flash' (fused) or 'math' (matmuls and softmax); auto: the faster, timed (CPU)
     "seed": 1337,  # model initialisation, dropout and data order (0 to 2**32 - 1)
     "peak_flops": 0.0,  # FLOP/s that MFU is measured against; 0 measures torch.mm at start
     "compile": False,  # torch.compile the model (pays off on GPUs; see the README for CPU)
@@ -249,8 +250,12 @@ def main():
     model = distributed.wrap(gpt, config, device, world_size, run.local_rank, chunked)
 
     autocast, scaler = autocast_for(device, run.dtype)
+    # attention's kernel: on a CPU the fused one's backward can be the slower, so auto times both
+    attention = pick_attention(config, model, gpt.config.vocab_size, device, autocast, world_size)
+    use_attention(attention)
+    config["attention_kernel"] = attention  # recorded in the checkpoints: a resumed run keeps it
     peak = config["peak_flops"] or measure_peak_flops(device, getattr(torch, run.dtype))
-    log.describe(gpt, tokenizer_meta, device, run.dtype, world_size, peak)
+    log.describe(gpt, tokenizer_meta, device, f"{run.dtype}, {attention} attention", world_size, peak)
     record = checkpoint.run_record(start.gpt_config, config, tokenizer_meta, meta, start.base, start.lora_settings)
 
     def save(paths, reason):

@@ -1,4 +1,4 @@
-"""What the device can do: its measured matmul peak (for MFU), and the dtype to train in."""
+"""What the device can do: its measured matmul peak (for MFU), the dtype to train in, and attention's kernel."""
 
 import functools
 import time
@@ -60,6 +60,43 @@ def autocast_for(device, dtype):
     device_type = device.split(":")[0]
     autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
     return autocast, torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+
+
+def pick_attention(config, model, vocab_size, device, autocast, world_size):
+    """
+    The kernel behind F.scaled_dot_product_attention in training, config["attention_kernel"]:
+    'flash' (the fused kernels) or 'math' (the same computation as matmuls and a softmax,
+    which autograd differentiates). 'auto': in one process on a CPU, whichever makes a
+    forward and backward pass of this model on a batch of random tokens faster, the best of
+    two timed passes each after one untimed; elsewhere (and compiled) flash. On a CPU the fused kernel's
+    backward can be the slower one (small heads, short rows: docs/training.md).
+    """
+    if config["attention_kernel"] != "auto":
+        return config["attention_kernel"]
+    if device != "cpu" or world_size > 1 or config["compile"]:
+        return "flash"
+    times = {"flash": [], "math": []}
+    # its own random draws: these tokens and dropout here must not shift the training run's
+    with torch.random.fork_rng(devices=[]):
+        idx = torch.randint(vocab_size, (config["batch_size"], config["block_size"]))
+        for _ in range(3):
+            for kernel in times:
+                use_attention(kernel)
+                start = time.perf_counter()
+                with autocast:
+                    _, loss = model(idx, idx)
+                loss.backward()
+                times[kernel].append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return min(times, key=lambda kernel: min(times[kernel][1:]))
+
+
+def use_attention(kernel):
+    """Sets attention's kernel for the rest of the process: 'math' turns the fused kernels off."""
+    fused = kernel == "flash"
+    torch.backends.cuda.enable_flash_sdp(fused)
+    torch.backends.cuda.enable_mem_efficient_sdp(fused)
+    torch.backends.cuda.enable_cudnn_sdp(fused)
 
 
 def flops_per_token(model):

@@ -33,6 +33,7 @@ RESUME_FREE = {  # how the run is carried out or reported: the saved state serve
     "log_interval",
     "device",
     "dtype",
+    "attention_kernel",
     "peak_flops",
     "compile",
     "grad_checkpointing",
@@ -93,6 +94,8 @@ def check_train_config(config):
         raise UserError(f"optimizer must be 'adamw' or 'muon', got {config['optimizer']!r}")
     if config["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {config['dtype']!r}")
+    if config["attention_kernel"] not in ("auto", "flash", "math"):
+        raise UserError(f"attention_kernel must be auto, flash or math, got {config['attention_kernel']!r}")
     check_seed(config)
     if not config["data_dir"]:
         raise UserError("--data_dir is empty: pass the folder prepare.py wrote, --data_dir=DIR")
@@ -149,6 +152,9 @@ def starting_point(config, meta, tokenizer_meta, run, defaults, get_lr):
     if config["init_from"] == "resume":
         path = run.last_path if os.path.exists(run.last_path) else run.best_path
         saved, changes = load_resumable(path, tokenizer_meta, meta, config, defaults)
+        if config["attention_kernel"] == "auto":
+            # the kernel the run was timed to: the other one's numerics differ in the last bits
+            config["attention_kernel"] = saved["train_config"].get("attention_kernel", "auto")
         resuming = f"resuming {path} at iteration {saved['iter_num']} (best val loss {saved['best_val_loss']:.4f})"
         notes = [note for note in [resuming, *changes, schedule_note(saved, config, get_lr)] if note]
         gpt_config, base = checkpoint.gpt_config_of(saved, path), saved.get("base")
