@@ -26,6 +26,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from tensegpt.checkpoint import load_model
 from tensegpt.common import UserError, main_guard, parse_config, pick_device
 from tensegpt.engine import Engine
+from tensegpt.hardware import DTYPES
 from tensegpt.server import (
     ApiError,
     BodyLimit,
@@ -194,7 +195,7 @@ def main():
     for key in ("max_batch", "max_queue", "prefill_chunk", "max_body_bytes"):
         if config[key] < 1:
             raise UserError(f"--{key} must be at least 1 (got {config[key]})")
-    if config["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
+    if config["dtype"] not in DTYPES:
         raise UserError(f"--dtype must be auto, float32, bfloat16 or float16 (got {config['dtype']!r})")
     if not os.path.isfile(config["ckpt"]):
         raise UserError(f"no checkpoint at {config['ckpt']} (from --ckpt): train one first (docs/serving.md)")

@@ -84,15 +84,11 @@ def decode_conversations(tokenizer, ids):
     return conversations
 
 
-def read_conversations(path):
-    """[messages] of a JSONL file, each checked; a UserError names the line and what is wrong."""
-    return [messages for messages, _ in read_records(path)]
-
-
 def read_records(path):
     """
-    [(messages, tags)] of a JSONL file, each checked as read_conversations says. tags: the line's other keys with
-    a plain value (make_tense.py's "task", "family", "phrasing"), what eval.py groups the answers by; {} if none.
+    [(messages, tags)] of a JSONL file, each checked; a UserError names the line and what is wrong. tags: the
+    line's other keys with a plain value (make_tense.py's "task", "family", "phrasing"), what eval.py groups the
+    answers by; {} if none.
     """
     conversations = []
     try:
@@ -142,7 +138,7 @@ def read_records(path):
 
 
 def numbered_contents(*paths):
-    """('PATH line N', content) for each message of JSONL files that read_conversations accepted."""
+    """('PATH line N', content) for each message of JSONL files that read_records accepted."""
     for path in filter(None, paths):
         with open(path, encoding="utf-8-sig") as f:
             for number, line in enumerate(f, 1):

@@ -88,7 +88,7 @@ def greedy_answers(model, tokenizer, conversations, max_new_tokens=60, max_batch
         for messages in conversations
     ]
     engine.submit(*sequences)
-    while engine.waiting or engine.prefilling or engine.decoding:
+    while engine.pending():
         engine.step()
     return [tokenizer.decode(s.tokens) for s in sequences]
 

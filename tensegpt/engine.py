@@ -112,6 +112,10 @@ class Engine:
         with self.wake:
             self.wake.notify()
 
+    def pending(self):
+        """Whether any sequence is waiting for a slot or in one."""
+        return bool(self.waiting or self.prefilling or self.decoding)
+
     def busy_slots(self):
         return self.max_batch - len(self.free)
 
@@ -125,7 +129,7 @@ class Engine:
     def run_forever(self):
         while True:
             with self.wake:
-                while not (self.stopped or self.waiting or self.prefilling or self.decoding):
+                while not (self.stopped or self.pending()):
                     self.wake.wait()
                 if self.stopped:
                     return

@@ -35,6 +35,9 @@ def measure_peak_flops(device, dtype, seconds=0.3):
     return best
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # what --dtype may name, in train.py and serve.py
+
+
 def pick_dtype(name, device):
     """
     The dtype to train in. 'auto': bfloat16 on GPUs that have it; on a CPU, bfloat16 only
@@ -68,8 +71,8 @@ def pick_attention(config, model, vocab_size, device, autocast, world_size):
     'flash' (the fused kernels) or 'math' (the same computation as matmuls and a softmax,
     which autograd differentiates). 'auto': in one process on a CPU, whichever makes a
     forward and backward pass of this model on a batch of random tokens faster, the best of
-    two timed passes each after one untimed; elsewhere (and compiled) flash. On a CPU the fused kernel's
-    backward can be the slower one (small heads, short rows: docs/training.md).
+    two timed passes each after one untimed; elsewhere (and compiled) flash. On a CPU the
+    fused kernel's backward can be the slower one (small heads, short rows: docs/training.md).
     """
     if config["attention_kernel"] != "auto":
         return config["attention_kernel"]

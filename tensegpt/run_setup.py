@@ -14,7 +14,7 @@ import torch
 from model import GPTConfig, check_config
 from tensegpt import checkpoint, distributed, lora
 from tensegpt.common import UserError, check_seed, check_writable_folder
-from tensegpt.hardware import pick_dtype
+from tensegpt.hardware import DTYPES, pick_dtype
 from tensegpt.runlog import RunLog
 from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 
@@ -92,7 +92,7 @@ def check_train_config(config):
         )
     if config["optimizer"] not in ("adamw", "muon"):
         raise UserError(f"optimizer must be 'adamw' or 'muon', got {config['optimizer']!r}")
-    if config["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
+    if config["dtype"] not in DTYPES:
         raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {config['dtype']!r}")
     if config["attention_kernel"] not in ("auto", "flash", "math"):
         raise UserError(f"attention_kernel must be auto, flash or math, got {config['attention_kernel']!r}")

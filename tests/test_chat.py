@@ -12,7 +12,7 @@ from helpers import ROOT, fails, fine_tune_chat, run_script, talk, torchrun, wri
 from model import GPT, GPTConfig
 from tensegpt import instructions, lora
 from tensegpt import tokenizer as tok
-from tensegpt.chat import CHAT_TOKENS, ChatTokenizer, decode_conversations, read_conversations
+from tensegpt.chat import CHAT_TOKENS, ChatTokenizer, decode_conversations, read_records
 from tensegpt.chunked_loss import IGNORE, ChunkedLoss
 from tensegpt.common import UserError
 from tensegpt.packing import ChatBatches
@@ -62,7 +62,7 @@ def test_a_bad_jsonl_line_is_one_line_that_names_it(tmp_path, line, problem):
 def test_a_byte_order_mark_before_the_first_conversation_is_not_text(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"messages": talk("Hi", "Hello.")}).encode() + b"\n")
-    assert read_conversations(str(path)) == [talk("Hi", "Hello.")]
+    assert read_records(str(path)) == [(talk("Hi", "Hello."), {})]
 
 
 def test_random_json_through_the_reader_is_read_or_refused_in_one_line(tmp_path):
@@ -88,11 +88,11 @@ def test_random_json_through_the_reader_is_read_or_refused_in_one_line(tmp_path)
         path = tmp_path / "random.jsonl"
         path.write_text(json.dumps(value) + "\n", encoding="utf-8")
         try:
-            conversations = read_conversations(str(path))
+            records = read_records(str(path))
         except UserError as e:
             assert "\n" not in str(e) and str(path) in str(e)
         else:
-            assert conversations[0][-1]["role"] == "assistant"
+            assert records[0][0][-1]["role"] == "assistant"
 
     check()
 
