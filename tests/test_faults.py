@@ -447,6 +447,7 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
             ["--score=Hi", "--beam=2"],
             "--score and --beam are different modes: use one at a time",
         ),
+        ("train.py", ["--attention_kernel=fast"], "attention_kernel must be auto, flash or math, got 'fast'"),
         ("bench.py", ["--timed_steps=0"], "--timed_steps must be at least 1, got 0"),
         (
             "bench.py",
