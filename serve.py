@@ -15,17 +15,15 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 
-import torch
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
 
 from tensegpt.checkpoint import load_model
 from tensegpt.common import UserError, main_guard, parse_config, pick_device
-from tensegpt.engine import Engine
+from tensegpt.engine_process import EngineProcess, model_threads
 from tensegpt.hardware import DTYPES
 from tensegpt.server import (
     ApiError,
@@ -37,8 +35,6 @@ from tensegpt.server import (
     check_sampling,
     finish_unless_disconnected,
     install_errors,
-    model_threads,
-    serving_dtype,
     sse,
 )
 
@@ -63,7 +59,7 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tensegpt", "cha
 # ----------------------------------------------------------------------------- the routes
 
 
-def make_app(model, tokenizer, engine, name, api_key="", max_body_bytes=1_000_000):
+def make_app(block_size, tokenizer, engine, name, api_key="", max_body_bytes=1_000_000):
     app = FastAPI(title="tense-gpt", docs_url=None, redoc_url=None)
     install_errors(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
@@ -73,7 +69,7 @@ def make_app(model, tokenizer, engine, name, api_key="", max_body_bytes=1_000_00
         check_key(request, api_key)
 
     keyed = [Depends(authorized)]
-    block_size, is_chat = model.config.block_size, hasattr(tokenizer, "end")
+    is_chat = hasattr(tokenizer, "end")
     card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "tense-gpt"}
     card |= {"max_model_len": block_size, "chat": is_chat}
 
@@ -199,23 +195,22 @@ def main():
         raise UserError(f"--dtype must be auto, float32, bfloat16 or float16 (got {config['dtype']!r})")
     if not os.path.isfile(config["ckpt"]):
         raise UserError(f"no checkpoint at {config['ckpt']} (from --ckpt): train one first (docs/serving.md)")
-    torch.manual_seed(config["seed"])
-    torch.set_num_threads(model_threads(config["threads"]))
     device = pick_device(config["device"])
-    model, tokenizer, _ = load_model(config["ckpt"], device)
-    # served in one dtype, the KV cache too: bfloat16 halves the bytes a step reads
-    dtype = serving_dtype(model, config["dtype"], config["max_batch"], device)
-    model.to(getattr(torch, dtype))
+    # this process needs the tokenizer and the context; the engine's process loads the model to run it
+    model, tokenizer, _ = load_model(config["ckpt"])
+    block_size = model.config.block_size
+    del model
     name = config["model_name"] or os.path.basename(os.path.dirname(os.path.abspath(config["ckpt"])))
     api_key = config["api_key"] or os.environ.get("TENSEGPT_API_KEY", "")
 
-    # the engine loop: one thread that steps the batch while requests come and go
-    engine = Engine(model, config["max_batch"], config["max_queue"], config["prefill_chunk"])
-    threading.Thread(target=engine.run_forever, name="engine", daemon=True).start()
+    # the engine: a process of its own that steps the batch while requests come and go
+    engine = EngineProcess(config["ckpt"], device, dtype=config["dtype"], threads=model_threads(config["threads"]),
+                           max_batch=config["max_batch"], max_queue=config["max_queue"],
+                           prefill_chunk=config["prefill_chunk"], seed=config["seed"])  # fmt: skip
 
-    app = make_app(model, tokenizer, engine, name, api_key, config["max_body_bytes"])
+    app = make_app(block_size, tokenizer, engine, name, api_key, config["max_body_bytes"])
     kind = "chat" if hasattr(tokenizer, "end") else "completions"
-    print(f"serving {name} ({kind}; {dtype}, {torch.get_num_threads()} torch threads on {device}) at "
+    print(f"serving {name} ({kind}; {engine.dtype}, {engine.threads} torch threads on {device}) at "
           f"http://{config['host']}:{config['port']} (the page at /, the API at /v1)", flush=True)  # fmt: skip
     # SIGTERM: uvicorn stops accepting, lets the streams in flight end, and returns; we then exit 0
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -14,21 +14,20 @@ keeps up to max_batch sequences in the rows ("slots") of one KV cache, and loops
             cancelled by its client) leaves at once and frees its slot for the next step
 
 Each sequence samples with its own settings and its own random generator, so its tokens do
-not depend on what else runs beside it. The engine runs in one thread (run_forever); each
-sequence reports to its caller through on_token and on_finish (serve.py hands them to the
-asyncio loop).
+not depend on what else runs beside it. Each sequence reports to its caller through on_token
+and on_finish. The engine is single-threaded: whoever steps it also submits and cancels
+(serve.py runs it in a process of its own, tensegpt/engine_process.py; eval.py in its own loop).
 """
 
 import collections
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from model import positions_from, sample_next
+from model import draw, next_token_probs, positions_from
 
 
 class QueueFull(Exception):
@@ -46,20 +45,21 @@ class Sequence:
     top_k: int = None
     top_p: float = None
     seed: int = None
-    on_token: callable = None  # on_token(token id), from the engine's thread
+    on_token: callable = None  # on_token(token id), called where the engine steps
     on_finish: callable = None  # on_finish('stop', 'length', 'cancelled' or 'error')
     tokens: list = field(default_factory=list)  # the new tokens so far
     cached: int = 0  # positions of prompt + tokens held in the cache
     slot: int = None
     cancelled: bool = False
+    id: int = None  # its name in the messages between the server's process and the engine's
+
+    def settings(self):
+        """What the engine needs to make it (no callbacks: they stay with the caller)."""
+        return dict(prompt=self.prompt, max_tokens=self.max_tokens, stop_tokens=self.stop_tokens,
+                    temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)  # fmt: skip
 
     def __post_init__(self):
         self.generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
-
-    def next_token(self, logits):
-        """The next token from logits (1, V) with this sequence's settings; temperature 0: the most likely."""
-        greedy = self.temperature == 0
-        return int(sample_next(logits, self.temperature, self.top_k, self.top_p, greedy, self.generator))
 
 
 class SlotCache:
@@ -92,25 +92,17 @@ class Engine:
         self.free = list(range(max_batch))
         self.waiting = collections.deque()  # submitted, not yet in a slot
         self.prefilling, self.decoding = [], []  # in a slot: prompt not yet all cached / making tokens
-        self.wake = threading.Condition()
-        self.stopped = False
         self.steps = 0
-
-    # ------------------------------------------------------------------------- from the server's thread
 
     def submit(self, *sequences):
         """Queues sequences (all or none); QueueFull when more than max_queue would wait."""
-        with self.wake:
-            if len(self.waiting) + len(sequences) > self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max_queue={self.max_queue})")
-            self.waiting.extend(sequences)
-            self.wake.notify()
+        if len(self.waiting) + len(sequences) > self.max_queue:
+            raise QueueFull(f"{len(self.waiting)} requests are waiting (--max_queue={self.max_queue})")
+        self.waiting.extend(sequences)
 
     def cancel(self, sequence):
         """The client is gone: the sequence leaves at the next step and frees its slot."""
         sequence.cancelled = True
-        with self.wake:
-            self.wake.notify()
 
     def pending(self):
         """Whether any sequence is waiting for a slot or in one."""
@@ -119,50 +111,39 @@ class Engine:
     def busy_slots(self):
         return self.max_batch - len(self.free)
 
-    def stop(self):
-        with self.wake:
-            self.stopped = True
-            self.wake.notify()
-
-    # ------------------------------------------------------------------------- the loop, in its own thread
-
-    def run_forever(self):
-        while True:
-            with self.wake:
-                while not (self.stopped or self.pending()):
-                    self.wake.wait()
-                if self.stopped:
-                    return
-            try:
-                self.step()
-            except Exception as e:
-                # a fault in a step (out of memory, say) ends the sequences in flight, not the server
-                print(f"engine: a step failed ({e.__class__.__name__}: {e}); its sequences end with an error",
-                      file=sys.stderr, flush=True)  # fmt: skip
-                for sequence in self.prefilling + self.decoding:
-                    self.finish(sequence, "error")
-            # let the server's thread take the GIL between steps, to send what this step made
-            time.sleep(0)
+    def step_or_fail(self, between=None):
+        """One step; a fault in it (out of memory, say) ends the sequences in flight with an error, not the caller."""
+        try:
+            self.step(between)
+        except Exception as e:
+            print(f"engine: a step failed ({e.__class__.__name__}: {e}); its sequences end with an error",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            for sequence in self.prefilling + self.decoding:
+                self.finish(sequence, "error")
 
     @torch.inference_mode()
-    def step(self):
-        """Admit, prefill one chunk, decode one token for every sequence ready; drop the finished."""
+    def step(self, between=None):
+        """
+        Admit, prefill one chunk, decode one token for every sequence ready; drop the finished. between(): called
+        after the prompts' pass, before the decoding pass (serve.py's engine process sends the first tokens then).
+        """
         self.admit()
         if self.prefilling:
             self.prefill()
+            if between:
+                between()
         if self.decoding:
             self.decode()
         self.steps += 1
 
     def admit(self):
-        with self.wake:
-            while self.waiting and self.free:
-                sequence = self.waiting.popleft()
-                if sequence.cancelled:
-                    sequence.on_finish("cancelled")
-                    continue
-                sequence.slot = self.free.pop(0)
-                self.prefilling.append(sequence)
+        while self.waiting and self.free:
+            sequence = self.waiting.popleft()
+            if sequence.cancelled:
+                sequence.on_finish("cancelled")
+                continue
+            sequence.slot = self.free.pop(0)
+            self.prefilling.append(sequence)
 
     def prefill(self):
         """The next chunk of every new prompt, padded to one length, in one forward pass."""
@@ -179,14 +160,21 @@ class Engine:
             tokens[i, : len(chunk)] = torch.tensor(chunk)
         # the padding after a short chunk lands in cache positions that the row overwrites before it reads them
         x = self.forward(tokens, batch)  # (B, T, C)
+        done, last = [], []
         for i, s in enumerate(batch):
             n = min(T, left[i])
             s.cached += n
             if s.cached == len(s.prompt):
                 # the prompt is in the cache: its last position gives the first new token
-                self.prefilling.remove(s)
-                self.decoding.append(s)
-                self.emit(s, s.next_token(self.model.lm_head(x[i : i + 1, n - 1])))
+                done.append(s)
+                last.append(x[i, n - 1])
+        if not done:
+            return
+        tokens = self.sample(done, self.model.lm_head(torch.stack(last)))  # (D, C) -> (D, V) -> D tokens
+        for s, token in zip(done, tokens):
+            self.prefilling.remove(s)
+            self.decoding.append(s)
+            self.emit(s, token)
 
     def decode(self):
         """One new token for every decoding sequence, all rows in one forward pass."""
@@ -196,9 +184,28 @@ class Engine:
             return
         tokens = torch.tensor([[s.tokens[-1]] for s in batch])  # (B, 1): each row's latest token
         logits = self.model.lm_head(self.forward(tokens, batch)[:, -1])  # (B, V)
-        for i, s in enumerate(batch):
+        for s, token in zip(batch, self.sample(batch, logits)):
             s.cached += 1
-            self.emit(s, s.next_token(logits[i : i + 1]))
+            self.emit(s, token)
+
+    def sample(self, batch, logits):
+        """
+        The next token of every row of logits (B, V), each with its own sequence's settings and random generator, so
+        that a row draws what it would draw alone. Temperature 0: the most likely token.
+        """
+        tokens = logits.argmax(dim=-1)  # (B,)
+        # the rows that draw, grouped by filter: one softmax and one search per group, not per row
+        groups = collections.defaultdict(list)
+        for i, s in enumerate(batch):
+            if s.temperature > 0:
+                groups[s.top_k, s.top_p].append(i)
+        for (top_k, top_p), rows in groups.items():
+            temperature = torch.tensor([[batch[i].temperature] for i in rows], device=logits.device)  # (n, 1)
+            probs = next_token_probs(logits[rows], temperature, top_k, top_p)  # (n, V)
+            # each row's uniform number from its own generator (on the CPU, where Sequence makes it)
+            u = torch.cat([torch.rand((1, 1), generator=batch[i].generator) for i in rows])  # (n, 1)
+            tokens[rows] = draw(probs, u=u.to(logits.device)).squeeze(1)
+        return tokens.tolist()
 
     def forward(self, tokens, batch):
         """The model's hidden states for tokens (B, T), row i at position batch[i].cached in slot batch[i].slot."""
@@ -232,10 +239,9 @@ class Engine:
         sequence.on_finish(reason)
 
     def release(self, sequence):
-        with self.wake:
-            self.free.append(sequence.slot)
-            self.free.sort()
-            sequence.slot = None
+        self.free.append(sequence.slot)
+        self.free.sort()
+        sequence.slot = None
 
 
 def step_seconds(model, rows, steps=10):

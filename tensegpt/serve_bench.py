@@ -9,8 +9,9 @@ What continuous batching buys, measured against serve.py over loopback (docs/ser
 For each number of concurrent clients (1, 4, 8, 16) the same list of streamed requests is
 served, the clients each taking the next request as theirs ends; 1 client is the requests
 served one at a time. Reported: aggregate completion tokens per second, time to first token
-and time between tokens (p50, p95), and the cores the server and the clients kept busy (the
-clients are coroutines on one event loop, so that they take little from the server). The
+and time between tokens (p50, p95), and the cores kept busy by the server's two processes
+(HTTP and the engine) and by the clients (coroutines on one event loop, so that they take
+little from the server). The
 load test sends a fixed number of requests from concurrent clients, mixed streamed and not,
 some abandoned mid-stream, and checks that each got a complete answer or a clear error, the
 server's memory and its log. --engine_only steps
@@ -39,7 +40,7 @@ from model import GPT, GPTConfig  # noqa: E402
 from tensegpt.checkpoint import load_model, save  # noqa: E402
 from tensegpt.common import parse_config  # noqa: E402
 from tensegpt.engine import step_seconds  # noqa: E402
-from tensegpt.server import serving_dtype  # noqa: E402
+from tensegpt.engine_process import serving_dtype  # noqa: E402
 from tensegpt.tokenizer import GPT2  # noqa: E402
 
 DEFAULTS = {
@@ -150,6 +151,15 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children(pid):
+    """The processes serve.py started: the engine's (and multiprocessing's idle resource tracker)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(child) for child in f.read().split()]
+    return found
+
+
 def serve_requests(url, card, pid, clients, n_requests, max_tokens, stream=True):
     """n_requests requests from `clients` concurrent clients to the server of process pid: the figures of one row."""
     path = url + ("/v1/chat/completions" if card["chat"] else "/v1/completions")
@@ -158,25 +168,32 @@ def serve_requests(url, card, pid, clients, n_requests, max_tokens, stream=True)
     async def one(session, i):
         results.append(await measure(session, path, request_body(card, i, max_tokens)))
 
-    server_cpu, client_cpu = cpu_seconds(pid), time.process_time()
+    engine = children(pid)
+    server_cpu, engine_cpu, client_cpu = cpu_seconds(pid), sum(map(cpu_seconds, engine)), time.process_time()
     start = time.perf_counter()
     run_clients(clients, n_requests, one)
     seconds = time.perf_counter() - start
     server_cpu, client_cpu = cpu_seconds(pid) - server_cpu, time.process_time() - client_cpu
+    engine_cpu = sum(map(cpu_seconds, engine)) - engine_cpu
     ttft = [r[0] * 1000 for r in results]
     gaps = [g * 1000 for r in results for g in r[1]] or [float("nan")]
     tokens = sum(r[2] for r in results)
     pct = lambda xs, q: statistics.quantiles(xs, n=20)[18] if q == 95 and len(xs) > 1 else statistics.median(xs)
-    # cores busy: CPU seconds per second of the row, the server's and the clients'
+    # cores busy: CPU seconds per second of the row, the server's HTTP process, its engine's and the clients'
     return {"clients": clients, "requests": n_requests, "tokens": tokens, "seconds": seconds,
             "tokens_per_sec": tokens / seconds, "ttft_p50_ms": pct(ttft, 50), "ttft_p95_ms": pct(ttft, 95),
             "itl_p50_ms": pct(gaps, 50), "itl_p95_ms": pct(gaps, 95),
-            "server_cpu": server_cpu / seconds, "client_cpu": client_cpu / seconds}  # fmt: skip
+            "server_cpu": server_cpu / seconds, "engine_cpu": engine_cpu / seconds,
+            "client_cpu": client_cpu / seconds}  # fmt: skip
 
 
 def rss_mb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+    """Resident memory of the server: its process and the engine's."""
+    total = 0
+    for p in [pid, *children(pid)]:
+        with open(f"/proc/{p}/status") as f:
+            total += next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+    return total
 
 
 def load_test(url, card, pid, n_requests, max_tokens, clients=8):
@@ -255,12 +272,12 @@ def main():
                                    config["stream"]) for c in config["streams"].split(",")]  # fmt: skip
             alone = rows[0]["tokens_per_sec"]
             print("clients | tokens/s | x one at a time | TTFT p50 / p95 ms | between tokens p50 / p95 ms | "
-                  "cores busy: server, clients")  # fmt: skip
+                  "cores busy: HTTP, engine, clients")  # fmt: skip
             for r in rows:
                 ttft = f"{r['ttft_p50_ms']:7.1f} / {r['ttft_p95_ms']:7.1f}"
                 itl = f"{r['itl_p50_ms']:6.1f} / {r['itl_p95_ms']:6.1f}"
                 speedup = r["tokens_per_sec"] / alone
-                cpu = f"{r['server_cpu']:.2f}, {r['client_cpu']:.2f}"
+                cpu = f"{r['server_cpu']:.2f}, {r['engine_cpu']:.2f}, {r['client_cpu']:.2f}"
                 print(f"{r['clients']:>7} | {r['tokens_per_sec']:8.1f} | {speedup:15.2f} | {ttft} | {itl} | {cpu}")
         finally:
             process.terminate()

@@ -9,22 +9,19 @@ to a value out of range, is answered in OpenAI's shape with status 400:
 """
 
 import asyncio
-import copy
 import hmac
 import json
 import time
 import uuid
 from typing import Literal
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
-from tensegpt.engine import QueueFull, Sequence, step_seconds
-from tensegpt.hardware import pick_dtype
+from tensegpt.engine import QueueFull, Sequence
 
 # ----------------------------------------------------------------------------- requests
 
@@ -195,46 +192,15 @@ def check_key(request: Request, api_key):
         )
 
 
-def model_threads(requested=0):
-    """
-    torch's threads for the model: requested, or with 0 one fewer than torch's default (the
-    cores), at least 1. The event loop that turns every token into HTTP needs a core of its
-    own: left all of them, torch's threads wait on each other at every operation while the
-    loop waits for a core (docs/serving.md measures both).
-    """
-    return requested or max(1, torch.get_num_threads() - 1)
-
-
-def serving_dtype(model, name, rows, device):
-    """
-    The dtype to serve in: name, or for 'auto' bfloat16 on GPUs that have it and, on a CPU,
-    bfloat16 only where it makes both a step of one decoding sequence and a step of `rows`
-    faster for this model, timed here. bfloat16 halves the bytes a step reads and pays off on
-    CPUs with bfloat16 matmuls, for matrices large enough; a small model's steps are mostly
-    overhead, and on most CPUs bfloat16 arithmetic is slower.
-    """
-    if name != "auto" or device != "cpu":
-        return pick_dtype(name, device)
-    # the model as loaded (float32) and one bfloat16 copy: half its size again, freed on return
-    copies = {torch.float32: model, torch.bfloat16: copy.deepcopy(model).to(torch.bfloat16)}
-    sizes, times = sorted({1, rows}), {}
-    # the best of two rounds, taken in turn, so that a moment when the machine is busy does not decide
-    for _ in range(2):
-        for dtype, copied in copies.items():
-            for n in sizes:
-                times[dtype, n] = min(times.get((dtype, n), float("inf")), step_seconds(copied, n, steps=5))
-    faster = all(times[torch.bfloat16, n] < times[torch.float32, n] for n in sizes)
-    return "bfloat16" if faster else "float32"
-
-
 # ----------------------------------------------------------------------------- one request's generation
 
 
 class Generation:
     """
-    The n sequences of one request, from the engine's thread to this request's coroutine:
-    events() yields (choice, new text, finish reason or None) as the tokens come. Text is held
-    back while it could still be the start of a stop string or ends inside a character.
+    The n sequences of one request, from the engine (the thread that reads its messages) to this
+    request's coroutine: events() yields (choice, new text, finish reason or None) as the tokens
+    come. Text is held back while it could still be the start of a stop string or ends inside a
+    character.
     """
 
     def __init__(self, engine, tokenizer, prompt, n, stop, **settings):
@@ -281,7 +247,7 @@ class Generation:
                         self.done[choice] = "stop" if reason == "cancelled" else reason
                     changed.add(choice)
                 for choice in sorted(changed):
-                    # the engine's thread may have added tokens since: decode only those that came here
+                    # the reading thread may have added tokens since: decode only those that came here
                     self.texts[choice] = self.tokenizer.decode(self.sequences[choice].tokens[: self.counted[choice]])
                     if self.cut_at_stop(choice):
                         if self.done[choice] is None:

@@ -479,15 +479,8 @@ def test_a_failed_step_ends_its_sequences_with_an_error_and_frees_their_slots(tr
                           on_finish=reasons.append) for _ in range(2)]  # fmt: skip
     engine.forward = lambda tokens, batch: (_ for _ in ()).throw(RuntimeError("out of memory"))
     engine.submit(*sequences)
-    thread = threading.Thread(target=engine.run_forever)
-    thread.start()
-    for _ in range(100):
-        if len(reasons) == 2:
-            break
-        time.sleep(0.05)
-    engine.stop()
-    thread.join(timeout=10)
-    assert reasons == ["error", "error"] and engine.busy_slots() == 0
+    engine.step_or_fail()
+    assert reasons == ["error", "error"] and engine.busy_slots() == 0 and not engine.pending()
     assert "engine: a step failed (RuntimeError: out of memory)" in capsys.readouterr().err
 
 
@@ -505,3 +498,51 @@ def test_neighbouring_cancelled_sequences_all_leave_at_the_next_step():
     sequences[0].cancelled = sequences[1].cancelled = True
     engine.step()
     assert reasons == ["cancelled", "cancelled"] and engine.decoding == sequences[2:] and engine.busy_slots() == 2
+
+
+def test_the_engine_process_serves_and_its_death_ends_requests_with_an_error(trained_run, capsys):
+    from tensegpt.engine_process import EngineProcess
+
+    engine = EngineProcess(str(trained_run / "out" / "trained.pth"), "cpu", dtype="float32", threads=1,
+                           max_batch=2, max_queue=1, prefill_chunk=256, seed=0)  # fmt: skip
+    assert (engine.dtype, engine.threads) == ("float32", 1)
+    done = threading.Event()
+    reasons = []
+
+    def sequence(max_tokens):
+        def finish(reason):
+            reasons.append(reason)
+            done.set()
+
+        return Sequence([1, 2, 3], max_tokens=max_tokens, stop_tokens=frozenset(), temperature=0,
+                        on_token=lambda t: None, on_finish=finish)  # fmt: skip
+
+    # tokens come back into the sequence as the engine makes them; greedy, as the engine in this process makes them
+    first = sequence(5)
+    engine.submit(first)
+    assert done.wait(30) and reasons == ["length"] and len(first.tokens) == 5
+    model = load_model(str(trained_run / "out" / "trained.pth"))[0]
+    here = sequence(5)
+    alone = Engine(model, max_batch=2)
+    alone.submit(here)
+    while alone.pending():
+        alone.step()
+    assert first.tokens == here.tokens
+    # 2 slots and 1 waiting: a fourth is refused at once
+    long = [sequence(10**6) for _ in range(3)]
+    engine.submit(*long)
+    with pytest.raises(QueueFull, match="1 requests are waiting"):
+        engine.submit(sequence(5))
+    # the engine's process dies: what was in flight ends with an error, and so does what comes after
+    reasons.clear()
+    engine.process.kill()
+    for _ in range(100):
+        if len(reasons) == 3:
+            break
+        time.sleep(0.1)
+    assert reasons == ["error"] * 3 and engine.busy_slots() == 0
+    late = sequence(5)
+    engine.submit(late)
+    assert reasons[-1] == "error"
+    assert "the engine process ended" in capsys.readouterr().err
+    engine.stop()

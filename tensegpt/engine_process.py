@@ -1,0 +1,219 @@
+"""
+The batching engine in a process of its own, and its stand-in in the server's process.
+
+serve.py's event loop turns every token into HTTP, and the engine's steps are Python too (a
+small model's forward pass is mostly the interpreter's work). In one process the two take
+turns on one interpreter lock, and the server is one busy core however many the machine has
+(docs/serving.md measures it). So the engine runs in a child process, as vLLM's "engine
+core" does, and the server holds a stand-in with the engine's own methods:
+
+    server process                                         engine process
+    EngineProcess.submit(sequences)  -- ("submit", ...) -->  Engine.submit
+    EngineProcess.cancel(sequence)   -- ("cancel", id)  -->  sequence.cancelled
+    sequence.on_token / on_finish    <-- (steps, events) --  one message a step: [(id, token, reason), ...]
+
+The child loads the checkpoint itself (tensors do not cross the pipe, only token ids), picks
+its dtype and threads, and steps while there is work, reading the server's messages between
+steps. It ends when the server says stop or its pipe closes (the server is gone).
+"""
+
+import copy
+import itertools
+import multiprocessing
+import signal
+import sys
+import threading
+
+import torch
+
+from tensegpt.checkpoint import load_model
+from tensegpt.common import UserError
+from tensegpt.engine import Engine, QueueFull, Sequence, step_seconds
+from tensegpt.hardware import pick_dtype
+
+
+def model_threads(requested=0):
+    """
+    torch's threads for the model: requested, or with 0 one fewer than torch's default (the
+    cores), at least 1. The event loop that turns every token into HTTP needs a core of its
+    own: left all of them, torch's threads wait on each other at every operation while the
+    loop waits for a core (docs/serving.md measures both).
+    """
+    return requested or max(1, torch.get_num_threads() - 1)
+
+
+def serving_dtype(model, name, rows, device):
+    """
+    The dtype to serve in: name, or for 'auto' bfloat16 on GPUs that have it and, on a CPU,
+    bfloat16 only where it makes both a step of one decoding sequence and a step of `rows`
+    faster for this model, timed here. bfloat16 halves the bytes a step reads and pays off on
+    CPUs with bfloat16 matmuls, for matrices large enough; a small model's steps are mostly
+    overhead, and on most CPUs bfloat16 arithmetic is slower.
+    """
+    if name != "auto" or device != "cpu":
+        return pick_dtype(name, device)
+    # the model as loaded (float32) and one bfloat16 copy: half its size again, freed on return
+    copies = {torch.float32: model, torch.bfloat16: copy.deepcopy(model).to(torch.bfloat16)}
+    sizes, times = sorted({1, rows}), {}
+    # the best of two rounds, taken in turn, so that a moment when the machine is busy does not decide
+    for _ in range(2):
+        for dtype, copied in copies.items():
+            for n in sizes:
+                times[dtype, n] = min(times.get((dtype, n), float("inf")), step_seconds(copied, n, steps=5))
+    faster = all(times[torch.bfloat16, n] < times[torch.float32, n] for n in sizes)
+    return "bfloat16" if faster else "float32"
+
+
+# ----------------------------------------------------------------------------- the engine's process
+
+
+def run_engine(pipe, ckpt, device, dtype, threads, max_batch, prefill_chunk, seed):
+    """The child: load the model, say which dtype it chose, then step while there is work."""
+    # Ctrl-C reaches every process of the terminal's group: the server decides when this one ends
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        torch.manual_seed(seed)
+        torch.set_num_threads(threads)
+        model = load_model(ckpt, device)[0]
+        # served in one dtype, the KV cache too: bfloat16 halves the bytes a step reads
+        dtype = serving_dtype(model, dtype, max_batch, device)
+        model.to(getattr(torch, dtype))
+        # the queue's limit is kept by the server's stand-in, which sees every request first and counts it until it ends
+        engine = Engine(model, max_batch, max_queue=float("inf"), prefill_chunk=prefill_chunk)
+    except Exception as e:
+        pipe.send(("failed", str(e) if isinstance(e, UserError) else f"{e.__class__.__name__}: {e}"))
+        return
+    pipe.send(("ready", dtype, torch.get_num_threads()))
+
+    sequences, events = {}, []  # id -> Sequence in flight here; what this step made, for the server
+
+    def finished(id, reason):
+        del sequences[id]
+        events.append((id, None, reason))
+
+    def send_events():
+        if events:
+            pipe.send((engine.steps, events))
+            events.clear()
+
+    while True:
+        # between steps, every message that came; with nothing to do, wait for the next
+        while pipe.poll() or not engine.pending():
+            try:
+                kind, payload = pipe.recv()
+            except EOFError:
+                return  # the server is gone
+            if kind == "stop":
+                return
+            if kind == "cancel" and payload in sequences:
+                engine.cancel(sequences[payload])
+            elif kind == "submit":
+                for id, settings in payload:
+                    sequences[id] = Sequence(**settings, id=id,
+                                             on_token=lambda token, id=id: events.append((id, token, None)),
+                                             on_finish=lambda reason, id=id: finished(id, reason))  # fmt: skip
+                engine.submit(*(sequences[id] for id, _ in payload))
+
+        # what the step made goes to the server at once: new requests' first tokens after the prompts' pass, so
+        # that they do not wait for the decoding pass too, the rest at the end
+        engine.step_or_fail(between=send_events)
+        send_events()
+
+
+# ----------------------------------------------------------------------------- the server's stand-in
+
+
+class EngineProcess:
+    """
+    An Engine in a child process, seen from the server: submit, cancel, busy_slots and steps as
+    Engine has them. A thread reads the child's messages and hands each token and finish to its
+    sequence (appending the token to sequence.tokens first, as the engine does).
+    """
+
+    def __init__(self, ckpt, device, dtype, threads, max_batch, max_queue, prefill_chunk, seed):
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.live = {}  # id -> Sequence submitted and not yet finished
+        self.ids, self.steps, self.stopping, self.gone = itertools.count(), 0, False, False
+        self.lock = threading.Lock()  # live and the pipe's sending end: the event loop and the reader share them
+        # spawn, not fork: a fresh interpreter, not a copy of this one's threads and locks
+        context = multiprocessing.get_context("spawn")
+        self.pipe, child_end = context.Pipe()
+        args = (child_end, ckpt, device, dtype, threads, max_batch, prefill_chunk, seed)
+        self.process = context.Process(target=run_engine, args=args, name="engine", daemon=True)
+        self.process.start()
+        child_end.close()
+        try:
+            kind, *answer = self.pipe.recv()
+        except EOFError:
+            raise UserError(f"the engine process ended while starting (exit code {self.process.exitcode})") from None
+        if kind == "failed":
+            raise UserError(f"the engine process could not start: {answer[0]}")
+        self.dtype, self.threads = answer
+        threading.Thread(target=self.read, name="engine-reader", daemon=True).start()
+
+    def submit(self, *sequences):
+        """Sends sequences to the engine (all or none); QueueFull when more than max_queue would wait."""
+        if self.gone:
+            for sequence in sequences:
+                sequence.on_finish("error")
+            return
+        with self.lock:
+            # the engine admits them as slots free up: those beyond the slots wait
+            waiting = max(0, len(self.live) - self.max_batch)
+            if len(self.live) + len(sequences) - self.max_batch > self.max_queue:
+                raise QueueFull(f"{waiting} requests are waiting (--max_queue={self.max_queue})")
+            for sequence in sequences:
+                sequence.id = next(self.ids)
+                self.live[sequence.id] = sequence
+            self.send(("submit", [(s.id, s.settings()) for s in sequences]))
+
+    def cancel(self, sequence):
+        sequence.cancelled = True
+        with self.lock:
+            if sequence.id in self.live:
+                self.send(("cancel", sequence.id))
+
+    def busy_slots(self):
+        return min(len(self.live), self.max_batch)
+
+    def send(self, message):
+        try:
+            self.pipe.send(message)
+        except OSError:
+            pass  # the engine is gone: read() ends every sequence with an error
+
+    def read(self):
+        """The engine's messages, one a step: each token and finish to its sequence's caller."""
+        while True:
+            try:
+                self.steps, events = self.pipe.recv()
+            except (EOFError, OSError):
+                break
+            for id, token, reason in events:
+                sequence = self.live[id]
+                if reason is None:
+                    sequence.tokens.append(token)
+                    sequence.on_token(token)
+                else:
+                    with self.lock:
+                        del self.live[id]
+                    sequence.on_finish(reason)
+        if not self.stopping:
+            print(f"engine: the engine process ended (exit code {self.process.exitcode}); requests end with an error",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        with self.lock:
+            # from now on a new request fails at once
+            self.gone, in_flight = True, list(self.live.values())
+            self.live.clear()
+        for sequence in in_flight:
+            sequence.on_finish("error")
+
+    def stop(self):
+        """Ends the engine process once the server has let its streams finish."""
+        self.stopping = True
+        with self.lock:
+            self.send(("stop", None))
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
