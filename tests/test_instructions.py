@@ -137,3 +137,11 @@ def test_a_generated_conversation_answers_as_the_walk_does(seed):
         asked, reply = messages[0]["content"], messages[1]["content"]
         matches = [answer for (task, shown, target), answer in truth.items() if shown in asked and answer == reply]
         assert matches, (asked, reply)
+
+
+def test_the_any_verb_pools_hold_no_verb_of_a_held_out_family():
+    """The any-verb frames teach that the task is in the rest of the request; a held-out verb there would leak."""
+    leading = {FRAMES[task][f].split()[0].lower() for task, families in HELD_OUT.items() for f in families}
+    for pool in ("recast", "find", "other"):
+        assert not leading & set(instructions.FILL[pool]), pool
+    assert {"identify", "convert", "express", "summarize", "form"} <= leading
