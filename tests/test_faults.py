@@ -475,8 +475,9 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
         ("make_tense.py", ["--siblings=1.5"], "--siblings must be between 0 and 1, got 1.5"),
         (
             "make_tense.py",
-            ["--task=chat", "--n=3"],
-            "--n=3 leaves no conversation in train or in val (a tenth is held out): use --n=100 or more",
+            # one conversation cannot fill both files, whatever the draws
+            ["--task=chat", "--n=1"],
+            "--n=1 leaves no conversation in train or in val (a tenth is held out): use --n=100 or more",
         ),
     ],
 )
