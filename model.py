@@ -103,15 +103,23 @@ def sinusoidal_positions(positions, n_embd):
     return torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-2)[..., :n_embd]
 
 
-def rotate(x, positions):
+def rotary(positions, d):
+    """
+    The cos and sin of rotary's angles at positions (B or 1, T) for heads of size d: each (B or 1, 1, T, d/2), the same
+    for every head. Computed once a forward pass (hidden_states) and handed to every layer, like the mask.
+    """
+    angle = angles(positions, d)[:, None]
+    return angle.cos(), angle.sin()
+
+
+def rotate(x, rope):
     """
     Rotary position embedding (Su et al. 2021): the pairs (x_i, x_{i + d/2}) of each head's query or key at position p
     turn by the angle p * 10000^(-2i/d). A query at p and a key at p' then meet at an angle that depends only on p - p':
-    attention sees relative positions. x (B, heads, T, d), positions (B or 1, T).
+    attention sees relative positions. x (B, heads, T, d), rope: rotary(positions, d).
     """
     d = x.size(-1)
-    angle = angles(positions, d)[:, None]  # the same for every head: (B, 1, T, d/2)
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    cos, sin = (t.to(x.dtype) for t in rope)
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -170,10 +178,11 @@ class CausalSelfAttention(nn.Module):
         self.flash = True
         self.weights = None
 
-    def forward(self, x, mask=None, cache=None, pos=0):
+    def forward(self, x, mask=None, cache=None, pos=0, rope=None):
         """
         x (B, T, C) at positions pos..pos+T-1 -> (B, T, C). mask: which of the S keys each query may see
         (attention_mask); None: query i sees keys up to i (T == S), or every key (one token after a cache).
+        rope: the rotary angles of the T positions (rotary), for a model with rotary positions.
         """
         B, T, C = x.shape
         kv_size = self.n_kv_head * self.head_size
@@ -184,8 +193,7 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary:
             # a key turns by the angle of its own position, and keeps it in the cache
-            positions = positions_from(pos, T, x.device)
-            q, k = rotate(q, positions), rotate(k, positions)
+            q, k = rotate(q, rope), rotate(k, rope)
         if cache is not None:
             # the new keys and values join the cached ones: (B, n_kv_head, S, hs)
             k, v = cache.update(pos, k, v)
@@ -243,9 +251,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = FeedForward(config)
 
-    def forward(self, x, mask=None, cache=None, pos=0):
+    def forward(self, x, mask=None, cache=None, pos=0, rope=None):
         # pre-norm: normalise the input of each sublayer, keep the residual path an identity
-        x = x + self.attn(self.ln_1(x), mask, cache, pos)
+        x = x + self.attn(self.ln_1(x), mask, cache, pos, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -320,13 +328,17 @@ class GPT(nn.Module):
     def hidden_states(self, idx, caches=None, pos=0):
         """Everything before the output layer: the blocks' output, normalised, (B, T, C)."""
         x = self.embed(idx, pos)
+        # what every layer needs of the positions, computed once: which keys each query sees, rotary's angles
         mask = attention_mask(pos, idx.size(1), idx.device)
+        rope = None
+        if self.config.pos_encoding == "rotary":
+            rope = rotary(positions_from(pos, idx.size(1), idx.device), self.config.n_embd // self.config.n_head)
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training:
                 # keep only each block's input; recompute its insides in backward (less memory)
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, None, pos, rope, use_reentrant=False)
             else:
-                x = block(x, mask, None if caches is None else caches[i], pos)
+                x = block(x, mask, None if caches is None else caches[i], pos, rope)
         return self.ln_f(x)
 
     def embed(self, idx, pos=0):
