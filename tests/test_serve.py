@@ -546,3 +546,21 @@ def test_the_engine_process_serves_and_its_death_ends_requests_with_an_error(tra
     assert reasons[-1] == "error"
     assert "the engine process ended" in capsys.readouterr().err
     engine.stop()
+
+
+def test_rows_sampled_together_draw_what_each_draws_alone():
+    from model import GPT, GPTConfig, sample_next
+
+    torch.manual_seed(0)
+    engine = Engine(GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval())
+    logits = torch.randn(5, 64) * 3
+    settings = [dict(temperature=0.7, seed=1), dict(temperature=1.3, top_k=5, seed=2), dict(temperature=0),
+                dict(temperature=1.0, top_p=0.8, seed=3), dict(temperature=0.7, seed=4)]  # fmt: skip
+    rows = [Sequence([1], 1, frozenset(), **s) for s in settings]
+    alone = [Sequence([1], 1, frozenset(), **s) for s in settings]
+    # several draws in a row: each generator moves on as it would alone
+    for _ in range(4):
+        together = engine.sample(rows, logits)
+        each = [int(sample_next(logits[i : i + 1], s.temperature, s.top_k, s.top_p, s.temperature == 0, s.generator))
+                for i, s in enumerate(alone)]  # fmt: skip
+        assert together == each
