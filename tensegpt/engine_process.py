@@ -154,19 +154,20 @@ class EngineProcess:
 
     def submit(self, *sequences):
         """Sends sequences to the engine (all or none); QueueFull when more than max_queue would wait."""
-        if self.gone:
-            for sequence in sequences:
-                sequence.on_finish("error")
-            return
         with self.lock:
-            # the engine admits them as slots free up: those beyond the slots wait
-            waiting = max(0, len(self.live) - self.max_batch)
-            if len(self.live) + len(sequences) - self.max_batch > self.max_queue:
-                raise QueueFull(f"{waiting} requests are waiting (--max_queue={self.max_queue})")
-            for sequence in sequences:
-                sequence.id = next(self.ids)
-                self.live[sequence.id] = sequence
-            self.send(("submit", [(s.id, s.settings()) for s in sequences]))
+            # checked under the lock that read() sets it under: a request never slips in after the last one failed
+            if not self.gone:
+                # the engine admits them as slots free up: those beyond the slots wait
+                waiting = max(0, len(self.live) - self.max_batch)
+                if len(self.live) + len(sequences) - self.max_batch > self.max_queue:
+                    raise QueueFull(f"{waiting} requests are waiting (--max_queue={self.max_queue})")
+                for sequence in sequences:
+                    sequence.id = next(self.ids)
+                    self.live[sequence.id] = sequence
+                self.send(("submit", [(s.id, s.settings()) for s in sequences]))
+                return
+        for sequence in sequences:
+            sequence.on_finish("error")
 
     def cancel(self, sequence):
         sequence.cancelled = True
@@ -200,6 +201,8 @@ class EngineProcess:
                         del self.live[id]
                     sequence.on_finish(reason)
         if not self.stopping:
+            # its pipe closes as it dies: wait for its exit to read the code
+            self.process.join(timeout=5)
             print(f"engine: the engine process ended (exit code {self.process.exitcode}); requests end with an error",
                   file=sys.stderr, flush=True)  # fmt: skip
         with self.lock:

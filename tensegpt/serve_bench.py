@@ -11,13 +11,12 @@ served, the clients each taking the next request as theirs ends; 1 client is the
 served one at a time. Reported: aggregate completion tokens per second, time to first token
 and time between tokens (p50, p95), and the cores kept busy by the server's two processes
 (HTTP and the engine) and by the clients (coroutines on one event loop, so that they take
-little from the server). The
-load test sends a fixed number of requests from concurrent clients, mixed streamed and not,
-some abandoned mid-stream, and checks that each got a complete answer or a clear error, the
-server's memory and its log. --engine_only steps
-the batching engine in this process, every row decoding, with no HTTP, server or clients:
-the ceiling that batching can reach on this machine. It is a benchmark: nothing here asserts
-a speed.
+little from the server). The load test sends a fixed number of requests from concurrent
+clients, mixed streamed and not, some abandoned mid-stream, and checks that each got a
+complete answer or a clear error, the server's memory (both processes) and its log.
+--engine_only steps the batching engine in this process, every row decoding, with no HTTP,
+server or clients: the ceiling that batching can reach on this machine. It is a benchmark:
+nothing here asserts a speed.
 """
 
 import asyncio
