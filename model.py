@@ -71,9 +71,14 @@ def check_config(config):
 
 # ----------------------------------------------------------------------------- positions and norms
 def positions_from(pos, T, device=None):
-    """The positions of T new tokens after pos: (1, T) for an int pos, (B, T) for a (B,) tensor of starts."""
+    """
+    The positions of T new tokens: (1, T) after an int pos, (B, T) after a (B,) tensor of starts, or pos itself when it
+    is a (B, T) tensor of each token's own position (several sequences packed in one row: tensegpt/engine.py).
+    """
     if isinstance(pos, int):
         return torch.arange(pos, pos + T, device=device)[None]
+    if pos.dim() == 2:
+        return pos
     return pos[:, None] + torch.arange(T, device=pos.device)
 
 
@@ -181,7 +186,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, mask=None, cache=None, pos=0, rope=None):
         """
         x (B, T, C) at positions pos..pos+T-1 -> (B, T, C). mask: which of the S keys each query may see
-        (attention_mask); None: query i sees keys up to i (T == S), or every key (one token after a cache).
+        (attention_mask), True where it may, or as floats added to the scores (0, or -inf where it may not: no
+        conversion in every layer); None: query i sees keys up to i (T == S), or every key (one token after a cache).
         rope: the rotary angles of the T positions (rotary), for a model with rotary positions.
         """
         B, T, C = x.shape
@@ -197,22 +203,31 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             # the new keys and values join the cached ones: (B, n_kv_head, S, hs)
             k, v = cache.update(pos, k, v)
-        if self.n_kv_head != self.n_head:
-            # each key/value head serves n_head / n_kv_head query heads: (B, n_head, S, hs)
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        grouped = self.n_kv_head != self.n_head
         if self.flash:
-            # is_causal lets query i see keys 0..i, right when the T queries are all S positions
+            # is_causal lets query i see keys 0..i, right when the T queries are all S positions; enable_gqa: each
+            # key/value head serves n_head / n_kv_head query heads, read in place
             dropout = self.attn_dropout.p if self.training else 0.0
             causal = mask is None and T > 1
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, enable_gqa=grouped
+            )
         else:
+            if grouped:
+                # each key/value head serves n_head / n_kv_head query heads: (B, n_head, S, hs)
+                k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+                v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             # softmax(q k^T / sqrt(hs)) v, where a query may not see a key after it
             S = k.size(2)
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, n_head, T, S)
             if mask is None:
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-            self.weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            else:
+                # a float mask is added to the scores: 0 where a query may look, -inf where not
+                scores = scores + mask
+            self.weights = torch.softmax(scores, dim=-1)
             y = self.attn_dropout(self.weights) @ v  # (B, n_head, T, hs)
         # the heads side by side again: (B, T, C)
         y = y.transpose(1, 2).reshape(B, T, C)
@@ -325,11 +340,15 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    def hidden_states(self, idx, caches=None, pos=0):
-        """Everything before the output layer: the blocks' output, normalised, (B, T, C)."""
+    def hidden_states(self, idx, caches=None, pos=0, mask=None):
+        """
+        Everything before the output layer: the blocks' output, normalised, (B, T, C). mask: which keys each query sees,
+        from a caller that knows more than pos says (sequences packed in one row); None: attention_mask(pos, T).
+        """
         x = self.embed(idx, pos)
         # what every layer needs of the positions, computed once: which keys each query sees, rotary's angles
-        mask = attention_mask(pos, idx.size(1), idx.device)
+        if mask is None:
+            mask = attention_mask(pos, idx.size(1), idx.device)
         rope = None
         if self.config.pos_encoding == "rotary":
             rope = rotary(positions_from(pos, idx.size(1), idx.device), self.config.n_embd // self.config.n_head)
@@ -344,7 +363,7 @@ class GPT(nn.Module):
     def embed(self, idx, pos=0):
         """Token embedding plus the position of each token (positions pos..pos+T-1): (B, T, C)."""
         T = idx.size(1)
-        end = pos + T if isinstance(pos, int) else int(pos.max()) + T
+        end = pos + T if isinstance(pos, int) else int(positions_from(pos, T).max()) + 1
         if end > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens is longer than block_size {self.config.block_size}")
         x = self.wte(idx)  # (B, T, C)

@@ -32,6 +32,7 @@ from tensegpt.server import (
     CompletionRequest,
     Generation,
     check_key,
+    check_port,
     check_sampling,
     finish_unless_disconnected,
     install_errors,
@@ -52,6 +53,7 @@ DEFAULTS = {
     "threads": 0,  # torch's threads for the model; 0: one core fewer than torch's default, the other for HTTP
     "dtype": "auto",  # the weights' and cache's: 'float32', 'bfloat16', 'float16' (CUDA); 'auto': the faster, timed
     "seed": 1337,  # the draws of requests that give no seed of their own
+    "compile": False,  # torch.compile the model: about a minute more at start, then faster steps (docs/serving.md)
 }
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tensegpt", "chat_page.html")
 
@@ -195,6 +197,7 @@ def main():
         raise UserError(f"--dtype must be auto, float32, bfloat16 or float16 (got {config['dtype']!r})")
     if not os.path.isfile(config["ckpt"]):
         raise UserError(f"no checkpoint at {config['ckpt']} (from --ckpt): train one first (docs/serving.md)")
+    check_port(config["host"], config["port"])
     device = pick_device(config["device"])
     # this process needs the tokenizer and the context; the engine's process loads the model to run it
     model, tokenizer, _ = load_model(config["ckpt"])
@@ -206,7 +209,8 @@ def main():
     # the engine: a process of its own that steps the batch while requests come and go
     engine = EngineProcess(config["ckpt"], device, dtype=config["dtype"], threads=model_threads(config["threads"]),
                            max_batch=config["max_batch"], max_queue=config["max_queue"],
-                           prefill_chunk=config["prefill_chunk"], seed=config["seed"])  # fmt: skip
+                           prefill_chunk=config["prefill_chunk"], seed=config["seed"],
+                           compile=config["compile"])  # fmt: skip
 
     app = make_app(block_size, tokenizer, engine, name, api_key, config["max_body_bytes"])
     kind = "chat" if hasattr(tokenizer, "end") else "completions"
@@ -214,8 +218,11 @@ def main():
           f"http://{config['host']}:{config['port']} (the page at /, the API at /v1)", flush=True)  # fmt: skip
     # SIGTERM: uvicorn stops accepting, lets the streams in flight end, and returns; we then exit 0
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(app, host=config["host"], port=config["port"], log_level="info")
-    engine.stop()
+    try:
+        uvicorn.run(app, host=config["host"], port=config["port"], log_level="info")
+    finally:
+        # also when uvicorn exits on an error: the engine's process ignores SIGTERM, so it must be told
+        engine.stop()
 
 
 if __name__ == "__main__":

@@ -6,12 +6,19 @@ sequences decoded together cost little more than one alone (docs/serving.md). Th
 keeps up to max_batch sequences in the rows ("slots") of one KV cache, and loops:
 
     admit   requests waiting in the queue take free slots
-    prefill the prompts of new sequences run through the model together, at most
-            prefill_chunk positions a step, so a long prompt never stalls the others for long
-    decode  every sequence with its prompt in the cache makes one token, in one batched
-            forward, each row at its own position (model.py's per-row pos)
+    run     one forward pass for everyone: every sequence with its prompt in the cache feeds
+            its latest token, every new one the next chunk of its prompt (at most
+            prefill_chunk prompt positions a step, so a long prompt never stalls the others
+            for long); each sequence whose prompt is now all cached makes a token
     finish  a sequence that is done (a stop token, max_tokens, the end of the context, or
             cancelled by its client) leaves at once and frees its slot for the next step
+
+A step of decoding only is a batch of rows of one token, each at its own position (model.py's
+per-row pos). A step with prompts in it packs every token into one row, as vLLM does, so
+neither the decoding rows nor the short prompts are padded to the longest: each token has its
+own position, and a mask keeps it to its own sequence's keys (model.py's per-token pos and a
+mask passed down). A prompt's pass and the others' decoding then share one pass, whose cost
+on a small model is mostly its fixed overhead (docs/serving.md).
 
 Each sequence samples with its own settings and its own random generator, so its tokens do
 not depend on what else runs beside it. Each sequence reports to its caller through on_token
@@ -83,6 +90,26 @@ class SlotCache:
         return self.cache.k[self.slots, :, : self.end], self.cache.v[self.slots, :, : self.end]
 
 
+class PackedCache:
+    """
+    One layer's KV cache for a packed step (Engine.forward_packed): the step's tokens in one row, token j of the
+    row belonging to batch row rows[j] at position positions[j]. It writes each token's key and value there and
+    reads the keys of the batch's slots laid side by side in one row, end positions each, for the mask to pick from.
+    """
+
+    def __init__(self, cache, slots, rows, positions, end):
+        self.cache, self.slots, self.end = cache, slots, end
+        self.slot_of_token, self.positions = slots[rows], positions
+
+    def update(self, pos, k, v):
+        # (1, n_kv_head, N, hs) -> (N, n_kv_head, hs): indexing slots and positions together puts them first
+        self.cache.k[self.slot_of_token, :, self.positions] = k[0].transpose(0, 1)
+        self.cache.v[self.slot_of_token, :, self.positions] = v[0].transpose(0, 1)
+        k, v = self.cache.k[self.slots, :, : self.end], self.cache.v[self.slots, :, : self.end]
+        # (B, n_kv_head, end, hs) -> (1, n_kv_head, B * end, hs): the slots side by side
+        return tuple(t.transpose(0, 1).flatten(1, 2)[None] for t in (k, v))
+
+
 class Engine:
     def __init__(self, model, max_batch=16, max_queue=64, prefill_chunk=256):
         self.model, self.block_size = model, model.config.block_size
@@ -111,10 +138,10 @@ class Engine:
     def busy_slots(self):
         return self.max_batch - len(self.free)
 
-    def step_or_fail(self, between=None):
+    def step_or_fail(self):
         """One step; a fault in it (out of memory, say) ends the sequences in flight with an error, not the caller."""
         try:
-            self.step(between)
+            self.step()
         except Exception as e:
             print(f"engine: a step failed ({e.__class__.__name__}: {e}); its sequences end with an error",
                   file=sys.stderr, flush=True)  # fmt: skip
@@ -122,18 +149,23 @@ class Engine:
                 self.finish(sequence, "error")
 
     @torch.inference_mode()
-    def step(self, between=None):
-        """
-        Admit, prefill one chunk, decode one token for every sequence ready; drop the finished. between(): called
-        after the prompts' pass, before the decoding pass (serve.py's engine process sends the first tokens then).
-        """
+    def step(self):
+        """Admit, then one forward pass: a token for every decoding sequence, the next chunk of every new prompt."""
         self.admit()
-        if self.prefilling:
-            self.prefill()
-            if between:
-                between()
-        if self.decoding:
-            self.decode()
+        # a copy to walk: a cancelled sequence leaves its group on the way
+        decoding = [s for s in list(self.decoding) if not self.drop_if_cancelled(s, self.decoding)]
+        prefilling = [s for s in list(self.prefilling) if not self.drop_if_cancelled(s, self.prefilling)]
+        # what each sequence feeds this step: its latest token, or its prompt's next chunk
+        batch = [(s, [s.tokens[-1]]) for s in decoding]
+        budget = self.prefill_chunk
+        for s in prefilling:
+            # at most prefill_chunk prompt positions a step in all, and never past the context
+            n = min(len(s.prompt) - s.cached, budget, self.block_size - s.cached)
+            if n > 0:
+                batch.append((s, s.prompt[s.cached : s.cached + n]))
+                budget -= n
+        if batch:
+            self.run(batch)
         self.steps += 1
 
     def admit(self):
@@ -145,48 +177,69 @@ class Engine:
             sequence.slot = self.free.pop(0)
             self.prefilling.append(sequence)
 
-    def prefill(self):
-        """The next chunk of every new prompt, padded to one length, in one forward pass."""
-        # a copy to walk: a cancelled sequence leaves self.prefilling on the way
-        batch = [s for s in list(self.prefilling) if not self.drop_if_cancelled(s, self.prefilling)]
-        if not batch:
+    def run(self, batch):
+        """
+        One forward pass over batch [(sequence, the tokens it feeds)], then a token for every sequence whose feed
+        ends its prompt or is its latest token. Every row decoding: a batch of rows of one token. With prompt chunks
+        in it: every token in one row, packed, so no row is padded to the longest chunk.
+        """
+        if all(len(tokens) == 1 for _, tokens in batch):
+            x = self.forward_rows(batch)[:, -1]  # (B, C)
+        else:
+            x = self.forward_packed(batch)  # (B, C)
+        ready = []
+        for i, (s, tokens) in enumerate(batch):
+            s.cached += len(tokens)
+            if s.cached >= len(s.prompt):
+                ready.append(i)
+        if not ready:
             return
-        left = [len(s.prompt) - s.cached for s in batch]
-        # at most prefill_chunk positions, and never past the context of any row (the padding writes too)
-        T = min(self.prefill_chunk, max(left), min(self.block_size - s.cached for s in batch))
-        tokens = torch.zeros((len(batch), T), dtype=torch.long)
-        for i, s in enumerate(batch):
-            chunk = s.prompt[s.cached : s.cached + T]
-            tokens[i, : len(chunk)] = torch.tensor(chunk)
-        # the padding after a short chunk lands in cache positions that the row overwrites before it reads them
-        x = self.forward(tokens, batch)  # (B, T, C)
-        done, last = [], []
-        for i, s in enumerate(batch):
-            n = min(T, left[i])
-            s.cached += n
-            if s.cached == len(s.prompt):
-                # the prompt is in the cache: its last position gives the first new token
-                done.append(s)
-                last.append(x[i, n - 1])
-        if not done:
-            return
-        tokens = self.sample(done, self.model.lm_head(torch.stack(last)))  # (D, C) -> (D, V) -> D tokens
-        for s, token in zip(done, tokens):
-            self.prefilling.remove(s)
-            self.decoding.append(s)
+        sequences = [batch[i][0] for i in ready]
+        for s, token in zip(sequences, self.sample(sequences, self.model.lm_head(x[ready])), strict=True):
+            if s in self.prefilling:
+                # the prompt is in the cache: its last position gave the first new token
+                self.prefilling.remove(s)
+                self.decoding.append(s)
             self.emit(s, token)
 
-    def decode(self):
-        """One new token for every decoding sequence, all rows in one forward pass."""
-        # a copy to walk: a cancelled sequence leaves self.decoding on the way
-        batch = [s for s in list(self.decoding) if not self.drop_if_cancelled(s, self.decoding)]
-        if not batch:
-            return
-        tokens = torch.tensor([[s.tokens[-1]] for s in batch])  # (B, 1): each row's latest token
-        logits = self.model.lm_head(self.forward(tokens, batch)[:, -1])  # (B, V)
-        for s, token in zip(batch, self.sample(batch, logits)):
-            s.cached += 1
-            self.emit(s, token)
+    def forward_rows(self, batch):
+        """The hidden states (B, 1, C) of one token a row: row i at position cached in its sequence's slot."""
+        slots = torch.tensor([s.slot for s, _ in batch], device=self.device)
+        pos = torch.tensor([s.cached for s, _ in batch], device=self.device)
+        tokens = torch.tensor([t for _, t in batch], device=self.device)  # (B, 1)
+        # every layer reads keys up to the longest row's end: counted here once, not read back per layer
+        end = max(s.cached for s, _ in batch) + 1
+        mask = torch.arange(end, device=self.device) <= pos[:, None]  # (B, end)
+        caches = [SlotCache(c, slots, end) for c in self.caches]
+        return self.model.hidden_states(tokens, caches, pos, self.additive(mask[:, None, None]))
+
+    def forward_packed(self, batch):
+        """
+        Every fed token in one row (1, N): the hidden states (B, C) at each sequence's last fed token. Token j of
+        sequence i sits at position cached + j of slot i; the mask lets it see that slot's keys up to its position.
+        """
+        tokens, rows, positions, last = [], [], [], []
+        for i, (s, fed) in enumerate(batch):
+            tokens += fed
+            rows += [i] * len(fed)
+            positions += range(s.cached, s.cached + len(fed))
+            last.append(len(tokens) - 1)
+        rows, positions = torch.tensor(rows, device=self.device), torch.tensor(positions, device=self.device)
+        slots = torch.tensor([s.slot for s, _ in batch], device=self.device)
+        end = int(positions.max()) + 1
+        # the keys of all B slots side by side, end positions each: key k is position k % end of row k // end
+        key_rows = torch.arange(len(batch), device=self.device).repeat_interleave(end)  # (B * end,)
+        key_positions = torch.arange(end, device=self.device).repeat(len(batch))  # (B * end,)
+        mask = (key_rows == rows[:, None]) & (key_positions <= positions[:, None])  # (N, B * end)
+        caches = [PackedCache(c, slots, rows, positions, end) for c in self.caches]
+        tokens = torch.tensor([tokens], device=self.device)  # (1, N)
+        x = self.model.hidden_states(tokens, caches, positions[None], self.additive(mask[None, None]))  # (1, N, C)
+        return x[0, last]  # (B, C)
+
+    def additive(self, mask):
+        """A mask as the scores' dtype, 0 where True and -inf where False: what the attention kernel adds."""
+        dtype = self.caches[0].k.dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(~mask, float("-inf"))
 
     def sample(self, batch, logits):
         """
@@ -206,15 +259,6 @@ class Engine:
             u = torch.cat([torch.rand((1, 1), generator=batch[i].generator) for i in rows])  # (n, 1)
             tokens[rows] = draw(probs, u=u.to(logits.device)).squeeze(1)
         return tokens.tolist()
-
-    def forward(self, tokens, batch):
-        """The model's hidden states for tokens (B, T), row i at position batch[i].cached in slot batch[i].slot."""
-        slots = torch.tensor([s.slot for s in batch], device=self.device)
-        pos = torch.tensor([s.cached for s in batch], device=self.device)
-        # every layer reads keys up to the longest row's end: counted here once, not read back per layer
-        end = max(s.cached for s in batch) + tokens.size(1)
-        caches = [SlotCache(cache, slots, end) for cache in self.caches]
-        return self.model.hidden_states(tokens.to(self.device), caches, pos)
 
     def emit(self, sequence, token):
         """Hands a new token to its caller, or ends the sequence on a stop token or at its limit."""
@@ -260,3 +304,17 @@ def step_seconds(model, rows, steps=10):
         engine.step()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def warm_up(engine):
+    """
+    Runs made-up requests through every kind of step the engine takes (one row decoding, several, a packed pass
+    with and without decoding rows), so that a compiled model compiles before the first real request.
+    """
+    quiet = dict(stop_tokens=frozenset(), temperature=0, on_token=lambda token: None, on_finish=lambda reason: None)
+    engine.submit(Sequence([0, 1, 2], max_tokens=4, **quiet))
+    engine.step()
+    engine.step()
+    engine.submit(*[Sequence([0] * n, max_tokens=4, **quiet) for n in (3, 5)])
+    while engine.pending():
+        engine.step()

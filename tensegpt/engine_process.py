@@ -28,7 +28,7 @@ import torch
 
 from tensegpt.checkpoint import load_model
 from tensegpt.common import UserError
-from tensegpt.engine import Engine, QueueFull, Sequence, step_seconds
+from tensegpt.engine import Engine, QueueFull, Sequence, step_seconds, warm_up
 from tensegpt.hardware import pick_dtype
 
 
@@ -67,7 +67,7 @@ def serving_dtype(model, name, rows, device):
 # ----------------------------------------------------------------------------- the engine's process
 
 
-def run_engine(pipe, ckpt, device, dtype, threads, max_batch, prefill_chunk, seed):
+def run_engine(pipe, ckpt, device, dtype, threads, max_batch, prefill_chunk, seed, compile):
     """The child: load the model, say which dtype it chose, then step while there is work."""
     # Ctrl-C reaches every process of the terminal's group: the server decides when this one ends
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -81,6 +81,11 @@ def run_engine(pipe, ckpt, device, dtype, threads, max_batch, prefill_chunk, see
         model.to(getattr(torch, dtype))
         # the queue's limit is kept by the server's stand-in, which sees every request first and counts it until it ends
         engine = Engine(model, max_batch, max_queue=float("inf"), prefill_chunk=prefill_chunk)
+        if compile:
+            # one graph for every batch and length (dynamic shapes), compiled now on made-up requests, not on the
+            # first real ones
+            model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
+            warm_up(engine)
     except Exception as e:
         pipe.send(("failed", str(e) if isinstance(e, UserError) else f"{e.__class__.__name__}: {e}"))
         return
@@ -115,9 +120,8 @@ def run_engine(pipe, ckpt, device, dtype, threads, max_batch, prefill_chunk, see
                                              on_finish=lambda reason, id=id: finished(id, reason))  # fmt: skip
                 engine.submit(*(sequences[id] for id, _ in payload))
 
-        # what the step made goes to the server at once: new requests' first tokens after the prompts' pass, so
-        # that they do not wait for the decoding pass too, the rest at the end
-        engine.step_or_fail(between=send_events)
+        # what the step made goes to the server at once
+        engine.step_or_fail()
         send_events()
 
 
@@ -131,7 +135,7 @@ class EngineProcess:
     sequence (appending the token to sequence.tokens first, as the engine does).
     """
 
-    def __init__(self, ckpt, device, dtype, threads, max_batch, max_queue, prefill_chunk, seed):
+    def __init__(self, ckpt, device, dtype, threads, max_batch, max_queue, prefill_chunk, seed, compile=False):
         self.max_batch, self.max_queue = max_batch, max_queue
         self.live = {}  # id -> Sequence submitted and not yet finished
         self.ids, self.steps, self.stopping, self.gone = itertools.count(), 0, False, False
@@ -139,7 +143,7 @@ class EngineProcess:
         # spawn, not fork: a fresh interpreter, not a copy of this one's threads and locks
         context = multiprocessing.get_context("spawn")
         self.pipe, child_end = context.Pipe()
-        args = (child_end, ckpt, device, dtype, threads, max_batch, prefill_chunk, seed)
+        args = (child_end, ckpt, device, dtype, threads, max_batch, prefill_chunk, seed, compile)
         self.process = context.Process(target=run_engine, args=args, name="engine", daemon=True)
         self.process.start()
         child_end.close()

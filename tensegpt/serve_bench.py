@@ -22,6 +22,7 @@ nothing here asserts a speed.
 import asyncio
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -37,7 +38,7 @@ sys.path.insert(0, ROOT)
 
 from model import GPT, GPTConfig  # noqa: E402
 from tensegpt.checkpoint import load_model, save  # noqa: E402
-from tensegpt.common import parse_config  # noqa: E402
+from tensegpt.common import UserError, main_guard, parse_config  # noqa: E402
 from tensegpt.engine import step_seconds  # noqa: E402
 from tensegpt.engine_process import serving_dtype  # noqa: E402
 from tensegpt.tokenizer import GPT2  # noqa: E402
@@ -53,6 +54,7 @@ DEFAULTS = {
     "port": 8765,
     "dtype": "auto",  # serve.py's --dtype (and the engine's alone)
     "threads": 0,  # serve.py's --threads (and the engine's alone); 0: serve.py's own choice
+    "compile": False,  # serve.py's --compile (and the engine's alone)
     "engine_only": False,  # True: the engine alone, in this process, at each --streams number of rows
 }
 CHAT_REQUESTS = [
@@ -77,16 +79,22 @@ def gpt2_checkpoint(folder):
 
 def start_server(ckpt, port, options, log):
     command = [sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt={ckpt}", f"--port={port}"]
-    command += [f"--{key}={options[key]}" for key in ("dtype", "threads")]
+    command += [f"--{key}={options[key]}" for key in ("dtype", "threads", "compile")]
+    with socket.socket() as s:
+        # a server left on the port would answer in place of this one
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            raise UserError(f"port {port} is in use (a server still running?): stop it, or pass another --port")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    for _ in range(600):
+    # --compile compiles before it listens: GPT-2 takes minutes on two cores
+    deadline = time.monotonic() + 900
+    while process.poll() is None and time.monotonic() < deadline:
         try:
             card = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).json()["data"][0]
             return process, card
         except (httpx.HTTPError, KeyError):
             time.sleep(0.1)
     process.kill()
-    raise RuntimeError("serve.py did not start")
+    raise RuntimeError(f"serve.py did not start (its log: {log.name})")
 
 
 def request_body(card, i, max_tokens, stream=True):
@@ -284,4 +292,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

@@ -11,6 +11,7 @@ to a value out of range, is answered in OpenAI's shape with status 400:
 import asyncio
 import hmac
 import json
+import socket
 import time
 import uuid
 from typing import Literal
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
+from tensegpt.common import UserError
 from tensegpt.engine import QueueFull, Sequence
 
 # ----------------------------------------------------------------------------- requests
@@ -85,6 +87,17 @@ class ChatRequest(Sampling):
 
 class CompletionRequest(Sampling):
     prompt: str | list[str]
+
+
+def check_port(host, port):
+    """Refuses, before the model loads, an address another server is listening on (as uvicorn would bind it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            message = f"cannot listen on {host}:{port} ({e.strerror}): stop what is there, or pass another --port"
+            raise UserError(message) from None
 
 
 def check_sampling(body, max_n):

@@ -19,8 +19,9 @@ import pytest
 import torch
 from helpers import ROOT, fine_tune_chat, run_script
 
+from model import GPT, GPTConfig
 from tensegpt.checkpoint import load_model
-from tensegpt.engine import Engine, QueueFull, Sequence
+from tensegpt.engine import Engine, QueueFull, Sequence, warm_up
 
 # ----------------------------------------------------------------------------- models and servers
 
@@ -234,6 +235,88 @@ def test_a_sequence_decodes_the_same_alone_or_batched_with_others(trained_model)
         assert engine.busy_slots() == 0 and sorted(engine.free) == list(range(8))
 
 
+def test_a_new_prompt_and_the_decoding_rows_share_one_forward_pass(trained_model, monkeypatch):
+    model, tokenizer = trained_model
+    stop = frozenset({tokenizer.eot})
+    engine = Engine(model, max_batch=4)
+    made = []
+    first, second = (Sequence(tokenizer.encode(text), max_tokens=30, stop_tokens=stop, temperature=0,
+                              on_token=made.append, on_finish=lambda r: None)
+                     for text in ("The", "By this time next year, our teacher"))  # fmt: skip
+    engine.submit(first)
+    engine.step()
+    engine.submit(second)
+    passes = []
+    hidden_states = model.hidden_states
+
+    def counted(idx, *args, **kwargs):
+        passes.append(idx.shape)
+        return hidden_states(idx, *args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", counted)
+    made.clear()
+    engine.step()
+    # one pass of 1 + 8 tokens in one row, no padding: a token for each, the second's first
+    assert passes == [(1, 1 + len(second.prompt))] and len(made) == 2
+    assert first.tokens[1:] + second.tokens == made
+    # then a step of decoding only: one row of one token each
+    engine.step()
+    assert passes[1:] == [(2, 1)]
+
+
+def todays_block_model():
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                       pos_encoding="rotary", norm="rmsnorm", activation="swiglu", qk_norm=True)  # fmt: skip
+    return GPT(config).eval()
+
+
+def logits_the_engine_sampled_from(engine):
+    """Three sequences through the engine, arriving at different steps: [(context, the logits the engine drew from)]."""
+    seen = []
+    sample = engine.sample
+
+    def recording(batch, logits):
+        seen.extend((s.prompt + s.tokens, row) for s, row in zip(batch, logits))
+        return sample(batch, logits)
+
+    engine.sample = recording
+    quiet = dict(stop_tokens=frozenset(), temperature=0, on_token=lambda t: None, on_finish=lambda r: None)
+    engine.submit(Sequence([5, 6, 7], max_tokens=8, **quiet))
+    engine.step()
+    engine.step()
+    engine.submit(Sequence(list(range(10, 21)), max_tokens=6, **quiet), Sequence([1, 2, 3, 4, 9, 8, 7], 6, **quiet))
+    while engine.pending():
+        engine.step()
+    return seen
+
+
+def test_packed_and_row_steps_give_every_sequence_the_logits_it_has_alone():
+    # today's block (rotary positions, grouped key/value heads, QK-norm): each token's position and keys are its own
+    model = todays_block_model()
+    seen = logits_the_engine_sampled_from(Engine(model, max_batch=4, prefill_chunk=5))
+    assert len(seen) == 8 + 6 + 6
+    with torch.no_grad():
+        for context, row in seen:
+            alone = model(torch.tensor([context]))[0][0, -1]
+            torch.testing.assert_close(row, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_compiled_engine_gives_the_logits_of_the_model_alone():
+    model = todays_block_model()
+    engine = Engine(model, max_batch=4, prefill_chunk=5)
+    model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
+    warm_up(engine)
+    assert engine.busy_slots() == 0 and not engine.pending()
+    seen = logits_the_engine_sampled_from(engine)
+    del model.hidden_states
+    with torch.no_grad():
+        for context, row in seen:
+            alone = model(torch.tensor([context]))[0][0, -1]
+            torch.testing.assert_close(row, alone, atol=1e-4, rtol=1e-4)
+
+
 def test_the_engine_prefills_long_prompts_in_chunks_beside_decoding_rows(trained_model):
     model, tokenizer = trained_model
     stop = frozenset({tokenizer.eot})
@@ -394,6 +477,17 @@ def test_serve_py_refuses_bad_options_in_one_line(tmp_path):
     )
     result = run_script("serve.py", "--threads=-1", cwd=tmp_path, check=False)
     assert result.returncode == 1 and result.stderr.strip() == "error: --threads must be 0 (auto) or more (got -1)"
+    # a port another server listens on: refused before the model loads, and nothing is left running
+    ckpt = tmp_path / "trained.pth"
+    ckpt.write_bytes(b"")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_script("serve.py", f"--ckpt={ckpt}", f"--port={port}", cwd=tmp_path, check=False, timeout=60)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"error: cannot listen on 127.0.0.1:{port} (Address already in use): stop what is there, or pass another --port"
+    )
 
 
 def test_the_serving_benchmark_measures_every_row_and_loses_no_request(chat_ckpt):
@@ -477,7 +571,7 @@ def test_a_failed_step_ends_its_sequences_with_an_error_and_frees_their_slots(tr
     reasons = []
     sequences = [Sequence([1, 2, 3], max_tokens=5, stop_tokens=frozenset(), on_token=lambda t: None,
                           on_finish=reasons.append) for _ in range(2)]  # fmt: skip
-    engine.forward = lambda tokens, batch: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    engine.run = lambda batch: (_ for _ in ()).throw(RuntimeError("out of memory"))
     engine.submit(*sequences)
     engine.step_or_fail()
     assert reasons == ["error", "error"] and engine.busy_slots() == 0 and not engine.pending()
