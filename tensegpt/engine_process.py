@@ -19,6 +19,7 @@ steps. It ends when the server says stop or its pipe closes (the server is gone)
 
 import copy
 import itertools
+import logging
 import multiprocessing
 import signal
 import sys
@@ -83,7 +84,9 @@ def run_engine(pipe, ckpt, device, dtype, threads, max_batch, prefill_chunk, see
         engine = Engine(model, max_batch, max_queue=float("inf"), prefill_chunk=prefill_chunk)
         if compile:
             # one graph for every batch and length (dynamic shapes), compiled now on made-up requests, not on the
-            # first real ones
+            # first real ones. It breaks where model.embed reads the longest position back to check it against the
+            # context (.item()), as it must; dynamo's warning about that break would only alarm
+            logging.getLogger("torch._dynamo.variables.tensor").setLevel(logging.ERROR)
             model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
             warm_up(engine)
     except Exception as e:

@@ -252,8 +252,12 @@ def main():
             model = load_model(ckpt)[0]
             dtype = serving_dtype(model, config["dtype"], int(config["streams"].split(",")[-1]), "cpu")
             model.to(getattr(torch, dtype))
+            if config["compile"]:
+                # compiled as serve.py compiles it; each row count's untimed first steps compile what it needs
+                model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
             rows = [engine_alone(model, int(c)) for c in config["streams"].split(",")]
-            print(f"the engine alone, {dtype}, {torch.get_num_threads()} torch threads")
+            compiled = ", compiled" if config["compile"] else ""
+            print(f"the engine alone, {dtype}{compiled}, {torch.get_num_threads()} torch threads")
             print("rows | ms per step | tokens/s | x one row")
             for r in rows:
                 speedup = r["tokens_per_sec"] / rows[0]["tokens_per_sec"]
@@ -265,8 +269,8 @@ def main():
         url = f"http://127.0.0.1:{config['port']}"
         try:
             with open(log_path) as f:
-                # serve.py's first line: the model, its dtype and threads
-                print(f.readline().strip() + f"; {os.cpu_count()} cores")
+                # serve.py's line that names the model, its dtype and threads (compiling may print before it)
+                print(next(line for line in f if line.startswith("serving ")).strip() + f"; {os.cpu_count()} cores")
             if config["load_requests"]:
                 report = load_test(url, card, process.pid, config["load_requests"], config["max_tokens"])
                 with open(log_path) as f:
