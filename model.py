@@ -203,20 +203,16 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             # the new keys and values join the cached ones: (B, n_kv_head, S, hs)
             k, v = cache.update(pos, k, v)
-        grouped = self.n_kv_head != self.n_head
+        if self.n_kv_head != self.n_head:
+            # each key/value head serves n_head / n_kv_head query heads: (B, n_head, S, hs)
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         if self.flash:
-            # is_causal lets query i see keys 0..i, right when the T queries are all S positions; enable_gqa: each
-            # key/value head serves n_head / n_kv_head query heads, read in place
+            # is_causal lets query i see keys 0..i, right when the T queries are all S positions
             dropout = self.attn_dropout.p if self.training else 0.0
             causal = mask is None and T > 1
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, enable_gqa=grouped
-            )
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
         else:
-            if grouped:
-                # each key/value head serves n_head / n_kv_head query heads: (B, n_head, S, hs)
-                k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-                v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             # softmax(q k^T / sqrt(hs)) v, where a query may not see a key after it
             S = k.size(2)
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, n_head, T, S)

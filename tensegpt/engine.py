@@ -17,8 +17,8 @@ A step of decoding only is a batch of rows of one token, each at its own positio
 per-row pos). A step with prompts in it packs every token into one row, as vLLM does, so
 neither the decoding rows nor the short prompts are padded to the longest: each token has its
 own position, and a mask keeps it to its own sequence's keys (model.py's per-token pos and a
-mask passed down). A prompt's pass and the others' decoding then share one pass, whose cost
-on a small model is mostly its fixed overhead (docs/serving.md).
+mask passed down). New prompts and the others' decoding then pay one pass's fixed cost, not
+two (docs/serving.md measures it).
 
 Each sequence samples with its own settings and its own random generator, so its tokens do
 not depend on what else runs beside it. Each sequence reports to its caller through on_token
