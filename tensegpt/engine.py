@@ -27,6 +27,7 @@ and on_finish. The engine is single-threaded: whoever steps it also submits and 
 """
 
 import collections
+import logging
 import statistics
 import sys
 import time
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import draw, next_token_probs, positions_from
+from model import attention_mask, draw, next_token_probs, positions_from
 
 
 class QueueFull(Exception):
@@ -209,9 +210,9 @@ class Engine:
         tokens = torch.tensor([t for _, t in batch], device=self.device)  # (B, 1)
         # every layer reads keys up to the longest row's end: counted here once, not read back per layer
         end = max(s.cached for s, _ in batch) + 1
-        mask = torch.arange(end, device=self.device) <= pos[:, None]  # (B, end)
         caches = [SlotCache(c, slots, end) for c in self.caches]
-        return self.model.hidden_states(tokens, caches, pos, self.additive(mask[:, None, None]))
+        # the mask the model would build, (B, 1, 1, end), handed down as floats
+        return self.model.hidden_states(tokens, caches, pos, self.additive(attention_mask(pos, 1)))
 
     def forward_packed(self, batch):
         """
@@ -304,6 +305,16 @@ def step_seconds(model, rows, steps=10):
         engine.step()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def compile_model(model):
+    """
+    torch.compile the model's forward pass for the engine: one graph for every batch and length (dynamic shapes).
+    It breaks where model.embed reads the longest position back to check it against the context (.item()), as it
+    must; dynamo's warning about that break would only alarm, so it is silenced.
+    """
+    logging.getLogger("torch._dynamo.variables.tensor").setLevel(logging.ERROR)
+    model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
 
 
 def warm_up(engine):

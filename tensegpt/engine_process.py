@@ -19,7 +19,6 @@ steps. It ends when the server says stop or its pipe closes (the server is gone)
 
 import copy
 import itertools
-import logging
 import multiprocessing
 import signal
 import sys
@@ -29,7 +28,7 @@ import torch
 
 from tensegpt.checkpoint import load_model
 from tensegpt.common import UserError
-from tensegpt.engine import Engine, QueueFull, Sequence, step_seconds, warm_up
+from tensegpt.engine import Engine, QueueFull, Sequence, compile_model, step_seconds, warm_up
 from tensegpt.hardware import pick_dtype
 
 
@@ -83,11 +82,8 @@ def run_engine(pipe, ckpt, device, dtype, threads, max_batch, prefill_chunk, see
         # the queue's limit is kept by the server's stand-in, which sees every request first and counts it until it ends
         engine = Engine(model, max_batch, max_queue=float("inf"), prefill_chunk=prefill_chunk)
         if compile:
-            # one graph for every batch and length (dynamic shapes), compiled now on made-up requests, not on the
-            # first real ones. It breaks where model.embed reads the longest position back to check it against the
-            # context (.item()), as it must; dynamo's warning about that break would only alarm
-            logging.getLogger("torch._dynamo.variables.tensor").setLevel(logging.ERROR)
-            model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
+            # compiled now, on made-up requests, not on the first real ones
+            compile_model(model)
             warm_up(engine)
     except Exception as e:
         pipe.send(("failed", str(e) if isinstance(e, UserError) else f"{e.__class__.__name__}: {e}"))

@@ -22,7 +22,6 @@ nothing here asserts a speed.
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,9 +37,10 @@ sys.path.insert(0, ROOT)
 
 from model import GPT, GPTConfig  # noqa: E402
 from tensegpt.checkpoint import load_model, save  # noqa: E402
-from tensegpt.common import UserError, main_guard, parse_config  # noqa: E402
-from tensegpt.engine import step_seconds  # noqa: E402
+from tensegpt.common import main_guard, parse_config  # noqa: E402
+from tensegpt.engine import compile_model, step_seconds  # noqa: E402
 from tensegpt.engine_process import serving_dtype  # noqa: E402
+from tensegpt.server import check_port  # noqa: E402
 from tensegpt.tokenizer import GPT2  # noqa: E402
 
 DEFAULTS = {
@@ -80,10 +80,8 @@ def gpt2_checkpoint(folder):
 def start_server(ckpt, port, options, log):
     command = [sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt={ckpt}", f"--port={port}"]
     command += [f"--{key}={options[key]}" for key in ("dtype", "threads", "compile")]
-    with socket.socket() as s:
-        # a server left on the port would answer in place of this one
-        if s.connect_ex(("127.0.0.1", port)) == 0:
-            raise UserError(f"port {port} is in use (a server still running?): stop it, or pass another --port")
+    # a server left on the port would answer in place of this one before serve.py refuses the port itself
+    check_port("127.0.0.1", port)
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     # --compile compiles before it listens: GPT-2 takes minutes on two cores
     deadline = time.monotonic() + 900
@@ -254,7 +252,7 @@ def main():
             model.to(getattr(torch, dtype))
             if config["compile"]:
                 # compiled as serve.py compiles it; each row count's untimed first steps compile what it needs
-                model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
+                compile_model(model)
             rows = [engine_alone(model, int(c)) for c in config["streams"].split(",")]
             compiled = ", compiled" if config["compile"] else ""
             print(f"the engine alone, {dtype}{compiled}, {torch.get_num_threads()} torch threads")

@@ -21,7 +21,7 @@ from helpers import ROOT, fine_tune_chat, run_script
 
 from model import GPT, GPTConfig
 from tensegpt.checkpoint import load_model
-from tensegpt.engine import Engine, QueueFull, Sequence, warm_up
+from tensegpt.engine import Engine, QueueFull, Sequence, compile_model, warm_up
 
 # ----------------------------------------------------------------------------- models and servers
 
@@ -306,7 +306,7 @@ def test_packed_and_row_steps_give_every_sequence_the_logits_it_has_alone():
 def test_a_compiled_engine_gives_the_logits_of_the_model_alone():
     model = todays_block_model()
     engine = Engine(model, max_batch=4, prefill_chunk=5)
-    model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
+    compile_model(model)
     warm_up(engine)
     assert engine.busy_slots() == 0 and not engine.pending()
     seen = logits_the_engine_sampled_from(engine)
