@@ -19,6 +19,7 @@ import time
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, StreamingResponse
 
 from tensegpt.checkpoint import load_model
@@ -49,6 +50,7 @@ DEFAULTS = {
     "max_queue": 64,  # requests waiting for a row; beyond that the server answers 503
     "prefill_chunk": 256,  # prompt positions run per step: a long prompt waits, the others keep decoding
     "max_body_bytes": 1_000_000,  # a larger request body is refused (413)
+    "cors_origins": "*",  # web pages of these origins (comma-separated) may call the API (vLLM's default); empty: none
     "device": "auto",  # 'auto', 'cpu', 'cuda', 'mps'
     "threads": 0,  # torch's threads for the model; 0: one core fewer than torch's default, the other for HTTP
     "dtype": "auto",  # the weights' and cache's: 'float32', 'bfloat16', 'float16' (CUDA); 'auto': the faster, timed
@@ -61,10 +63,14 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tensegpt", "cha
 # ----------------------------------------------------------------------------- the routes
 
 
-def make_app(block_size, tokenizer, engine, name, api_key="", max_body_bytes=1_000_000):
+def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_body_bytes=1_000_000, cors_origins="*"):
     app = FastAPI(title="tense-gpt", docs_url=None, redoc_url=None)
     install_errors(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if cors_origins:
+        # web apps on other origins (a chat UI on another port) may call the API, as vLLM and llama.cpp allow
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins.split(","), allow_methods=["*"],
+                           allow_headers=["*"])  # fmt: skip
 
     # async: a plain def would run in a worker thread, a hop per request
     async def authorized(request: Request):
@@ -103,40 +109,55 @@ def make_app(block_size, tokenizer, engine, name, api_key="", max_body_bytes=1_0
         # the template's roles: OpenAI's newer 'developer' is the system message
         messages = [{"role": m.role.replace("developer", "system"), "content": m.text()} for m in body.messages]
         prompt = tokenizer.prompt(messages)
-        return await respond(body, request, prompt, "messages", stop_tokens={tokenizer.end, tokenizer.eot})
+        return await respond(body, request, [prompt], "messages", stop_tokens={tokenizer.end, tokenizer.eot})
 
     @app.post("/v1/completions", dependencies=keyed)
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        if isinstance(body.prompt, list) and len(body.prompt) != 1:
-            raise ApiError(400, f"send one prompt per request; got a list of {len(body.prompt)}", "prompt")
-        text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-        # an empty prompt starts a new text, like sample.py's empty --start
-        prompt = tokenizer.encode(text) or [tokenizer.eot]
-        return await respond(body, request, prompt, "prompt", stop_tokens={tokenizer.eot})
+        prompts = prompt_ids(body.prompt)
+        # echo: each choice's text starts with its prompt's
+        echoes = [tokenizer.decode(p) if body.echo and p != [tokenizer.eot] else "" for p in prompts]
+        return await respond(body, request, prompts, "prompt", stop_tokens={tokenizer.eot}, echoes=echoes)
 
-    async def respond(body, request, prompt, prompt_param, stop_tokens):
+    def prompt_ids(prompt):
+        """The token ids of each prompt of /v1/completions: a text, several, token ids, or several of those."""
+        several = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+        prompts = prompt if several else [prompt]
+        if not prompts or any(isinstance(p, list) and not p for p in prompts):
+            raise ApiError(400, "prompt holds no prompt: send a text, or a list of token ids", "prompt")
+        for p in prompts:
+            if isinstance(p, list) and not all(0 <= i < vocab_size for i in p):
+                raise ApiError(400, f"prompt: token ids go from 0 to {vocab_size - 1}; got {max(p, key=abs)}", "prompt")
+        # an empty text starts a new one, like sample.py's empty --start
+        return [p if isinstance(p, list) else tokenizer.encode(p) or [tokenizer.eot] for p in prompts]
+
+    async def respond(body, request, prompts, prompt_param, stop_tokens, echoes=None):
         """Checks the request against the context, generates, and answers whole or as a stream."""
-        stop = check_sampling(body, max_n=engine.max_queue)
-        room = block_size - len(prompt)
+        stop, logit_bias = check_sampling(body, engine.max_queue // len(prompts), vocab_size)
+        longest = max(len(p) for p in prompts)
+        room = block_size - longest
         if room < 1:
-            message = f"the prompt is {len(prompt)} tokens; this model's context is {block_size}: shorten it"
+            message = f"the prompt is {longest} tokens; this model's context is {block_size}: shorten it"
             raise ApiError(400, message, prompt_param, "context_length_exceeded")
-        max_tokens = body.max_completion_tokens or body.max_tokens or room
-        if max_tokens > room:
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is not None and max_tokens > room:
             message = (
-                f"max_tokens {max_tokens} and the prompt's {len(prompt)} tokens are more than this model's context of "
+                f"max_tokens {max_tokens} and the prompt's {longest} tokens are more than this model's context of "
                 f"{block_size}: ask for at most {room}"
             )
             raise ApiError(400, message, "max_tokens", "context_length_exceeded")
         top_k = body.top_k if body.top_k and body.top_k > 0 else None
-        settings = dict(temperature=body.temperature, top_k=top_k, top_p=body.top_p, seed=body.seed)
-        generation = Generation(engine, tokenizer, prompt, body.n, stop, max_tokens=max_tokens,
+        settings = dict(temperature=body.temperature, top_k=top_k, top_p=body.top_p, seed=body.seed,
+                        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                        repetition_penalty=body.repetition_penalty, logit_bias=logit_bias or None)  # fmt: skip
+        # left out, max_tokens is all the context leaves: the engine ends each sequence at the context's end
+        generation = Generation(engine, tokenizer, prompts, body.n, stop, max_tokens=max_tokens or block_size,
                                 stop_tokens=frozenset(stop_tokens), **settings)  # fmt: skip
         is_chat_route = prompt_param == "messages"
+        echoes = [e for e in echoes or [""] * len(prompts) for _ in range(body.n)]
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            events = stream(generation, is_chat_route, include_usage)
+            events = stream(generation, is_chat_route, include_usage, echoes)
             return StreamingResponse(events, media_type="text/event-stream")
         reasons = await finish_unless_disconnected(generation, request)
         if reasons is None:
@@ -148,16 +169,19 @@ def make_app(block_size, tokenizer, engine, name, api_key="", max_body_bytes=1_0
             if is_chat_route:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text}})
             else:
-                choices.append({"index": i, "text": text})
+                choices.append({"index": i, "text": echoes[i] + text})
             choices[-1] |= {"finish_reason": reasons[i], "logprobs": None}
         return envelope(generation, is_chat_route, choices, False) | {"usage": generation.usage()}
 
-    async def stream(generation, is_chat_route, include_usage):
+    async def stream(generation, is_chat_route, include_usage, echoes):
         """Server-sent events: a chunk per piece of text, the finish reasons, [DONE]."""
-        if is_chat_route:
-            for i in range(len(generation.sequences)):
+        for i in range(len(generation.sequences)):
+            if is_chat_route:
                 first = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                 yield sse(envelope(generation, True, [first], True))
+            elif echoes[i]:
+                first = {"index": i, "text": echoes[i], "finish_reason": None, "logprobs": None}
+                yield sse(envelope(generation, False, [first], True))
         async for i, text, reason in generation.events():
             piece = {"delta": {"content": text} if text else {}} if is_chat_route else {"text": text}
             choice = {"index": i, **piece, "finish_reason": reason, "logprobs": None}
@@ -201,7 +225,7 @@ def main():
     device = pick_device(config["device"])
     # this process needs the tokenizer and the context; the engine's process loads the model to run it
     model, tokenizer, _ = load_model(config["ckpt"])
-    block_size = model.config.block_size
+    block_size, vocab_size = model.config.block_size, model.config.vocab_size
     del model
     name = config["model_name"] or os.path.basename(os.path.dirname(os.path.abspath(config["ckpt"])))
     api_key = config["api_key"] or os.environ.get("TENSEGPT_API_KEY", "")
@@ -212,7 +236,8 @@ def main():
                            prefill_chunk=config["prefill_chunk"], seed=config["seed"],
                            compile=config["compile"])  # fmt: skip
 
-    app = make_app(block_size, tokenizer, engine, name, api_key, config["max_body_bytes"])
+    app = make_app(block_size, vocab_size, tokenizer, engine, name, api_key, config["max_body_bytes"],
+                   config["cors_origins"])  # fmt: skip
     kind = "chat" if hasattr(tokenizer, "end") else "completions"
     print(f"serving {name} ({kind}; {engine.dtype}, {engine.threads} torch threads on {device}) at "
           f"http://{config['host']}:{config['port']} (the page at /, the API at /v1)", flush=True)  # fmt: skip

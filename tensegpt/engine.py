@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import attention_mask, draw, next_token_probs, positions_from
+from model import attention_mask, draw, next_token_probs, penalize_repetition, positions_from
 
 
 class QueueFull(Exception):
@@ -53,6 +53,11 @@ class Sequence:
     top_k: int = None
     top_p: float = None
     seed: int = None
+    # OpenAI's penalties on the tokens made so far, CTRL's on the prompt's and theirs (vLLM's extension), added biases
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict = None  # {token id: added to its logit}
     on_token: callable = None  # on_token(token id), called where the engine steps
     on_finish: callable = None  # on_finish('stop', 'length', 'cancelled' or 'error')
     tokens: list = field(default_factory=list)  # the new tokens so far
@@ -64,7 +69,31 @@ class Sequence:
     def settings(self):
         """What the engine needs to make it (no callbacks: they stay with the caller)."""
         return dict(prompt=self.prompt, max_tokens=self.max_tokens, stop_tokens=self.stop_tokens,
-                    temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)  # fmt: skip
+                    temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                    presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                    repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias)  # fmt: skip
+
+    def adjusts_logits(self):
+        penalized = self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+        return bool(penalized or self.logit_bias)
+
+    def adjust(self, logits):
+        """
+        This sequence's logits (V,) after its penalties and biases, as vLLM applies them: a token made n times so far
+        loses frequency_penalty * n, and presence_penalty once; a token of the prompt or made so far has its logit
+        divided by repetition_penalty when positive, multiplied when negative; logit_bias adds to the tokens it names.
+        """
+        if self.tokens and (self.presence_penalty or self.frequency_penalty):
+            counts = torch.bincount(torch.tensor(self.tokens, device=logits.device), minlength=logits.size(-1))
+            logits = logits - self.frequency_penalty * counts - self.presence_penalty * (counts > 0)
+        if self.repetition_penalty != 1.0:
+            seen = torch.tensor([self.prompt + self.tokens], device=logits.device)  # (1, T)
+            logits = penalize_repetition(logits[None], seen, self.repetition_penalty)[0]
+        if self.logit_bias:
+            ids = torch.tensor(list(self.logit_bias), device=logits.device)
+            bias = torch.tensor(list(self.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+            logits = logits.index_add(0, ids, bias)
+        return logits
 
     def __post_init__(self):
         self.generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
@@ -245,8 +274,11 @@ class Engine:
     def sample(self, batch, logits):
         """
         The next token of every row of logits (B, V), each with its own sequence's settings and random generator, so
-        that a row draws what it would draw alone. Temperature 0: the most likely token.
+        that a row draws what it would draw alone. Temperature 0: the most likely token. Penalties and biases first.
         """
+        for i, s in enumerate(batch):
+            if s.adjusts_logits():
+                logits[i] = s.adjust(logits[i])
         tokens = logits.argmax(dim=-1)  # (B,)
         # the rows that draw, grouped by filter: one softmax and one search per group, not per row
         groups = collections.defaultdict(list)

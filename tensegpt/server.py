@@ -75,10 +75,12 @@ class Sampling(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # accepted at their defaults only: this server cannot honour anything else
-    logprobs: bool | int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # an extension (vLLM's): CTRL's penalty on the prompt's and the answer's tokens
+    logit_bias: dict[str, float] | None = None  # {"token id": -100 to 100, added to its logit}
+    # accepted when off only: this server cannot honour anything else
+    logprobs: bool | int | None = None
 
 
 class ChatRequest(Sampling):
@@ -86,7 +88,9 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str]
+    # a text, several, a text's token ids, or several of those (as OpenAI's API takes them)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False  # the prompt's text before each choice's
 
 
 def check_port(host, port):
@@ -100,8 +104,8 @@ def check_port(host, port):
             raise UserError(message) from None
 
 
-def check_sampling(body, max_n):
-    """The fields' ranges, each refused with the field named; returns the stop strings as a list."""
+def check_sampling(body, max_n, vocab_size):
+    """The fields' ranges, each refused with the field named; returns (the stop strings as a list, logit_bias by id)."""
     checks = [
         ("max_tokens", body.max_tokens is None or body.max_tokens >= 1, "must be at least 1"),
         ("max_completion_tokens", (body.max_completion_tokens or 1) >= 1, "must be at least 1"),
@@ -110,8 +114,9 @@ def check_sampling(body, max_n):
         ("top_k", body.top_k is None or body.top_k >= -1, "must be a whole number >= 1 (0 or -1: off)"),
         ("n", 1 <= body.n <= max_n, f"must be between 1 and {max_n}"),
         ("logprobs", not body.logprobs, "is not supported by this server"),
-        ("presence_penalty", body.presence_penalty == 0, "is not supported by this server (leave it at 0)"),
-        ("frequency_penalty", body.frequency_penalty == 0, "is not supported by this server (leave it at 0)"),
+        ("presence_penalty", -2.0 <= body.presence_penalty <= 2.0, "must be between -2 and 2"),
+        ("frequency_penalty", -2.0 <= body.frequency_penalty <= 2.0, "must be between -2 and 2"),
+        ("repetition_penalty", body.repetition_penalty > 0, "must be above 0 (1: off)"),
     ]
     for param, ok, problem in checks:
         if not ok:
@@ -119,7 +124,13 @@ def check_sampling(body, max_n):
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4 or any(s == "" for s in stop):
         raise ApiError(400, f"stop must be at most 4 non-empty strings; got {body.stop!r}", "stop")
-    return stop
+    bias = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not (key.isdigit() and int(key) < vocab_size and -100 <= value <= 100):
+            message = f"logit_bias maps token ids (0 to {vocab_size - 1}) to -100 ... 100; got {key!r}: {value}"
+            raise ApiError(400, message, "logit_bias")
+        bias[int(key)] = value
+    return stop, bias
 
 
 # ----------------------------------------------------------------------------- errors and checks
@@ -210,17 +221,18 @@ def check_key(request: Request, api_key):
 
 class Generation:
     """
-    The n sequences of one request, from the engine (the thread that reads its messages) to this
+    The sequences of one request, n for each of its prompts (choice i * n + j is prompt i's j-th,
+    as OpenAI numbers them), from the engine (the thread that reads its messages) to this
     request's coroutine: events() yields (choice, new text, finish reason or None) as the tokens
     come. Text is held back while it could still be the start of a stop string or ends inside a
     character.
     """
 
-    def __init__(self, engine, tokenizer, prompt, n, stop, **settings):
+    def __init__(self, engine, tokenizer, prompts, n, stop, **settings):
         self.engine, self.tokenizer, self.stop = engine, tokenizer, stop
         self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
         self.id, self.created = uuid.uuid4().hex[:24], int(time.time())
-        self.prompt_tokens = len(prompt)
+        self.prompt_tokens = sum(len(prompt) for prompt in prompts)
         seed = settings.pop("seed")
         self.sequences = [
             Sequence(
@@ -230,10 +242,11 @@ class Generation:
                 on_token=lambda token, i=i: self.put(i, token, None),
                 on_finish=lambda reason, i=i: self.put(i, None, reason),
             )
-            for i in range(n)
+            for i, prompt in enumerate(prompt for prompt in prompts for _ in range(n))
         ]
-        self.texts, self.shown = [""] * n, [0] * n
-        self.done, self.counted = [None] * n, [0] * n
+        choices = len(self.sequences)
+        self.texts, self.shown = [""] * choices, [0] * choices
+        self.done, self.counted = [None] * choices, [0] * choices
         try:
             engine.submit(*self.sequences)
         except QueueFull as e:
@@ -303,7 +316,7 @@ class Generation:
         return text[start:end]
 
     def usage(self):
-        # as OpenAI counts them: the prompt once, whatever n
+        # as OpenAI counts them: each prompt once, whatever n
         completion = sum(self.counted)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": self.prompt_tokens + completion}  # fmt: skip

@@ -163,6 +163,70 @@ def test_stop_strings_end_the_text_before_them(plain_server):
     assert "".join(texts) == full[: full.index(stop)]
 
 
+def test_completions_take_token_ids_several_prompts_and_echo(plain_server, trained_model):
+    tokenizer = trained_model[1]
+    greedy = {"temperature": 0, "max_tokens": 10}
+
+    def texts(body):
+        reply = post(plain_server, "/v1/completions", {**greedy, **body}).json()
+        return [c["text"] for c in sorted(reply["choices"], key=lambda c: c["index"])], reply["usage"]
+
+    [baby], usage = texts({"prompt": "The baby"})
+    [we], _ = texts({"prompt": "We"})
+    # a prompt of token ids is the text's prompt
+    assert texts({"prompt": tokenizer.encode("The baby")})[0] == [baby]
+    # several prompts, n each: choice i * n + j is prompt i's j-th; each prompt counted once
+    both, usage = texts({"prompt": ["The baby", "We"], "n": 2})
+    assert both == [baby, baby, we, we]
+    assert usage["prompt_tokens"] == len(tokenizer.encode("The baby")) + len(tokenizer.encode("We"))
+    assert texts({"prompt": [tokenizer.encode("We"), tokenizer.encode("The baby")]})[0] == [we, baby]
+    # echo: the prompt's text comes first, whole and streamed
+    assert texts({"prompt": "The baby", "echo": True})[0] == ["The baby" + baby]
+    body = {**greedy, "prompt": ["The baby", "We"], "echo": True, "stream": True}
+    with httpx.stream("POST", plain_server.url + "/v1/completions", json=body, timeout=30) as response:
+        chunks = [json.loads(line[6:])["choices"][0] for line in response.iter_lines() if line.startswith("data: {")]
+    assert ["".join(c["text"] for c in chunks if c["index"] == i) for i in (0, 1)] == ["The baby" + baby, "We" + we]
+
+
+def test_penalties_and_logit_bias_change_the_logits_as_vllm_does(plain_server, trained_model):
+    tokenizer = trained_model[1]
+    # the tokens made so far [3, 3, 5]: frequency 0.5 per time, presence 0.25 once; bias +2 on token 7
+    s = Sequence([9, 3], 10, frozenset(), tokens=[3, 3, 5], frequency_penalty=0.5, presence_penalty=0.25,
+                 logit_bias={7: 2.0})  # fmt: skip
+    expected = torch.zeros(12)
+    expected[3], expected[5], expected[7] = -1.25, -0.75, 2.0
+    assert torch.equal(s.adjust(torch.zeros(12)), expected)
+    # CTRL's penalty on the prompt's and the answer's tokens: a positive logit divided, a negative one multiplied
+    s = Sequence([9, 3], 10, frozenset(), tokens=[5], repetition_penalty=2.0)
+    logits = torch.full((12,), 3.0)
+    logits[5] = -1.0
+    expected = logits.clone()
+    expected[9], expected[3], expected[5] = 1.5, 1.5, -2.0
+    assert torch.equal(s.adjust(logits), expected)
+    # over HTTP: a bias of -100 on the greedy first token takes it out; +100 on a token makes it every token
+    body = {"prompt": "The baby", "temperature": 0, "max_tokens": 4}
+    first = post(plain_server, "/v1/completions", {**body, "max_tokens": 1}).json()["choices"][0]["text"]
+    [first_id] = tokenizer.encode(first)
+    banned = post(plain_server, "/v1/completions", {**body, "logit_bias": {str(first_id): -100}}).json()
+    assert not banned["choices"][0]["text"].startswith(first)
+    [dot] = tokenizer.encode(".")
+    forced = post(plain_server, "/v1/completions", {**body, "logit_bias": {str(dot): 100}}).json()
+    assert forced["choices"][0]["text"] == "...."
+    # penalties every token: no token of the prompt or the answer comes back
+    text = post(plain_server, "/v1/completions", {**body, "max_tokens": 12, "repetition_penalty": 1e4}).json()
+    ids = tokenizer.encode("The baby") + tokenizer.encode(text["choices"][0]["text"])
+    assert len(ids) == len(set(ids)), text
+
+
+def test_web_pages_of_other_origins_may_call_the_api(plain_server):
+    preflight = httpx.options(plain_server.url + "/v1/completions", timeout=30, headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})  # fmt: skip
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] in ("*", "http://localhost:3000")
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+
+
 # ----------------------------------------------------------------------------- continuous batching
 
 
@@ -216,7 +280,9 @@ def test_a_sequence_decodes_the_same_alone_or_batched_with_others(trained_model)
         return [Sequence(tokenizer.encode(t), max_tokens=25, stop_tokens=stop, temperature=1.0, seed=i)
                 for i, t in enumerate(texts)]  # fmt: skip
 
-    for settings in ({"temperature": 0}, {"temperature": 0.9, "seed": 7}, {"temperature": 1.2, "top_k": 5, "seed": 3}):
+    penalized = {"temperature": 0.7, "seed": 1, "frequency_penalty": 1.0, "repetition_penalty": 1.3}
+    for settings in ({"temperature": 0}, {"temperature": 0.9, "seed": 7}, {"temperature": 1.2, "top_k": 5, "seed": 3},
+                     penalized):  # fmt: skip
         alone = mine(**settings)
         run_engine(Engine(model, max_batch=8, prefill_chunk=4), [alone])
         engine = Engine(model, max_batch=8, prefill_chunk=4)
@@ -366,7 +432,7 @@ def test_bad_requests_get_openai_shaped_errors(chat_server, plain_server):
     e = error_of(post(chat_server, "/v1/chat/completions", {"messages": hi, "temperature": "hot"}), 400)
     assert e["param"] == "temperature"
     for field, value in (("max_tokens", 0), ("max_completion_tokens", -2), ("temperature", 3), ("top_p", 0),
-                         ("n", 0), ("presence_penalty", 0.5)):  # fmt: skip
+                         ("n", 0), ("presence_penalty", 2.5), ("repetition_penalty", 0)):  # fmt: skip
         e = error_of(post(chat_server, "/v1/chat/completions", {"messages": hi, field: value}), 400)
         assert e["param"] == field and repr(value) in e["message"], e
     # the context: 32 positions for these models
@@ -379,6 +445,11 @@ def test_bad_requests_get_openai_shaped_errors(chat_server, plain_server):
     assert e["code"] == "model_not_found" and "out-chat" in e["message"]
     assert error_of(httpx.get(chat_server.url + "/v1/nothing", timeout=30), 404)["type"] == "not_found_error"
     assert error_of(httpx.get(url, timeout=30), 405)
+    e = error_of(post(chat_server, "/v1/chat/completions", {"messages": hi, "logit_bias": {"99999": 5}}), 400)
+    assert e["param"] == "logit_bias" and "'99999'" in e["message"]
+    e = error_of(post(plain_server, "/v1/completions", {"prompt": [1, 99999]}), 400)
+    assert e["param"] == "prompt" and "99999" in e["message"]
+    assert error_of(post(plain_server, "/v1/completions", {"prompt": []}), 400)["param"] == "prompt"
     # a plain model has no chat template
     e = error_of(post(plain_server, "/v1/chat/completions", {"messages": hi}), 400)
     assert "/v1/completions" in e["message"]
