@@ -19,7 +19,7 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from starlette.exceptions import HTTPException
 
 from tensegpt.common import UserError
@@ -81,6 +81,12 @@ class Sampling(BaseModel):
     logit_bias: dict[str, float] | None = None  # {"token id": -100 to 100, added to its logit}
     # accepted when off only: this server cannot honour anything else
     logprobs: bool | int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_the_default(cls, fields):
+        # some clients send every field, null where they leave it at its default: OpenAI reads null so
+        return {k: v for k, v in fields.items() if v is not None} if isinstance(fields, dict) else fields
 
 
 class ChatRequest(Sampling):

@@ -450,6 +450,11 @@ def test_bad_requests_get_openai_shaped_errors(chat_server, plain_server):
     e = error_of(post(plain_server, "/v1/completions", {"prompt": [1, 99999]}), 400)
     assert e["param"] == "prompt" and "99999" in e["message"]
     assert error_of(post(plain_server, "/v1/completions", {"prompt": []}), 400)["param"] == "prompt"
+    # null is a field's default, as OpenAI reads it (some clients send every field)
+    nulls = dict.fromkeys(("temperature", "top_p", "n", "stop", "seed", "stream", "presence_penalty", "logit_bias"))
+    reply = post(chat_server, "/v1/chat/completions", {"messages": hi, "max_tokens": 3, **nulls})
+    assert reply.status_code == 200 and len(reply.json()["choices"]) == 1, reply.text
+    assert error_of(post(chat_server, "/v1/chat/completions", {"messages": None}), 400)["param"] == "messages"
     # a plain model has no chat template
     e = error_of(post(plain_server, "/v1/chat/completions", {"messages": hi}), 400)
     assert "/v1/completions" in e["message"]
