@@ -11,6 +11,8 @@ Requests running at the same time share each decoding step (continuous batching,
 tensegpt/engine.py); docs/serving.md has the fields, the errors and the figures.
 """
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -64,7 +66,13 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tensegpt", "cha
 
 
 def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_body_bytes=1_000_000, cors_origins="*"):
-    app = FastAPI(title="tense-gpt", docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        # the engine's tokens are read on this event loop, as they come
+        engine.watch(asyncio.get_running_loop())
+        yield
+
+    app = FastAPI(title="tense-gpt", docs_url=None, redoc_url=None, lifespan=lifespan)
     install_errors(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if cors_origins:

@@ -7,7 +7,7 @@ turns on one interpreter lock, and the server is one busy core however many the 
 (docs/serving.md measures it). So the engine runs in a child process, as vLLM's "engine
 core" does, and the server holds a stand-in with the engine's own methods:
 
-    server process                                         engine process
+    server process (its event loop)                        engine process
     EngineProcess.submit(sequences)  -- ("submit", ...) -->  Engine.submit
     EngineProcess.cancel(sequence)   -- ("cancel", id)  -->  sequence.cancelled
     sequence.on_token / on_finish    <-- (steps, events) --  one message a step: [(id, token, reason), ...]
@@ -22,7 +22,6 @@ import itertools
 import multiprocessing
 import signal
 import sys
-import threading
 
 import torch
 
@@ -130,15 +129,16 @@ def run_engine(pipe, ckpt, device, dtype, threads, max_batch, prefill_chunk, see
 class EngineProcess:
     """
     An Engine in a child process, seen from the server: submit, cancel, busy_slots and steps as
-    Engine has them. A thread reads the child's messages and hands each token and finish to its
-    sequence (appending the token to sequence.tokens first, as the engine does).
+    Engine has them. The server's event loop reads the child's messages as they come (watch) and
+    hands each token and finish to its sequence (appending the token to sequence.tokens first, as
+    the engine does): one thread, so nothing here needs a lock, and a step's tokens cost the loop
+    one wake-up, not one each.
     """
 
     def __init__(self, ckpt, device, dtype, threads, max_batch, max_queue, prefill_chunk, seed, compile=False):
         self.max_batch, self.max_queue = max_batch, max_queue
         self.live = {}  # id -> Sequence submitted and not yet finished
         self.ids, self.steps, self.stopping, self.gone = itertools.count(), 0, False, False
-        self.lock = threading.Lock()  # live and the pipe's sending end: the event loop and the reader share them
         # spawn, not fork: a fresh interpreter, not a copy of this one's threads and locks
         context = multiprocessing.get_context("spawn")
         self.pipe, child_end = context.Pipe()
@@ -153,30 +153,31 @@ class EngineProcess:
         if kind == "failed":
             raise UserError(f"the engine process could not start: {answer[0]}")
         self.dtype, self.threads = answer
-        threading.Thread(target=self.read, name="engine-reader", daemon=True).start()
+
+    def watch(self, loop):
+        """From now on the event loop reads the engine's messages whenever there are some (serve.py: at start)."""
+        loop.add_reader(self.pipe.fileno(), self.read, loop)
 
     def submit(self, *sequences):
         """Sends sequences to the engine (all or none); QueueFull when more than max_queue would wait."""
-        with self.lock:
-            # checked under the lock that read() sets it under: a request never slips in after the last one failed
-            if not self.gone:
-                # the engine admits them as slots free up: those beyond the slots wait
-                waiting = max(0, len(self.live) - self.max_batch)
-                if len(self.live) + len(sequences) - self.max_batch > self.max_queue:
-                    raise QueueFull(f"{waiting} requests are waiting (--max_queue={self.max_queue})")
-                for sequence in sequences:
-                    sequence.id = next(self.ids)
-                    self.live[sequence.id] = sequence
-                self.send(("submit", [(s.id, s.settings()) for s in sequences]))
-                return
+        if self.gone:
+            # the engine died: a new request fails at once
+            for sequence in sequences:
+                sequence.on_finish("error")
+            return
+        # the engine admits them as slots free up: those beyond the slots wait
+        waiting = max(0, len(self.live) - self.max_batch)
+        if len(self.live) + len(sequences) - self.max_batch > self.max_queue:
+            raise QueueFull(f"{waiting} requests are waiting (--max_queue={self.max_queue})")
         for sequence in sequences:
-            sequence.on_finish("error")
+            sequence.id = next(self.ids)
+            self.live[sequence.id] = sequence
+        self.send(("submit", [(s.id, s.settings()) for s in sequences]))
 
     def cancel(self, sequence):
         sequence.cancelled = True
-        with self.lock:
-            if sequence.id in self.live:
-                self.send(("cancel", sequence.id))
+        if sequence.id in self.live:
+            self.send(("cancel", sequence.id))
 
     def busy_slots(self):
         return min(len(self.live), self.max_batch)
@@ -187,39 +188,39 @@ class EngineProcess:
         except OSError:
             pass  # the engine is gone: read() ends every sequence with an error
 
-    def read(self):
-        """The engine's messages, one a step: each token and finish to its sequence's caller."""
-        while True:
-            try:
+    def read(self, loop):
+        """The engine's messages that have come, one a step: each token and finish to its sequence's caller."""
+        try:
+            while self.pipe.poll():
                 self.steps, events = self.pipe.recv()
-            except (EOFError, OSError):
-                break
-            for id, token, reason in events:
-                sequence = self.live[id]
-                if reason is None:
-                    sequence.tokens.append(token)
-                    sequence.on_token(token)
-                else:
-                    with self.lock:
+                for id, token, reason in events:
+                    sequence = self.live[id]
+                    if reason is None:
+                        sequence.tokens.append(token)
+                        sequence.on_token(token)
+                    else:
                         del self.live[id]
-                    sequence.on_finish(reason)
+                        sequence.on_finish(reason)
+        except (EOFError, OSError):
+            # its pipe closes as it dies
+            loop.remove_reader(self.pipe.fileno())
+            self.ended()
+
+    def ended(self):
+        """The engine's process is gone: what was in flight ends with an error, and so will every new request."""
         if not self.stopping:
-            # its pipe closes as it dies: wait for its exit to read the code
             self.process.join(timeout=5)
             print(f"engine: the engine process ended (exit code {self.process.exitcode}); requests end with an error",
                   file=sys.stderr, flush=True)  # fmt: skip
-        with self.lock:
-            # from now on a new request fails at once
-            self.gone, in_flight = True, list(self.live.values())
-            self.live.clear()
+        self.gone, in_flight = True, list(self.live.values())
+        self.live.clear()
         for sequence in in_flight:
             sequence.on_finish("error")
 
     def stop(self):
         """Ends the engine process once the server has let its streams finish."""
         self.stopping = True
-        with self.lock:
-            self.send(("stop", None))
+        self.send(("stop", None))
         self.process.join(timeout=10)
         if self.process.is_alive():
             self.process.kill()

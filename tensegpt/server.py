@@ -228,7 +228,7 @@ def check_key(request: Request, api_key):
 class Generation:
     """
     The sequences of one request, n for each of its prompts (choice i * n + j is prompt i's j-th,
-    as OpenAI numbers them), from the engine (the thread that reads its messages) to this
+    as OpenAI numbers them), from the engine (its messages are read on the event loop) to this
     request's coroutine: events() yields (choice, new text, finish reason or None) as the tokens
     come. Text is held back while it could still be the start of a stop string or ends inside a
     character.
@@ -236,7 +236,7 @@ class Generation:
 
     def __init__(self, engine, tokenizer, prompts, n, stop, **settings):
         self.engine, self.tokenizer, self.stop = engine, tokenizer, stop
-        self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+        self.queue = asyncio.Queue()
         self.id, self.created = uuid.uuid4().hex[:24], int(time.time())
         self.prompt_tokens = sum(len(prompt) for prompt in prompts)
         seed = settings.pop("seed")
@@ -260,7 +260,7 @@ class Generation:
             raise ApiError(503, message, kind="server_error", code="overloaded") from None
 
     def put(self, choice, token, reason):
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (choice, token, reason))
+        self.queue.put_nowait((choice, token, reason))
 
     async def events(self):
         try:
@@ -279,7 +279,7 @@ class Generation:
                         self.done[choice] = "stop" if reason == "cancelled" else reason
                     changed.add(choice)
                 for choice in sorted(changed):
-                    # the reading thread may have added tokens since: decode only those that came here
+                    # tokens that came after this batch was taken are decoded with the next one
                     self.texts[choice] = self.tokenizer.decode(self.sequences[choice].tokens[: self.counted[choice]])
                     if self.cut_at_stop(choice):
                         if self.done[choice] is None:

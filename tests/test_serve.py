@@ -4,6 +4,7 @@ client, plain HTTP and a real browser; and the batching engine beneath it, in pr
 Every request loop here is bounded in count and time, and every server is stopped by its pid.
 """
 
+import asyncio
 import json
 import os
 import shutil
@@ -676,46 +677,49 @@ def test_the_engine_process_serves_and_its_death_ends_requests_with_an_error(tra
     engine = EngineProcess(str(trained_run / "out" / "trained.pth"), "cpu", dtype="float32", threads=1,
                            max_batch=2, max_queue=1, prefill_chunk=256, seed=0)  # fmt: skip
     assert (engine.dtype, engine.threads) == ("float32", 1)
-    done = threading.Event()
     reasons = []
 
     def sequence(max_tokens):
-        def finish(reason):
-            reasons.append(reason)
-            done.set()
-
         return Sequence([1, 2, 3], max_tokens=max_tokens, stop_tokens=frozenset(), temperature=0,
-                        on_token=lambda t: None, on_finish=finish)  # fmt: skip
+                        on_token=lambda t: None, on_finish=reasons.append)  # fmt: skip
 
-    # tokens come back into the sequence as the engine makes them; greedy, as the engine in this process makes them
-    first = sequence(5)
-    engine.submit(first)
-    assert done.wait(30) and reasons == ["length"] and len(first.tokens) == 5
-    model = load_model(str(trained_run / "out" / "trained.pth"))[0]
-    here = sequence(5)
-    alone = Engine(model, max_batch=2)
-    alone.submit(here)
-    while alone.pending():
-        alone.step()
-    assert first.tokens == here.tokens
-    # the engine paused, so that nothing it holds can end before it dies
-    os.kill(engine.process.pid, signal.SIGSTOP)
-    # 2 slots and 1 waiting: a fourth is refused at once
-    long = [sequence(10**6) for _ in range(3)]
-    engine.submit(*long)
-    with pytest.raises(QueueFull, match="1 requests are waiting"):
+    async def until(condition):
+        # the event loop reads the engine's messages while this waits (at most 30 s)
+        for _ in range(300):
+            if condition():
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    async def serve():
+        engine.watch(asyncio.get_running_loop())
+        # tokens come back into the sequence as the engine makes them; greedy, as the engine in this process makes them
+        first = sequence(5)
+        engine.submit(first)
+        assert await until(lambda: reasons) and reasons == ["length"] and len(first.tokens) == 5
+        model = load_model(str(trained_run / "out" / "trained.pth"))[0]
+        here = sequence(5)
+        alone = Engine(model, max_batch=2)
+        alone.submit(here)
+        while alone.pending():
+            alone.step()
+        assert first.tokens == here.tokens
+        # the engine paused, so that nothing it holds can end before it dies
+        os.kill(engine.process.pid, signal.SIGSTOP)
+        # 2 slots and 1 waiting: a fourth is refused at once
+        long = [sequence(10**6) for _ in range(3)]
+        engine.submit(*long)
+        with pytest.raises(QueueFull, match="1 requests are waiting"):
+            engine.submit(sequence(5))
+        # the engine's process dies: what was in flight ends with an error, and so does what comes after
+        reasons.clear()
+        engine.process.kill()
+        assert await until(lambda: len(reasons) == 3)
+        assert reasons == ["error"] * 3 and engine.busy_slots() == 0
         engine.submit(sequence(5))
-    # the engine's process dies: what was in flight ends with an error, and so does what comes after
-    reasons.clear()
-    engine.process.kill()
-    for _ in range(100):
-        if len(reasons) == 3:
-            break
-        time.sleep(0.1)
-    assert reasons == ["error"] * 3 and engine.busy_slots() == 0
-    late = sequence(5)
-    engine.submit(late)
-    assert reasons[-1] == "error"
+        assert reasons[-1] == "error"
+
+    asyncio.run(serve())
     assert "the engine process ended (exit code -9)" in capsys.readouterr().err
     engine.stop()
 
