@@ -141,7 +141,11 @@ def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_bo
 
     async def respond(body, request, prompts, prompt_param, stop_tokens, echoes=None):
         """Checks the request against the context, generates, and answers whole or as a stream."""
-        stop, logit_bias = check_sampling(body, engine.max_queue // len(prompts), vocab_size)
+        stop, logit_bias = check_sampling(body, engine.max_queue, vocab_size)
+        if len(prompts) * body.n > engine.max_queue:
+            message = (f"{len(prompts)} prompts with n={body.n} are more sequences than one request may start "
+                       f"({engine.max_queue}, --max_queue): send fewer")  # fmt: skip
+            raise ApiError(400, message, prompt_param)
         longest = max(len(p) for p in prompts)
         room = block_size - longest
         if room < 1:

@@ -451,6 +451,8 @@ def test_bad_requests_get_openai_shaped_errors(chat_server, plain_server):
     e = error_of(post(plain_server, "/v1/completions", {"prompt": [1, 99999]}), 400)
     assert e["param"] == "prompt" and "99999" in e["message"]
     assert error_of(post(plain_server, "/v1/completions", {"prompt": []}), 400)["param"] == "prompt"
+    e = error_of(post(plain_server, "/v1/completions", {"prompt": ["a"] * 40, "n": 2}), 400)
+    assert e["param"] == "prompt" and "40 prompts with n=2" in e["message"]
     # null is a field's default, as OpenAI reads it (some clients send every field)
     nulls = dict.fromkeys(("temperature", "top_p", "n", "stop", "seed", "stream", "presence_penalty", "logit_bias"))
     reply = post(chat_server, "/v1/chat/completions", {"messages": hi, "max_tokens": 3, **nulls})
