@@ -179,7 +179,8 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         # flash: PyTorch's fused kernel, which never holds the (T, S) weights. False: the textbook's
-        # computation written out, which keeps them in self.weights (sample.py --attention draws them).
+        # computation written out, which keeps them in self.weights outside training (sample.py --attention draws
+        # them), and which torch.compile fuses well on a CPU (docs/training.md).
         self.flash = True
         self.weights = None
 
@@ -223,8 +224,11 @@ class CausalSelfAttention(nn.Module):
             else:
                 # a float mask is added to the scores: 0 where a query may look, -inf where not
                 scores = scores + mask
-            self.weights = torch.softmax(scores, dim=-1)
-            y = self.attn_dropout(self.weights) @ v  # (B, n_head, T, hs)
+            weights = torch.softmax(scores, dim=-1)
+            if not self.training:
+                # kept to be drawn (sample.py --attention); in training they would only hold memory
+                self.weights = weights
+            y = self.attn_dropout(weights) @ v  # (B, n_head, T, hs)
         # the heads side by side again: (B, T, C)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))

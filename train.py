@@ -28,7 +28,7 @@ from tensegpt import checkpoint, distributed, lora, run_setup
 from tensegpt.chunked_loss import use_chunked_loss
 from tensegpt.common import parse_config
 from tensegpt.data import open_splits
-from tensegpt.hardware import autocast_for, measure_peak_flops, pick_attention, use_attention
+from tensegpt.hardware import autocast_for, compile_now, measure_peak_flops, pick_attention, use_attention
 from tensegpt.optim import configure_optimizers
 from tensegpt.packing import ChatBatches
 from tensegpt.runlog import format_seconds
@@ -202,7 +202,8 @@ def evaluate(model, splits, config, device, autocast):
         total = torch.zeros((), device=device)
         for _ in range(config["eval_iters"]):
             x, y = next(batches.step())
-            with autocast:
+            # compiled blocks run uncompiled here: a second graph, for evaluation, would take longer to compile
+            with autocast, torch.compiler.set_stance("force_eager"):
                 total += model(x, y)[1].float()
         losses[split] = total.item() / config["eval_iters"]
     model.train()
@@ -252,10 +253,13 @@ def main():
     autocast, scaler = autocast_for(device, run.dtype)
     # attention's kernel: on a CPU the fused one's backward can be the slower, so auto times both
     attention = pick_attention(config, model, gpt.config.vocab_size, device, autocast, world_size)
-    use_attention(attention)
+    use_attention(model, attention)
     config["attention_kernel"] = attention  # recorded in the checkpoints: a resumed run keeps it
     peak = config["peak_flops"] or measure_peak_flops(device, getattr(torch, run.dtype))
     log.describe(gpt, tokenizer_meta, device, f"{run.dtype}, {attention} attention", world_size, peak)
+    if config["compile"] and world_size == 1:
+        # compiled now, so that a machine that cannot compile trains uncompiled, said in one line
+        config["compile"] = compile_now(model, config, gpt.config.vocab_size, device, autocast, log.say)
     record = checkpoint.run_record(start.gpt_config, config, tokenizer_meta, meta, start.base, start.lora_settings)
 
     def save(paths, reason):

@@ -67,24 +67,28 @@ def autocast_for(device, dtype):
 
 def pick_attention(config, model, vocab_size, device, autocast, world_size):
     """
-    The kernel behind F.scaled_dot_product_attention in training, config["attention_kernel"]:
-    'flash' (the fused kernels) or 'math' (the same computation as matmuls and a softmax,
-    which autograd differentiates). 'auto': in one process on a CPU, whichever makes a
+    Attention's computation in training, config["attention_kernel"]: 'flash' (PyTorch's fused
+    kernels) or 'math' (model.py's computation written out as matmuls and a softmax, which
+    autograd differentiates). 'auto': flash on GPUs and under torchrun; on a CPU compiled,
+    math (Inductor fuses the written-out computation, and does not fuse the fused kernel's
+    backward: docs/training.md measures it); on a CPU in one process, whichever makes a
     forward and backward pass of this model on a batch of random tokens faster, the best of
-    two timed passes each after one untimed; elsewhere (and compiled) flash. On a CPU the
-    fused kernel's backward can be the slower one (small heads, short rows: docs/training.md).
+    two timed passes each after one untimed. On a CPU the fused kernel's backward can be the
+    slower one (small heads, short rows: docs/training.md).
     """
     if config["attention_kernel"] != "auto":
         return config["attention_kernel"]
-    if device != "cpu" or world_size > 1 or config["compile"]:
+    if device != "cpu" or world_size > 1:
         return "flash"
+    if config["compile"]:
+        return "math"
     times = {"flash": [], "math": []}
     # its own random draws: these tokens and dropout here must not shift the training run's
     with torch.random.fork_rng(devices=[]):
         idx = torch.randint(vocab_size, (config["batch_size"], config["block_size"]))
         for _ in range(3):
             for kernel in times:
-                use_attention(kernel)
+                use_attention(model, kernel)
                 start = time.perf_counter()
                 with autocast:
                     _, loss = model(idx, idx)
@@ -94,12 +98,43 @@ def pick_attention(config, model, vocab_size, device, autocast, world_size):
     return min(times, key=lambda kernel: min(times[kernel][1:]))
 
 
-def use_attention(kernel):
-    """Sets attention's kernel for the rest of the process: 'math' turns the fused kernels off."""
-    fused = kernel == "flash"
-    torch.backends.cuda.enable_flash_sdp(fused)
-    torch.backends.cuda.enable_mem_efficient_sdp(fused)
-    torch.backends.cuda.enable_cudnn_sdp(fused)
+def use_attention(model, kernel):
+    """Sets attention's computation in every layer of model: 'flash' the fused kernels, 'math' written out."""
+    for module in model.modules():
+        if hasattr(module, "flash"):
+            module.flash = kernel == "flash"
+
+
+def compile_now(model, config, vocab_size, device, autocast, say):
+    """
+    --compile in one process: torch.compile compiles at a module's first call, so that call is made here, a forward
+    and backward pass on random tokens of a batch's shape. Where it cannot compile (on a CPU, Inductor needs a C++
+    compiler) the run says so in one line and trains uncompiled, rather than failing at its first step. Returns
+    whether the model is compiled; the seconds it took go to say.
+    """
+    start = time.perf_counter()
+    # its own random draws: these tokens and dropout here must not shift the training run's
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.startswith("cuda") else []):
+        # inputs and targets two tensors, as a batch's are: the compiled graph is specialised to that
+        idx, targets = torch.randint(vocab_size, (2, config["batch_size"], config["block_size"])).to(device)
+        try:
+            with autocast:
+                _, loss = model(idx, targets)
+            loss.backward()
+        except Exception as e:
+            # dynamo wraps what failed (a missing compiler, say): name that
+            while (inner := e.__cause__ or getattr(e, "inner_exception", None)) is not None:
+                e = inner
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            say(f"note: torch.compile failed here ({e.__class__.__name__}: {first_line}); training uncompiled")
+            # back to eager: what nn.Module.compile() set on each compiled module, unset
+            for module in model.modules():
+                module._compiled_call_impl = None
+            return False
+        finally:
+            model.zero_grad(set_to_none=True)
+    say(f"compiled in {time.perf_counter() - start:.0f}s")
+    return True
 
 
 def flops_per_token(model):

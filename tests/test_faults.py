@@ -4,6 +4,7 @@ logs, two runs in one folder, damaged or mismatched data, and every option check
 work starts. Each case goes through the real command line where a user would meet it.
 """
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -626,3 +627,35 @@ def test_json_nested_deeper_than_the_parser_goes_is_one_line(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(deep)
     assert fails("sample.py", "--init_from=hf:hf", cwd=tmp_path).startswith("error: hf/config.json is not JSON (")
+
+
+def test_a_machine_that_cannot_compile_trains_uncompiled_and_says_so():
+    from model import GPT, GPTConfig
+    from tensegpt.hardware import compile_now
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=16))
+    config = {"batch_size": 2, "block_size": 8}
+    idx = torch.randint(50, (2, 8))
+    eager = model(idx, idx)[1]
+
+    def no_compiler(graph, inputs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx")
+
+    for block in model.blocks:
+        block.compile(backend=no_compiler)
+    said, state = [], torch.random.get_rng_state()
+    assert compile_now(model, config, 50, "cpu", contextlib.nullcontext(), said.append) is False
+    [note] = said
+    assert note.startswith("note: torch.compile failed here (") and note.endswith("; training uncompiled")
+    assert "No working C++ compiler" in note
+    # the run's own random draws and gradients are as if nothing had happened, and the model runs as it did
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(model(idx, idx)[1], eager)
+    # where it compiles, the compiled blocks are what trains
+    said.clear()
+    for block in model.blocks:
+        block.compile(backend="eager")
+    assert compile_now(model, config, 50, "cpu", contextlib.nullcontext(), said.append) is True
+    assert said[0].startswith("compiled in ") and model.blocks[0]._compiled_call_impl is not None
