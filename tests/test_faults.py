@@ -659,3 +659,13 @@ def test_a_machine_that_cannot_compile_trains_uncompiled_and_says_so():
         block.compile(backend="eager")
     assert compile_now(model, config, 50, "cpu", contextlib.nullcontext(), said.append) is True
     assert said[0].startswith("compiled in ") and model.blocks[0]._compiled_call_impl is not None
+
+
+def test_train_py_without_a_cxx_compiler_says_so_and_trains_uncompiled(run_copy):
+    # Inductor finds no working C++ compiler: what a machine without one meets with --compile=True
+    env = {**os.environ, "CXX": "/nonexistent/g++", "TORCHINDUCTOR_CACHE_DIR": str(run_copy / "inductor")}
+    args = [TINY, "--compile=True", "--max_iters=4", "--eval_interval=2", "--out_dir=fresh"]
+    out = run_script("train.py", *args, cwd=run_copy, env=env).stdout
+    assert "note: torch.compile failed here (InvalidCxxCompiler: No working C++ compiler found" in out
+    assert out.count("training uncompiled") == 1 and "Traceback" not in out
+    assert os.path.isfile(run_copy / "fresh" / "trained.pth")
