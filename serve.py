@@ -122,22 +122,23 @@ def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_bo
     @app.post("/v1/completions", dependencies=keyed)
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        prompts = prompt_ids(body.prompt)
-        # echo: each choice's text starts with its prompt's
-        echoes = [tokenizer.decode(p) if body.echo and p != [tokenizer.eot] else "" for p in prompts]
+        sent = prompt_list(body.prompt)
+        # an empty text starts a new one, like sample.py's empty --start
+        prompts = [tokenizer.encode(p) or [tokenizer.eot] if isinstance(p, str) else p for p in sent]
+        # echo: each choice's text starts with its prompt as sent (a tokenizer may not give a text back unchanged)
+        echoes = [(p if isinstance(p, str) else tokenizer.decode(p)) if body.echo else "" for p in sent]
         return await respond(body, request, prompts, "prompt", stop_tokens={tokenizer.eot}, echoes=echoes)
 
-    def prompt_ids(prompt):
-        """The token ids of each prompt of /v1/completions: a text, several, token ids, or several of those."""
+    def prompt_list(prompt):
+        """The prompts of /v1/completions as a list of texts and token-id lists: a text, several, ids, or several."""
         several = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
         prompts = prompt if several else [prompt]
         if not prompts or any(isinstance(p, list) and not p for p in prompts):
             raise ApiError(400, "prompt holds no prompt: send a text, or a list of token ids", "prompt")
-        for p in prompts:
-            if isinstance(p, list) and not all(0 <= i < vocab_size for i in p):
-                raise ApiError(400, f"prompt: token ids go from 0 to {vocab_size - 1}; got {max(p, key=abs)}", "prompt")
-        # an empty text starts a new one, like sample.py's empty --start
-        return [p if isinstance(p, list) else tokenizer.encode(p) or [tokenizer.eot] for p in prompts]
+        outside = [i for p in prompts if isinstance(p, list) for i in p if not 0 <= i < vocab_size]
+        if outside:
+            raise ApiError(400, f"prompt: token ids go from 0 to {vocab_size - 1}; got {outside[0]}", "prompt")
+        return prompts
 
     async def respond(body, request, prompts, prompt_param, stop_tokens, echoes=None):
         """Checks the request against the context, generates, and answers whole or as a stream."""

@@ -279,7 +279,7 @@ class Generation:
                         self.done[choice] = "stop" if reason == "cancelled" else reason
                     changed.add(choice)
                 for choice in sorted(changed):
-                    # tokens that came after this batch was taken are decoded with the next one
+                    # the tokens this choice counted: none that came after it ended (at a stop string)
                     self.texts[choice] = self.tokenizer.decode(self.sequences[choice].tokens[: self.counted[choice]])
                     if self.cut_at_stop(choice):
                         if self.done[choice] is None:

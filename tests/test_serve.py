@@ -450,6 +450,9 @@ def test_bad_requests_get_openai_shaped_errors(chat_server, plain_server):
     assert e["param"] == "logit_bias" and "'99999'" in e["message"]
     e = error_of(post(plain_server, "/v1/completions", {"prompt": [1, 99999]}), 400)
     assert e["param"] == "prompt" and "99999" in e["message"]
+    # the id named is the one outside, not the largest
+    e = error_of(post(plain_server, "/v1/completions", {"prompt": [[5], [-1, 1000]]}), 400)
+    assert e["message"].endswith("; got -1")
     assert error_of(post(plain_server, "/v1/completions", {"prompt": []}), 400)["param"] == "prompt"
     e = error_of(post(plain_server, "/v1/completions", {"prompt": ["a"] * 40, "n": 2}), 400)
     assert e["param"] == "prompt" and "40 prompts with n=2" in e["message"]
