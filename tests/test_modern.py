@@ -129,6 +129,32 @@ def test_muon_steps_the_hidden_matrices_and_adamw_the_rest():
     assert all(not torch.equal(before[name], p) for name, p in named.items() if p.dim() == 2)
 
 
+def test_stacked_muon_steps_as_torch_optim_muon_does():
+    # matrices of one shape orthogonalised together, others alone: the same numbers and state as torch.optim.Muon
+    from tensegpt.optim import StackedMuon
+
+    torch.manual_seed(0)
+    shapes = [(24, 8), (8, 8), (24, 8), (8, 40), (8, 8), (24, 8)]
+    mine = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in mine]
+    settings = dict(lr=3e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    stacked, reference = StackedMuon(mine, **settings), torch.optim.Muon(theirs, **settings)
+    start = [p.detach().clone() for p in mine]
+    for _ in range(3):
+        for a, b in zip(mine, theirs, strict=True):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        stacked.step()
+        reference.step()
+    for a, b, before in zip(mine, theirs, start, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert not torch.allclose(a, before)
+    ours, torchs = stacked.state_dict(), reference.state_dict()
+    assert ours["state"].keys() == torchs["state"].keys() and ours["param_groups"] == torchs["param_groups"]
+    for i, state in torchs["state"].items():
+        torch.testing.assert_close(ours["state"][i]["momentum_buffer"], state["momentum_buffer"], rtol=0, atol=0)
+
+
 @pytest.mark.slow  # the quick run leaves it out; CI runs it
 def test_modern_config_with_muon_resumes_exactly(tiny_run, tmp_path):
     common = [
