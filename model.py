@@ -336,6 +336,10 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, caches, pos)  # (B, T, C)
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None
+        return self.logits_and_loss(x, targets)
+
+    def logits_and_loss(self, x, targets):
+        """The output layer on hidden states x (B, T, C): logits (B, T, V) and their mean cross-entropy with targets."""
         logits = self.lm_head(x)  # (B, T, V)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss

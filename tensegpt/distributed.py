@@ -76,13 +76,22 @@ def wrap(gpt, config, device, world_size, local_rank, chunked_loss):
     if config["fsdp"]:
         return model  # sharded already; its blocks were compiled before sharding
     if config["compile"]:
-        # each block on its own (regional compilation, as torchtitan does): the blocks are alike, so one compiled
-        # graph serves them all, in about half the time of compiling the whole model (docs/training.md)
-        for block in gpt.blocks:
-            block.compile()
+        compile_regions(gpt)
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[local_rank] if device.startswith("cuda") else None)
     return model
+
+
+def compile_regions(gpt, **options):
+    """
+    torch.compile (options: its keywords) for training, region by region: each block on its own (regional
+    compilation, as torchtitan does: the blocks are alike, so one compiled graph serves them all, in about half the
+    time of compiling the whole model), then the output layer with its loss, where the softmax, its gradient and
+    the casts fuse (docs/training.md measures both). hardware.compile_now undoes it where compiling fails.
+    """
+    for block in gpt.blocks:
+        block.compile(**options)
+    gpt.logits_and_loss = torch.compile(gpt.logits_and_loss, **options)
 
 
 def shard(gpt_config, config, device, world_size, dtype):

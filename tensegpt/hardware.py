@@ -127,9 +127,11 @@ def compile_now(model, config, vocab_size, device, autocast, say):
                 e = inner
             first_line = (str(e).strip().splitlines() or [""])[0][:200]
             say(f"note: torch.compile failed here ({e.__class__.__name__}: {first_line}); training uncompiled")
-            # back to eager: what nn.Module.compile() set on each compiled module, unset
+            # back to eager: what nn.Module.compile() set on each compiled module, and the compiled output layer
+            # that distributed.wrap put in place of the GPT's own method, unset
             for module in model.modules():
                 module._compiled_call_impl = None
+                module.__dict__.pop("logits_and_loss", None)
             return False
         finally:
             model.zero_grad(set_to_none=True)

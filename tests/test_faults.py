@@ -631,6 +631,7 @@ def test_json_nested_deeper_than_the_parser_goes_is_one_line(tmp_path):
 
 def test_a_machine_that_cannot_compile_trains_uncompiled_and_says_so():
     from model import GPT, GPTConfig
+    from tensegpt.distributed import compile_regions
     from tensegpt.hardware import compile_now
 
     torch.manual_seed(0)
@@ -642,8 +643,7 @@ def test_a_machine_that_cannot_compile_trains_uncompiled_and_says_so():
     def no_compiler(graph, inputs):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx")
 
-    for block in model.blocks:
-        block.compile(backend=no_compiler)
+    compile_regions(model, backend=no_compiler)
     said, state = [], torch.random.get_rng_state()
     assert compile_now(model, config, 50, "cpu", contextlib.nullcontext(), said.append) is False
     [note] = said
@@ -653,12 +653,13 @@ def test_a_machine_that_cannot_compile_trains_uncompiled_and_says_so():
     assert torch.equal(torch.random.get_rng_state(), state)
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(model(idx, idx)[1], eager)
-    # where it compiles, the compiled blocks are what trains
+    assert model.blocks[0]._compiled_call_impl is None and "logits_and_loss" not in vars(model)
+    # where it compiles, the compiled blocks and output layer are what trains
     said.clear()
-    for block in model.blocks:
-        block.compile(backend="eager")
+    compile_regions(model, backend="eager")
     assert compile_now(model, config, 50, "cpu", contextlib.nullcontext(), said.append) is True
     assert said[0].startswith("compiled in ") and model.blocks[0]._compiled_call_impl is not None
+    assert "logits_and_loss" in vars(model)
 
 
 def test_train_py_without_a_cxx_compiler_says_so_and_trains_uncompiled(run_copy):
