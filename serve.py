@@ -39,6 +39,8 @@ from tensegpt.server import (
     check_sampling,
     finish_unless_disconnected,
     install_errors,
+    logprobs_field,
+    requested_logprobs,
     sse,
 )
 
@@ -143,6 +145,8 @@ def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_bo
     async def respond(body, request, prompts, prompt_param, stop_tokens, echoes=None):
         """Checks the request against the context, generates, and answers whole or as a stream."""
         stop, logit_bias = check_sampling(body, engine.max_queue, vocab_size)
+        is_chat_route = prompt_param == "messages"
+        logprobs = requested_logprobs(body, is_chat_route)
         if len(prompts) * body.n > engine.max_queue:
             message = (f"{len(prompts)} prompts with n={body.n} are more sequences than one request may start "
                        f"({engine.max_queue}, --max_queue): send fewer")  # fmt: skip
@@ -160,17 +164,19 @@ def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_bo
             )
             raise ApiError(400, message, "max_tokens", "context_length_exceeded")
         top_k = body.top_k if body.top_k and body.top_k > 0 else None
+        # echo with logprobs: the prompt's tokens are scored too
+        score_prompt = getattr(body, "echo", False) and logprobs is not None
         settings = dict(temperature=body.temperature, top_k=top_k, top_p=body.top_p, seed=body.seed,
                         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                        repetition_penalty=body.repetition_penalty, logit_bias=logit_bias or None)  # fmt: skip
+                        repetition_penalty=body.repetition_penalty, logit_bias=logit_bias or None,
+                        logprobs=logprobs, score_prompt=score_prompt)  # fmt: skip
         # left out, max_tokens is all the context leaves: the engine ends each sequence at the context's end
         generation = Generation(engine, tokenizer, prompts, body.n, stop, max_tokens=max_tokens or block_size,
                                 stop_tokens=frozenset(stop_tokens), **settings)  # fmt: skip
-        is_chat_route = prompt_param == "messages"
         echoes = [e for e in echoes or [""] * len(prompts) for _ in range(body.n)]
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            events = stream(generation, is_chat_route, include_usage, echoes)
+            events = stream(generation, is_chat_route, include_usage, echoes, logprobs is not None)
             return StreamingResponse(events, media_type="text/event-stream")
         reasons = await finish_unless_disconnected(generation, request)
         if reasons is None:
@@ -183,21 +189,31 @@ def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_bo
                 choices.append({"index": i, "message": {"role": "assistant", "content": text}})
             else:
                 choices.append({"index": i, "text": echoes[i] + text})
-            choices[-1] |= {"finish_reason": reasons[i], "logprobs": None}
+            scored = logprobs_field(tokenizer, generation.new_scores(i), is_chat_route)
+            choices[-1] |= {"finish_reason": reasons[i], "logprobs": scored if logprobs is not None else None}
         return envelope(generation, is_chat_route, choices, False) | {"usage": generation.usage()}
 
-    async def stream(generation, is_chat_route, include_usage, echoes):
-        """Server-sent events: a chunk per piece of text, the finish reasons, [DONE]."""
+    async def stream(generation, is_chat_route, include_usage, echoes, with_logprobs):
+        """Server-sent events: a chunk per piece of text (with logprobs if asked), the finish reasons, [DONE]."""
+        # completions' text_offset: where each choice's next token starts in its text
+        offsets = [0] * len(echoes)
+        # with logprobs the echo waits for the prompt's scores, and goes out with the first piece
+        held = list(echoes) if with_logprobs else [""] * len(echoes)
         for i in range(len(generation.sequences)):
             if is_chat_route:
                 first = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                 yield sse(envelope(generation, True, [first], True))
-            elif echoes[i]:
+            elif echoes[i] and not held[i]:
                 first = {"index": i, "text": echoes[i], "finish_reason": None, "logprobs": None}
                 yield sse(envelope(generation, False, [first], True))
         async for i, text, reason in generation.events():
+            text, held[i] = held[i] + text, ""
             piece = {"delta": {"content": text} if text else {}} if is_chat_route else {"text": text}
-            choice = {"index": i, **piece, "finish_reason": reason, "logprobs": None}
+            scored = None
+            if with_logprobs:
+                scored = logprobs_field(tokenizer, generation.new_scores(i), is_chat_route, offsets[i])
+                offsets[i] += 0 if is_chat_route else sum(len(token) for token in scored["tokens"])
+            choice = {"index": i, **piece, "finish_reason": reason, "logprobs": scored}
             yield sse(envelope(generation, is_chat_route, [choice], True))
         if include_usage:
             yield sse(envelope(generation, is_chat_route, [], True) | {"usage": generation.usage()})

@@ -27,6 +27,7 @@ and on_finish. The engine is single-threaded: whoever steps it also submits and 
 """
 
 import collections
+import itertools
 import logging
 import statistics
 import sys
@@ -58,9 +59,16 @@ class Sequence:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict = None  # {token id: added to its logit}
+    # None: no log-probabilities; k: each new token's, and the k likeliest tokens' at its place (OpenAI's logprobs)
+    logprobs: int = None
+    score_prompt: bool = False  # with logprobs: the prompt's tokens' too, each after the ones before it (echo)
     on_token: callable = None  # on_token(token id), called where the engine steps
     on_finish: callable = None  # on_finish('stop', 'length', 'cancelled' or 'error')
+    on_prompt_scored: callable = None  # with score_prompt: on_prompt_scored(prompt_scores), before the first token
     tokens: list = field(default_factory=list)  # the new tokens so far
+    # with logprobs: for each new token, (its log-probability, [(token id, log-probability) of the k likeliest])
+    scores: list = field(default_factory=list)
+    prompt_scores: list = field(default_factory=list)  # with score_prompt: the same for prompt[1:]
     cached: int = 0  # positions of prompt + tokens held in the cache
     slot: int = None
     cancelled: bool = False
@@ -71,7 +79,8 @@ class Sequence:
         return dict(prompt=self.prompt, max_tokens=self.max_tokens, stop_tokens=self.stop_tokens,
                     temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                    repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias)  # fmt: skip
+                    repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias,
+                    logprobs=self.logprobs, score_prompt=self.score_prompt)  # fmt: skip
 
     def adjusts_logits(self):
         penalized = self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
@@ -214,23 +223,31 @@ class Engine:
         in it: every token in one row, packed, so no row is padded to the longest chunk.
         """
         if all(len(tokens) == 1 for _, tokens in batch):
-            x = self.forward_rows(batch)[:, -1]  # (B, C)
+            hidden = self.forward_rows(batch)[:, -1]  # (B, C)
         else:
-            x = self.forward_packed(batch)  # (B, C)
+            hidden = self.forward_packed(batch)  # (N, C): every fed token
+        # where each sequence's fed tokens end in hidden
+        ends = list(itertools.accumulate(len(tokens) for _, tokens in batch))
         ready = []
         for i, (s, tokens) in enumerate(batch):
+            if s.score_prompt and s.logprobs is not None and s.cached < len(s.prompt):
+                self.score_prompt(s, hidden[ends[i] - len(tokens) : ends[i]])
             s.cached += len(tokens)
             if s.cached >= len(s.prompt):
                 ready.append(i)
         if not ready:
             return
         sequences = [batch[i][0] for i in ready]
-        for s, token in zip(sequences, self.sample(sequences, self.model.lm_head(x[ready])), strict=True):
+        logits = self.model.lm_head(hidden[[ends[i] - 1 for i in ready]])  # (B, V)
+        # the model's own distribution, before sample applies temperature, penalties and biases to the logits
+        log_probs = self.log_probs(sequences, logits)
+        tokens = self.sample(sequences, logits)
+        for i, (s, token) in enumerate(zip(sequences, tokens, strict=True)):
             if s in self.prefilling:
                 # the prompt is in the cache: its last position gave the first new token
                 self.prefilling.remove(s)
                 self.decoding.append(s)
-            self.emit(s, token)
+            self.emit(s, token, None if log_probs[i] is None else score(log_probs[i], token, s.logprobs))
 
     def forward_rows(self, batch):
         """The hidden states (B, 1, C) of one token a row: row i at position cached in its sequence's slot."""
@@ -245,15 +262,14 @@ class Engine:
 
     def forward_packed(self, batch):
         """
-        Every fed token in one row (1, N): the hidden states (B, C) at each sequence's last fed token. Token j of
+        Every fed token in one row (1, N): the hidden states (N, C) of them all, sequence by sequence. Token j of
         sequence i sits at position cached + j of slot i; the mask lets it see that slot's keys up to its position.
         """
-        tokens, rows, positions, last = [], [], [], []
+        tokens, rows, positions = [], [], []
         for i, (s, fed) in enumerate(batch):
             tokens += fed
             rows += [i] * len(fed)
             positions += range(s.cached, s.cached + len(fed))
-            last.append(len(tokens) - 1)
         rows, positions = torch.tensor(rows, device=self.device), torch.tensor(positions, device=self.device)
         slots = torch.tensor([s.slot for s, _ in batch], device=self.device)
         end = int(positions.max()) + 1
@@ -263,13 +279,36 @@ class Engine:
         mask = (key_rows == rows[:, None]) & (key_positions <= positions[:, None])  # (N, B * end)
         caches = [PackedCache(c, slots, rows, positions, end) for c in self.caches]
         tokens = torch.tensor([tokens], device=self.device)  # (1, N)
-        x = self.model.hidden_states(tokens, caches, positions[None], self.additive(mask[None, None]))  # (1, N, C)
-        return x[0, last]  # (B, C)
+        return self.model.hidden_states(tokens, caches, positions[None], self.additive(mask[None, None]))[0]  # (N, C)
 
     def additive(self, mask):
         """A mask as the scores' dtype, 0 where True and -inf where False: what the attention kernel adds."""
         dtype = self.caches[0].k.dtype
         return torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(~mask, float("-inf"))
+
+    def score_prompt(self, sequence, hidden):
+        """
+        Scores the prompt tokens that follow the chunk a sequence feeds this step, from the chunk's hidden states
+        (n, C): what the model gave each prompt token after the ones before it. Once the prompt is scored to its last
+        token, sequence.on_prompt_scored(prompt_scores).
+        """
+        start = sequence.cached + 1
+        targets = sequence.prompt[start : start + len(hidden)]
+        if targets:
+            log_probs = torch.log_softmax(self.model.lm_head(hidden[: len(targets)]).float(), dim=-1)  # (n, V)
+            for row, target in zip(log_probs, targets, strict=True):
+                sequence.prompt_scores.append(score(row, target, sequence.logprobs))
+        # the chunk that ends the prompt (whose last position gives the first new token) ends its scores
+        if sequence.cached + len(hidden) >= len(sequence.prompt) and sequence.on_prompt_scored:
+            sequence.on_prompt_scored(sequence.prompt_scores)
+
+    def log_probs(self, batch, logits):
+        """Each row's log-probabilities (V,), float32, for the sequences that asked for them; None for the others."""
+        rows = [i for i, s in enumerate(batch) if s.logprobs is not None]
+        if not rows:
+            return [None] * len(batch)
+        chosen = dict(zip(rows, torch.log_softmax(logits[rows].float(), dim=-1), strict=True))
+        return [chosen.get(i) for i in range(len(batch))]
 
     def sample(self, batch, logits):
         """
@@ -293,11 +332,13 @@ class Engine:
             tokens[rows] = draw(probs, u=u.to(logits.device)).squeeze(1)
         return tokens.tolist()
 
-    def emit(self, sequence, token):
-        """Hands a new token to its caller, or ends the sequence on a stop token or at its limit."""
+    def emit(self, sequence, token, scored=None):
+        """Hands a new token (and its score) to its caller, or ends the sequence on a stop token or at its limit."""
         if token in sequence.stop_tokens:
             return self.finish(sequence, "stop")
         sequence.tokens.append(token)
+        if scored is not None:
+            sequence.scores.append(scored)
         sequence.on_token(token)
         # the latest token goes in at position cached to make the next one: it must fit in the context
         if len(sequence.tokens) >= sequence.max_tokens or sequence.cached >= self.block_size:
@@ -319,6 +360,12 @@ class Engine:
         self.free.append(sequence.slot)
         self.free.sort()
         sequence.slot = None
+
+
+def score(log_probs, token, k):
+    """(the token's log-probability, [(id, log-probability) of the k likeliest tokens]) from log_probs (V,)."""
+    top = torch.topk(log_probs, min(k, log_probs.numel()))
+    return float(log_probs[token]), list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
 
 
 def step_seconds(model, rows, steps=10):

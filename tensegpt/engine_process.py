@@ -10,7 +10,7 @@ core" does, and the server holds a stand-in with the engine's own methods:
     server process (its event loop)                        engine process
     EngineProcess.submit(sequences)  -- ("submit", ...) -->  Engine.submit
     EngineProcess.cancel(sequence)   -- ("cancel", id)  -->  sequence.cancelled
-    sequence.on_token / on_finish    <-- (steps, events) --  one message a step: [(id, token, reason), ...]
+    sequence.on_token / on_finish    <-- (steps, events) --  one message a step: [(id, token, reason, scores), ...]
 
 The child loads the checkpoint itself (tensors do not cross the pipe, only token ids), picks
 its dtype and threads, and steps while there is work, reading the server's messages between
@@ -93,7 +93,16 @@ def run_engine(pipe, ckpt, device, dtype, threads, max_batch, prefill_chunk, see
 
     def finished(id, reason):
         del sequences[id]
-        events.append((id, None, reason))
+        events.append((id, None, reason, None))
+
+    def made(id, token):
+        # with logprobs, the token's score goes with it (the engine adds it to scores before telling)
+        sequence = sequences[id]
+        events.append((id, token, None, sequence.scores[-1] if sequence.logprobs is not None else None))
+
+    def prompt_scored(id, scores):
+        # neither a token nor a finish: the prompt's scores (echo with logprobs)
+        events.append((id, None, None, scores))
 
     def send_events():
         if events:
@@ -114,7 +123,8 @@ def run_engine(pipe, ckpt, device, dtype, threads, max_batch, prefill_chunk, see
             elif kind == "submit":
                 for id, settings in payload:
                     sequences[id] = Sequence(**settings, id=id,
-                                             on_token=lambda token, id=id: events.append((id, token, None)),
+                                             on_token=lambda token, id=id: made(id, token),
+                                             on_prompt_scored=lambda scores, id=id: prompt_scored(id, scores),
                                              on_finish=lambda reason, id=id: finished(id, reason))  # fmt: skip
                 engine.submit(*(sequences[id] for id, _ in payload))
 
@@ -193,10 +203,15 @@ class EngineProcess:
         try:
             while self.pipe.poll():
                 self.steps, events = self.pipe.recv()
-                for id, token, reason in events:
+                for id, token, reason, scored in events:
                     sequence = self.live[id]
-                    if reason is None:
+                    if token is None and reason is None:
+                        # the prompt's scores: read with the tokens that follow in the same message
+                        sequence.prompt_scores = scored
+                    elif reason is None:
                         sequence.tokens.append(token)
+                        if scored is not None:
+                            sequence.scores.append(scored)
                         sequence.on_token(token)
                     else:
                         del self.live[id]

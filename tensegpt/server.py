@@ -79,8 +79,9 @@ class Sampling(BaseModel):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # an extension (vLLM's): CTRL's penalty on the prompt's and the answer's tokens
     logit_bias: dict[str, float] | None = None  # {"token id": -100 to 100, added to its logit}
-    # accepted when off only: this server cannot honour anything else
+    # chat: true, with top_logprobs alternatives a token; completions: the number of alternatives (0 to 20)
     logprobs: bool | int | None = None
+    top_logprobs: int | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -110,6 +111,52 @@ def check_port(host, port):
             raise UserError(message) from None
 
 
+MAX_LOGPROBS = 20  # alternatives a token at most, as vLLM allows by default
+
+
+def requested_logprobs(body, is_chat):
+    """
+    How many alternatives a token the request wants with its log-probabilities, None for none. Chat (OpenAI's chat
+    API): logprobs true, top_logprobs 0 to 20. Completions (the legacy API): logprobs, an integer 0 to 20.
+    """
+    if is_chat:
+        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}; got {body.top_logprobs}",
+                           "top_logprobs")  # fmt: skip
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
+        return (body.top_logprobs or 0) if body.logprobs else None
+    if body.logprobs is None or body.logprobs is False:
+        return None
+    if not 0 <= int(body.logprobs) <= MAX_LOGPROBS:
+        raise ApiError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}; got {body.logprobs}", "logprobs")
+    return int(body.logprobs)
+
+
+def logprobs_field(tokenizer, scored, is_chat, offset=0):
+    """
+    The logprobs of a choice's tokens scored [(token id, (log-probability, [(id, log-probability) of the likeliest]))]
+    in OpenAI's shape: chat, {"content": [{token, logprob, bytes, top_logprobs}]}; completions, {tokens,
+    token_logprobs, top_logprobs (the token's own and its alternatives'), text_offset (from offset, in the text)}.
+    """
+
+    def text(token):
+        return tokenizer.decode([token])
+
+    # a prompt's first token has no score (echo): None where OpenAI has null
+    if is_chat:
+
+        def entry(token, logprob):
+            return {"token": text(token), "logprob": logprob, "bytes": list(text(token).encode("utf-8"))}
+
+        return {"content": [entry(t, lp) | {"top_logprobs": [entry(i, p) for i, p in top]} for t, (lp, top) in scored]}
+    tokens = [text(t) for t, _ in scored]
+    offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [s and s[0] for _, s in scored],
+            "top_logprobs": [s and {text(t): s[0]} | {text(i): p for i, p in s[1]} for t, s in scored],
+            "text_offset": offsets}  # fmt: skip
+
+
 def check_sampling(body, max_n, vocab_size):
     """The fields' ranges, each refused with the field named; returns (the stop strings as a list, logit_bias by id)."""
     checks = [
@@ -119,7 +166,6 @@ def check_sampling(body, max_n, vocab_size):
         ("top_p", 0.0 < body.top_p <= 1.0, "must be in (0, 1]"),
         ("top_k", body.top_k is None or body.top_k >= -1, "must be a whole number >= 1 (0 or -1: off)"),
         ("n", 1 <= body.n <= max_n, f"must be between 1 and {max_n}"),
-        ("logprobs", not body.logprobs, "is not supported by this server"),
         ("presence_penalty", -2.0 <= body.presence_penalty <= 2.0, "must be between -2 and 2"),
         ("frequency_penalty", -2.0 <= body.frequency_penalty <= 2.0, "must be between -2 and 2"),
         ("repetition_penalty", body.repetition_penalty > 0, "must be above 0 (1: off)"),
@@ -236,6 +282,8 @@ class Generation:
 
     def __init__(self, engine, tokenizer, prompts, n, stop, **settings):
         self.engine, self.tokenizer, self.stop = engine, tokenizer, stop
+        # echo with logprobs: the prompt's tokens and scores come first in each choice's logprobs
+        self.with_prompt = settings.get("score_prompt", False)
         self.queue = asyncio.Queue()
         self.id, self.created = uuid.uuid4().hex[:24], int(time.time())
         self.prompt_tokens = sum(len(prompt) for prompt in prompts)
@@ -252,7 +300,8 @@ class Generation:
         ]
         choices = len(self.sequences)
         self.texts, self.shown = [""] * choices, [0] * choices
-        self.done, self.counted = [None] * choices, [0] * choices
+        self.done, self.counted, self.scored = [None] * choices, [0] * choices, [0] * choices
+        self.prompt_given = [not self.with_prompt] * choices
         try:
             engine.submit(*self.sequences)
         except QueueFull as e:
@@ -320,6 +369,18 @@ class Generation:
             return ""
         self.shown[choice] = end
         return text[start:end]
+
+    def new_scores(self, choice):
+        """With logprobs: [(token id, score)] of the choice's counted tokens not handed out yet, now handed out."""
+        sequence, start = self.sequences[choice], self.scored[choice]
+        end = min(self.counted[choice], len(sequence.scores))
+        self.scored[choice] = max(start, end)
+        new = list(zip(sequence.tokens[start:end], sequence.scores[start:end], strict=True))
+        if not self.prompt_given[choice] and len(sequence.prompt_scores) == len(sequence.prompt) - 1:
+            # the prompt's first token has no score: nothing came before it
+            prompt = [(sequence.prompt[0], None)] + list(zip(sequence.prompt[1:], sequence.prompt_scores, strict=True))
+            new, self.prompt_given[choice] = prompt + new, True
+        return new
 
     def usage(self):
         # as OpenAI counts them: each prompt once, whatever n

@@ -219,6 +219,81 @@ def test_penalties_and_logit_bias_change_the_logits_as_vllm_does(plain_server, t
     assert len(ids) == len(set(ids)), text
 
 
+def test_logprobs_and_echo_with_logprobs_as_openai_shapes_them(chat_server, plain_server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=plain_server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    asked = dict(model="tense", prompt="Yesterday, the baby", temperature=0, max_tokens=6, logprobs=2)
+    reply = client.completions.create(**asked).choices[0]
+    scored = reply.logprobs
+    assert "".join(scored.tokens) == reply.text and len(scored.token_logprobs) == len(scored.tokens)
+    assert all(lp <= 0 for lp in scored.token_logprobs)
+    # greedy: each token is its place's likeliest; top_logprobs holds it and its 2 alternatives
+    for token, lp, top in zip(scored.tokens, scored.token_logprobs, scored.top_logprobs, strict=True):
+        assert len(top) in (2, 3) and top[token] == lp and lp == max(top.values())
+    assert scored.text_offset == [sum(len(t) for t in scored.tokens[:i]) for i in range(len(scored.tokens))]
+    # echo: the prompt's tokens first, the first without a score; streamed, the same pieces and numbers
+    echoed = client.completions.create(**asked, echo=True).choices[0]
+    assert echoed.text == "Yesterday, the baby" + reply.text
+    assert echoed.logprobs.token_logprobs[0] is None and echoed.logprobs.top_logprobs[0] is None
+    assert "".join(echoed.logprobs.tokens) == echoed.text
+    assert echoed.logprobs.token_logprobs[-len(scored.tokens) :] == pytest.approx(scored.token_logprobs, abs=1e-4)
+    chunks = list(client.completions.create(**asked, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == echoed.text
+    streamed = [lp for c in chunks if c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(echoed.logprobs.token_logprobs[1:], abs=1e-4)
+    # chat: logprobs true, top_logprobs alternatives; the tokens spell the answer, whole and streamed
+    chat = openai.OpenAI(base_url=chat_server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    asked = dict(model="out-chat", messages=[{"role": "user", "content": "Negate: The baby sleeps."}], temperature=0,
+                 max_tokens=8, logprobs=True, top_logprobs=2)  # fmt: skip
+    answer = chat.chat.completions.create(**asked).choices[0]
+    content = answer.logprobs.content
+    assert "".join(e.token for e in content) == answer.message.content
+    for e in content:
+        assert [t.token for t in e.top_logprobs][0] == e.token and len(e.top_logprobs) == 2
+        assert e.bytes == list(e.token.encode()) and e.top_logprobs[0].logprob == e.logprob <= 0
+    streamed = [e for c in chat.chat.completions.create(**asked, stream=True) for ch in c.choices
+                if ch.logprobs for e in ch.logprobs.content]  # fmt: skip
+    assert [e.token for e in streamed] == [e.token for e in content]
+    plain = chat.chat.completions.create(**{**asked, "logprobs": None, "top_logprobs": None}).choices[0]
+    assert plain.logprobs is None
+    # out of range, or alternatives without logprobs
+    hi = [{"role": "user", "content": "hi"}]
+    for body in ({"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21}):
+        e = error_of(post(chat_server, "/v1/chat/completions", {"messages": hi, **body}), 400)
+        assert e["param"] == "top_logprobs", e
+    e = error_of(post(plain_server, "/v1/completions", {"prompt": "The", "logprobs": 21}), 400)
+    assert e["param"] == "logprobs" and "between 0 and 20" in e["message"]
+
+
+def test_the_engine_scores_tokens_and_prompts_with_the_models_own_log_probabilities():
+    # a prompt scored over three steps' chunks beside another sequence, sampled with penalties: the scores are the
+    # model's own distribution, before temperature and penalties
+    model = todays_block_model()
+    engine = Engine(model, max_batch=4, prefill_chunk=3)
+    quiet = dict(on_token=lambda t: None, on_finish=lambda r: None)
+    other = Sequence([3, 4], max_tokens=6, stop_tokens=frozenset(), temperature=0, **quiet)
+    given = []
+    scored = Sequence([5, 9, 2, 7, 7, 1, 8], max_tokens=5, stop_tokens=frozenset(), temperature=0.9, seed=3,
+                      repetition_penalty=1.5, logprobs=3, score_prompt=True, on_prompt_scored=given.append,
+                      **quiet)  # fmt: skip
+    engine.submit(other)
+    engine.step()
+    engine.submit(scored)
+    while engine.pending():
+        engine.step()
+    assert len(scored.tokens) == 5 and len(scored.scores) == 5 and len(scored.prompt_scores) == 6
+    assert given == [scored.prompt_scores]
+    with torch.no_grad():
+        for context, target, (logprob, top) in [
+            *((scored.prompt[: j + 1], scored.prompt[j + 1], s) for j, s in enumerate(scored.prompt_scores)),
+            *((scored.prompt + scored.tokens[:j], t, s) for j, (t, s) in enumerate(zip(scored.tokens, scored.scores))),
+        ]:
+            alone = torch.log_softmax(model(torch.tensor([context]))[0][0, -1], dim=-1)
+            assert logprob == pytest.approx(alone[target].item(), abs=1e-4)
+            assert [i for i, _ in top] == alone.topk(3).indices.tolist()
+    assert other.scores == [] and other.prompt_scores == []
+
+
 def test_web_pages_of_other_origins_may_call_the_api(plain_server):
     preflight = httpx.options(plain_server.url + "/v1/completions", timeout=30, headers={
         "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
