@@ -6,7 +6,7 @@ Serves a trained model over HTTP with OpenAI's API, to many clients at once, and
         -H "Content-Type: application/json"                  # text, from a model served with --ckpt=out/trained.pth
 
 Routes: POST /v1/chat/completions (chat models), POST /v1/completions (any model), GET /v1/models,
-GET /health, GET / (the page). The official openai clients work with base_url=http://127.0.0.1:8000/v1.
+POST /tokenize and /detokenize, GET /health, GET / (the page). The official openai clients work with base_url=http://127.0.0.1:8000/v1.
 Requests running at the same time share each decoding step (continuous batching,
 tensegpt/engine.py); docs/serving.md has the fields, the errors and the figures.
 """
@@ -33,7 +33,9 @@ from tensegpt.server import (
     BodyLimit,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
     Generation,
+    TokenizeRequest,
     check_key,
     check_port,
     check_sampling,
@@ -114,12 +116,17 @@ def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_bo
         check_model(body.model)
         if not is_chat:
             raise ApiError(400, f"{name} has no chat template (it was not fine-tuned to chat): use /v1/completions")
-        if not body.messages:
+        prompt = chat_prompt(body.messages)
+        return await respond(body, request, [prompt], "messages", stop_tokens={tokenizer.end, tokenizer.eot})
+
+    def chat_prompt(messages):
+        """The chat template's tokens for messages, up to the assistant's turn."""
+        if not messages:
             raise ApiError(400, "messages must hold at least one message", "messages")
         # the template's roles: OpenAI's newer 'developer' is the system message
-        messages = [{"role": m.role.replace("developer", "system"), "content": m.text()} for m in body.messages]
-        prompt = tokenizer.prompt(messages)
-        return await respond(body, request, [prompt], "messages", stop_tokens={tokenizer.end, tokenizer.eot})
+        return tokenizer.prompt(
+            [{"role": m.role.replace("developer", "system"), "content": m.text()} for m in messages]
+        )
 
     @app.post("/v1/completions", dependencies=keyed)
     async def completions(body: CompletionRequest, request: Request):
@@ -169,10 +176,11 @@ def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_bo
         settings = dict(temperature=body.temperature, top_k=top_k, top_p=body.top_p, seed=body.seed,
                         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                         repetition_penalty=body.repetition_penalty, logit_bias=logit_bias or None,
-                        logprobs=logprobs, score_prompt=score_prompt)  # fmt: skip
+                        min_tokens=body.min_tokens, logprobs=logprobs, score_prompt=score_prompt)  # fmt: skip
         # left out, max_tokens is all the context leaves: the engine ends each sequence at the context's end
         generation = Generation(engine, tokenizer, prompts, body.n, stop, max_tokens=max_tokens or block_size,
-                                stop_tokens=frozenset(stop_tokens), **settings)  # fmt: skip
+                                stop_tokens=frozenset() if body.ignore_eos else frozenset(stop_tokens),
+                                **settings)  # fmt: skip
         echoes = [e for e in echoes or [""] * len(prompts) for _ in range(body.n)]
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -224,6 +232,25 @@ def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_bo
         prefix = "chatcmpl-" if is_chat_route else "cmpl-"
         return {"id": prefix + generation.id, "object": kind, "created": generation.created, "model": name,
                 "choices": choices}  # fmt: skip
+
+    # vLLM's /tokenize and /detokenize: what a client counts against the context before it asks
+    @app.post("/tokenize", dependencies=keyed)
+    def tokenize(body: TokenizeRequest):
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "send a prompt (a text) or messages (a chat), one of the two", "prompt")
+        if body.messages is not None and not is_chat:
+            raise ApiError(400, f"{name} has no chat template (it was not fine-tuned to chat): send a prompt")
+        ids = chat_prompt(body.messages) if body.messages is not None else tokenizer.encode(body.prompt)
+        return {"count": len(ids), "max_model_len": block_size, "tokens": ids}
+
+    @app.post("/detokenize", dependencies=keyed)
+    def detokenize(body: DetokenizeRequest):
+        check_model(body.model)
+        outside = [i for i in body.tokens if not 0 <= i < vocab_size]
+        if outside:
+            raise ApiError(400, f"tokens: token ids go from 0 to {vocab_size - 1}; got {outside[0]}", "tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
 
     @app.get("/", response_class=HTMLResponse)
     def page():

@@ -59,6 +59,7 @@ class Sequence:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict = None  # {token id: added to its logit}
+    min_tokens: int = 0  # the stop tokens are barred until this many tokens are made (vLLM's extension)
     # None: no log-probabilities; k: each new token's, and the k likeliest tokens' at its place (OpenAI's logprobs)
     logprobs: int = None
     score_prompt: bool = False  # with logprobs: the prompt's tokens' too, each after the ones before it (echo)
@@ -80,17 +81,21 @@ class Sequence:
                     temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                     repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias,
-                    logprobs=self.logprobs, score_prompt=self.score_prompt)  # fmt: skip
+                    min_tokens=self.min_tokens, logprobs=self.logprobs, score_prompt=self.score_prompt)  # fmt: skip
 
     def adjusts_logits(self):
         penalized = self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-        return bool(penalized or self.logit_bias)
+        return bool(penalized or self.logit_bias or self.too_short_to_stop())
+
+    def too_short_to_stop(self):
+        return len(self.tokens) < self.min_tokens and bool(self.stop_tokens)
 
     def adjust(self, logits):
         """
         This sequence's logits (V,) after its penalties and biases, as vLLM applies them: a token made n times so far
         loses frequency_penalty * n, and presence_penalty once; a token of the prompt or made so far has its logit
-        divided by repetition_penalty when positive, multiplied when negative; logit_bias adds to the tokens it names.
+        divided by repetition_penalty when positive, multiplied when negative; logit_bias adds to the tokens it names;
+        short of min_tokens, the stop tokens are barred.
         """
         if self.tokens and (self.presence_penalty or self.frequency_penalty):
             counts = torch.bincount(torch.tensor(self.tokens, device=logits.device), minlength=logits.size(-1))
@@ -102,6 +107,8 @@ class Sequence:
             ids = torch.tensor(list(self.logit_bias), device=logits.device)
             bias = torch.tensor(list(self.logit_bias.values()), dtype=logits.dtype, device=logits.device)
             logits = logits.index_add(0, ids, bias)
+        if self.too_short_to_stop():
+            logits = logits.index_fill(0, torch.tensor(sorted(self.stop_tokens), device=logits.device), float("-inf"))
         return logits
 
     def __post_init__(self):

@@ -79,6 +79,9 @@ class Sampling(BaseModel):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # an extension (vLLM's): CTRL's penalty on the prompt's and the answer's tokens
     logit_bias: dict[str, float] | None = None  # {"token id": -100 to 100, added to its logit}
+    # vLLM's extensions, which its benchmarks send: no stop token before min_tokens; with ignore_eos, none at all
+    min_tokens: int = 0
+    ignore_eos: bool = False
     # chat: true, with top_logprobs alternatives a token; completions: the number of alternatives (0 to 20)
     logprobs: bool | int | None = None
     top_logprobs: int | None = None
@@ -98,6 +101,17 @@ class CompletionRequest(Sampling):
     # a text, several, a text's token ids, or several of those (as OpenAI's API takes them)
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False  # the prompt's text before each choice's
+
+
+class TokenizeRequest(BaseModel):
+    model: str | None = None
+    prompt: str | None = None  # a text, or
+    messages: list[Message] | None = None  # a chat, through the template up to the assistant's turn
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
 
 
 def check_port(host, port):
@@ -169,6 +183,11 @@ def check_sampling(body, max_n, vocab_size):
         ("presence_penalty", -2.0 <= body.presence_penalty <= 2.0, "must be between -2 and 2"),
         ("frequency_penalty", -2.0 <= body.frequency_penalty <= 2.0, "must be between -2 and 2"),
         ("repetition_penalty", body.repetition_penalty > 0, "must be above 0 (1: off)"),
+        (
+            "min_tokens",
+            0 <= body.min_tokens <= (body.max_completion_tokens or body.max_tokens or body.min_tokens),
+            "must be 0 or more, and no more than max_tokens",
+        ),
     ]
     for param, ok, problem in checks:
         if not ok:

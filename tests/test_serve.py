@@ -294,6 +294,40 @@ def test_the_engine_scores_tokens_and_prompts_with_the_models_own_log_probabilit
     assert other.scores == [] and other.prompt_scores == []
 
 
+def test_min_tokens_and_ignore_eos_keep_the_stop_tokens_off_as_vllm_does(plain_server):
+    # short of min_tokens the stop tokens are barred; the rest of the logits as they were
+    s = Sequence([9], 10, frozenset({2, 4}), tokens=[5], min_tokens=2)
+    assert s.adjusts_logits()
+    assert s.adjust(torch.zeros(6)).tolist() == [0, 0, float("-inf"), 0, float("-inf"), 0]
+    s.tokens.append(6)
+    assert not s.adjusts_logits() and torch.equal(s.adjust(torch.zeros(6)), torch.zeros(6))
+    # over HTTP: what vLLM's benchmarks send to make every answer max_tokens long
+    body = {"prompt": "The baby sleeps", "temperature": 0, "max_tokens": 20}
+    reply = post(plain_server, "/v1/completions", body).json()
+    assert reply["usage"]["completion_tokens"] < 20 and reply["choices"][0]["finish_reason"] == "stop"
+    for extra in ({"ignore_eos": True}, {"min_tokens": 20}):
+        reply = post(plain_server, "/v1/completions", {**body, **extra}).json()
+        assert reply["usage"]["completion_tokens"] == 20 and reply["choices"][0]["finish_reason"] == "length", extra
+    e = error_of(post(plain_server, "/v1/completions", {**body, "min_tokens": 21}), 400)
+    assert e["param"] == "min_tokens" and "no more than max_tokens" in e["message"]
+
+
+def test_tokenize_and_detokenize_as_vllm_has_them(chat_server, plain_server, trained_model):
+    tokenizer = trained_model[1]
+    counted = post(plain_server, "/tokenize", {"prompt": "The baby sleeps."}).json()
+    assert counted == {"count": 4, "max_model_len": 32, "tokens": tokenizer.encode("The baby sleeps.")}
+    assert post(plain_server, "/detokenize", {"tokens": counted["tokens"]}).json() == {"prompt": "The baby sleeps."}
+    # a chat: the template's tokens up to the answer, as the chat route counts them in its usage
+    messages = [{"role": "user", "content": "Negate: The baby sleeps."}]
+    chat = post(chat_server, "/tokenize", {"messages": messages}).json()
+    reply = post(chat_server, "/v1/chat/completions", {"messages": messages, "max_tokens": 1}).json()
+    assert chat["count"] == len(chat["tokens"]) == reply["usage"]["prompt_tokens"]
+    assert error_of(post(plain_server, "/tokenize", {}), 400)["param"] == "prompt"
+    assert "no chat template" in error_of(post(plain_server, "/tokenize", {"messages": messages}), 400)["message"]
+    e = error_of(post(plain_server, "/detokenize", {"tokens": [1, 99999]}), 400)
+    assert e["param"] == "tokens" and "99999" in e["message"]
+
+
 def test_web_pages_of_other_origins_may_call_the_api(plain_server):
     preflight = httpx.options(plain_server.url + "/v1/completions", timeout=30, headers={
         "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
