@@ -35,6 +35,7 @@ from tensegpt.server import (
     CompletionRequest,
     DetokenizeRequest,
     Generation,
+    ReadsJson,
     TokenizeRequest,
     check_key,
     check_port,
@@ -79,6 +80,7 @@ def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_bo
     app = FastAPI(title="tense-gpt", docs_url=None, redoc_url=None, lifespan=lifespan)
     install_errors(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(ReadsJson)
     if cors_origins:
         # web apps on other origins (a chat UI on another port) may call the API, as vLLM and llama.cpp allow
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins.split(","), allow_methods=["*"],

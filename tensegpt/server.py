@@ -226,7 +226,7 @@ def install_errors(app: FastAPI):
         elif first["type"] == "missing":
             message = f"{param} is required"
         else:
-            message = f"{param or 'the body'}: {first['msg']}; got {json.dumps(first.get('input'))[:80]}"
+            message = f"{param or 'the body'}: {first['msg']}; got {json.dumps(first.get('input'), default=repr)[:80]}"
         return ApiError(400, message, param).response()
 
     @app.exception_handler(HTTPException)
@@ -240,6 +240,23 @@ def install_errors(app: FastAPI):
     @app.exception_handler(Exception)
     async def crash(request, e):
         return ApiError(500, f"internal error: {e.__class__.__name__}", kind="server_error").response()
+
+
+class ReadsJson:
+    """
+    Reads every POST body as JSON, whatever Content-Type it declares: `curl -d` without `-H` declares a form, and
+    FastAPI would then not parse the body at all (llama.cpp's server reads JSON the same way). A body that is not
+    JSON is then refused as such, with where it breaks.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = dict(scope, headers=[*headers, (b"content-type", b"application/json")])
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:

@@ -581,6 +581,17 @@ def test_bad_requests_get_openai_shaped_errors(chat_server, plain_server):
     assert error_of(chunked, 413)
 
 
+def test_a_json_body_is_read_whatever_content_type_it_declares(plain_server):
+    # curl -d without -H declares a form; PowerShell's Invoke-RestMethod too: the body is JSON all the same
+    body = json.dumps({"prompt": "The baby", "max_tokens": 3}).encode()
+    for declared in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {"Content-Type": declared} if declared else {}
+        reply = httpx.post(plain_server.url + "/v1/completions", content=body, headers=headers, timeout=30)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1, (declared, reply.text)
+    form = httpx.post(plain_server.url + "/v1/completions", data={"prompt": "The baby"}, timeout=30)
+    assert error_of(form, 400)["message"].startswith("the body is not valid JSON")
+
+
 def test_an_api_key_is_required_when_set(chat_ckpt):
     server = Server(chat_ckpt, env={"TENSEGPT_API_KEY": "sesame"})
     try:
