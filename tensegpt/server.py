@@ -207,6 +207,18 @@ def check_sampling(body, max_n, vocab_size):
 # ----------------------------------------------------------------------------- errors and checks
 
 
+def field_path(error):
+    """
+    Where a pydantic error is, as field names and list indices: the body's own place left out, and the member of a
+    union that failed ('str', 'list[str]', 'TextPart'), which pydantic puts in the path.
+    """
+
+    def is_type(p):
+        return p in ("str", "int", "float", "bool", "dict", "list") or "[" in p or p[:1].isupper() or "-" in p
+
+    return [str(p) for p in error["loc"] if p != "body" and not (isinstance(p, str) and is_type(p))]
+
+
 def install_errors(app: FastAPI):
     """Every refusal in OpenAI's error shape: the server's own, pydantic's, an unknown route, a crash."""
 
@@ -216,8 +228,17 @@ def install_errors(app: FastAPI):
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e):
-        first = e.errors()[0]
-        where = [str(p) for p in first["loc"] if p != "body"]
+        errors = e.errors()
+        first = errors[0]
+        if first["type"] != "json_invalid":
+            # a field that may be of several types fails once per type: the failure deepest in the field names it
+            field = field_path(first)[:1]
+            same = [error for error in errors if field_path(error)[:1] == field]
+            deepest = max(len(field_path(error)) for error in same)
+            place = next(field_path(error) for error in same if len(field_path(error)) == deepest)
+            same = [error for error in same if field_path(error) == place]
+            first = same[0] | {"msg": ", or ".join(dict.fromkeys(error["msg"] for error in same))}
+        where = field_path(first)
         param = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in where).lstrip(".") or None
         if first["type"] == "json_invalid":
             at = first["loc"][-1]

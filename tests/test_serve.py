@@ -541,6 +541,14 @@ def test_bad_requests_get_openai_shaped_errors(chat_server, plain_server):
     assert e["param"] == "messages[0].role" and "robot" in e["message"]
     e = error_of(post(chat_server, "/v1/chat/completions", {"messages": hi, "temperature": "hot"}), 400)
     assert e["param"] == "temperature"
+    # a field of several types: named where it fails, not by the type pydantic tried ("stop.str")
+    e = error_of(post(chat_server, "/v1/chat/completions", {"messages": hi, "stop": ["end", 2]}), 400)
+    assert e["param"] == "stop[1]" and e["message"] == "stop[1]: Input should be a valid string; got 2"
+    e = error_of(post(plain_server, "/v1/completions", {"prompt": "The", "logprobs": 2.5}), 400)
+    assert e["param"] == "logprobs" and "valid boolean, or Input should be a valid integer" in e["message"]
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    e = error_of(post(chat_server, "/v1/chat/completions", {"messages": image}), 400)
+    assert e["param"] == "messages[0].content[0].type" and "'text'" in e["message"]
     for field, value in (("max_tokens", 0), ("max_completion_tokens", -2), ("temperature", 3), ("top_p", 0),
                          ("n", 0), ("presence_penalty", 2.5), ("repetition_penalty", 0)):  # fmt: skip
         e = error_of(post(chat_server, "/v1/chat/completions", {"messages": hi, field: value}), 400)
