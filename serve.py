@@ -199,8 +199,8 @@ def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_bo
                 choices.append({"index": i, "message": {"role": "assistant", "content": text}})
             else:
                 choices.append({"index": i, "text": echoes[i] + text})
-            scored = logprobs_field(tokenizer, generation.new_scores(i), is_chat_route)
-            choices[-1] |= {"finish_reason": reasons[i], "logprobs": scored if logprobs is not None else None}
+            scored = None if logprobs is None else logprobs_field(tokenizer, generation.new_scores(i), is_chat_route)
+            choices[-1] |= {"finish_reason": reasons[i], "logprobs": scored}
         return envelope(generation, is_chat_route, choices, False) | {"usage": generation.usage()}
 
     async def stream(generation, is_chat_route, include_usage, echoes, with_logprobs):
