@@ -334,7 +334,8 @@ class Generation:
     as OpenAI numbers them), from the engine (its messages are read on the event loop) to this
     request's coroutine: events() yields (choice, new text, finish reason or None) as the tokens
     come. Text is held back while it could still be the start of a stop string or ends inside a
-    character.
+    character. With logprobs, new_scores(choice) hands out the scores of the tokens counted since
+    the last call (the prompt's first, with echo).
     """
 
     def __init__(self, engine, tokenizer, prompts, n, stop, **settings):
