@@ -6,7 +6,8 @@ Serves a trained model over HTTP with OpenAI's API, to many clients at once, and
         -H "Content-Type: application/json"                  # text, from a model served with --ckpt=out/trained.pth
 
 Routes: POST /v1/chat/completions (chat models), POST /v1/completions (any model), GET /v1/models,
-POST /tokenize and /detokenize, GET /health, GET / (the page). The official openai clients work with base_url=http://127.0.0.1:8000/v1.
+POST /tokenize and /detokenize, GET /health, GET / (the page). The official openai clients work
+with base_url=http://127.0.0.1:8000/v1.
 Requests running at the same time share each decoding step (continuous batching,
 tensegpt/engine.py); docs/serving.md has the fields, the errors and the figures.
 """
@@ -40,6 +41,7 @@ from tensegpt.server import (
     check_key,
     check_port,
     check_sampling,
+    check_token_ids,
     finish_unless_disconnected,
     install_errors,
     logprobs_field,
@@ -146,9 +148,7 @@ def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_bo
         prompts = prompt if several else [prompt]
         if not prompts or any(isinstance(p, list) and not p for p in prompts):
             raise ApiError(400, "prompt holds no prompt: send a text, or a list of token ids", "prompt")
-        outside = [i for p in prompts if isinstance(p, list) for i in p if not 0 <= i < vocab_size]
-        if outside:
-            raise ApiError(400, f"prompt: token ids go from 0 to {vocab_size - 1}; got {outside[0]}", "prompt")
+        check_token_ids([i for p in prompts if isinstance(p, list) for i in p], vocab_size, "prompt")
         return prompts
 
     async def respond(body, request, prompts, prompt_param, stop_tokens, echoes=None):
@@ -222,7 +222,8 @@ def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_bo
             scored = None
             if with_logprobs:
                 scored = logprobs_field(tokenizer, generation.new_scores(i), is_chat_route, offsets[i])
-                offsets[i] += 0 if is_chat_route else sum(len(token) for token in scored["tokens"])
+                if not is_chat_route:
+                    offsets[i] += sum(len(token) for token in scored["tokens"])
             choice = {"index": i, **piece, "finish_reason": reason, "logprobs": scored}
             yield sse(envelope(generation, is_chat_route, [choice], True))
         if include_usage:
@@ -249,9 +250,7 @@ def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_bo
     @app.post("/detokenize", dependencies=keyed)
     def detokenize(body: DetokenizeRequest):
         check_model(body.model)
-        outside = [i for i in body.tokens if not 0 <= i < vocab_size]
-        if outside:
-            raise ApiError(400, f"tokens: token ids go from 0 to {vocab_size - 1}; got {outside[0]}", "tokens")
+        check_token_ids(body.tokens, vocab_size, "tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
 
     @app.get("/", response_class=HTMLResponse)

@@ -157,18 +157,26 @@ def logprobs_field(tokenizer, scored, is_chat, offset=0):
     def text(token):
         return tokenizer.decode([token])
 
-    # a prompt's first token has no score (echo): None where OpenAI has null
     if is_chat:
 
         def entry(token, logprob):
-            return {"token": text(token), "logprob": logprob, "bytes": list(text(token).encode("utf-8"))}
+            piece = text(token)
+            return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8"))}
 
         return {"content": [entry(t, lp) | {"top_logprobs": [entry(i, p) for i, p in top]} for t, (lp, top) in scored]}
     tokens = [text(t) for t, _ in scored]
     offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    # a prompt's first token has no score (echo): None, where OpenAI has null
     return {"tokens": tokens, "token_logprobs": [s and s[0] for _, s in scored],
             "top_logprobs": [s and {text(t): s[0]} | {text(i): p for i, p in s[1]} for t, s in scored],
             "text_offset": offsets}  # fmt: skip
+
+
+def check_token_ids(ids, vocab_size, param):
+    """Refuses, naming param, token ids outside the vocabulary: the first such id, not the largest."""
+    outside = [i for i in ids if not 0 <= i < vocab_size]
+    if outside:
+        raise ApiError(400, f"{param}: token ids go from 0 to {vocab_size - 1}; got {outside[0]}", param)
 
 
 def check_sampling(body, max_n, vocab_size):
