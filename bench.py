@@ -45,10 +45,9 @@ import time
 import numpy as np
 import torch
 
-from model import GPT
+from model import GPT, LOGITS_MAX_BYTES
 from tensegpt import tokenizer as tok
 from tensegpt.bench_report import print_report
-from tensegpt.chunked_loss import ChunkedLoss, use_chunked_loss
 from tensegpt.common import UserError, main_guard, parse_config, pick_device, script_defaults
 from tensegpt.decode_bench import bench_checkpoint_pair, bench_decoding, sync, tokens_per_sec
 from tensegpt.hardware import autocast_for, estimate_mfu, measure_peak_flops, pick_dtype
@@ -104,16 +103,17 @@ def peak_memory_mb():
 def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed, peak, kind="train.py"):
     """
     ms per training step (forward, backward, clipping, AdamW) of the config's model (median).
-    kind: 'train.py' (the loss train.py chooses for the shape), 'chunked' or 'plain' loss,
-    or 'transformers' (GPT2LMHeadModel of the same dims: a plain reference).
+    kind: 'train.py' (the GPT's own loss: in chunks where its logits pass LOGITS_MAX_BYTES), 'plain' (the
+    logits of every position, then one cross-entropy: PlainLoss), or 'transformers' (GPT2LMHeadModel of the same
+    dims: a plain reference).
     """
     torch.manual_seed(0)
     gpt_config = gpt_config_for(train_config, vocab_size)
     B, T, accum = train_config["batch_size"], train_config["block_size"], train_config["grad_accum"]
     gpt = ReferenceGPT(gpt_config) if kind == "transformers" else GPT(gpt_config)
     gpt = gpt.to(device)
-    chunked = use_chunked_loss(gpt_config.vocab_size, B * T) if kind == "train.py" else kind == "chunked"
-    model = ChunkedLoss(gpt) if chunked else gpt  # what train.py trains through
+    chunked = kind == "train.py" and chunks_the_loss(gpt_config.vocab_size, B * T)
+    model = PlainLoss(gpt) if kind == "plain" else gpt
     measure_memory = device == "cpu" and reset_peak_memory()
     optimizers = configure_optimizers(gpt, 1e-3, 0.1, (0.9, 0.99))
     autocast, scaler = autocast_for(device, dtype)
@@ -136,6 +136,23 @@ def bench_training(train_config, data, vocab_size, device, dtype, warmup, timed,
         "chunked_loss": chunked,
         "peak_memory_mb": peak_memory_mb() if measure_memory else None,
     }
+
+
+def chunks_the_loss(vocab_size, rows):
+    """Whether model.py's forward computes the loss over `rows` targets in chunks (past LOGITS_MAX_BYTES)."""
+    return rows * vocab_size * 4 > LOGITS_MAX_BYTES
+
+
+class PlainLoss(torch.nn.Module):
+    """The GPT's logits at every position, through its front door, then one cross-entropy: the loss in one piece."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, idx, targets):
+        logits, _ = self.gpt(idx, logits_at=torch.arange(idx.numel(), device=idx.device))  # (B*T, V)
+        return logits, torch.nn.functional.cross_entropy(logits, targets.flatten())
 
 
 class ReferenceGPT(torch.nn.Module):
@@ -170,9 +187,9 @@ def bench_training_shapes(data, vocab_size, small_config, device, dtype, warmup,
     result = {}
     for shape, config in (("nanogpt", nanogpt), ("small", small_config)):
         step = {kind: bench_training(config, data, vocab_size, device, dtype, warmup, timed, peak, kind)
-                for kind in ("chunked", "plain", "transformers")}  # fmt: skip
+                for kind in ("train.py", "plain", "transformers")}  # fmt: skip
         step["train_py_uses"] = (
-            "chunked" if use_chunked_loss(vocab_size, config["batch_size"] * config["block_size"]) else "plain"
+            "chunked" if chunks_the_loss(vocab_size, config["batch_size"] * config["block_size"]) else "plain"
         )
         result[shape] = step
     return result
@@ -314,7 +331,7 @@ def main():
         timing = (device, dtype, opts["warmup_steps"], opts["timed_steps"], peak)
         report["train_compact"] = bench_training(train_config, compact_data, compact_vocab, *timing)
         report["train_full"] = bench_training(train_config, full_data, full_vocab, *timing)
-        # the same full-vocabulary run with the output layer and loss in one piece (no ChunkedLoss)
+        # the same full-vocabulary run with the output layer and loss in one piece (PlainLoss)
         report["train_full_plain_loss"] = bench_training(train_config, full_data, full_vocab, *timing, "plain")
         if opts["shapes"]:
             report["training_shapes"] = bench_training_shapes(full_data, full_vocab, train_config, *timing)

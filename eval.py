@@ -216,7 +216,7 @@ def grammar_check(texts, train_lines, table, lowercase):
 @torch.no_grad()
 def continuation_logprobs(model, pairs, batch_size):
     """log p(rest | prefix) for each (prefix ids, rest ids), batched (rows padded on the right)."""
-    device = model.wte.weight.device
+    device = next(model.parameters()).device
     scores = []
     for i in range(0, len(pairs), batch_size):
         batch = pairs[i : i + batch_size]

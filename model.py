@@ -10,6 +10,18 @@ only torch: copy it into your own project and `from model import GPT, GPTConfig`
 
 The defaults are GPT-2's block. Each newer idea is one switch of GPTConfig (its fields name the papers), written next
 to the GPT-2 piece it replaces; config/modern.py turns them all on.
+
+The contract: train, sample, eval, serve and export use this much of the file and nothing else, so a fork may change
+anything behind it and every stage keeps working (each stage checks itself against forward, and says what differs):
+    GPTConfig, check_config          the settings (a new field becomes a train.py --key=value by itself)
+    GPT(config)                      the model, initialised by its modules' constructors (a fork's own stays)
+    model(idx, targets, caches=, input_pos=, mask=, logits_at=) -> (logits, loss): every logit anyone uses
+    KVCache, model.new_caches(B)     the cache forward fills: anything with update(input_pos, k, v) will do
+    model.generate, generate_stream  and the sampling step: sample_next, next_token_probs, draw, filter_logits,
+                                     penalize_repetition
+    model.grad_checkpointing         train.py's --grad_checkpointing
+Positions come one way (input_pos: an int start, or a (B, T) tensor of each token's own position) and masks one kind
+(bool, True where a query may see a key), built by attention_mask unless a caller lays its keys out its own way.
 """
 
 import math
@@ -23,6 +35,10 @@ import torch.utils.checkpoint
 POS_ENCODINGS = ("learned", "sinusoidal", "rotary")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "relu", "relu2", "swiglu")
+ATTENTIONS = ("sdpa", "explicit")
+IGNORE = -100  # a target the loss leaves out (a chat prompt's tokens): F.cross_entropy's ignore_index
+# the loss over (rows, V) logits bigger than this runs in chunks, each recomputed in backward (GPT-2's vocabulary)
+LOGITS_MAX_BYTES = 256 << 20
 
 
 @dataclass
@@ -40,6 +56,9 @@ class GPTConfig:
     norm: str = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm' (Zhang & Sennrich 2019)
     n_kv_head: int = 0  # key/value heads dividing n_head: grouped-query attention (Ainslie et al. 2023); 0: n_head
     qk_norm: bool = False  # RMS-normalise each head's queries and keys (Henry et al. 2020; Dehghani et al. 2023)
+    # how attention's softmax(q k^T / sqrt(d)) v is computed, the same numbers either way: 'sdpa' (PyTorch's fused
+    # kernel) or 'explicit' (written out: what torch.compile fuses best on a CPU, and what sample.py draws)
+    attention: str = "sdpa"
 
     def __post_init__(self):
         if self.d_ff == 0:
@@ -63,36 +82,42 @@ def check_config(config):
         problems.append(f"n_kv_head ({config.n_kv_head}) must divide n_head ({config.n_head}): each serves a group")
     if not 0.0 <= config.dropout < 1.0:
         problems.append(f"dropout must be in [0, 1), got {config.dropout}")
-    for key, allowed in (("pos_encoding", POS_ENCODINGS), ("activation", ACTIVATIONS), ("norm", NORMS)):
+    choices = (("pos_encoding", POS_ENCODINGS), ("activation", ACTIVATIONS), ("norm", NORMS), ("attention", ATTENTIONS))
+    for key, allowed in choices:
         if getattr(config, key) not in allowed:
             problems.append(f"{key} must be one of {', '.join(allowed)}; got {getattr(config, key)!r}")
     return problems
 
 
+def gpt2_init(module, std=0.02):
+    """GPT-2's initialisation of a Linear or an Embedding, called where it is made: weight N(0, std), bias 0."""
+    nn.init.normal_(module.weight, 0.0, std)
+    if getattr(module, "bias", None) is not None:
+        nn.init.zeros_(module.bias)
+    return module
+
+
 # ----------------------------------------------------------------------------- positions and norms
-def positions_from(pos, T, device=None):
-    """
-    The positions of T new tokens: (1, T) after an int pos, (B, T) after a (B,) tensor of starts, or pos itself when it
-    is a (B, T) tensor of each token's own position (several sequences packed in one row: tensegpt/engine.py).
-    """
-    if isinstance(pos, int):
-        return torch.arange(pos, pos + T, device=device)[None]
-    if pos.dim() == 2:
-        return pos
-    return pos[:, None] + torch.arange(T, device=pos.device)
+def positions(input_pos, T, device=None):
+    """The positions of T new tokens: (1, T) after an int start, or input_pos itself, a (B, T) tensor."""
+    if isinstance(input_pos, int):
+        return torch.arange(input_pos, input_pos + T, device=device)[None]
+    return input_pos
 
 
-def attention_mask(pos, T, device=None):
+def attention_mask(input_pos, T, device=None):
     """
-    Which keys each of T new queries at pos.. may see, built once for every layer: (B or 1, 1, T, S), True where a query
-    at position p meets a key at position <= p. None where the fused kernel's own rule is right: pos == 0 (query i sees
-    keys 0..i), or one new token at one pos (every cached key).
+    Which keys each of T new queries may see, built once for every layer: (B or 1, 1, T, S) bool, True where a query at
+    position p meets a key at position <= p. None for T tokens from position 0: query i sees keys 0..i, the causal
+    square that the fused kernel knows by itself (training, a first prompt).
     """
-    if isinstance(pos, int) and (pos == 0 or T == 1):
-        return None
-    queries = positions_from(pos, T, device)  # (B or 1, T)
-    keys = torch.arange(int(queries.max()) + 1, device=queries.device)  # (S,)
-    return (keys <= queries[..., None])[:, None]  # (B or 1, 1, T, S)
+    if isinstance(input_pos, int):
+        if input_pos == 0:
+            return None
+        keys = torch.arange(input_pos + T, device=device)  # (S,)
+        return (keys <= positions(input_pos, T, device)[..., None])[:, None]  # (1, 1, T, S)
+    keys = torch.arange(int(input_pos.max()) + 1, device=input_pos.device)  # (S,)
+    return (keys <= input_pos[..., None])[:, None]  # (B, 1, T, S)
 
 
 def angles(positions, d):
@@ -111,7 +136,7 @@ def sinusoidal_positions(positions, n_embd):
 def rotary(positions, d):
     """
     The cos and sin of rotary's angles at positions (B or 1, T) for heads of size d: each (B or 1, 1, T, d/2), the same
-    for every head. Computed once a forward pass (hidden_states) and handed to every layer, like the mask.
+    for every head. Computed once a forward pass and handed to every layer, like the mask.
     """
     angle = angles(positions, d)[:, None]
     return angle.cos(), angle.sin()
@@ -148,17 +173,24 @@ def make_norm(config, size):
 class KVCache:
     """
     The keys and values one attention layer has seen, one row per sequence: those of earlier positions never change
-    (attention is causal), so each new token runs the model on its own position only (a server's: tensegpt/engine.py).
+    (attention is causal), so each new token runs the model on its own position only. A server lays out its own
+    (tensegpt/engine.py): anything with this update method will do.
     """
 
     def __init__(self, shape, device=None, dtype=None):
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (B, n_kv_head, block_size, hs)
         self.v = torch.zeros_like(self.k)
 
-    def update(self, pos, k, v):
-        """Stores k, v (B, n_kv_head, T, hs) at positions pos..pos+T-1; returns those of positions 0..pos+T-1."""
-        end = pos + k.size(2)
-        self.k[:, :, pos:end], self.v[:, :, pos:end] = k, v
+    def update(self, input_pos, k, v):
+        """Stores k, v (B, n_kv_head, T, hs) at their positions; returns the keys and values of positions 0..last."""
+        if isinstance(input_pos, int):
+            end = input_pos + k.size(2)
+            self.k[:, :, input_pos:end], self.v[:, :, input_pos:end] = k, v
+        else:
+            rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
+            # indexing rows and positions together puts them first: (B, T, n_kv_head, hs)
+            self.k[rows, :, input_pos], self.v[rows, :, input_pos] = k.transpose(1, 2), v.transpose(1, 2)
+            end = int(input_pos.max()) + 1
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
@@ -170,26 +202,23 @@ class CausalSelfAttention(nn.Module):
         # grouped-query attention: fewer key/value heads than query heads
         kv_size = self.n_kv_head * self.head_size
         # queries, keys and values of every head from one matmul
-        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_size, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = gpt2_init(nn.Linear(config.n_embd, config.n_embd + 2 * kv_size, bias=config.bias))
+        # each residual branch adds to the stream: the layers that write into it get 0.02 / sqrt(2 * n_layer), so
+        # the stream's variance stays flat however deep (GPT-2)
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+        self.c_proj = gpt2_init(nn.Linear(config.n_embd, config.n_embd, bias=config.bias), residual_std)
         self.rotary, self.qk_norm = config.pos_encoding == "rotary", config.qk_norm
         if self.qk_norm:
             # unit-scale queries and keys keep the logits from growing without bound (loss spikes)
             self.q_norm, self.k_norm = RMSNorm(self.head_size, eps=1e-5), RMSNorm(self.head_size, eps=1e-5)
+        self.explicit = config.attention == "explicit"
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
-        # flash: PyTorch's fused kernel, which never holds the (T, S) weights. False: the textbook's
-        # computation written out, which keeps them in self.weights outside training (sample.py --attention draws
-        # them), and which torch.compile fuses well on a CPU (docs/training.md).
-        self.flash = True
-        self.weights = None
 
-    def forward(self, x, mask=None, cache=None, pos=0, rope=None):
+    def forward(self, x, mask=None, cache=None, input_pos=0, rope=None):
         """
-        x (B, T, C) at positions pos..pos+T-1 -> (B, T, C). mask: which of the S keys each query may see
-        (attention_mask), True where it may, or as floats added to the scores (0, or -inf where it may not: no
-        conversion in every layer); None: query i sees keys up to i (T == S), or every key (one token after a cache).
-        rope: the rotary angles of the T positions (rotary), for a model with rotary positions.
+        x (B, T, C) -> (B, T, C). mask: which of the S keys each query may see (attention_mask), True where it may;
+        None: query i sees keys 0..i (the T tokens are the whole sequence). rope: rotary's angles of the T positions.
         """
         B, T, C = x.shape
         kv_size = self.n_kv_head * self.head_size
@@ -203,32 +232,24 @@ class CausalSelfAttention(nn.Module):
             q, k = rotate(q, rope), rotate(k, rope)
         if cache is not None:
             # the new keys and values join the cached ones: (B, n_kv_head, S, hs)
-            k, v = cache.update(pos, k, v)
+            k, v = cache.update(input_pos, k, v)
         if self.n_kv_head != self.n_head:
             # each key/value head serves n_head / n_kv_head query heads: (B, n_head, S, hs)
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        if self.flash:
-            # is_causal lets query i see keys 0..i, right when the T queries are all S positions
-            dropout = self.attn_dropout.p if self.training else 0.0
-            causal = mask is None and T > 1
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
-        else:
+        if self.explicit:
             # softmax(q k^T / sqrt(hs)) v, where a query may not see a key after it
             S = k.size(2)
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, n_head, T, S)
             if mask is None:
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-            if mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            else:
-                # a float mask is added to the scores: 0 where a query may look, -inf where not
-                scores = scores + mask
-            weights = torch.softmax(scores, dim=-1)
-            if not self.training:
-                # kept to be drawn (sample.py --attention); in training they would only hold memory
-                self.weights = weights
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril()
+            weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+            # attn_dropout sees the weights: sample.py --attention draws them from a hook on it
             y = self.attn_dropout(weights) @ v  # (B, n_head, T, hs)
+        else:
+            # the same computation fused, never holding the (T, S) weights; is_causal: the causal square
+            dropout = self.attn_dropout.p if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         # the heads side by side again: (B, T, C)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -240,8 +261,9 @@ class FeedForward(nn.Module):
         self.activation = config.activation
         # SwiGLU: a gate and a value from two matrices (one matmul here), silu(gate) * value
         width = 2 * config.d_ff if config.activation == "swiglu" else config.d_ff
-        self.c_fc = nn.Linear(config.n_embd, width, bias=config.bias)
-        self.c_proj = nn.Linear(config.d_ff, config.n_embd, bias=config.bias)
+        self.c_fc = gpt2_init(nn.Linear(config.n_embd, width, bias=config.bias))
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+        self.c_proj = gpt2_init(nn.Linear(config.d_ff, config.n_embd, bias=config.bias), residual_std)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -266,9 +288,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = FeedForward(config)
 
-    def forward(self, x, mask=None, cache=None, pos=0, rope=None):
+    def forward(self, x, mask=None, cache=None, input_pos=0, rope=None):
         # pre-norm: normalise the input of each sublayer, keep the residual path an identity
-        x = x + self.attn(self.ln_1(x), mask, cache, pos, rope)
+        x = x + self.attn(self.ln_1(x), mask, cache, input_pos, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -280,45 +302,16 @@ class GPT(nn.Module):
         if problems := check_config(config):
             raise ValueError("; ".join(problems))
         self.config = config
-        # The one unusual trick: the layers are made on the meta device (shapes only: no memory, no random numbers)
-        # and init_weights fills them once. Each layer's own default initialisation would only be drawn and thrown
-        # away, and a model sharded across processes (--fsdp) fills its shards alike.
-        with torch.device("meta"):
-            self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-            if config.pos_encoding == "learned":
-                self.wpe = nn.Embedding(config.block_size, config.n_embd)
-            self.drop = nn.Dropout(config.dropout)
-            self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-            self.ln_f = make_norm(config, config.n_embd)
-            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        device = torch.get_default_device()
-        if device.type != "meta":
-            self.to_empty(device=device)
+        self.wte = gpt2_init(nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos_encoding == "learned":
+            self.wpe = gpt2_init(nn.Embedding(config.block_size, config.n_embd))
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = make_norm(config, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying (Press & Wolf 2017): the output layer is the token embedding; fewer parameters, trains better
         self.lm_head.weight = self.wte.weight
         self.grad_checkpointing = False  # train.py's --grad_checkpointing
-        if device.type != "meta":
-            self.init_weights()
-
-    @torch.no_grad()
-    def init_weights(self):
-        """GPT-2's initialisation, parameter by parameter in a fixed order from the global RNG."""
-        for name, p in self.named_parameters():
-            p.copy_(self.initial_value(name, p).to(p.device))
-
-    def initial_value(self, name, p):
-        """
-        The whole initial tensor of parameter `name`: matrices N(0, 0.02), biases 0, norm gains 1. Each residual branch
-        adds to the stream, so those that write into it (c_proj) get 0.02 / sqrt(2 * n_layer): its variance stays flat.
-        """
-        full = torch.empty(p.shape, dtype=torch.float32)
-        if name.endswith("c_proj.weight"):
-            full.normal_(0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
-        elif p.dim() >= 2:
-            full.normal_(0.0, 0.02)
-        else:
-            full.fill_(0.0 if name.endswith(".bias") else 1.0)
-        return full.to(p.dtype)
 
     def num_params(self, non_embedding=False):
         """Parameter count (the tied output layer counted once). non_embedding leaves out positions."""
@@ -327,58 +320,70 @@ class GPT(nn.Module):
             n -= self.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, caches=None, pos=0):
+    def forward(self, idx, targets=None, caches=None, input_pos=0, mask=None, logits_at=None):
         """
-        idx (B, T) token ids -> (logits, loss). With targets (B, T), the ids that come next: logits (B, T, V)
-        and the mean cross-entropy. Without: the last position's logits (B, 1, V), all generation needs, and
-        None. caches (new_caches), pos (where idx starts: an int, or (B,) starts a row each): generate_stream.
+        idx (B, T) token ids -> (logits, loss).
+        targets (B, T), the ids that come next (IGNORE: not counted): logits (B, T, V) and the mean cross-entropy.
+            Where those logits would pass LOGITS_MAX_BYTES, the loss is computed in chunks and logits is None.
+        No targets: the last position's logits (B, 1, V), all generation needs, or with logits_at (N,), indices into
+            the B * T positions, theirs: (N, V). loss None.
+        input_pos: the tokens' positions, an int start (positions input_pos.. in every row) or a (B, T) tensor.
+        caches: one KVCache per layer (new_caches) that keeps the keys and values; mask: the keys each query sees,
+            from a caller that lays its cache out its own way (sequences packed in one row); None: attention_mask.
         """
-        x = self.hidden_states(idx, caches, pos)  # (B, T, C)
-        if targets is None:
-            return self.lm_head(x[:, -1:, :]), None
-        return self.logits_and_loss(x, targets)
-
-    def logits_and_loss(self, x, targets):
-        """The output layer on hidden states x (B, T, C): logits (B, T, V) and their mean cross-entropy with targets."""
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
-
-    def hidden_states(self, idx, caches=None, pos=0, mask=None):
-        """
-        Everything before the output layer: the blocks' output, normalised, (B, T, C). mask: which keys each query sees,
-        from a caller that knows more than pos says (sequences packed in one row); None: attention_mask(pos, T).
-        """
-        x = self.embed(idx, pos)
-        # what every layer needs of the positions, computed once: which keys each query sees, rotary's angles
-        if mask is None:
-            mask = attention_mask(pos, idx.size(1), idx.device)
-        rope = None
-        if self.config.pos_encoding == "rotary":
-            rope = rotary(positions_from(pos, idx.size(1), idx.device), self.config.n_embd // self.config.n_head)
-        for i, block in enumerate(self.blocks):
-            if self.grad_checkpointing and self.training:
-                # keep only each block's input; recompute its insides in backward (less memory)
-                x = torch.utils.checkpoint.checkpoint(block, x, mask, None, pos, rope, use_reentrant=False)
-            else:
-                x = block(x, mask, None if caches is None else caches[i], pos, rope)
-        return self.ln_f(x)
-
-    def embed(self, idx, pos=0):
-        """Token embedding plus the position of each token (positions pos..pos+T-1): (B, T, C)."""
         T = idx.size(1)
-        end = pos + T if isinstance(pos, int) else int(positions_from(pos, T).max()) + 1
+        end = input_pos + T if isinstance(input_pos, int) else int(input_pos.max()) + 1
         if end > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens is longer than block_size {self.config.block_size}")
         x = self.wte(idx)  # (B, T, C)
         if self.config.pos_encoding == "learned":
-            x = x + self.wpe(positions_from(pos, T, idx.device))  # (B or 1, T, C)
+            x = x + self.wpe(positions(input_pos, T, idx.device))  # (B or 1, T, C)
         elif self.config.pos_encoding == "sinusoidal":
             # the paper scales embeddings by sqrt(d_model) so the fixed sinusoids don't drown them
-            pe = sinusoidal_positions(positions_from(pos, T, idx.device), self.config.n_embd)
+            pe = sinusoidal_positions(positions(input_pos, T, idx.device), self.config.n_embd)
             x = x * math.sqrt(self.config.n_embd) + pe.to(x.dtype)
         # rotary: no position is added here; attention rotates its queries and keys instead
-        return self.drop(x)
+        x = self.drop(x)
+        # what every layer needs of the positions, computed once: which keys each query sees, rotary's angles
+        if mask is None:
+            mask = attention_mask(input_pos, T, idx.device)
+        rope = None
+        if self.config.pos_encoding == "rotary":
+            rope = rotary(positions(input_pos, T, idx.device), self.config.n_embd // self.config.n_head)
+        for i, block in enumerate(self.blocks):
+            if self.grad_checkpointing and self.training:
+                # keep only each block's input; recompute its insides in backward (less memory)
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, None, input_pos, rope, use_reentrant=False)
+            else:
+                x = block(x, mask, None if caches is None else caches[i], input_pos, rope)
+        x = self.ln_f(x)  # (B, T, C)
+        if targets is not None:
+            return self.loss(x, targets)
+        x = x[:, -1:] if logits_at is None else x.flatten(0, 1)[logits_at]
+        return self.output(x), None
+
+    def output(self, x):
+        """The logits of hidden states x (..., C): the one place they are made, for every caller (a soft-cap: here)."""
+        return self.lm_head(x)
+
+    def loss(self, x, targets):
+        """(logits, mean cross-entropy over the counted targets) of hidden states x (B, T, C): see forward."""
+        B, T, C = x.shape
+        if B * T * self.config.vocab_size * 4 <= LOGITS_MAX_BYTES:
+            logits = self.output(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+            return logits, loss
+        # big logits (GPT-2's 50,304 tokens: hundreds of MB a step): a chunk of rows at a time, each chunk's logits
+        # made again in backward instead of kept, so that one chunk's at most are ever held
+        x, targets = x.flatten(0, 1), targets.flatten()  # (B*T, C), (B*T,)
+        rows, total = max(16, (3 << 20) // self.config.vocab_size), 0.0
+        for s in range(0, B * T, rows):
+            chunk = (x[s : s + rows], targets[s : s + rows])
+            total = total + torch.utils.checkpoint.checkpoint(self.summed_loss, *chunk, use_reentrant=False)
+        return None, total / (targets != IGNORE).sum().clamp_min(1)
+
+    def summed_loss(self, x, targets):
+        return F.cross_entropy(self.output(x), targets, ignore_index=IGNORE, reduction="sum")
 
     # ------------------------------------------------------------------------- generation
     def new_caches(self, batch_size, device=None, dtype=None):
@@ -412,11 +417,11 @@ class GPT(nn.Module):
             if not use_cache:
                 logits, _ = self(window)
             elif caches is not None and window.size(1) == cached + 1:
-                logits, _ = self(window[:, -1:], caches=caches, pos=cached)  # one position's work
+                logits, _ = self(window[:, -1:], caches=caches, input_pos=cached)  # one position's work
                 cached += 1
             else:  # first step, or the window slid: (re)fill the cache from the whole window
                 caches = caches or self.new_caches(idx.size(0))
-                logits, _ = self(window, caches=caches, pos=0)
+                logits, _ = self(window, caches=caches)
                 cached = window.size(1)
             logits = logits[:, -1, :]  # (B, V)
             if repetition_penalty != 1.0:

@@ -222,9 +222,9 @@ def score(model, tokenizer, text, device):
     )
 
 
-def draw_attention(sampler, text, path):
-    """--attention: every layer's and head's attention weights over a text, as heatmaps."""
-    model, tokenizer = sampler.model, sampler.tokenizer
+def draw_attention(model, sampler, text, path):
+    """--attention: every layer's and head's attention weights over a text, as heatmaps (model: as loaded)."""
+    tokenizer = sampler.tokenizer
     ids = sampler.prompt_ids(text)[-model.config.block_size :]
     maps = [m.float().cpu() for m in attention_weights(model, torch.tensor([ids], device=sampler.device))]
     plot_attention(maps, [token_label(tokenizer, t) for t in ids], path)
@@ -310,7 +310,8 @@ def main():
     else:
         texts = continuations(sampler, sampler.prompt_ids(prompt), stream)
         if config["attention"]:
-            draw_attention(sampler, texts[0], config["attention"])
+            # the model as the checkpoint has it: the one sampled from may hold its weights laid out for decoding
+            draw_attention(load_sampling_model(config, device)[0], sampler, texts[0], config["attention"])
     report_drafts(sampler.draft_stats)
 
 

@@ -25,10 +25,9 @@ import numpy as np
 import torch
 
 from tensegpt import checkpoint, distributed, lora, run_setup
-from tensegpt.chunked_loss import use_chunked_loss
 from tensegpt.common import parse_config
 from tensegpt.data import open_splits
-from tensegpt.hardware import autocast_for, compile_now, measure_peak_flops, pick_attention, use_attention
+from tensegpt.hardware import autocast_for, compile_now, measure_peak_flops
 from tensegpt.optim import configure_optimizers
 from tensegpt.packing import ChatBatches
 from tensegpt.runlog import format_seconds
@@ -59,6 +58,7 @@ DEFAULTS = {
     "norm": "layernorm",  # 'layernorm' (GPT-2) or 'rmsnorm'
     "n_kv_head": 0,  # key/value heads, a divisor of n_head (grouped-query attention); 0 means n_head
     "qk_norm": False,  # RMS-normalise each head's queries and keys before their dot product
+    "attention": "sdpa",  # 'sdpa' (PyTorch's fused kernel) or 'explicit' (written out: faster compiled on a CPU)
     # optimizer: linear warmup, then cosine decay to min_lr
     "optimizer": "adamw",  # 'adamw', or 'muon' (Muon for the blocks' matrices, AdamW for the rest)
     "learning_rate": 1e-3,  # peak learning rate
@@ -73,7 +73,6 @@ DEFAULTS = {
     # system
     "device": "auto",  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
     "dtype": "auto",  # 'auto', 'float32', 'bfloat16', 'float16'
-    "attention_kernel": "auto",  # 'flash' (fused) or 'math' (matmuls and softmax); auto: the faster, timed (CPU)
     "seed": 1337,  # model initialisation, dropout and data order (0 to 2**32 - 1)
     "peak_flops": 0.0,  # FLOP/s that MFU is measured against; 0 measures torch.mm at start
     "compile": False,  # torch.compile the model (pays off on GPUs; see the README for CPU)
@@ -86,6 +85,8 @@ DEFAULTS = {
     "lora_alpha": 16.0,  # LoRA's update is scaled by lora_alpha / lora_rank
     "lora_targets": "c_attn,c_proj,c_fc,wte",  # the matrices that get adapters (wte: the tied embedding)
 }
+# every field of model.py's GPTConfig is a --key=value: one missing above (a fork's new one) with its default there
+DEFAULTS = run_setup.with_model_keys(DEFAULTS)
 
 
 # ----------------------------------------------------------------------------- learning-rate schedule
@@ -246,17 +247,12 @@ def main():
         log.say(note)
     # the whole weights: under FSDP each rank now keeps only its shard
     start.saved = None
-    # what the step calls: the GPT or, where its logits would be big, the loss in chunks; under DDP, wrapped
-    chunked = use_chunked_loss(start.gpt_config.vocab_size, config["batch_size"] * config["block_size"])
-    model = distributed.wrap(gpt, config, device, world_size, run.local_rank, chunked)
+    # what the step calls: the GPT, compiled block by block (--compile) and, under DDP, wrapped
+    model = distributed.wrap(gpt, config, device, world_size, run.local_rank)
 
     autocast, scaler = autocast_for(device, run.dtype)
-    # attention's kernel: on a CPU the fused one's backward can be the slower, so auto times both
-    attention = pick_attention(config, model, gpt.config.vocab_size, device, autocast, world_size)
-    use_attention(model, attention)
-    config["attention_kernel"] = attention  # recorded in the checkpoints: a resumed run keeps it
     peak = config["peak_flops"] or measure_peak_flops(device, getattr(torch, run.dtype))
-    log.describe(gpt, tokenizer_meta, device, f"{run.dtype}, {attention} attention", world_size, peak)
+    log.describe(gpt, tokenizer_meta, device, f"{run.dtype}, {gpt.config.attention} attention", world_size, peak)
     if config["compile"] and world_size == 1:
         # compiled now, so that a machine that cannot compile trains uncompiled, said in one line
         config["compile"] = compile_now(model, config, gpt.config.vocab_size, device, autocast, log.say)

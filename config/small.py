@@ -21,6 +21,7 @@ min_lr = 1e-4
 # compiled (block by block, attention written out, the output layer with its loss), and Muon's matrices
 # orthogonalised layer-stacked, a step takes about half the time: 2,500 steps where 1,400 fitted
 compile = True
+attention = "explicit"  # written out: what torch.compile fuses best on a CPU (docs/training.md)
 eval_interval = 500
 eval_iters = 20
 log_interval = 50

@@ -65,11 +65,11 @@ def print_generation(gen):
 
 
 def print_training_shapes(report):
-    """One full-vocabulary training step at each shape: chunked, plain, transformers."""
+    """One full-vocabulary training step at each shape: the model's own loss, the plain one, transformers."""
     for shape, step in report.get("training_shapes", {}).items():
-        ms = {kind: step[kind]["ms_per_iter"] for kind in ("chunked", "plain", "transformers")}
+        ms = {kind: step[kind]["ms_per_iter"] for kind in ("train.py", "plain", "transformers")}
         print(
-            f"{'training step, ' + shape + ' shape':34} chunked {ms['chunked']:7.1f} ms   plain {ms['plain']:7.1f} ms  "
+            f"{'training step, ' + shape + ' shape':34} own {ms['train.py']:7.1f} ms   plain {ms['plain']:7.1f} ms  "
             f" transformers {ms['transformers']:7.1f} ms   (train.py uses {step['train_py_uses']})"
         )
 

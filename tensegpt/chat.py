@@ -18,11 +18,11 @@ or BPE pieces), never the special token: only the template makes those.
 import json
 import os
 
+from model import IGNORE  # noqa: F401 - a target the loss leaves out (packing, tests)
 from tensegpt.common import UserError
 
 ROLES = ("system", "user", "assistant")
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-IGNORE = -100  # a target the loss leaves out (F.cross_entropy's ignore_index)
 
 
 class ChatTokenizer:

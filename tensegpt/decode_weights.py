@@ -116,12 +116,12 @@ def swap(slots, make):
 
 def one_token_seconds(model, repeats=3):
     """The fastest of `repeats` forward passes for one new token (what each generated token costs)."""
-    idx = torch.zeros((1, 1), dtype=torch.long, device=model.wte.weight.device)
+    idx = torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device)
     caches = model.new_caches(1)
     best = float("inf")
     for _ in range(repeats + 1):  # the first pass warms up
         start = time.perf_counter()
-        model(idx, caches=caches, pos=0)
+        model(idx, caches=caches)
         if idx.device.type == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)

@@ -59,7 +59,7 @@ def answer(model, tokenizer, messages, max_new_tokens=60, stream=None, generate=
     otherwise). generate: what makes the tokens, model.generate_stream unless given.
     """
     ids = tokenizer.prompt(messages)[-model.config.block_size :]
-    idx = torch.tensor([ids], device=model.wte.weight.device)
+    idx = torch.tensor([ids], device=next(model.parameters()).device)
     sampling = {"greedy": True, **sampling}  # generate_stream alone would sample at temperature 1
     new = []
     for step in (generate or model.generate_stream)(idx, max_new_tokens, stop_token=tokenizer.end, **sampling):
@@ -113,9 +113,11 @@ class CachedModel:
         if start != self.start:  # the window moved, so did every position: the cache is stale
             self.start, self.cached = start, 0
         cached = min(self.cached, L - start - last)
-        x = self.model.hidden_states(tokens[:, start + cached :], self.caches, pos=cached)  # (1, new, C)
+        new = tokens[:, start + cached :]  # (1, n)
+        at = torch.arange(new.size(1) - last, new.size(1), device=new.device)
+        logits, _ = self.model(new, caches=self.caches, input_pos=cached, logits_at=at)  # (last, V)
         self.cached = L - start
-        return self.model.lm_head(x[0, -last:])
+        return logits
 
     def keep(self, n):
         """Forget every position past the first n tokens (drafts that were turned down)."""

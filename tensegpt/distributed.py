@@ -33,7 +33,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model import GPT
 from tensegpt import checkpoint
-from tensegpt.chunked_loss import ChunkedLoss
 from tensegpt.common import UserError, main_guard, pick_device
 
 
@@ -67,47 +66,45 @@ def build_gpt(gpt_config, config, device, world_size, dtype):
     return gpt
 
 
-def wrap(gpt, config, device, world_size, local_rank, chunked_loss):
+def wrap(gpt, config, device, world_size, local_rank):
     """
-    What the training step calls: the GPT, or ChunkedLoss around it (chunked_loss), its blocks
-    compiled (--compile) and, under DDP, wrapped so that backward averages the gradients.
+    What the training step calls: the GPT, its blocks compiled (--compile) and, under DDP, wrapped so that
+    backward averages the gradients. All of it from outside: the GPT itself is not changed.
     """
-    model = ChunkedLoss(gpt) if chunked_loss else gpt
     if config["fsdp"]:
-        return model  # sharded already; its blocks were compiled before sharding
+        return gpt  # sharded already; its blocks were compiled before sharding
     if config["compile"]:
         compile_regions(gpt)
     if world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[local_rank] if device.startswith("cuda") else None)
-    return model
+        return DistributedDataParallel(gpt, device_ids=[local_rank] if device.startswith("cuda") else None)
+    return gpt
 
 
 def compile_regions(gpt, **options):
     """
     torch.compile (options: its keywords) for training, region by region: each block on its own (regional
     compilation, as torchtitan does: the blocks are alike, so one compiled graph serves them all, in about half the
-    time of compiling the whole model), then the output layer with its loss, where the softmax, its gradient and
-    the casts fuse (docs/training.md measures both). hardware.compile_now undoes it where compiling fails.
+    time of compiling the whole model; docs/training.md measures it). nn.Module.compile wraps a module from outside;
+    hardware.compile_now undoes it where compiling fails.
     """
     for block in gpt.blocks:
         block.compile(**options)
-    gpt.logits_and_loss = torch.compile(gpt.logits_and_loss, **options)
 
 
 def shard(gpt_config, config, device, world_size, dtype):
     """
-    A GPT sharded by FSDP2. It is built on the meta device (shapes, no memory), sharded,
-    given memory for its own shards only (to_empty), and filled with GPT-2's initial values:
-    each whole tensor is drawn in the order a GPT built whole draws it, and each process
-    keeps its part, so the numbers are exactly those of one process and no process ever
-    holds the whole model.
+    A GPT sharded by FSDP2. Every process builds the same whole GPT (seeded alike: its modules' constructors
+    initialise it, a fork's own initialisation included), and FSDP keeps each process's part of every tensor: the
+    numbers are exactly those of one process. The whole model is held once per process while it is built.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    with torch.device("meta"):
+    # the same weights on every rank: the global RNG is seeded with seed + rank (dropout), so build from seed alone
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config["seed"])
         gpt = GPT(gpt_config)
+    gpt = gpt.to(device)
     gpt.grad_checkpointing = config["grad_checkpointing"]
     mesh = init_device_mesh(device.split(":")[0], (world_size,))
     # bfloat16: weights gathered and used in bfloat16, gradients averaged in float32
@@ -118,11 +115,6 @@ def shard(gpt_config, config, device, world_size, dtype):
             block.compile()  # per block, before sharding (as torchtitan does)
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(gpt, mesh=mesh, mp_policy=policy)
-    register_fsdp_forward_method(gpt, "hidden_states")  # ChunkedLoss calls it instead of forward
-    gpt.to_empty(device=device)
-    with torch.no_grad():
-        for name, p in gpt.named_parameters():
-            p.copy_(distribute_tensor(gpt.initial_value(name, p).to(device), p.device_mesh, p.placements))
     return gpt
 
 
@@ -131,9 +123,8 @@ def gradient_sync(model, sync):
     A context for one micro-step's backward: DDP and FSDP average the gradients across the
     processes only when sync (the last micro-step of an optimizer step); one process: nothing.
     """
-    gpt = getattr(model, "gpt", model)  # under ChunkedLoss, the GPT is FSDP's root
-    if hasattr(gpt, "set_requires_gradient_sync"):  # FSDP
-        gpt.set_requires_gradient_sync(sync)
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP
+        model.set_requires_gradient_sync(sync)
     return model.no_sync() if hasattr(model, "no_sync") and not sync else nullcontext()
 
 

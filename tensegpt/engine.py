@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import attention_mask, draw, next_token_probs, penalize_repetition, positions_from
+from model import draw, next_token_probs, penalize_repetition
 
 
 class QueueFull(Exception):
@@ -129,31 +129,29 @@ class SlotCache:
     def __init__(self, cache, slots, end):
         self.cache, self.slots, self.end = cache, slots, end
 
-    def update(self, pos, k, v):
-        T = k.size(2)
+    def update(self, input_pos, k, v):
         rows = self.slots[:, None]  # (B, 1)
-        columns = positions_from(pos, T)  # (B, T)
-        # indexing slots and positions together puts them first: (B, T, n_kv_head, hs)
-        self.cache.k[rows, :, columns] = k.transpose(1, 2)
-        self.cache.v[rows, :, columns] = v.transpose(1, 2)
+        # indexing slots and positions (B, T) together puts them first: (B, T, n_kv_head, hs)
+        self.cache.k[rows, :, input_pos] = k.transpose(1, 2)
+        self.cache.v[rows, :, input_pos] = v.transpose(1, 2)
         return self.cache.k[self.slots, :, : self.end], self.cache.v[self.slots, :, : self.end]
 
 
 class PackedCache:
     """
     One layer's KV cache for a packed step (Engine.forward_packed): the step's tokens in one row, token j of the
-    row belonging to batch row rows[j] at position positions[j]. It writes each token's key and value there and
+    row belonging to batch row rows[j] at position input_pos[0, j]. It writes each token's key and value there and
     reads the keys of the batch's slots laid side by side in one row, end positions each, for the mask to pick from.
     """
 
-    def __init__(self, cache, slots, rows, positions, end):
+    def __init__(self, cache, slots, rows, end):
         self.cache, self.slots, self.end = cache, slots, end
-        self.slot_of_token, self.positions = slots[rows], positions
+        self.slot_of_token = slots[rows]
 
-    def update(self, pos, k, v):
+    def update(self, input_pos, k, v):
         # (1, n_kv_head, N, hs) -> (N, n_kv_head, hs): indexing slots and positions together puts them first
-        self.cache.k[self.slot_of_token, :, self.positions] = k[0].transpose(0, 1)
-        self.cache.v[self.slot_of_token, :, self.positions] = v[0].transpose(0, 1)
+        self.cache.k[self.slot_of_token, :, input_pos[0]] = k[0].transpose(0, 1)
+        self.cache.v[self.slot_of_token, :, input_pos[0]] = v[0].transpose(0, 1)
         k, v = self.cache.k[self.slots, :, : self.end], self.cache.v[self.slots, :, : self.end]
         # (B, n_kv_head, end, hs) -> (1, n_kv_head, B * end, hs): the slots side by side
         return tuple(t.transpose(0, 1).flatten(1, 2)[None] for t in (k, v))
@@ -163,7 +161,7 @@ class Engine:
     def __init__(self, model, max_batch=16, max_queue=64, prefill_chunk=256):
         self.model, self.block_size = model, model.config.block_size
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self.device = model.wte.weight.device
+        self.device = next(model.parameters()).device
         self.caches = model.new_caches(max_batch)
         self.free = list(range(max_batch))
         self.waiting = collections.deque()  # submitted, not yet in a slot
@@ -230,25 +228,33 @@ class Engine:
         """
         One forward pass over batch [(sequence, the tokens it feeds)], then a token for every sequence whose feed
         ends its prompt or is its latest token. Every row decoding: a batch of rows of one token. With prompt chunks
-        in it: every token in one row, packed, so no row is padded to the longest chunk.
+        in it: every token in one row, packed, so no row is padded to the longest chunk. The model makes the logits
+        of the fed tokens that need them only: each sequence's last, and the prompt's own where it is scored.
         """
+        starts = [0, *itertools.accumulate(len(tokens) for _, tokens in batch)]  # each feed's first token
+        ready = [i for i, (s, tokens) in enumerate(batch) if s.cached + len(tokens) >= len(s.prompt)]
+        # with score_prompt, each fed prompt token that has a next prompt token is scored by its logits
+        scored = {
+            i: s.prompt[s.cached + 1 : s.cached + 1 + len(tokens)]
+            for i, (s, tokens) in enumerate(batch)
+            if s.score_prompt and s.logprobs is not None and s.cached < len(s.prompt)
+        }
+        logits_at = [starts[i] + j for i, targets in scored.items() for j in range(len(targets))]
+        logits_at += [starts[i + 1] - 1 for i in ready]
         if all(len(tokens) == 1 for _, tokens in batch):
-            hidden = self.forward_rows(batch)[:, -1]  # (B, C)
+            logits = self.forward_rows(batch, logits_at)
         else:
-            hidden = self.forward_packed(batch)  # (N, C): every fed token
-        # where each sequence's fed tokens end in hidden
-        ends = list(itertools.accumulate(len(tokens) for _, tokens in batch))
-        ready = []
-        for i, (s, tokens) in enumerate(batch):
-            if s.score_prompt and s.logprobs is not None and s.cached < len(s.prompt):
-                self.score_prompt(s, hidden[ends[i] - len(tokens) : ends[i]])
+            logits = self.forward_packed(batch, logits_at)
+        # (N, V): the scored prompts' rows first, then one row per ready sequence
+        done = 0
+        for i, targets in scored.items():
+            self.score_prompt(batch[i][0], logits[done : done + len(targets)], targets, len(batch[i][1]))
+            done += len(targets)
+        for s, tokens in batch:
             s.cached += len(tokens)
-            if s.cached >= len(s.prompt):
-                ready.append(i)
         if not ready:
             return
-        sequences = [batch[i][0] for i in ready]
-        logits = self.model.lm_head(hidden[[ends[i] - 1 for i in ready]])  # (B, V)
+        sequences, logits = [batch[i][0] for i in ready], logits[done:]
         # the model's own distribution, before sample applies temperature, penalties and biases to the logits
         log_probs = self.log_probs(sequences, logits)
         tokens = self.sample(sequences, logits)
@@ -259,57 +265,51 @@ class Engine:
                 self.decoding.append(s)
             self.emit(s, token, None if log_probs[i] is None else score(log_probs[i], token, s.logprobs))
 
-    def forward_rows(self, batch):
-        """The hidden states (B, 1, C) of one token a row: row i at position cached in its sequence's slot."""
+    def forward_rows(self, batch, logits_at):
+        """The logits (N, V) at logits_at of one token a row: row i at position cached in its sequence's slot."""
         slots = torch.tensor([s.slot for s, _ in batch], device=self.device)
-        pos = torch.tensor([s.cached for s, _ in batch], device=self.device)
+        input_pos = torch.tensor([[s.cached] for s, _ in batch], device=self.device)  # (B, 1)
         tokens = torch.tensor([t for _, t in batch], device=self.device)  # (B, 1)
         # every layer reads keys up to the longest row's end: counted here once, not read back per layer
         end = max(s.cached for s, _ in batch) + 1
         caches = [SlotCache(c, slots, end) for c in self.caches]
-        # the mask the model would build, (B, 1, 1, end), handed down as floats
-        return self.model.hidden_states(tokens, caches, pos, self.additive(attention_mask(pos, 1)))
+        at = torch.tensor(logits_at, device=self.device)
+        return self.model(tokens, caches=caches, input_pos=input_pos, logits_at=at)[0]
 
-    def forward_packed(self, batch):
+    def forward_packed(self, batch, logits_at):
         """
-        Every fed token in one row (1, N): the hidden states (N, C) of them all, sequence by sequence. Token j of
+        Every fed token in one row (1, N): the logits (N', V) at logits_at, indices into the N tokens. Token j of
         sequence i sits at position cached + j of slot i; the mask lets it see that slot's keys up to its position.
         """
-        tokens, rows, positions = [], [], []
+        tokens, rows, input_pos = [], [], []
         for i, (s, fed) in enumerate(batch):
             tokens += fed
             rows += [i] * len(fed)
-            positions += range(s.cached, s.cached + len(fed))
-        rows, positions = torch.tensor(rows, device=self.device), torch.tensor(positions, device=self.device)
+            input_pos += range(s.cached, s.cached + len(fed))
+        rows, input_pos = torch.tensor(rows, device=self.device), torch.tensor([input_pos], device=self.device)
         slots = torch.tensor([s.slot for s, _ in batch], device=self.device)
-        end = int(positions.max()) + 1
+        end = int(input_pos.max()) + 1
         # the keys of all B slots side by side, end positions each: key k is position k % end of row k // end
         key_rows = torch.arange(len(batch), device=self.device).repeat_interleave(end)  # (B * end,)
         key_positions = torch.arange(end, device=self.device).repeat(len(batch))  # (B * end,)
-        mask = (key_rows == rows[:, None]) & (key_positions <= positions[:, None])  # (N, B * end)
-        caches = [PackedCache(c, slots, rows, positions, end) for c in self.caches]
+        mask = (key_rows == rows[:, None]) & (key_positions <= input_pos[0, :, None])  # (N, B * end)
+        caches = [PackedCache(c, slots, rows, end) for c in self.caches]
         tokens = torch.tensor([tokens], device=self.device)  # (1, N)
-        return self.model.hidden_states(tokens, caches, positions[None], self.additive(mask[None, None]))[0]  # (N, C)
+        at = torch.tensor(logits_at, device=self.device)
+        return self.model(tokens, caches=caches, input_pos=input_pos, mask=mask[None, None], logits_at=at)[0]
 
-    def additive(self, mask):
-        """A mask as the scores' dtype, 0 where True and -inf where False: what the attention kernel adds."""
-        dtype = self.caches[0].k.dtype
-        return torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(~mask, float("-inf"))
-
-    def score_prompt(self, sequence, hidden):
+    def score_prompt(self, sequence, logits, targets, fed):
         """
-        Scores the prompt tokens that follow the chunk a sequence feeds this step, from the chunk's hidden states
-        (n, C): what the model gave each prompt token after the ones before it. Once the prompt is scored to its last
-        token, sequence.on_prompt_scored(prompt_scores).
+        Scores the prompt tokens that follow the chunk a sequence feeds this step, from the logits (n, V) of the
+        chunk's positions before them: what the model gave each prompt token after the ones before it. Once the
+        prompt is scored to its last token, sequence.on_prompt_scored(prompt_scores).
         """
-        start = sequence.cached + 1
-        targets = sequence.prompt[start : start + len(hidden)]
         if targets:
-            log_probs = torch.log_softmax(self.model.lm_head(hidden[: len(targets)]).float(), dim=-1)  # (n, V)
+            log_probs = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
             for row, target in zip(log_probs, targets, strict=True):
                 sequence.prompt_scores.append(score(row, target, sequence.logprobs))
         # the chunk that ends the prompt (whose last position gives the first new token) ends its scores
-        if sequence.cached + len(hidden) >= len(sequence.prompt) and sequence.on_prompt_scored:
+        if sequence.cached + fed >= len(sequence.prompt) and sequence.on_prompt_scored:
             sequence.on_prompt_scored(sequence.prompt_scores)
 
     def log_probs(self, batch, logits):
@@ -398,12 +398,12 @@ def step_seconds(model, rows, steps=10):
 
 def compile_model(model):
     """
-    torch.compile the model's forward pass for the engine: one graph for every batch and length (dynamic shapes).
-    It breaks where model.embed reads the longest position back to check it against the context (.item()), as it
-    must; dynamo's warning about that break would only alarm, so it is silenced.
+    torch.compile the model for the engine, from outside (nn.Module.compile): one graph for every batch and length
+    (dynamic shapes). It breaks where forward reads the longest position back to check it against the context
+    (.item()), as it must; dynamo's warning about that break would only alarm, so it is silenced.
     """
     logging.getLogger("torch._dynamo.variables.tensor").setLevel(logging.ERROR)
-    model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
+    model.compile(dynamic=True)
 
 
 def warm_up(engine):

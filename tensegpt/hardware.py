@@ -65,46 +65,6 @@ def autocast_for(device, dtype):
     return autocast, torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 
 
-def pick_attention(config, model, vocab_size, device, autocast, world_size):
-    """
-    Attention's computation in training, config["attention_kernel"]: 'flash' (PyTorch's fused
-    kernels) or 'math' (model.py's computation written out as matmuls and a softmax, which
-    autograd differentiates). 'auto': flash on GPUs and under torchrun; on a CPU compiled,
-    math (Inductor fuses the written-out computation, and does not fuse the fused kernel's
-    backward: docs/training.md measures it); on a CPU in one process, whichever makes a
-    forward and backward pass of this model on a batch of random tokens faster, the best of
-    two timed passes each after one untimed. On a CPU the fused kernel's backward can be the
-    slower one (small heads, short rows: docs/training.md).
-    """
-    if config["attention_kernel"] != "auto":
-        return config["attention_kernel"]
-    if device != "cpu" or world_size > 1:
-        return "flash"
-    if config["compile"]:
-        return "math"
-    times = {"flash": [], "math": []}
-    # its own random draws: these tokens and dropout here must not shift the training run's
-    with torch.random.fork_rng(devices=[]):
-        idx = torch.randint(vocab_size, (config["batch_size"], config["block_size"]))
-        for _ in range(3):
-            for kernel in times:
-                use_attention(model, kernel)
-                start = time.perf_counter()
-                with autocast:
-                    _, loss = model(idx, idx)
-                loss.backward()
-                times[kernel].append(time.perf_counter() - start)
-    model.zero_grad(set_to_none=True)
-    return min(times, key=lambda kernel: min(times[kernel][1:]))
-
-
-def use_attention(model, kernel):
-    """Sets attention's computation in every layer of model: 'flash' the fused kernels, 'math' written out."""
-    for module in model.modules():
-        if hasattr(module, "flash"):
-            module.flash = kernel == "flash"
-
-
 def compile_now(model, config, vocab_size, device, autocast, say):
     """
     --compile in one process: torch.compile compiles at a module's first call, so that call is made here, a forward
@@ -127,11 +87,9 @@ def compile_now(model, config, vocab_size, device, autocast, say):
                 e = inner
             first_line = (str(e).strip().splitlines() or [""])[0][:200]
             say(f"note: torch.compile failed here ({e.__class__.__name__}: {first_line}); training uncompiled")
-            # back to eager: what nn.Module.compile() set on each compiled module, and the compiled output layer
-            # that distributed.wrap put in place of the GPT's own method, unset
+            # back to eager: what nn.Module.compile() set on each compiled module, unset
             for module in model.modules():
                 module._compiled_call_impl = None
-                module.__dict__.pop("logits_and_loss", None)
             return False
         finally:
             model.zero_grad(set_to_none=True)

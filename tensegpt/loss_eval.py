@@ -24,7 +24,7 @@ def total_nats(model, tokens, block_size, batch_size=8, autocast=nullcontext()):
     """
     was_training = model.training
     model.eval()  # dropout off, and the logits are made (the chunked training loss makes none)
-    device = model.wte.weight.device
+    device = next(model.parameters()).device
     n = len(tokens) - 1  # targets are tokens[1:]
     T = min(block_size, n)
     starts = list(range(0, n - T + 1, max(1, T // 2)))

@@ -7,7 +7,7 @@ GPT-2's weights, a checkpoint to fine-tune or the run to resume, and what a resu
 
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 
 import torch
 
@@ -19,6 +19,8 @@ from tensegpt.runlog import RunLog
 from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
+# the model keys that say how the model computes, not what: the run's own value, whatever the checkpoint's
+HOW_KEYS = {"attention"}
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # init_from: downloaded from the hub
 
 # What each train.py key may do when a run resumes (--init_from=resume). Every key of
@@ -33,7 +35,7 @@ RESUME_FREE = {  # how the run is carried out or reported: the saved state serve
     "log_interval",
     "device",
     "dtype",
-    "attention_kernel",
+    *HOW_KEYS,
     "peak_flops",
     "compile",
     "grad_checkpointing",
@@ -64,8 +66,17 @@ RESUME_MATCH = {  # the saved state is right only for the saved value
     "lora_rank": "the saved adapters have that shape",
     "lora_alpha": "the saved adapters were trained with that scale",
     "lora_targets": "the saved adapters sit on those matrices",
-    **{key: "the saved weights are that model's" for key in MODEL_KEYS},
+    **{key: "the saved weights are that model's" for key in MODEL_KEYS if key not in HOW_KEYS},
 }
+
+
+def with_model_keys(defaults):
+    """train.py's DEFAULTS with every GPTConfig field it does not list (a fork's new one), at GPTConfig's default."""
+    # the declared defaults, not an instance's: __post_init__ fills some fields in (d_ff, n_kv_head)
+    declared = {
+        f.name: f.default if f.default is not MISSING else getattr(GPTConfig(), f.name) for f in fields(GPTConfig)
+    }
+    return {**defaults, **{key: declared[key] for key in MODEL_KEYS if key not in defaults}}
 
 
 def check_train_config(config):
@@ -94,9 +105,10 @@ def check_train_config(config):
         raise UserError(f"optimizer must be 'adamw' or 'muon', got {config['optimizer']!r}")
     if config["dtype"] not in DTYPES:
         raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {config['dtype']!r}")
-    if config["attention_kernel"] not in ("auto", "flash", "math"):
-        raise UserError(f"attention_kernel must be auto, flash or math, got {config['attention_kernel']!r}")
     check_seed(config)
+    # the model keys, before any work (the vocabulary is the data's: any size here)
+    if problems := check_config(GPTConfig(vocab_size=64, **{key: config[key] for key in MODEL_KEYS})):
+        raise UserError("; ".join(problems))
     if not config["data_dir"]:
         raise UserError("--data_dir is empty: pass the folder prepare.py wrote, --data_dir=DIR")
     check_writable_folder(config["out_dir"], "out_dir")
@@ -152,14 +164,14 @@ def starting_point(config, meta, tokenizer_meta, run, defaults, get_lr):
     if config["init_from"] == "resume":
         path = run.last_path if os.path.exists(run.last_path) else run.best_path
         saved, changes = load_resumable(path, tokenizer_meta, meta, config, defaults)
-        if config["attention_kernel"] == "auto":
-            # the kernel the run was timed to: the other one's numerics differ in the last bits
-            config["attention_kernel"] = saved["train_config"].get("attention_kernel", "auto")
         resuming = f"resuming {path} at iteration {saved['iter_num']} (best val loss {saved['best_val_loss']:.4f})"
         notes = [note for note in [resuming, *changes, schedule_note(saved, config, get_lr)] if note]
         gpt_config, base = checkpoint.gpt_config_of(saved, path), saved.get("base")
     else:
         (gpt_config, saved, base), notes = choose_model(config, meta, tokenizer_meta, run.log.say), []
+    gpt_config = replace(gpt_config, **{key: config[key] for key in HOW_KEYS})
+    if problems := check_config(gpt_config):
+        raise UserError(f"model config: {'; '.join(problems)}")
     return Start(gpt_config, saved, base, lora.check(config, gpt_config, saved), notes)
 
 

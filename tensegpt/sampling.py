@@ -7,6 +7,7 @@ picture drawn, and the /commands of the interactive loop.
 import glob
 import os
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -153,16 +154,31 @@ def read_prompt(start):
 
 @torch.no_grad()
 def attention_weights(model, idx):
-    """Each layer's attention weights for idx (1, T), from attention written out (flash off): [(n_head, T, T)]."""
-    attentions = [block.attn for block in model.blocks]
-    for attn in attentions:
-        attn.flash = False
+    """
+    Each layer's attention weights for idx (1, T): [(n_head, T, T)]. Read by a forward hook on each layer's
+    attn_dropout, which the written-out attention (attention='explicit') hands its weights to; a model that computes
+    attention fused is copied into one that writes it out, with the same weights.
+    """
+    if model.config.attention != "explicit":
+        explicit = type(model)(replace(model.config, attention="explicit")).to(idx.device).eval()
+        explicit.load_state_dict(model.state_dict())
+        model = explicit
+    maps = []
+    hooks = [
+        block.attn.attn_dropout.register_forward_hook(lambda module, args, out: maps.append(args[0][0]))
+        for block in model.blocks
+    ]
     try:
         model(idx)
-        return [attn.weights[0] for attn in attentions]
     finally:
-        for attn in attentions:
-            attn.flash, attn.weights = True, None
+        for hook in hooks:
+            hook.remove()
+    if len(maps) != len(model.blocks):
+        raise UserError(
+            f"--attention: {len(maps)} of {len(model.blocks)} layers handed their weights to attn_dropout; "
+            "model.py's explicit attention must pass its softmax through attn_dropout to be drawn"
+        )
+    return maps
 
 
 def token_label(tokenizer, token):

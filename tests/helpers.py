@@ -167,41 +167,51 @@ def losses(out_dir):
 
 def assert_explicit_attention_is_the_fused_one(model, idx):
     """
-    Attention written out (flash off) gives the fused kernel's hidden states: over a whole
-    sequence, one token after a KV cache, several after it (the mask passed down), and rows
-    of different lengths decoded together (each row's own position).
+    Attention written out (attention='explicit') gives the fused kernel's logits: over a whole
+    sequence, one token after a KV cache, several after it (the mask built from input_pos), and
+    rows of different lengths decoded together (each row's own position, a server's SlotCache).
     """
+    from dataclasses import replace
+
     import torch
 
-    def both(*args, **kwargs):
-        outputs = []
-        for flash in (True, False):
-            for block in model.blocks:
-                block.attn.flash = flash
-            outputs.append(model.hidden_states(*args, **kwargs))
-        for block in model.blocks:
-            block.attn.flash = True
+    twins = []
+    for attention in ("sdpa", "explicit"):
+        twin = type(model)(replace(model.config, attention=attention)).eval()
+        twin.load_state_dict(model.state_dict())
+        twins.append(twin)
+
+    def both(idx, caches=None, input_pos=0):
+        every = torch.arange(idx.numel())
+        outputs = [
+            twin(idx, caches=c, input_pos=input_pos, logits_at=every)[0]
+            for twin, c in zip(twins, caches or (None, None))
+        ]
         torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
-        return outputs[0]
+        return outputs[0].view(*idx.shape, -1)
 
     with torch.no_grad():
         T = idx.size(1)
         full = both(idx)
         for new in (1, 3):
-            caches = model.new_caches(1)
-            model.hidden_states(idx[:, : T - new], caches, pos=0)
-            torch.testing.assert_close(both(idx[:, T - new :], caches, pos=T - new), full[:, T - new :])
+            caches = [twin.new_caches(1) for twin in twins]
+            for twin, c in zip(twins, caches):
+                twin(idx[:, : T - new], caches=c)
+            torch.testing.assert_close(both(idx[:, T - new :], caches, T - new), full[:, T - new :])
         # two rows at different points of the same sequence (a server's batch): row 0 after 4 tokens,
         # row 1 after T - 1, in slots 1 and 0 of a cache that the server's SlotCache reads
         from tensegpt.engine import SlotCache
 
         starts, slots = torch.tensor([4, T - 1]), torch.tensor([1, 0])
-        caches = model.new_caches(2)
-        for start, slot in zip(starts.tolist(), slots.tolist()):
-            alone = model.new_caches(1)
-            model.hidden_states(idx[:, :start], alone, pos=0)
-            for cache, filled in zip(caches, alone):
-                cache.k[slot], cache.v[slot] = filled.k[0], filled.v[0]
+        caches = []
+        for twin in twins:
+            cache = twin.new_caches(2)
+            for start, slot in zip(starts.tolist(), slots.tolist()):
+                alone = twin.new_caches(1)
+                twin(idx[:, :start], caches=alone)
+                for layer, filled in zip(cache, alone):
+                    layer.k[slot], layer.v[slot] = filled.k[0], filled.v[0]
+            caches.append([SlotCache(layer, slots, T) for layer in cache])
         tokens = idx[0, starts][:, None]  # (2, 1)
-        step = both(tokens, [SlotCache(cache, slots, T) for cache in caches], pos=starts)  # (2, 1, C)
+        step = both(tokens, caches, starts[:, None])  # (2, 1, V)
         torch.testing.assert_close(step[:, 0], full[0, starts])

@@ -9,11 +9,10 @@ import pytest
 import torch
 from helpers import ROOT, fails, fine_tune_chat, run_script, talk, torchrun, write_jsonl
 
-from model import GPT, GPTConfig
+from model import GPT, IGNORE, GPTConfig
 from tensegpt import instructions, lora
 from tensegpt import tokenizer as tok
 from tensegpt.chat import CHAT_TOKENS, ChatTokenizer, decode_conversations, read_records
-from tensegpt.chunked_loss import IGNORE, ChunkedLoss
 from tensegpt.common import UserError
 from tensegpt.packing import ChatBatches
 
@@ -161,16 +160,6 @@ def test_batches_hold_whole_conversations_and_count_the_answers_only():
             assert all(p in whole or set(p) == {tokenizer.eot} for p in pieces)  # never a conversation cut
             for target in row_y:  # a target is kept only where the answer is
                 assert target == IGNORE or target in tokenizer.encode("b") + [tokenizer.end]
-
-
-def test_the_chunked_loss_leaves_out_the_ignored_targets_as_cross_entropy_does():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=4096, block_size=16, n_layer=1, n_head=2, n_embd=32))
-    x, y = torch.randint(0, 4096, (2, 16)), torch.randint(0, 4096, (2, 16))
-    y[:, :10] = IGNORE
-    plain = model(x, y)[1]
-    chunked = ChunkedLoss(model)(x, y)[1]
-    assert torch.allclose(plain, chunked, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- fine-tuning and talking
@@ -470,7 +459,7 @@ def test_answers_in_a_batch_are_the_answers_one_at_a_time():
     from tensegpt.decoding import answer, greedy_answers
 
     tokenizer = ChatTokenizer(tok.Char.from_counts({c: 1 for c in "abcdefgh ."}))
-    torch.manual_seed(0)
+    torch.manual_seed(2)  # a random model whose answers differ in text and length
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=16)).eval()
     texts = ["abc def", "h", "gg. a b c d e f", "da", "bad cafe. fed", "e e e"]
     conversations = [[{"role": "user", "content": t}] for t in texts]

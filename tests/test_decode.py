@@ -103,11 +103,11 @@ def test_bytes_per_token_count_every_matrix_once_and_one_embedding_row():
 def test_queries_after_a_cache_see_exactly_the_keys_up_to_their_own_position():
     model = gpt(3, vocab_size=50, block_size=32)
     idx = torch.randint(0, 50, (1, 20), generator=torch.Generator().manual_seed(1))
-    full = model.lm_head(model.hidden_states(idx))
+    full = model(idx, logits_at=torch.arange(20))[0]  # (20, V)
     caches = model.new_caches(1)
-    model.hidden_states(idx[:, :12], caches, pos=0)
-    after = model.lm_head(model.hidden_states(idx[:, 12:], caches, pos=12))  # 8 new positions at once
-    torch.testing.assert_close(after, full[:, 12:], rtol=1e-5, atol=1e-5)
+    model(idx[:, :12], caches=caches)
+    after = model(idx[:, 12:], caches=caches, input_pos=12, logits_at=torch.arange(8))[0]  # 8 new positions at once
+    torch.testing.assert_close(after, full[12:], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("draft_tokens", [1, 3, 6])

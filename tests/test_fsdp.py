@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from helpers import ROOT, losses, run_script, torchrun
 
 from model import GPT, GPTConfig
+from train import DEFAULTS
 
 TINY = os.path.join(ROOT, "config", "tiny.py")
 CONFIG = GPTConfig(
@@ -56,11 +57,11 @@ def test_fsdp_builds_the_same_weights_and_gradients_as_one_process(tmp_path):
     mp.spawn(sharded_gradients, args=(2, str(tmp_path / "rendezvous"), x, y, str(tmp_path / "out.pt")), nprocs=2)
     sharded = torch.load(tmp_path / "out.pt", weights_only=True)
 
-    torch.manual_seed(0)
+    torch.manual_seed(DEFAULTS["seed"])  # what every rank builds from (and one process, seeded at the start)
     reference = GPT(CONFIG)
     reference(x, y)[1].backward()  # the whole global batch in one process
     for name, p in reference.named_parameters():
-        # built on the meta device and filled shard by shard: the very numbers of a whole model
+        # every rank builds the whole model alike and keeps its shard: the very numbers of one process
         assert torch.equal(sharded["weights"][name], p.detach()), name
         # gradients averaged over the ranks, not summed (torch 2.7-2.8 summed them on CPU)
         assert torch.allclose(sharded["grads"][name], p.grad, atol=1e-6, rtol=1e-5), name

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from helpers import assert_explicit_attention_is_the_fused_one
 
 from model import GPT, GPTConfig, filter_logits, sample_next
-from tensegpt.chunked_loss import ChunkedLoss, LinearCrossEntropy, use_chunked_loss
 from tensegpt.optim import configure_optimizers
 from tensegpt.sampling import attention_weights
 
@@ -118,43 +117,32 @@ def test_optimizer_decays_matrices_only():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("n_rows,chunk_rows", [(70, 16), (64, 64), (5, 100)])
-def test_chunked_loss_matches_plain_loss_and_gradients(n_rows, chunk_rows):
-    torch.manual_seed(0)
-    x = torch.randn(n_rows, 32, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(3000, 32, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, 3000, (n_rows,))
-    plain = F.cross_entropy(x @ weight.T, targets)
-    plain_grads = torch.autograd.grad(plain, (x, weight))
-    chunked = LinearCrossEntropy.apply(x, weight, targets, chunk_rows)
-    chunked_grads = torch.autograd.grad(chunked, (x, weight))
-    assert torch.allclose(chunked, plain, rtol=1e-12, atol=1e-12)
-    for a, b in zip(chunked_grads, plain_grads):
-        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_model_with_a_big_vocabulary_trains_on_the_chunked_path_with_the_same_loss_and_gradients(dtype):
+def test_a_big_vocabulary_trains_on_the_chunked_loss_with_the_same_loss_and_gradients(dtype, monkeypatch):
+    import model as model_py
+
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=4096, block_size=16, n_layer=1, n_head=2, n_embd=32))
-    # train.py's choice: chunks only where the logits would pass 256 MB (config/small.py with GPT-2's
-    # vocabulary), the plain loss at nanoGPT's shape and with a compact vocabulary
-    assert use_chunked_loss(50304, 32 * 128) and not use_chunked_loss(50304, 12 * 64)
-    assert not use_chunked_loss(1152, 32 * 128)
     x, y = torch.randint(0, 4096, (4, 16)), torch.randint(0, 4096, (4, 16))
+    y[0, :10] = model_py.IGNORE  # a chat prompt's tokens: not counted either way
     results = []
-    for chunked in (True, False):
+    for limit in (0, model_py.LOGITS_MAX_BYTES):
+        monkeypatch.setattr(model_py, "LOGITS_MAX_BYTES", limit)
         model.zero_grad()
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            logits, loss = (ChunkedLoss(model) if chunked else model)(x, y)
+            logits, loss = model(x, y)
         loss.backward()
-        assert (logits is None) == chunked  # the chunked path never builds the (B, T, V) logits
+        assert (logits is None) == (limit == 0)  # the chunked path never builds the (B, T, V) logits
         results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        every = model(x, logits_at=torch.arange(64))[0]
+        plain = F.cross_entropy(every.float(), y.flatten(), ignore_index=model_py.IGNORE)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert abs(results[0][0] - results[1][0]) < tol
+    assert abs(results[0][0] - results[1][0]) < tol and abs(results[1][0] - plain.item()) < tol
     for a, b in zip(results[0][1], results[1][1]):
         assert torch.allclose(a, b, rtol=tol, atol=tol * 1e-2)
-    assert model(x, y)[0].shape == (4, 16, 4096)  # the model's own forward always makes the logits
+    # GPT-2's vocabulary at config/small.py's shape chunks; nanoGPT's shape and a compact vocabulary do not
+    assert 32 * 128 * 50304 * 4 > model_py.LOGITS_MAX_BYTES >= max(12 * 64 * 50304 * 4, 32 * 128 * 1152 * 4)
 
 
 def test_sampling_draws_from_the_softmax_distribution():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import ROOT, assert_explicit_attention_is_the_fused_one, losses, run_script
 
-from model import GPT, GPTConfig, positions_from, rotary, rotate
+from model import GPT, GPTConfig, positions, rotary, rotate
 from tensegpt.optim import configure_optimizers
 
 SWITCHES = {
@@ -57,13 +57,13 @@ def test_rotary_attention_scores_depend_only_on_relative_position():
         torch.randn(1, 1, 1, 8).expand(1, 1, 12, 8),
         torch.randn(1, 1, 1, 8).expand(1, 1, 12, 8),
     )  # the same vectors everywhere
-    rope = rotary(positions_from(0, 12), 8)
+    rope = rotary(positions(0, 12), 8)
     scores = rotate(q, rope) @ rotate(k, rope).transpose(-2, -1)  # (1, 1, 12, 12)
     for shift in (1, 5):
         assert torch.allclose(scores[0, 0, shift:, shift:], scores[0, 0, :-shift, :-shift], atol=1e-5)
     assert not torch.allclose(scores[0, 0, 0, 1], scores[0, 0, 0, 2])  # but they do depend on it
     # starting at position p is the same as being p places into a longer sequence (the KV cache relies on it)
-    assert torch.allclose(rotate(q[:, :, :5], rotary(positions_from(7, 5), 8)), rotate(q, rope)[:, :, 7:12], atol=1e-6)
+    assert torch.allclose(rotate(q[:, :, :5], rotary(positions(7, 5), 8)), rotate(q, rope)[:, :, 7:12], atol=1e-6)
 
 
 def test_grouped_query_attention_is_multi_head_attention_with_shared_keys_and_values():
