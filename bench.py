@@ -212,12 +212,12 @@ def bench_generation(train_config, vocab_size, block_size, new_tokens, device):
         if position + 1 > block_size:
             continue
         caches = model.new_caches(1)
-        model(torch.randint(0, vocab_size, (1, position), device=device), caches=caches, pos=0)
+        model(torch.randint(0, vocab_size, (1, position), device=device), caches=caches)
         token = torch.zeros((1, 1), dtype=torch.long, device=device)
         times = []
         for _ in range(50):
             start = time.perf_counter()
-            model(token, caches=caches, pos=position)
+            model(token, caches=caches, input_pos=position)
             sync(device)
             times.append(time.perf_counter() - start)
         result[f"ms_per_token_at_{position}"] = 1000 * statistics.median(times)

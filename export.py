@@ -22,7 +22,12 @@ PEFT folder for the base model in --out:
 
     python export.py --ckpt=out-lora/trained.pth --out=hf-base --adapter_out=hf-adapter
 
-Needs the safetensors package (pip install safetensors).
+Before it writes anything, transformers loads the export and must compute the checkpoint's
+own logits (to float32 rounding): a model.py edited into something the architecture does
+not compute (an activation, a soft-cap), or a tensor with no place in it, is refused in a
+line that names it. An output layer of its own (untied) is written as one.
+
+Needs the safetensors and transformers packages (pip install safetensors transformers).
 """
 
 import fnmatch
@@ -33,7 +38,7 @@ import sys
 from tensegpt import checkpoint as ckpt
 from tensegpt import hf_tokenizer, lora
 from tensegpt.common import UserError, atomic_write, check_writable_folder, main_guard, parse_config
-from tensegpt.hf import export_architecture, peft_adapter, to_hf
+from tensegpt.hf import check_logits, export_architecture, peft_adapter, to_hf
 from tensegpt.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256, gpt2_file
 from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 
@@ -73,6 +78,10 @@ def main():
         from safetensors.torch import save
     except ImportError:
         raise UserError("export.py writes safetensors: pip install safetensors") from None
+    try:
+        import transformers  # noqa: F401 - check_logits runs the export through it
+    except ImportError:
+        raise UserError("export.py checks what it writes with transformers: pip install transformers") from None
     checkpoint = ckpt.load(config["ckpt"])
     # gpt_config_of fills in the model keys a checkpoint lacks with GPTConfig's defaults
     model_config = vars(ckpt.gpt_config_of(checkpoint, config["ckpt"]))
@@ -90,10 +99,20 @@ def main():
         raise UserError(
             f"{config['ckpt']} has no LoRA adapters (it was not trained with --lora_rank): leave out --adapter_out"
         )
-    model = ckpt.build_model(checkpoint, config["ckpt"], merge=not separate)
+    model = ckpt.build_model(checkpoint, config["ckpt"], merge=not separate).eval()
     # the base and its adapters apart (PEFT), or one model with the adapters merged in
     weights, adapters = lora.split(model) if separate else (model.state_dict(), None)
-    hf_config, tensors = to_hf(model_config, weights, tokenizer.vocab_size, tokenizer.eot, eos)
+    try:
+        hf_config, tensors = to_hf(model_config, weights, tokenizer.vocab_size, tokenizer.eot, eos)
+    except ValueError as e:
+        raise UserError(f"{config['ckpt']} cannot be exported: {e}; nothing was written") from None
+    # what is written must compute what model.py computes: transformers, the library that reads it, says
+    base = model
+    if separate:
+        base = type(model)(model.config).eval()
+        base.load_state_dict(weights)
+    if problem := check_logits(base, hf_config, tensors, tokenizer.vocab_size):
+        raise UserError(f"{config['ckpt']} cannot be exported: {problem}; nothing was written")
     if separate:
         adapter_config, adapter_tensors = peft_adapter(model_config, adapters, lora_settings, tokenizer.vocab_size)
 

@@ -108,11 +108,11 @@ def positions(input_pos, T, device=None):
 def attention_mask(input_pos, T, device=None):
     """
     Which keys each of T new queries may see, built once for every layer: (B or 1, 1, T, S) bool, True where a query at
-    position p meets a key at position <= p. None for T tokens from position 0: query i sees keys 0..i, the causal
-    square that the fused kernel knows by itself (training, a first prompt).
+    position p meets a key at position <= p. None where attention's own rule gives that without a mask (see
+    CausalSelfAttention.forward): T tokens from position 0 (training, a first prompt), or one token after a cache.
     """
     if isinstance(input_pos, int):
-        if input_pos == 0:
+        if input_pos == 0 or T == 1:
             return None
         keys = torch.arange(input_pos + T, device=device)  # (S,)
         return (keys <= positions(input_pos, T, device)[..., None])[:, None]  # (1, 1, T, S)
@@ -148,17 +148,21 @@ def rotate(x, rope):
     turn by the angle p * 10000^(-2i/d). A query at p and a key at p' then meet at an angle that depends only on p - p':
     attention sees relative positions. x (B, heads, T, d), rope: rotary(positions, d).
     """
-    d = x.size(-1)
-    cos, sin = (t.to(x.dtype) for t in rope)
+    d, (cos, sin) = x.size(-1), rope
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class RMSNorm(nn.RMSNorm):
     # in bfloat16 (autocast, or a server's bfloat16 weights) normalise in float32, as autocast runs LayerNorm (and as
-    # Llama does); input and gain of one dtype are also the fused kernel's case
+    # Llama does). Written out: on a CPU, F.rms_norm of one token's vector costs several times these few operations
     def forward(self, x):
-        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).type_as(x)
+        if x.dtype != torch.float32:
+            return self(x.float()).type_as(x)
+        weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+        return x * torch.rsqrt(x.square().sum(-1, keepdim=True) / x.size(-1) + self.eps) * weight
 
 
 def make_norm(config, size):
@@ -218,7 +222,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, mask=None, cache=None, input_pos=0, rope=None):
         """
         x (B, T, C) -> (B, T, C). mask: which of the S keys each query may see (attention_mask), True where it may;
-        None: query i sees keys 0..i (the T tokens are the whole sequence). rope: rotary's angles of the T positions.
+        None: the keys are the sequence's own from position 0 and query i sees those up to its own, S - T + i (T == S:
+        the causal square; T == 1: every key). rope: rotary's angles of the T positions.
         """
         B, T, C = x.shape
         kv_size = self.n_kv_head * self.head_size
@@ -233,23 +238,27 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             # the new keys and values join the cached ones: (B, n_kv_head, S, hs)
             k, v = cache.update(input_pos, k, v)
-        if self.n_kv_head != self.n_head:
-            # each key/value head serves n_head / n_kv_head query heads: (B, n_head, S, hs)
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        # grouped-query attention: each key/value head serves n_head / n_kv_head consecutive query heads, read in
+        # place (copying the keys out per query head would copy the whole cache every token)
+        S, group = k.size(2), self.n_head // self.n_kv_head
         if self.explicit:
-            # softmax(q k^T / sqrt(hs)) v, where a query may not see a key after it
-            S = k.size(2)
-            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, n_head, T, S)
+            # softmax(q k^T / sqrt(hs)) v, where a query may not see a key after it; the query heads of a group
+            # side by side: (B, n_kv_head, group * T, hs)
+            q = q.reshape(B, self.n_kv_head, group * T, self.head_size)
+            scores = (q @ k.transpose(-2, -1) / math.sqrt(self.head_size)).view(B, self.n_head, T, S)
             if mask is None:
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril()
-            weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)  # (B, n_head, T, S)
             # attn_dropout sees the weights: sample.py --attention draws them from a hook on it
-            y = self.attn_dropout(weights) @ v  # (B, n_head, T, hs)
+            weights = self.attn_dropout(weights).view(B, self.n_kv_head, group * T, S)
+            y = (weights @ v).view(B, self.n_head, T, self.head_size)
         else:
             # the same computation fused, never holding the (T, S) weights; is_causal: the causal square
             dropout = self.attn_dropout.p if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+            causal = mask is None and T > 1
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, enable_gqa=group > 1
+            )
         # the heads side by side again: (B, T, C)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))

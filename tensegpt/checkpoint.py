@@ -29,6 +29,7 @@ import torch
 from model import GPT, GPTConfig
 from tensegpt import lora
 from tensegpt.common import UserError, atomic_write
+from tensegpt.model_check import check_model
 from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 
 # the meta.json fields that make a data folder what it is (the token counts follow from them)
@@ -124,6 +125,7 @@ def build_model(checkpoint, path, merge=True):
         model = GPT(gpt_config_of(checkpoint, path))
         if checkpoint.get("lora"):
             lora.add_adapters(model, checkpoint["lora"])
+        check_fits(model, checkpoint["model"], path)
         model.load_state_dict(checkpoint["model"])
         if checkpoint.get("lora") and merge:
             lora.merge(model)
@@ -138,17 +140,39 @@ def build_model(checkpoint, path, merge=True):
     return model
 
 
+def check_fits(model, state, path):
+    """A UserError naming the tensors where a checkpoint and model.py's GPT (a fork's, say) disagree."""
+    ours = model.state_dict()
+    lacks = [name for name in ours if name not in state]
+    extra = [name for name in state if name not in ours]
+    shapes = [name for name in ours if name in state and ours[name].shape != state[name].shape]
+    problems = []
+    if lacks:
+        problems.append(f"it lacks {', '.join(lacks[:3])}{', ...' if len(lacks) > 3 else ''}, which model.py has")
+    if extra:
+        problems.append(f"it holds {', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}, which model.py has not")
+    for name in shapes[:2]:
+        problems.append(f"its {name} is {tuple(state[name].shape)}, model.py's {tuple(ours[name].shape)}")
+    if problems:
+        raise UserError(
+            f"{path} does not fit this model.py: {'; '.join(problems)} (was model.py edited after training? "
+            "train again, or undo the edit)"
+        )
+
+
 def load_model(path, device="cpu"):
     """(model in eval mode on device, tokenizer, checkpoint) from a trained.pth."""
     checkpoint = load(path, map_location=device)
-    model = build_model(checkpoint, path)
+    model = build_model(checkpoint, path).to(device).eval()
+    # the cached and batched ways of running it give the plain forward's logits (a fork's attention may not)
+    check_model(model)
     try:
         tokenizer = tokenizer_from_meta(checkpoint["tokenizer_meta"])
     except (TypeError, ValueError, KeyError) as e:
         raise UserError(
             f"{path} names a tokenizer this version cannot rebuild ({e.__class__.__name__}: {e}); train again"
         ) from None
-    return model.to(device).eval(), tokenizer, checkpoint
+    return model, tokenizer, checkpoint
 
 
 def optimizer_state_by_name(state, model):

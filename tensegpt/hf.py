@@ -150,9 +150,21 @@ def load_hf(folder, block_size=None, dropout=None):
         state = from_gpt2(hf_state, config) if kind == "gpt2" else from_llama(hf_state, config)
     except KeyError as e:
         raise UserError(f"{folder}: the weights lack {e.args[0]}; is this a {kind} checkpoint?") from None
-    state["lm_head.weight"] = state["wte.weight"]  # tied
+    # the output layer: the embedding (tied), or a matrix of its own (tie_word_embeddings false: Llama's default)
+    tied = hf.get("tie_word_embeddings", kind == "gpt2")
+    untied = hf_state.get("lm_head.weight")
+    state["lm_head.weight"] = state["wte.weight"] if tied or untied is None else untied
     with torch.device("meta"):  # the shapes config.json promises, without allocating a model
-        expected = GPT(config).state_dict()
+        shapes = GPT(config)
+    expected = shapes.state_dict()
+    if not tied and shapes.lm_head.weight is shapes.wte.weight:
+        raise UserError(
+            f"{folder}: its output layer is a matrix of its own (tie_word_embeddings false), but model.py ties it to "
+            "the token embedding: remove the line `self.lm_head.weight = self.wte.weight` in model.py to load it"
+        )
+    for name in expected:
+        if name not in state:
+            raise UserError(f"{folder}: model.py has {name}, which a {kind} model has no place for: nothing loads it")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise UserError(
@@ -195,7 +207,6 @@ def gpt2_config(hf, config_path):
             "scale_attn_weights": (hf.get("scale_attn_weights", True), "true"),
             "scale_attn_by_inverse_layer_idx": (not hf.get("scale_attn_by_inverse_layer_idx", False), "false"),
             "reorder_and_upcast_attn": (not hf.get("reorder_and_upcast_attn", False), "false"),
-            "tie_word_embeddings": (hf.get("tie_word_embeddings", True), "true"),
         },
         hf,
         config_path,
@@ -231,7 +242,6 @@ def llama_config(hf, config_path):
             "rms_norm_eps": (hf.get("rms_norm_eps", 1e-6) == 1e-5, "1e-5"),
             "rope_theta": (theta == 10000.0, "10000"),
             "rope_type": (rope.get("rope_type", "default") == "default" and not hf.get("rope_scaling"), "default"),
-            "tie_word_embeddings": (hf.get("tie_word_embeddings", False), "true (one matrix for input and output)"),
             "head_dim": (hf.get("head_dim") in (None, hf["hidden_size"] // heads), "hidden_size / num_attention_heads"),
             "mlp_bias": (
                 hf.get("mlp_bias", hf.get("attention_bias", False)) == hf.get("attention_bias", False),
@@ -351,17 +361,78 @@ def export_architecture(model_config):
     return (None, "; ".join(problems)) if problems else (target, None)
 
 
+class Reads(dict):
+    """A model's state that remembers which tensors a conversion read: the rest it would drop."""
+
+    def __init__(self, state):
+        super().__init__(state)
+        self.read = set()
+
+    def __getitem__(self, name):
+        self.read.add(name)
+        return super().__getitem__(name)
+
+
 def to_hf(model_config, state, vocab_size, eot, eos):
-    """(config.json dict, tensors by Hugging Face name) of a model.py checkpoint; vocab_size rows are kept."""
+    """
+    (config.json dict, tensors by Hugging Face name) of a model.py checkpoint; vocab_size rows are kept. An output
+    layer of its own (untied) goes out as lm_head.weight; a tensor the conversion has no place for is a ValueError
+    naming it, never dropped.
+    """
     architecture, problem = export_architecture(model_config)
     if problem:
         raise ValueError(problem)
+    state = Reads(state)
     if architecture == "gpt2":
         config, tensors = gpt2_tensors(model_config, state, vocab_size)
     else:
         config, tensors = llama_tensors(model_config, state, vocab_size, qwen3=architecture == "qwen3")
-    config.update(bos_token_id=eot, eos_token_id=eos, tie_word_embeddings=True, torch_dtype="float32")
+    head = dict.get(state, "lm_head.weight")
+    tied = head is None or torch.equal(head, dict.__getitem__(state, "wte.weight"))
+    if not tied:
+        tensors["lm_head.weight"] = state["lm_head.weight"][:vocab_size].float().contiguous()
+    left = sorted(set(state) - state.read - {"lm_head.weight"})
+    if left:
+        shown = ", ".join(f"{name} {tuple(dict.__getitem__(state, name).shape)}" for name in left[:3])
+        raise ValueError(
+            f"{shown}{', ...' if len(left) > 3 else ''} of model.py have no place in a {architecture} model "
+            "(tensegpt/hf.py maps each tensor it knows; a buffer that need not be saved: persistent=False)"
+        )
+    config.update(bos_token_id=eot, eos_token_id=eos, tie_word_embeddings=tied, torch_dtype="float32")
     return config, tensors
+
+
+@torch.no_grad()
+def check_logits(model, hf_config, tensors, vocab_size):
+    """
+    None when transformers, loading the exported config and tensors, computes model's logits (on a probe of random
+    tokens, to float32 rounding: 1e-3 of the largest logit); else what differs, in a line. model: in eval mode.
+    """
+    import transformers
+
+    settings = {key: value for key, value in hf_config.items() if key != "model_type"}
+    config = transformers.AutoConfig.for_model(hf_config["model_type"], **settings)
+    reference = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+    missing, unexpected = reference.load_state_dict(tensors, strict=False)
+    missing = [name for name in missing if not (hf_config["tie_word_embeddings"] and name == "lm_head.weight")]
+    if missing or unexpected:
+        return f"transformers' {type(reference).__name__} expects {missing[:3]} and does not know {unexpected[:3]}"
+    if hf_config["tie_word_embeddings"]:
+        reference.tie_weights()
+    T = min(24, model.config.block_size)
+    idx = torch.randint(vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+    ours = model(idx.to(device), logits_at=torch.arange(T, device=device))[0][:, :vocab_size].float().cpu()
+    theirs = reference(idx).logits[0].float()
+    gap, scale = float((ours - theirs).abs().max()), float(ours.abs().max())
+    if not gap <= 1e-3 * max(1.0, scale):
+        return (
+            f"transformers' {type(reference).__name__} computes other logits than model.py from these weights "
+            f"(largest difference {gap:.3g}, logits up to {scale:.3g}): model.py computes something the "
+            f"{hf_config['model_type']} architecture does not (an activation, a soft-cap, a norm?), "
+            "or tensegpt/hf.py maps a tensor wrongly"
+        )
+    return None
 
 
 def gpt2_tensors(model_config, state, vocab_size):

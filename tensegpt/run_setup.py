@@ -317,11 +317,15 @@ def fine_tuning_start(path, config, meta, tokenizer_meta, say):
         **{**vars(saved), "vocab_size": rows, "block_size": block_size, "dropout": config["dropout"]}
     )
     state = dict(checkpoint.build_model(base, path).state_dict())  # LoRA adapters merged in
-    old, eot = state["wte.weight"], tokenizer_from_meta(tokenizer_meta).eot
+    eot = tokenizer_from_meta(tokenizer_meta).eot
     new_ids = range(tokenizer_from_meta(base["tokenizer_meta"]).vocab_size, meta["vocab_size"])
-    wte = torch.cat([old, old.new_zeros(rows - len(old), old.size(1))])  # more rows, if the ids need them
-    wte[list(new_ids)] = old[eot]
-    state["wte.weight"] = state["lm_head.weight"] = wte  # tied
+    tied = torch.equal(state["wte.weight"], state["lm_head.weight"])
+    for name in ("wte.weight",) if tied else ("wte.weight", "lm_head.weight"):
+        old = state[name]
+        state[name] = torch.cat([old, old.new_zeros(rows - len(old), old.size(1))])  # more rows, if the ids need them
+        state[name][list(new_ids)] = old[eot]
+    if tied:
+        state["lm_head.weight"] = state["wte.weight"]
     if "wpe.weight" in state:
         state["wpe.weight"] = state["wpe.weight"][:block_size]
     say(

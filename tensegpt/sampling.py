@@ -14,6 +14,7 @@ import torch
 from tensegpt.checkpoint import load_model
 from tensegpt.common import UserError, check_output_file, check_seed, pyplot, save_figure
 from tensegpt.decode_weights import PRECISIONS, for_decoding
+from tensegpt.model_check import check_model
 
 HELP = """commands: /temperature X  /top_k N (0 = off)  /top_p X  /greedy (on/off)  /max_new_tokens N
           /num_samples N  /repetition_penalty X  /seed N  /settings  /help  /quit (or Ctrl-D)"""
@@ -112,7 +113,9 @@ def load_sampling_model(config, device):
     from tensegpt.tokenizer import from_meta
 
     folder = config["init_from"][3:]
-    return load_hf(folder).to(device).eval(), from_meta(meta_from_folder(folder))
+    model = load_hf(folder).to(device).eval()
+    check_model(model)
+    return model, from_meta(meta_from_folder(folder))
 
 
 def load_draft(config, tokenizer, device):

@@ -274,7 +274,7 @@ def test_char_and_word_vocabularies_are_refused_saying_why(tmp_path):
             "rope_theta is 500000.0, but model.py implements only 10000",
         ),
         ({"rms_norm_eps": 1e-6}, "rms_norm_eps is 1e-06, but model.py implements only 1e-5"),
-        ({"tie_word_embeddings": False}, "tie_word_embeddings is False, but model.py implements only true"),
+        ({"tie_word_embeddings": False}, "but model.py ties it to the token embedding: remove the line"),
     ],
 )
 def test_a_llama_folder_with_what_model_py_lacks_is_refused(setting, problem, tmp_path):
