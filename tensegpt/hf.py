@@ -383,10 +383,15 @@ def to_hf(model_config, state, vocab_size, eot, eos):
     if problem:
         raise ValueError(problem)
     state = Reads(state)
-    if architecture == "gpt2":
-        config, tensors = gpt2_tensors(model_config, state, vocab_size)
-    else:
-        config, tensors = llama_tensors(model_config, state, vocab_size, qwen3=architecture == "qwen3")
+    try:
+        if architecture == "gpt2":
+            config, tensors = gpt2_tensors(model_config, state, vocab_size)
+        else:
+            config, tensors = llama_tensors(model_config, state, vocab_size, qwen3=architecture == "qwen3")
+    except KeyError as e:
+        raise ValueError(
+            f"model.py has no {e.args[0]}, which a {architecture} model needs (a renamed or removed module?)"
+        ) from None
     head = dict.get(state, "lm_head.weight")
     tied = head is None or torch.equal(head, dict.__getitem__(state, "wte.weight"))
     if not tied:

@@ -19,7 +19,6 @@ TOLERANCE = 1e-3
 CONTRACT = "model.py's contract (at its top): attention stores keys through cache.update(input_pos, k, v) and sees "
 
 
-@torch.inference_mode()
 def check_model(model):
     """Both checks, on random tokens; a UserError naming the first that fails. model: in eval mode."""
     check_cache(model)
@@ -39,6 +38,7 @@ def log_probs_alone(model, tokens):
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
+@torch.inference_mode()
 def check_cache(model):
     T = min(12, model.config.block_size)
     tokens, start = probe(model, T, seed=0), T // 2
@@ -58,6 +58,7 @@ def check_cache(model):
         )
 
 
+@torch.inference_mode()
 def check_engine(model):
     from tensegpt.engine import Engine, Sequence
 
