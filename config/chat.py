@@ -18,3 +18,4 @@ min_lr = 1e-4
 eval_interval = 400
 eval_iters = 20
 log_interval = 50
+attention = "explicit"  # written out: faster than the fused kernel on a CPU at this size (docs/training.md)

@@ -125,7 +125,10 @@ def _check_key(key, defaults, origin):
     if key not in defaults:
         close = difflib.get_close_matches(key, defaults, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(defaults))}"
-        raise UserError(f"unknown config key {key!r} (from {origin}){hint}")
+        script = os.path.basename(sys.argv[0]) or "the script"
+        # where the key list lives: the script's DEFAULTS, and for training every field of model.py's GPTConfig
+        where = "DEFAULTS and model.py's GPTConfig" if "n_layer" in defaults else "DEFAULTS"
+        raise UserError(f"unknown config key {key!r} (from {origin}){hint} (the keys are {script}'s {where})")
 
 
 def _apply(config, defaults, updates, origin):

@@ -415,9 +415,10 @@ def check_logits(model, hf_config, tensors, vocab_size):
     """
     import transformers
 
-    settings = {key: value for key, value in hf_config.items() if key != "model_type"}
+    # torch_dtype: the spelling older transformers read, which newer ones warn about; float32 is the default
+    settings = {key: value for key, value in hf_config.items() if key not in ("model_type", "torch_dtype")}
     config = transformers.AutoConfig.for_model(hf_config["model_type"], **settings)
-    reference = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+    reference = transformers.AutoModelForCausalLM.from_config(config).float().eval()
     missing, unexpected = reference.load_state_dict(tensors, strict=False)
     missing = [name for name in missing if not (hf_config["tie_word_embeddings"] and name == "lm_head.weight")]
     if missing or unexpected:

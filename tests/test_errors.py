@@ -88,7 +88,11 @@ def test_train_split_shorter_than_the_context(data_dir, tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--n_layers=2"], "error: unknown config key 'n_layers' (from --n_layers=2); did you mean n_layer?"),
+        (
+            ["--n_layers=2"],
+            "error: unknown config key 'n_layers' (from --n_layers=2); did you mean n_layer? "
+            "(the keys are train.py's DEFAULTS and model.py's GPTConfig)",
+        ),
         (
             ["--learning_rate=fast"],
             "error: config key learning_rate wants a float, got 'fast' (from --learning_rate=fast)",
