@@ -205,7 +205,8 @@ def check_sampling(body, max_n, vocab_size):
         raise ApiError(400, f"stop must be at most 4 non-empty strings; got {body.stop!r}", "stop")
     bias = {}
     for key, value in (body.logit_bias or {}).items():
-        if not (key.isdigit() and int(key) < vocab_size and -100 <= value <= 100):
+        # ASCII digits only: str.isdigit also takes superscripts and circled digits, which int() refuses
+        if not (key.isascii() and key.isdigit() and int(key) < vocab_size and -100 <= value <= 100):
             message = f"logit_bias maps token ids (0 to {vocab_size - 1}) to -100 ... 100; got {key!r}: {value}"
             raise ApiError(400, message, "logit_bias")
         bias[int(key)] = value

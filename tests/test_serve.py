@@ -558,6 +558,10 @@ def test_bad_requests_get_openai_shaped_errors(chat_server, plain_server):
     assert error_of(httpx.get(url, timeout=30), 405)
     e = error_of(post(chat_server, "/v1/chat/completions", {"messages": hi, "logit_bias": {"99999": 5}}), 400)
     assert e["param"] == "logit_bias" and "'99999'" in e["message"]
+    # digits str.isdigit accepts and int() refuses (superscripts, circled digits): a 400, not a 500
+    for key in ("\u00b2", "\u2460", "1\u00b2"):
+        e = error_of(post(chat_server, "/v1/chat/completions", {"messages": hi, "logit_bias": {key: 5}}), 400)
+        assert e["param"] == "logit_bias" and repr(key) in e["message"]
     e = error_of(post(plain_server, "/v1/completions", {"prompt": [1, 99999]}), 400)
     assert e["param"] == "prompt" and "99999" in e["message"]
     # the id named is the one outside, not the largest
