@@ -39,6 +39,7 @@ ATTENTIONS = ("sdpa", "explicit")
 IGNORE = -100  # a target the loss leaves out (a chat prompt's tokens): F.cross_entropy's ignore_index
 # the loss over (rows, V) logits bigger than this runs in chunks, each recomputed in backward (GPT-2's vocabulary)
 LOGITS_MAX_BYTES = 256 << 20
+CHUNK_LOGITS = 3 << 20  # logits in each of those chunks: 12 MB in float32, about what stays in a CPU's cache
 
 
 @dataclass
@@ -105,19 +106,17 @@ def positions(input_pos, T, device=None):
     return input_pos
 
 
-def attention_mask(input_pos, T, device=None):
+def attention_mask(input_pos, queries, end):
     """
-    Which keys each of T new queries may see, built once for every layer: (B or 1, 1, T, S) bool, True where a query at
-    position p meets a key at position <= p. None where attention's own rule gives that without a mask (see
-    CausalSelfAttention.forward): T tokens from position 0 (training, a first prompt), or one token after a cache.
+    Which of the keys 0..end-1 each new query may see, built once for every layer: (B or 1, 1, T, S) bool, True where a
+    query at position p meets a key at position <= p; queries: the positions (B or 1, T) of the new tokens. None where
+    attention's own rule gives that without a mask (see CausalSelfAttention.forward): T tokens from position 0
+    (training, a first prompt), or one token after a cache.
     """
-    if isinstance(input_pos, int):
-        if input_pos == 0 or T == 1:
-            return None
-        keys = torch.arange(input_pos + T, device=device)  # (S,)
-        return (keys <= positions(input_pos, T, device)[..., None])[:, None]  # (1, 1, T, S)
-    keys = torch.arange(int(input_pos.max()) + 1, device=input_pos.device)  # (S,)
-    return (keys <= input_pos[..., None])[:, None]  # (B, 1, T, S)
+    if isinstance(input_pos, int) and (input_pos == 0 or queries.size(1) == 1):
+        return None
+    keys = torch.arange(end, device=queries.device)  # (S,)
+    return (keys <= queries[..., None])[:, None]  # (B or 1, 1, T, S)
 
 
 def angles(positions, d):
@@ -159,10 +158,11 @@ class RMSNorm(nn.RMSNorm):
     # in bfloat16 (autocast, or a server's bfloat16 weights) normalise in float32, as autocast runs LayerNorm (and as
     # Llama does). Written out: on a CPU, F.rms_norm of one token's vector costs several times these few operations
     def forward(self, x):
-        if x.dtype != torch.float32:
-            return self(x.float()).type_as(x)
+        # casts only where a dtype is not float32 already: each is a call of its own per token
+        x32 = x if x.dtype == torch.float32 else x.float()
         weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
-        return x * torch.rsqrt(x.square().sum(-1, keepdim=True) / x.size(-1) + self.eps) * weight
+        y = x32 * torch.rsqrt(x32.square().sum(-1, keepdim=True) / x.size(-1) + self.eps) * weight
+        return y if y.dtype == x.dtype else y.type_as(x)
 
 
 def make_norm(config, size):
@@ -341,24 +341,26 @@ class GPT(nn.Module):
             from a caller that lays its cache out its own way (sequences packed in one row); None: attention_mask.
         """
         T = idx.size(1)
+        # each new token's position (B or 1, T), and how many positions the sequences reach: computed once
+        pos = positions(input_pos, T, idx.device)
         end = input_pos + T if isinstance(input_pos, int) else int(input_pos.max()) + 1
         if end > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens is longer than block_size {self.config.block_size}")
         x = self.wte(idx)  # (B, T, C)
         if self.config.pos_encoding == "learned":
-            x = x + self.wpe(positions(input_pos, T, idx.device))  # (B or 1, T, C)
+            x = x + self.wpe(pos)  # (B or 1, T, C)
         elif self.config.pos_encoding == "sinusoidal":
             # the paper scales embeddings by sqrt(d_model) so the fixed sinusoids don't drown them
-            pe = sinusoidal_positions(positions(input_pos, T, idx.device), self.config.n_embd)
+            pe = sinusoidal_positions(pos, self.config.n_embd)
             x = x * math.sqrt(self.config.n_embd) + pe.to(x.dtype)
         # rotary: no position is added here; attention rotates its queries and keys instead
         x = self.drop(x)
         # what every layer needs of the positions, computed once: which keys each query sees, rotary's angles
         if mask is None:
-            mask = attention_mask(input_pos, T, idx.device)
+            mask = attention_mask(input_pos, pos, end)
         rope = None
         if self.config.pos_encoding == "rotary":
-            rope = rotary(positions(input_pos, T, idx.device), self.config.n_embd // self.config.n_head)
+            rope = rotary(pos, self.config.n_embd // self.config.n_head)
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training:
                 # keep only each block's input; recompute its insides in backward (less memory)
@@ -385,7 +387,7 @@ class GPT(nn.Module):
         # big logits (GPT-2's 50,304 tokens: hundreds of MB a step): a chunk of rows at a time, each chunk's logits
         # made again in backward instead of kept, so that one chunk's at most are ever held
         x, targets = x.flatten(0, 1), targets.flatten()  # (B*T, C), (B*T,)
-        rows, total = max(16, (3 << 20) // self.config.vocab_size), 0.0
+        rows, total = max(16, CHUNK_LOGITS // self.config.vocab_size), 0.0
         for s in range(0, B * T, rows):
             chunk = (x[s : s + rows], targets[s : s + rows])
             total = total + torch.utils.checkpoint.checkpoint(self.summed_loss, *chunk, use_reentrant=False)

@@ -23,7 +23,7 @@ two (docs/serving.md measures it).
 Each sequence samples with its own settings and its own random generator, so its tokens do
 not depend on what else runs beside it; one that asks for logprobs also gets each token's
 log-probability under the model's own distribution (before its settings change the logits),
-and with score_prompt its prompt's, from the hidden states the prefill computes anyway. Each
+and with score_prompt its prompt's, from logits the prefill's forward pass makes beside the others. Each
 sequence reports to its caller through on_token and on_finish. The engine is single-threaded:
 whoever steps it also submits and cancels (serve.py runs it in a process of its own,
 tensegpt/engine_process.py; eval.py in its own loop).

@@ -382,6 +382,9 @@ def to_hf(model_config, state, vocab_size, eot, eos):
     architecture, problem = export_architecture(model_config)
     if problem:
         raise ValueError(problem)
+    # tied: no output layer of its own, or one equal to the embedding (the same tensor, saved twice)
+    tied = "lm_head.weight" not in state or torch.equal(state["lm_head.weight"], state["wte.weight"])
+    shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
     state = Reads(state)
     try:
         if architecture == "gpt2":
@@ -392,13 +395,11 @@ def to_hf(model_config, state, vocab_size, eot, eos):
         raise ValueError(
             f"model.py has no {e.args[0]}, which a {architecture} model needs (a renamed or removed module?)"
         ) from None
-    head = dict.get(state, "lm_head.weight")
-    tied = head is None or torch.equal(head, dict.__getitem__(state, "wte.weight"))
     if not tied:
         tensors["lm_head.weight"] = state["lm_head.weight"][:vocab_size].float().contiguous()
     left = sorted(set(state) - state.read - {"lm_head.weight"})
     if left:
-        shown = ", ".join(f"{name} {tuple(dict.__getitem__(state, name).shape)}" for name in left[:3])
+        shown = ", ".join(f"{name} {shapes[name]}" for name in left[:3])
         raise ValueError(
             f"{shown}{', ...' if len(left) > 3 else ''} of model.py have no place in a {architecture} model "
             "(tensegpt/hf.py maps each tensor it knows; a buffer that need not be saved: persistent=False)"

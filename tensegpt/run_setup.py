@@ -169,9 +169,8 @@ def starting_point(config, meta, tokenizer_meta, run, defaults, get_lr):
         gpt_config, base = checkpoint.gpt_config_of(saved, path), saved.get("base")
     else:
         (gpt_config, saved, base), notes = choose_model(config, meta, tokenizer_meta, run.log.say), []
+    # how it computes is the run's to say (check_train_config checked the values)
     gpt_config = replace(gpt_config, **{key: config[key] for key in HOW_KEYS})
-    if problems := check_config(gpt_config):
-        raise UserError(f"model config: {'; '.join(problems)}")
     return Start(gpt_config, saved, base, lora.check(config, gpt_config, saved), notes)
 
 
@@ -287,11 +286,8 @@ def choose_model(config, meta, tokenizer_meta, say):
     if init.endswith(".pth"):
         gpt_config, state, fresh_from = fine_tuning_start(init, config, meta, tokenizer_meta, say)
         return gpt_config, {"model": state, "fresh_from": fresh_from}, init
-    gpt_config = gpt_config_for(config, meta["vocab_size"])
-    problems = check_config(gpt_config)
-    if problems:
-        raise UserError("; ".join(problems))
-    return gpt_config, None, None
+    # its model keys were checked before any work (check_train_config)
+    return gpt_config_for(config, meta["vocab_size"]), None, None
 
 
 def fine_tuning_start(path, config, meta, tokenizer_meta, say):
