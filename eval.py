@@ -55,6 +55,7 @@ from tensegpt.data import open_split
 from tensegpt.decoding import greedy_answers
 from tensegpt.loss_eval import held_out_loss
 from tensegpt.run_setup import fine_tuning_start
+from tensegpt.sequence import Sampling, SettingError, check_sampling
 from tensegpt.tokenizer import decode_examples, read_meta
 from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 
@@ -82,8 +83,10 @@ def check_options(config):
     for key in ("num_samples", "time_prompts", "max_new_tokens", "probe_per_tense", "batch_size", "chat_samples"):
         if config[key] < 1:
             raise UserError(f"--{key} must be at least 1, got {config[key]}")
-    if config["temperature"] <= 0:
-        raise UserError(f"--temperature must be > 0, got {config['temperature']}")
+    try:
+        check_sampling(Sampling(temperature=config["temperature"]))
+    except SettingError as e:
+        raise UserError(f"--{e}") from None
     check_seed(config)
     if config["picture"]:
         check_output_file(config["picture"], "picture", {"png"})
@@ -183,7 +186,9 @@ def complete(model, tokenizer, groups, config, device):
     texts = []
     for group in groups:
         rows = [[tokenizer.eot] + tokenizer.encode(p) for p in group]
-        sampling = {"temperature": config["temperature"], "stop_token": tokenizer.eot, "generator": generator}
+        greedy = Sampling(temperature=config["temperature"]).greedy()
+        sampling = {"temperature": config["temperature"], "greedy": greedy, "stop_token": tokenizer.eot,
+                    "generator": generator}  # fmt: skip
         out = model.generate(torch.tensor(rows, device=device), config["max_new_tokens"], **sampling)
         for prompt_ids, row in zip(rows, out[:, len(rows[0]) :].tolist()):
             row = row[: row.index(tokenizer.eot)] if tokenizer.eot in row else row

@@ -492,6 +492,8 @@ def filter_logits(logits, top_k=None, top_p=None):
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = torch.softmax(sorted_logits, dim=-1)
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p  # the tokens before it already reach top_p
+        # the top token stays even when top_p rounds to 0 in the logits' dtype
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits[drop] = float("-inf")
     return logits

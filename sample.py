@@ -27,7 +27,7 @@ import torch
 from tensegpt.common import main_guard, parse_config, pick_device
 from tensegpt.decode_weights import for_decoding
 from tensegpt.decoding import answer, beam_search, speculative_stream
-from tensegpt.sampling import (
+from tensegpt.sample_setup import (
     Printer,
     attention_weights,
     check_chat_model,
@@ -39,6 +39,7 @@ from tensegpt.sampling import (
     read_prompt,
     report_drafts,
     run_command,
+    sampling_of,
     token_label,
 )
 
@@ -48,12 +49,12 @@ DEFAULTS = {
     "start": "",  # the prompt; FILE:path reads it from a file; empty starts a new sentence
     "num_samples": 3,  # how many continuations
     "max_new_tokens": 100,  # the most tokens per continuation
-    "temperature": 0.8,  # < 1 sharper, > 1 flatter
-    "top_k": None,  # keep only the k most likely tokens
+    "temperature": 0.8,  # < 1 sharper, > 1 flatter, 0 to 2 (0: the most likely token)
+    "top_k": None,  # keep only the k most likely tokens (None or 0: every token)
     "top_p": 1.0,  # keep the smallest set of likely tokens whose probability reaches top_p
     "greedy": False,  # always the most likely token (temperature, top_k, top_p unused)
-    "repetition_penalty": 1.0,  # > 1 makes tokens already in the text less likely
-    "seed": 1337,  # the same seed gives the same text (0 to 2**32 - 1)
+    "repetition_penalty": 1.0,  # > 1 makes tokens already in the text less likely (0.01 to 100)
+    "seed": 1337,  # the same seed gives the same text (0 to 2**63 - 1)
     "device": "auto",  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
     "stream": None,  # print tokens as they come; None: when writing to a terminal
     "temperatures": None,  # e.g. 0.2,0.8,1.2: the same prompt at each temperature, side by side
@@ -112,8 +113,10 @@ class Sampler:
     def settings(self, temperature=None):
         """The sampling settings generate_stream takes."""
         c = self.config
-        settings = {key: c[key] for key in ("top_k", "top_p", "greedy", "repetition_penalty")}
-        return {**settings, "temperature": temperature or c["temperature"], "generator": self.generator}
+        sampling = sampling_of(c, temperature)
+        chosen = dict(temperature=sampling.temperature, top_k=sampling.kept(), top_p=sampling.top_p)
+        return chosen | dict(greedy=sampling.greedy(), repetition_penalty=sampling.repetition_penalty,
+                             generator=self.generator)  # fmt: skip
 
     def generate(self, idx, max_new_tokens, **settings):
         """The new ids one at a time: from the model alone, or as drafts it checked (--draft)."""

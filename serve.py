@@ -27,26 +27,29 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 
 from tensegpt.checkpoint import load_model
 from tensegpt.common import UserError, main_guard, parse_config, pick_device
-from tensegpt.engine_process import EngineProcess, model_threads
+from tensegpt.engine_process import EngineGone, EngineProcess, model_threads
 from tensegpt.hardware import DTYPES
-from tensegpt.server import (
-    ApiError,
+from tensegpt.http_checks import (
+    LOOPBACK,
     BodyLimit,
+    LocalOnly,
+    ReadsJson,
+    check_key,
+    check_port,
+    host_name,
+    install_errors,
+    origins_pattern,
+)
+from tensegpt.openai_api import (
+    ApiError,
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
     Generation,
-    ReadsJson,
     TokenizeRequest,
-    check_key,
-    check_port,
-    check_sampling,
     check_token_ids,
-    finish_unless_disconnected,
-    install_errors,
-    logprobs_field,
-    requested_logprobs,
-    sse,
+    sequences_of,
+    stop_strings,
 )
 
 DEFAULTS = {
@@ -54,16 +57,19 @@ DEFAULTS = {
     "host": "127.0.0.1",  # the address to listen on; 0.0.0.0 opens it to the network
     "port": 8000,  # the port to listen on
     "model_name": "",  # the name clients ask for; empty: the checkpoint's folder (out-chat)
-    "api_key": "",  # required as 'Authorization: Bearer KEY' on /v1; empty: $TENSEGPT_API_KEY, or none
+    # required on /v1 as 'Authorization: Bearer KEY' or 'X-Api-Key: KEY'; empty: $TENSEGPT_API_KEY, or none
+    "api_key": "",
     "max_batch": 16,  # sequences decoded together (the KV cache's rows)
     "max_queue": 64,  # requests waiting for a row; beyond that the server answers 503
     "prefill_chunk": 256,  # prompt positions run per step: a long prompt waits, the others keep decoding
     "max_body_bytes": 1_000_000,  # a larger request body is refused (413)
-    "cors_origins": "*",  # web pages of these origins (comma-separated) may call the API (vLLM's default); empty: none
+    # web pages of these origins (comma-separated) may call the API; 'local': this machine's, any port; '*': any page
+    "cors_origins": "local",
     "device": "auto",  # 'auto', 'cpu', 'cuda', 'mps'
     "threads": 0,  # torch's threads for the model; 0: one core fewer than torch's default, the other for HTTP
     "dtype": "auto",  # the weights' and cache's: 'float32', 'bfloat16', 'float16' (CUDA); 'auto': the faster, timed
     "seed": 1337,  # the draws of requests that give no seed of their own
+    "shutdown_timeout": 10.0,  # seconds SIGTERM waits for requests in flight before it closes them
     "compile": False,  # torch.compile the model: about a minute more at start, then faster steps (docs/serving.md)
 }
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tensegpt", "chat_page.html")
@@ -72,21 +78,36 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tensegpt", "cha
 # ----------------------------------------------------------------------------- the routes
 
 
-def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_body_bytes=1_000_000, cors_origins="*"):
+def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_body_bytes=1_000_000,
+             cors_origins="local", loopback=True):  # fmt: skip
+    # each sequence's id -> the Generation it belongs to, until it finishes
+    listening = {}
+
+    def deliver(loop):
+        """The engine's Outputs since the last look, each to its request's generation."""
+        for output in engine.step():
+            generation = listening.pop(output.id) if output.finish else listening.get(output.id)
+            if generation is not None:
+                generation.put(output)
+        if engine.gone:
+            loop.remove_reader(engine.fileno())
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        # the engine's tokens are read on this event loop, as they come
-        engine.watch(asyncio.get_running_loop())
+        # the engine's outputs are read on this event loop, as they come
+        loop = asyncio.get_running_loop()
+        loop.add_reader(engine.fileno(), deliver, loop)
         yield
 
     app = FastAPI(title="tense-gpt", docs_url=None, redoc_url=None, lifespan=lifespan)
     install_errors(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(ReadsJson)
-    if cors_origins:
-        # web apps on other origins (a chat UI on another port) may call the API, as vLLM and llama.cpp allow
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins.split(","), allow_methods=["*"],
-                           allow_headers=["*"])  # fmt: skip
+    # web apps of the origins allowed (a chat UI on another port of this machine, by default) may call the API
+    origins = origins_pattern(cors_origins)
+    app.add_middleware(CORSMiddleware, allow_origin_regex=origins, allow_methods=["*"], allow_headers=["*"])
+    # added last, so it runs first: pages of other origins, and other hosts' names on loopback, are refused
+    app.add_middleware(LocalOnly, origins=origins, loopback=loopback)
 
     # async: a plain def would run in a worker thread, a hop per request
     async def authorized(request: Request):
@@ -121,7 +142,7 @@ def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_bo
         if not is_chat:
             raise ApiError(400, f"{name} has no chat template (it was not fine-tuned to chat): use /v1/completions")
         prompt = chat_prompt(body.messages)
-        return await respond(body, request, [prompt], "messages", stop_tokens={tokenizer.end, tokenizer.eot})
+        return await respond(body, request, [prompt], {tokenizer.end, tokenizer.eot})
 
     def chat_prompt(messages):
         """The chat template's tokens for messages, up to the assistant's turn."""
@@ -140,7 +161,7 @@ def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_bo
         prompts = [tokenizer.encode(p) or [tokenizer.eot] if isinstance(p, str) else p for p in sent]
         # echo: each choice's text starts with its prompt as sent (a tokenizer may not give a text back unchanged)
         echoes = [(p if isinstance(p, str) else tokenizer.decode(p)) if body.echo else "" for p in sent]
-        return await respond(body, request, prompts, "prompt", stop_tokens={tokenizer.eot}, echoes=echoes)
+        return await respond(body, request, prompts, {tokenizer.eot}, echoes)
 
     def prompt_list(prompt):
         """The prompts of /v1/completions as a list of texts and token-id lists: a text, several, ids, or several."""
@@ -151,90 +172,21 @@ def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_bo
         check_token_ids([i for p in prompts if isinstance(p, list) for i in p], vocab_size, "prompt")
         return prompts
 
-    async def respond(body, request, prompts, prompt_param, stop_tokens, echoes=None):
-        """Checks the request against the context, generates, and answers whole or as a stream."""
-        stop, logit_bias = check_sampling(body, engine.max_queue, vocab_size)
-        is_chat_route = prompt_param == "messages"
-        logprobs = requested_logprobs(body, is_chat_route)
-        if len(prompts) * body.n > engine.max_queue:
-            message = (f"{len(prompts)} prompts with n={body.n} are more sequences than one request may start "
-                       f"({engine.max_queue}, --max_queue): send fewer")  # fmt: skip
-            raise ApiError(400, message, prompt_param)
-        longest = max(len(p) for p in prompts)
-        room = block_size - longest
-        if room < 1:
-            message = f"the prompt is {longest} tokens; this model's context is {block_size}: shorten it"
-            raise ApiError(400, message, prompt_param, "context_length_exceeded")
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        if max_tokens is not None and max_tokens > room:
-            message = (
-                f"max_tokens {max_tokens} and the prompt's {longest} tokens are more than this model's context of "
-                f"{block_size}: ask for at most {room}"
-            )
-            raise ApiError(400, message, "max_tokens", "context_length_exceeded")
-        top_k = body.top_k if body.top_k and body.top_k > 0 else None
-        # echo with logprobs: the prompt's tokens are scored too
-        score_prompt = getattr(body, "echo", False) and logprobs is not None
-        settings = dict(temperature=body.temperature, top_k=top_k, top_p=body.top_p, seed=body.seed,
-                        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                        repetition_penalty=body.repetition_penalty, logit_bias=logit_bias or None,
-                        min_tokens=body.min_tokens, logprobs=logprobs, score_prompt=score_prompt)  # fmt: skip
-        # left out, max_tokens is all the context leaves: the engine ends each sequence at the context's end
-        generation = Generation(engine, tokenizer, prompts, body.n, stop, max_tokens=max_tokens or block_size,
-                                stop_tokens=frozenset() if body.ignore_eos else frozenset(stop_tokens),
-                                **settings)  # fmt: skip
+    async def respond(body, request, prompts, stop_tokens, echoes=None):
+        """The request's sequences through the engine, answered whole or as a stream."""
+        sequences = sequences_of(body, prompts, frozenset(stop_tokens), block_size, vocab_size, engine.max_queue)
+        stop = stop_strings(body)
         echoes = [e for e in echoes or [""] * len(prompts) for _ in range(body.n)]
+        chat = isinstance(body, ChatRequest)
+        try:
+            generation = Generation(engine, tokenizer, sequences, body.n, stop, name, chat, echoes)
+        except EngineGone as e:
+            raise ApiError(503, f"{e}: restart the server (its log says why)", kind="server_error") from None
+        listening.update(dict.fromkeys(generation.choice_of, generation))
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            events = stream(generation, is_chat_route, include_usage, echoes, logprobs is not None)
-            return StreamingResponse(events, media_type="text/event-stream")
-        reasons = await finish_unless_disconnected(generation, request)
-        if reasons is None:
-            return None  # the client left
-        if "error" in reasons.values():
-            raise ApiError(500, "the server failed while generating (see its log)", kind="server_error")
-        choices = []
-        for i, text in enumerate(generation.texts):
-            if is_chat_route:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text}})
-            else:
-                choices.append({"index": i, "text": echoes[i] + text})
-            scored = None if logprobs is None else logprobs_field(tokenizer, generation.new_scores(i), is_chat_route)
-            choices[-1] |= {"finish_reason": reasons[i], "logprobs": scored}
-        return envelope(generation, is_chat_route, choices, False) | {"usage": generation.usage()}
-
-    async def stream(generation, is_chat_route, include_usage, echoes, with_logprobs):
-        """Server-sent events: a chunk per piece of text (with logprobs if asked), the finish reasons, [DONE]."""
-        # completions' text_offset: where each choice's next token starts in its text
-        offsets = [0] * len(echoes)
-        # with logprobs the echo waits for the prompt's scores, and goes out with the first piece
-        held = list(echoes) if with_logprobs else [""] * len(echoes)
-        for i in range(len(generation.sequences)):
-            if is_chat_route:
-                first = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                yield sse(envelope(generation, True, [first], True))
-            elif echoes[i] and not held[i]:
-                first = {"index": i, "text": echoes[i], "finish_reason": None, "logprobs": None}
-                yield sse(envelope(generation, False, [first], True))
-        async for i, text, reason in generation.events():
-            text, held[i] = held[i] + text, ""
-            piece = {"delta": {"content": text} if text else {}} if is_chat_route else {"text": text}
-            scored = None
-            if with_logprobs:
-                scored = logprobs_field(tokenizer, generation.new_scores(i), is_chat_route, offsets[i])
-                if not is_chat_route:
-                    offsets[i] += sum(len(token) for token in scored["tokens"])
-            choice = {"index": i, **piece, "finish_reason": reason, "logprobs": scored}
-            yield sse(envelope(generation, is_chat_route, [choice], True))
-        if include_usage:
-            yield sse(envelope(generation, is_chat_route, [], True) | {"usage": generation.usage()})
-        yield sse("[DONE]")
-
-    def envelope(generation, is_chat_route, choices, chunk):
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if is_chat_route else "text_completion"
-        prefix = "chatcmpl-" if is_chat_route else "cmpl-"
-        return {"id": prefix + generation.id, "object": kind, "created": generation.created, "model": name,
-                "choices": choices}  # fmt: skip
+            return StreamingResponse(generation.stream(include_usage), media_type="text/event-stream")
+        return await generation.answer(request.is_disconnected)
 
     # vLLM's /tokenize and /detokenize: what a client counts against the context before it asks
     @app.post("/tokenize", dependencies=keyed)
@@ -269,6 +221,8 @@ def main():
     config = parse_config(DEFAULTS, sys.argv[1:], doc=__doc__)
     if not 1 <= config["port"] <= 65535:
         raise UserError(f"--port must be between 1 and 65535 (got {config['port']})")
+    if not config["shutdown_timeout"] >= 0:
+        raise UserError(f"--shutdown_timeout must be 0 seconds or more (got {config['shutdown_timeout']})")
     if config["threads"] < 0:
         raise UserError(f"--threads must be 0 (auto) or more (got {config['threads']})")
     for key in ("max_batch", "max_queue", "prefill_chunk", "max_body_bytes"):
@@ -293,15 +247,17 @@ def main():
                            prefill_chunk=config["prefill_chunk"], seed=config["seed"],
                            compile=config["compile"])  # fmt: skip
 
+    loopback = host_name(config["host"]) in LOOPBACK
     app = make_app(block_size, vocab_size, tokenizer, engine, name, api_key, config["max_body_bytes"],
-                   config["cors_origins"])  # fmt: skip
+                   config["cors_origins"], loopback)  # fmt: skip
     kind = "chat" if hasattr(tokenizer, "end") else "completions"
     print(f"serving {name} ({kind}; {engine.dtype}, {engine.threads} torch threads on {device}) at "
           f"http://{config['host']}:{config['port']} (the page at /, the API at /v1)", flush=True)  # fmt: skip
-    # SIGTERM: uvicorn stops accepting, lets the streams in flight end, and returns; we then exit 0
+    # SIGTERM: uvicorn stops accepting, lets the requests in flight end (for --shutdown_timeout at most), and returns
     signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        uvicorn.run(app, host=config["host"], port=config["port"], log_level="info")
+        uvicorn.run(app, host=config["host"], port=config["port"], log_level="info",
+                    timeout_graceful_shutdown=config["shutdown_timeout"])  # fmt: skip
     finally:
         # also when uvicorn exits on an error: the engine's process ignores SIGTERM, so it must be told
         engine.stop()

@@ -26,8 +26,9 @@ import torch
 
 from tensegpt import checkpoint, distributed, lora, run_setup
 from tensegpt.common import parse_config
+from tensegpt.compiling import compile_now
 from tensegpt.data import open_splits
-from tensegpt.hardware import autocast_for, compile_now, measure_peak_flops
+from tensegpt.hardware import autocast_for, measure_peak_flops
 from tensegpt.optim import configure_optimizers
 from tensegpt.packing import ChatBatches
 from tensegpt.runlog import format_seconds

@@ -20,7 +20,7 @@ from tensegpt.checkpoint import load_model
 from tensegpt.decode_weights import PRECISIONS, for_decoding, weight_bytes_per_token
 from tensegpt.decoding import speculative_stream
 from tensegpt.loss_eval import held_out_loss, total_nats
-from tensegpt.sampling import load_draft
+from tensegpt.sample_setup import load_draft
 
 
 def sync(device):

@@ -78,13 +78,13 @@ def greedy_answers(model, tokenizer, conversations, max_new_tokens=60, max_batch
     together by serve.py's batching engine (tensegpt/engine.py) in rows of max_batch. The same
     texts as answer() one at a time, in a fraction of the time (eval.py's exact match).
     """
-    from tensegpt.engine import Engine, Sequence
+    from tensegpt.engine import Engine
+    from tensegpt.sequence import Sampling, Sequence
 
     engine = Engine(model, max_batch=max_batch, max_queue=len(conversations))
-    quiet = dict(on_token=lambda token: None, on_finish=lambda reason: None)
-    end = frozenset({tokenizer.end})
+    end, greedy = frozenset({tokenizer.end}), Sampling(temperature=0)
     sequences = [
-        Sequence(tokenizer.prompt(messages)[-model.config.block_size :], max_new_tokens, end, temperature=0, **quiet)
+        Sequence(tokenizer.prompt(messages)[-model.config.block_size :], max_new_tokens, end, greedy)
         for messages in conversations
     ]
     engine.submit(*sequences)

@@ -85,7 +85,7 @@ def compile_regions(gpt, **options):
     torch.compile (options: its keywords) for training, region by region: each block on its own (regional
     compilation, as torchtitan does: the blocks are alike, so one compiled graph serves them all, in about half the
     time of compiling the whole model; docs/training.md measures it). nn.Module.compile wraps a module from outside;
-    hardware.compile_now undoes it where compiling fails.
+    compiling.compile_now undoes it where compiling fails.
     """
     for block in gpt.blocks:
         block.compile(**options)

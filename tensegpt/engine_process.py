@@ -5,12 +5,12 @@ serve.py's event loop turns every token into HTTP, and the engine's steps are Py
 small model's forward pass is mostly the interpreter's work). In one process the two take
 turns on one interpreter lock, and the server is one busy core however many the machine has
 (docs/serving.md measures it). So the engine runs in a child process, as vLLM's "engine
-core" does, and the server holds a stand-in with the engine's own methods:
+core" does, and the server holds a stand-in with the engine's own five methods:
 
-    server process (its event loop)                        engine process
-    EngineProcess.submit(sequences)  -- ("submit", ...) -->  Engine.submit
-    EngineProcess.cancel(sequence)   -- ("cancel", id)  -->  sequence.cancelled
-    sequence.on_token / on_finish    <-- (steps, events) --  one message a step: [(id, token, reason, scores), ...]
+    server process (its event loop)                          engine process
+    EngineProcess.submit(*sequences)  -- ("submit", [request]) -->  Engine.submit
+    EngineProcess.cancel(sequence)    -- ("cancel", id)        -->  Engine.cancel
+    EngineProcess.step() -> Outputs   <-- (steps, Outputs)     --  Engine.step(), one message a step
 
 The child loads the checkpoint itself (tensors do not cross the pipe, only token ids), picks
 its dtype and threads, and steps while there is work, reading the server's messages between
@@ -18,7 +18,6 @@ steps. It ends when the server says stop or its pipe closes (the server is gone)
 """
 
 import copy
-import itertools
 import multiprocessing
 import signal
 import sys
@@ -27,8 +26,11 @@ import torch
 
 from tensegpt.checkpoint import load_model
 from tensegpt.common import UserError
-from tensegpt.engine import Engine, QueueFull, Sequence, compile_model, step_seconds, warm_up
+from tensegpt.compiling import compile_for_serving
+from tensegpt.engine import Engine, Output, step_seconds, warm_up
 from tensegpt.hardware import pick_dtype
+from tensegpt.scheduler import QueueFull
+from tensegpt.sequence import Sequence
 
 
 def model_threads(requested=0):
@@ -82,73 +84,59 @@ def run_engine(pipe, ckpt, device, dtype, threads, max_batch, prefill_chunk, see
         engine = Engine(model, max_batch, max_queue=float("inf"), prefill_chunk=prefill_chunk)
         if compile:
             # compiled now, on made-up requests, not on the first real ones
-            compile_model(model)
+            compile_for_serving(model)
             warm_up(engine)
     except Exception as e:
         pipe.send(("failed", str(e) if isinstance(e, UserError) else f"{e.__class__.__name__}: {e}"))
         return
     pipe.send(("ready", dtype, torch.get_num_threads()))
 
-    sequences, events = {}, []  # id -> Sequence in flight here; what this step made, for the server
-
-    def finished(id, reason):
-        del sequences[id]
-        events.append((id, None, reason, None))
-
-    def made(id, token):
-        # with logprobs, the token's score goes with it (the engine adds it to scores before telling)
-        sequence = sequences[id]
-        events.append((id, token, None, sequence.scores[-1] if sequence.logprobs is not None else None))
-
-    def prompt_scored(id, scores):
-        # neither a token nor a finish: the prompt's scores (echo with logprobs)
-        events.append((id, None, None, scores))
-
-    def send_events():
-        if events:
-            pipe.send((engine.steps, events))
-            events.clear()
-
+    # id -> Sequence in flight here
+    sequences = {}
     while True:
         # between steps, every message that came; with nothing to do, wait for the next
         while pipe.poll() or not engine.pending():
             try:
                 kind, payload = pipe.recv()
             except EOFError:
-                return  # the server is gone
+                return
             if kind == "stop":
                 return
             if kind == "cancel" and payload in sequences:
                 engine.cancel(sequences[payload])
             elif kind == "submit":
-                for id, settings in payload:
-                    sequences[id] = Sequence(**settings, id=id,
-                                             on_token=lambda token, id=id: made(id, token),
-                                             on_prompt_scored=lambda scores, id=id: prompt_scored(id, scores),
-                                             on_finish=lambda reason, id=id: finished(id, reason))  # fmt: skip
-                engine.submit(*(sequences[id] for id, _ in payload))
-
-        # what the step made goes to the server at once
-        engine.step_or_fail()
-        send_events()
+                new = [Sequence(**request) for request in payload]
+                sequences |= {s.id: s for s in new}
+                engine.submit(*new)
+        outputs = engine.step()
+        for output in outputs:
+            if output.finish:
+                del sequences[output.id]
+        # what the step made goes to the server at once, as plain tuples (a tenth of a dataclass's pickling)
+        if outputs:
+            pipe.send((engine.steps, [tuple(vars(output).values()) for output in outputs]))
 
 
 # ----------------------------------------------------------------------------- the server's stand-in
 
 
+class EngineGone(Exception):
+    pass
+
+
 class EngineProcess:
     """
-    An Engine in a child process, seen from the server: submit, cancel, busy_slots and steps as
-    Engine has them. The server's event loop reads the child's messages as they come (watch) and
-    hands each token and finish to its sequence (appending the token to sequence.tokens first, as
-    the engine does): one thread, so nothing here needs a lock, and a step's tokens cost the loop
-    one wake-up, not one each.
+    An Engine in a child process, seen from the server: submit, cancel, step, pending and busy_slots as Engine has
+    them. step() never waits: it returns the Outputs the child has sent since the last call, applied to the server's
+    own Sequences as Engine.step applies them (their tokens and scores). The server's event loop calls it when
+    fileno() is readable: one thread, so nothing here needs a lock, and a step's tokens cost the loop one wake-up.
     """
 
     def __init__(self, ckpt, device, dtype, threads, max_batch, max_queue, prefill_chunk, seed, compile=False):
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.live = {}  # id -> Sequence submitted and not yet finished
-        self.ids, self.steps, self.stopping, self.gone = itertools.count(), 0, False, False
+        # id -> Sequence submitted and not yet finished
+        self.live = {}
+        self.steps, self.stopping, self.gone = 0, False, False
         # spawn, not fork: a fresh interpreter, not a copy of this one's threads and locks
         context = multiprocessing.get_context("spawn")
         self.pipe, child_end = context.Pipe()
@@ -164,30 +152,27 @@ class EngineProcess:
             raise UserError(f"the engine process could not start: {answer[0]}")
         self.dtype, self.threads = answer
 
-    def watch(self, loop):
-        """From now on the event loop reads the engine's messages whenever there are some (serve.py: at start)."""
-        loop.add_reader(self.pipe.fileno(), self.read, loop)
+    def fileno(self):
+        return self.pipe.fileno()
 
     def submit(self, *sequences):
         """Sends sequences to the engine (all or none); QueueFull when more than max_queue would wait."""
         if self.gone:
-            # the engine died: a new request fails at once
-            for sequence in sequences:
-                sequence.on_finish("error")
-            return
+            raise EngineGone(f"the engine process ended (exit code {self.process.exitcode})")
         # the engine admits them as slots free up: those beyond the slots wait
-        waiting = max(0, len(self.live) - self.max_batch)
         if len(self.live) + len(sequences) - self.max_batch > self.max_queue:
+            waiting = max(0, len(self.live) - self.max_batch)
             raise QueueFull(f"{waiting} requests are waiting (--max_queue={self.max_queue})")
-        for sequence in sequences:
-            sequence.id = next(self.ids)
-            self.live[sequence.id] = sequence
-        self.send(("submit", [(s.id, s.settings()) for s in sequences]))
+        self.live |= {s.id: s for s in sequences}
+        self.send(("submit", [s.request() for s in sequences]))
 
     def cancel(self, sequence):
         sequence.cancelled = True
         if sequence.id in self.live:
             self.send(("cancel", sequence.id))
+
+    def pending(self):
+        return bool(self.live)
 
     def busy_slots(self):
         return min(len(self.live), self.max_batch)
@@ -196,41 +181,43 @@ class EngineProcess:
         try:
             self.pipe.send(message)
         except OSError:
-            pass  # the engine is gone: read() ends every sequence with an error
+            # the engine is gone: step() ends every sequence with an error
+            pass
 
-    def read(self, loop):
-        """The engine's messages that have come, one a step: each token and finish to its sequence's caller."""
+    def step(self):
+        outputs = []
         try:
             while self.pipe.poll():
-                self.steps, events = self.pipe.recv()
-                for id, token, reason, scored in events:
-                    sequence = self.live[id]
-                    if token is None and reason is None:
-                        # the prompt's scores: read with the tokens that follow in the same message
-                        sequence.prompt_scores = scored
-                    elif reason is None:
-                        sequence.tokens.append(token)
-                        if scored is not None:
-                            sequence.scores.append(scored)
-                        sequence.on_token(token)
-                    else:
-                        del self.live[id]
-                        sequence.on_finish(reason)
+                self.steps, sent = self.pipe.recv()
+                outputs += [output for output in (Output(*fields) for fields in sent) if self.apply(output)]
         except (EOFError, OSError):
             # its pipe closes as it dies
-            loop.remove_reader(self.pipe.fileno())
-            self.ended()
+            outputs += [output for output in self.ended() if self.apply(output)]
+        return outputs
+
+    def apply(self, output):
+        """Output to its sequence as Engine.step applies it; False for a sequence that has already ended."""
+        sequence = self.live.get(output.id)
+        if sequence is None:
+            return False
+        if output.prompt_scores is not None:
+            sequence.prompt_scores = output.prompt_scores
+        if output.token is not None:
+            sequence.tokens.append(output.token)
+        if output.score is not None:
+            sequence.scores.append(output.score)
+        if output.finish:
+            del self.live[output.id]
+        return True
 
     def ended(self):
-        """The engine's process is gone: what was in flight ends with an error, and so will every new request."""
+        """The engine's process is gone: what was in flight ends with an error, and every new request is refused."""
         if not self.stopping:
             self.process.join(timeout=5)
             print(f"engine: the engine process ended (exit code {self.process.exitcode}); requests end with an error",
                   file=sys.stderr, flush=True)  # fmt: skip
-        self.gone, in_flight = True, list(self.live.values())
-        self.live.clear()
-        for sequence in in_flight:
-            sequence.on_finish("error")
+        self.gone = True
+        return [Output(id, finish="error") for id in self.live]
 
     def stop(self):
         """Ends the engine process once the server has let its streams finish."""

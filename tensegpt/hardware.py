@@ -1,4 +1,4 @@
-"""What the device can do: its measured matmul peak (for MFU), the dtype to train in, and attention's kernel."""
+"""What the device can do: its measured matmul peak (for MFU), and the dtype to train in."""
 
 import functools
 import time
@@ -63,38 +63,6 @@ def autocast_for(device, dtype):
     device_type = device.split(":")[0]
     autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
     return autocast, torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-
-
-def compile_now(model, config, vocab_size, device, autocast, say):
-    """
-    --compile in one process: torch.compile compiles at a module's first call, so that call is made here, a forward
-    and backward pass on random tokens of a batch's shape. Where it cannot compile (on a CPU, Inductor needs a C++
-    compiler) the run says so in one line and trains uncompiled, rather than failing at its first step. Returns
-    whether the model is compiled; the seconds it took go to say.
-    """
-    start = time.perf_counter()
-    # its own random draws: these tokens and dropout here must not shift the training run's
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.startswith("cuda") else []):
-        # inputs and targets two tensors, as a batch's are: the compiled graph is specialised to that
-        idx, targets = torch.randint(vocab_size, (2, config["batch_size"], config["block_size"])).to(device)
-        try:
-            with autocast:
-                _, loss = model(idx, targets)
-            loss.backward()
-        except Exception as e:
-            # dynamo wraps what failed (a missing compiler, say): name that
-            while (inner := e.__cause__ or getattr(e, "inner_exception", None)) is not None:
-                e = inner
-            first_line = (str(e).strip().splitlines() or [""])[0][:200]
-            say(f"note: torch.compile failed here ({e.__class__.__name__}: {first_line}); training uncompiled")
-            # back to eager: what nn.Module.compile() set on each compiled module, unset
-            for module in model.modules():
-                module._compiled_call_impl = None
-            return False
-        finally:
-            model.zero_grad(set_to_none=True)
-    say(f"compiled in {time.perf_counter() - start:.0f}s")
-    return True
 
 
 def flops_per_token(model):

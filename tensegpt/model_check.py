@@ -60,15 +60,14 @@ def check_cache(model):
 
 @torch.inference_mode()
 def check_engine(model):
-    from tensegpt.engine import Engine, Sequence
+    from tensegpt.engine import Engine
+    from tensegpt.sequence import Sampling, Sequence
 
     block_size = model.config.block_size
     lengths = [n for n in (3, 7, 5) if n + 4 <= block_size] or [1]
     prompts = [probe(model, n, seed=1 + i) for i, n in enumerate(lengths)]
-    quiet = dict(stop_tokens=frozenset(), temperature=0, logprobs=1, on_token=lambda t: None)
-    sequences = [
-        Sequence(p, max_tokens=min(4, block_size - len(p)), on_finish=lambda r: None, **quiet) for p in prompts
-    ]
+    greedy = Sampling(temperature=0)
+    sequences = [Sequence(p, max_tokens=min(4, block_size - len(p)), sampling=greedy, logprobs=1) for p in prompts]
     engine = Engine(model, max_batch=len(sequences), max_queue=len(sequences), prefill_chunk=4)
     # one arrives while the first decodes: steps of rows, and packed steps of prompts beside a decoding row
     engine.submit(sequences[0])

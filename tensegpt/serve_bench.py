@@ -13,7 +13,9 @@ and time between tokens (p50, p95), and the cores kept busy by the server's two 
 (HTTP and the engine) and by the clients (coroutines on one event loop, so that they take
 little from the server). The load test sends a fixed number of requests from concurrent
 clients, mixed streamed and not, some abandoned mid-stream, and checks that each got a
-complete answer or a clear error, the server's memory (both processes) and its log.
+complete answer or a clear error, the server's memory (both processes) and its log; every seventh
+request is hostile (a body cut short, settings out of range or at their edges, another
+origin or Host) and one client stalls halfway through its body throughout.
 --engine_only steps the batching engine in this process, every row decoding, with no HTTP,
 server or clients: the ceiling that batching can reach on this machine. It is a benchmark:
 nothing here asserts a speed.
@@ -22,6 +24,7 @@ nothing here asserts a speed.
 import asyncio
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -38,9 +41,10 @@ sys.path.insert(0, ROOT)
 from model import GPT, GPTConfig  # noqa: E402
 from tensegpt.checkpoint import load_model, save  # noqa: E402
 from tensegpt.common import main_guard, parse_config  # noqa: E402
-from tensegpt.engine import compile_model, step_seconds  # noqa: E402
+from tensegpt.compiling import compile_for_serving  # noqa: E402
+from tensegpt.engine import step_seconds  # noqa: E402
 from tensegpt.engine_process import serving_dtype  # noqa: E402
-from tensegpt.server import check_port  # noqa: E402
+from tensegpt.http_checks import check_port  # noqa: E402
 from tensegpt.tokenizer import GPT2  # noqa: E402
 
 DEFAULTS = {
@@ -118,6 +122,8 @@ async def streamed(session, url, body):
                 chunk["choices"][0].get("delta", {}).get("content") or chunk["choices"][0].get("text")
             ):
                 times.append(time.perf_counter())
+    # an answer with no text (the model ended its turn at once): its first token is its end
+    times = times or [time.perf_counter()]
     return times[0] - start, [b - a for a, b in zip(times, times[1:])], tokens
 
 
@@ -201,13 +207,58 @@ def rss_mb(pid):
     return total
 
 
+def hostile(card, i, max_tokens):
+    """
+    Request i of the load test's hostile clients, as (body bytes, headers, the status it must get): each one a kind
+    of request that once broke a server or its neighbours, or settings at the edge of their ranges, which must work.
+    """
+    body = request_body(card, i, max_tokens, stream=i % 2 == 0)
+    edges = {"temperature": 5e-324, "top_p": 5e-324, "repetition_penalty": 0.01, "presence_penalty": -2,
+             "frequency_penalty": 2, "logit_bias": {"0": 100, "1": -100}, "min_tokens": max_tokens}  # fmt: skip
+    kinds = [
+        (json.dumps(body | edges).encode(), {}, 200),
+        (json.dumps(body)[:20].encode(), {}, 400),
+        (json.dumps(body | {"repetition_penalty": 1e-300}).encode(), {}, 400),
+        (json.dumps(body | {"logit_bias": {"\u00b2": 5}}).encode(), {}, 400),
+        (json.dumps(body | {"temperature": float("nan")}).encode(), {}, 400),
+        (json.dumps(body | {"n": 10**6}).encode(), {}, 400),
+        (json.dumps(body).encode(), {"Origin": "http://evil.example"}, 403),
+        (json.dumps(body).encode(), {"Host": "evil.example"}, 403),
+    ]
+    return kinds[(i // 7) % len(kinds)]
+
+
+def stall(url):
+    """A client that sends half its body, then nothing: the server must go on answering the others."""
+    host, port = url.split("//")[1].split(":")
+    stalled = socket.create_connection((host, int(port)), timeout=10)
+    stalled.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000\r\n\r\n{{".encode())
+    return stalled
+
+
 def load_test(url, card, pid, n_requests, max_tokens, clients=8):
-    """n_requests from `clients` clients: every third not streamed, every fifth abandoned after its first piece."""
+    """
+    n_requests from `clients` clients: every third not streamed, every fifth abandoned after its first piece, every
+    seventh hostile (hostile()), and a client stalled halfway through its body throughout. Every request must get its
+    answer, its refusal, or be abandoned as planned: anything else is an error.
+    """
     path = url + ("/v1/chat/completions" if card["chat"] else "/v1/completions")
-    outcomes = {"complete": 0, "abandoned": 0, "error": 0, "lost": 0}
+    outcomes = {"complete": 0, "abandoned": 0, "refused": 0, "error": 0, "lost": 0}
     memory = [rss_mb(pid)]
 
     async def one(session, i):
+        if i % 7 == 3:
+            data, headers, status = hostile(card, i, max_tokens)
+            async with session.post(path, data=data, headers=headers) as response:
+                if response.status != status:
+                    return "error"
+                text = (await response.read()).decode()
+                if status != 200:
+                    error = json.loads(text).get("error", {})
+                    return "refused" if set(error) == {"message", "type", "param", "code"} else "error"
+                if text.startswith("data: "):
+                    return "complete" if text.rstrip().endswith("data: [DONE]") else "lost"
+                return "complete" if json.loads(text)["choices"][0]["finish_reason"] in ("stop", "length") else "error"
         body = request_body(card, i, max_tokens, stream=i % 3 != 0)
         async with session.post(path, json=body) as response:
             if response.status != 200 or not body["stream"]:
@@ -229,7 +280,11 @@ def load_test(url, card, pid, n_requests, max_tokens, clients=8):
         if sum(outcomes.values()) % 50 == 0:
             memory.append(rss_mb(pid))
 
-    run_clients(clients, n_requests, counted)
+    stalled = stall(url)
+    try:
+        run_clients(clients, n_requests, counted)
+    finally:
+        stalled.close()
     memory.append(rss_mb(pid))
     return {**outcomes, "rss_mb": [round(m) for m in memory]}
 
@@ -252,7 +307,7 @@ def main():
             model.to(getattr(torch, dtype))
             if config["compile"]:
                 # compiled as serve.py compiles it; each row count's untimed first steps compile what it needs
-                compile_model(model)
+                compile_for_serving(model)
             rows = [engine_alone(model, int(c)) for c in config["streams"].split(",")]
             compiled = ", compiled" if config["compile"] else ""
             print(f"the engine alone, {dtype}{compiled}, {torch.get_num_threads()} torch threads")

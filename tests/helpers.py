@@ -200,7 +200,7 @@ def assert_explicit_attention_is_the_fused_one(model, idx):
             torch.testing.assert_close(both(idx[:, T - new :], caches, T - new), full[:, T - new :])
         # two rows at different points of the same sequence (a server's batch): row 0 after 4 tokens,
         # row 1 after T - 1, in slots 1 and 0 of a cache that the server's SlotCache reads
-        from tensegpt.engine import SlotCache
+        from tensegpt.runner import SlotCache
 
         starts, slots = torch.tensor([4, T - 1]), torch.tensor([1, 0])
         caches = []

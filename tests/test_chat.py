@@ -444,7 +444,7 @@ def fails_with_env(*args, cwd, env):
 
 
 def test_the_chat_history_drops_its_oldest_turns_whole_to_fit_the_context():
-    from tensegpt.sampling import fit_history
+    from tensegpt.sample_setup import fit_history
 
     tokenizer = ChatTokenizer(tok.Char.from_counts({c: 1 for c in "abcdefghij ?."}))
     system = [{"role": "system", "content": "abc"}]

@@ -11,7 +11,7 @@ from model import GPT, GPTConfig, next_token_probs
 from tensegpt.common import UserError
 from tensegpt.decode_weights import Int8Linear, TransposedLinear, for_decoding, weight_bytes_per_token
 from tensegpt.decoding import accept_drafts, speculative_stream
-from tensegpt.sampling import check_options
+from tensegpt.sample_setup import check_options
 
 
 def gpt(seed, sharp=1.0, **overrides):

@@ -227,15 +227,15 @@ def test_sample_file_that_is_not_a_checkpoint(tiny_run, tmp_path):
             "error: prompt file missing.txt does not exist (from --start=FILE:missing.txt)",
         ),
         (
-            ["--temperature=0"],
-            "error: --temperature must be > 0 (got 0.0); for the most likely token use --greedy",
+            ["--temperature=-1"],
+            "error: --temperature must be between 0 and 2 (below 1e-5: the most likely token); got -1.0",
         ),
         (
-            ["--top_k=0"],
-            "error: --top_k must be a whole number >= 1 (got 0); leave it out to keep every token",
+            ["--top_k=2.5"],
+            "error: --top_k must be a whole number >= 1 (0 or -1: every token); got 2.5",
         ),
-        (["--top_p=1.5"], "error: --top_p must be in (0, 1] (got 1.5); 1.0 keeps every token"),
-        (["--top_p=0"], "error: --top_p must be in (0, 1] (got 0.0); 1.0 keeps every token"),
+        (["--top_p=1.5"], "error: --top_p must be in (0, 1] (1: every token); got 1.5"),
+        (["--top_p=0"], "error: --top_p must be in (0, 1] (1: every token); got 0.0"),
     ],
 )
 def test_sample_bad_settings(tiny_run, args, message):

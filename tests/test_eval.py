@@ -165,7 +165,10 @@ def test_eval_of_a_model_not_trained_on_tense_txt_skips_the_grammar_with_a_note(
     "args,message",
     [
         (["--num_samples=0"], "error: --num_samples must be at least 1, got 0"),
-        (["--temperature=0"], "error: --temperature must be > 0, got 0.0"),
+        (
+            ["--temperature=3"],
+            "error: --temperature must be between 0 and 2 (below 1e-5: the most likely token); got 3.0",
+        ),
         (["--picture=a.jpg"], "error: --picture=a.jpg: cannot write a .jpg file; use one of .png"),
         (["--ckpt=nope.pth"], "error: no checkpoint at nope.pth"),
     ],

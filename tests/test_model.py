@@ -9,7 +9,7 @@ from helpers import assert_explicit_attention_is_the_fused_one
 
 from model import GPT, GPTConfig, filter_logits, sample_next
 from tensegpt.optim import configure_optimizers
-from tensegpt.sampling import attention_weights
+from tensegpt.sample_setup import attention_weights
 
 
 def tiny_config(**overrides):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import prepare
 from tensegpt import tokenizer as tok
 from tensegpt.common import UserError, one_line, parse_config
+from tensegpt.sequence import Sampling
 from train import DEFAULTS as TRAIN_DEFAULTS
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -152,3 +153,75 @@ def test_text_that_prepares_round_trips(tmp_path_factory, lines, kind):
         starts = [0] + [i + 1 for i, t in enumerate(ids) if t == tokenizer.eot]
         decoded += [tokenizer.decode(ids[s : e - 1]) for s, e in zip(starts, starts[1:])]
     assert decoded == lines
+
+
+# ----------------------------------------------------------------------------- the sampling settings a server takes
+
+
+def in_range():
+    """Sampling settings anywhere inside the ranges check_sampling allows, their edges and subnormals included."""
+    edges = lambda lo, hi: st.one_of(st.floats(lo, hi), st.sampled_from([lo, hi, 5e-324, 1e-300, 1e-5]).filter(
+        lambda x: lo <= x <= hi))  # fmt: skip
+    return st.builds(
+        Sampling,
+        temperature=edges(0.0, 2.0),
+        top_k=st.one_of(st.none(), st.integers(-1, 80)),
+        top_p=edges(0.0, 1.0).filter(lambda p: p > 0),
+        seed=st.one_of(st.none(), st.integers(0, 2**63 - 1)),
+        presence_penalty=edges(-2.0, 2.0),
+        frequency_penalty=edges(-2.0, 2.0),
+        repetition_penalty=edges(0.01, 100.0),
+        logit_bias=st.one_of(st.none(), st.dictionaries(st.integers(0, 63), edges(-100.0, 100.0), max_size=6)),
+        min_tokens=st.integers(0, 4),
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(in_range(), min_size=1, max_size=4), st.integers(0, 2**32 - 1),
+       st.sampled_from(["float32", "bfloat16"]), st.floats(0.1, 1e4))  # fmt: skip
+def test_every_setting_in_range_samples_a_token_beside_any_other(settings_, seed, dtype, scale):
+    # a request the validator lets in never breaks the step it shares with other clients' requests
+    import torch
+
+    from tensegpt import sampler
+    from tensegpt.sequence import Sequence, check_sampling
+
+    generator = torch.Generator().manual_seed(seed)
+    sequences = []
+    for s in settings_:
+        check_sampling(s, 64, max_tokens=8)
+        sequences.append(Sequence([1, 2, 3], 8, frozenset({0, 5}), s, tokens=[3, 3, 7][: seed % 4]))
+    logits = (torch.randn(len(sequences), 64, generator=generator) * scale).to(getattr(torch, dtype))
+    tokens = sampler.sample(sequences, logits)
+    for s, token in zip(sequences, tokens):
+        assert 0 <= token < 64
+        if len(s.tokens) < s.sampling.min_tokens:
+            assert token not in s.stop_tokens
+    assert all(lp <= 1e-6 for lp, _ in filter(None, sampler.scores(sequences, logits, tokens)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["temperature", "top_k", "top_p", "seed", "presence_penalty", "frequency_penalty",
+                        "repetition_penalty", "logit_bias", "min_tokens"]), st.data())  # fmt: skip
+def test_a_setting_out_of_its_range_is_refused_by_name(name, data):
+    from tensegpt.sequence import SettingError, check_sampling
+
+    outside = {
+        "temperature": st.one_of(st.floats(max_value=-1e-300), st.floats(min_value=2.0000001), st.just(float("nan"))),
+        "top_k": st.one_of(st.integers(max_value=-2), st.floats(0.5, 9.5).filter(lambda k: k != int(k))),
+        "top_p": st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0000001), st.just(float("nan"))),
+        "seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=2**63)),
+        "presence_penalty": st.one_of(st.floats(min_value=2.0000001), st.just(float("inf")), st.just(float("nan"))),
+        "frequency_penalty": st.one_of(st.floats(max_value=-2.0000001), st.just(float("nan"))),
+        "repetition_penalty": st.one_of(st.floats(max_value=0.0099999), st.floats(min_value=100.0001), st.just(0.0)),
+        "logit_bias": st.one_of(
+            st.dictionaries(st.integers(64, 10**6), st.floats(-100, 100), min_size=1),
+            st.dictionaries(st.integers(0, 63), st.floats(min_value=100.001), min_size=1),
+            st.just({3: float("nan")}),
+        ),  # fmt: skip
+        "min_tokens": st.one_of(st.integers(max_value=-1), st.integers(9, 10**6)),
+    }[name]
+    value = data.draw(outside)
+    with pytest.raises(SettingError) as refused:
+        check_sampling(Sampling(**{name: value}), 64, max_tokens=8)
+    assert refused.value.name == name and str(refused.value).startswith(f"{name} m")

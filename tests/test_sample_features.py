@@ -62,7 +62,7 @@ def test_interactive_loop_through_a_pipe(tiny_run):
     assert replies[2:5] == ["temperature = 0.5\n", "top_k = 5\n", "greedy is on\n"]
     assert replies[5].startswith("temperature=0.5, top_k=5, top_p=1.0, greedy=True")
     assert replies[6].startswith("She has")
-    assert replies[7] == "error: temperature must be > 0 (got -1.0); for the most likely token use /greedy\n"
+    assert replies[7] == "error: --temperature must be between 0 and 2 (below 1e-5: the most likely token); got -1.0\n"
     assert replies[8] == "unknown command /bogus; /help lists them\n"
     assert replies[9].startswith("commands: /temperature X")
     assert len(replies) == 11 and "never read" not in result.stdout  # /quit left the loop

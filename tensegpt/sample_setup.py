@@ -12,34 +12,33 @@ from dataclasses import replace
 import torch
 
 from tensegpt.checkpoint import load_model
-from tensegpt.common import UserError, check_output_file, check_seed, pyplot, save_figure
+from tensegpt.common import UserError, check_output_file, pyplot, save_figure
 from tensegpt.decode_weights import PRECISIONS, for_decoding
 from tensegpt.model_check import check_model
+from tensegpt.sequence import Sampling, SettingError
+from tensegpt.sequence import check_sampling as check_sampling_rules
 
 HELP = """commands: /temperature X  /top_k N (0 = off)  /top_p X  /greedy (on/off)  /max_new_tokens N
           /num_samples N  /repetition_penalty X  /seed N  /settings  /help  /quit (or Ctrl-D)"""
 
 
+def sampling_of(config, temperature=None):
+    """sample.py's options as serve.py's requests give them: the engine's Sampling (--greedy is temperature 0)."""
+    temperature = config["temperature"] if temperature is None else temperature
+    given = {key: config[key] for key in ("top_k", "top_p", "seed", "repetition_penalty")}
+    return Sampling(temperature=0.0 if config["greedy"] else temperature, **given)
+
+
 def check_sampling(config):
-    """The sampling settings, checked (also after each change in the interactive loop); changes nothing."""
-    if not config["greedy"] and config["temperature"] <= 0:
-        raise UserError(
-            f"--temperature must be > 0 (got {config['temperature']}); for the most likely token use --greedy"
-        )
-    if config["top_k"] is not None and (
-        not isinstance(config["top_k"], int) or isinstance(config["top_k"], bool) or config["top_k"] < 1
-    ):
-        raise UserError(
-            f"--top_k must be a whole number >= 1 (got {config['top_k']!r}); leave it out to keep every token"
-        )
-    if not 0.0 < config["top_p"] <= 1.0:
-        raise UserError(f"--top_p must be in (0, 1] (got {config['top_p']}); 1.0 keeps every token")
+    """The sampling settings, checked by serve.py's rules (also after each change in the interactive loop)."""
+    try:
+        # the temperature as given, also while --greedy leaves it unused
+        check_sampling_rules(replace(sampling_of(config), temperature=config["temperature"]))
+    except SettingError as e:
+        raise UserError(f"--{e}") from None
     for key in ("num_samples", "max_new_tokens"):
         if config[key] < 1:
             raise UserError(f"--{key} must be at least 1 (got {config[key]})")
-    if config["repetition_penalty"] <= 0:
-        raise UserError(f"--repetition_penalty must be > 0 (got {config['repetition_penalty']}); 1.0 turns it off")
-    check_seed(config)
 
 
 def check_options(config):
@@ -52,12 +51,16 @@ def check_options(config):
     temps = config["temperatures"]
     if temps is not None:
         temps = temps if isinstance(temps, (tuple, list)) else (temps,)
-        if not temps or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in temps):
+        if not temps or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in temps):
             raise UserError(
-                "--temperatures must be numbers > 0 separated by commas, like 0.2,0.8,1.2 "
-                f"(got {config['temperatures']!r})"
+                f"--temperatures must be numbers separated by commas, like 0.2,0.8,1.2 (got {config['temperatures']!r})"
             )
         temps = [float(t) for t in temps]
+        for t in temps:
+            try:
+                check_sampling_rules(sampling_of(config, t))
+            except SettingError as e:
+                raise UserError(f"--temperatures: {e}") from None
     if config["score"] is not None:
         config["score"] = str(config["score"])  # --score=1984 is the text "1984"
         if not config["score"].strip():
@@ -281,8 +284,6 @@ def run_command(sampler, line):
         try:
             number = float(value) if command in ("temperature", "top_p", "repetition_penalty") else int(value)
             c[command] = None if command == "top_k" and number == 0 else number
-            if command == "temperature" and number <= 0:
-                raise UserError(f"temperature must be > 0 (got {number}); for the most likely token use /greedy")
             check_sampling(c)
         except (ValueError, UserError) as e:
             c.update(before)
