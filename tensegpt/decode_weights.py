@@ -76,8 +76,7 @@ def for_decoding(model, precision="float32", layout="fastest"):
     The model, in place, with everything (embeddings, norms, the KV cache it makes) in
     float32 or, for bfloat16 and int8, bfloat16, and every nn.Linear in its decoding form:
     int8 weights, or for float32 and bfloat16 the layout that reads faster here. Which one
-    that is depends on the CPU and the BLAS library (on one 2-core AMD EPYC the transposed
-    output layer read twice as fast, on a 2-core Intel Xeon the (out, in) one was faster),
+    that is depends on the CPU and the BLAS library (docs/performance.md has both measured),
     so layout='fastest' times one generated token in each and keeps the faster;
     'transposed' or 'as_is' choose. A transposed output layer is a copy of its own: the
     embedding table stays for looking up one row per token.
