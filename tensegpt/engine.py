@@ -38,6 +38,8 @@ class Output:
     prompt_scores: list | None = None
     # 'stop', 'length', 'cancelled' or 'error'; with a token: the sequence ended at it
     finish: str | None = None
+    # with 'error': what failed
+    error: str | None = None
 
 
 class Engine:
@@ -82,8 +84,13 @@ class Engine:
         for fed in batch:
             try:
                 outputs += self.run([fed])
-            except Exception:
-                outputs.append(self.end(fed[0], "error"))
+            except Exception as e:
+                cause = f"{e.__class__.__name__}: {e}"
+                print(f"engine: sequence {fed[0].id} failed alone ({cause}); it ends with an error",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                ended = self.end(fed[0], "error")
+                ended.error = cause
+                outputs.append(ended)
         return outputs
 
     def run(self, batch):

@@ -217,7 +217,8 @@ class EngineProcess:
             print(f"engine: the engine process ended (exit code {self.process.exitcode}); requests end with an error",
                   file=sys.stderr, flush=True)  # fmt: skip
         self.gone = True
-        return [Output(id, finish="error") for id in self.live]
+        cause = f"the engine process ended (exit code {self.process.exitcode})"
+        return [Output(id, finish="error", error=cause) for id in self.live]
 
     def stop(self):
         """Ends the engine process once the server has let its streams finish."""

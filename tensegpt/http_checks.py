@@ -77,6 +77,10 @@ def install_errors(app: FastAPI):
     async def http_error(request, e):
         if e.status_code == 404:
             return ApiError(404, f"no route {request.method} {request.url.path}", kind="not_found_error").response()
+        if e.status_code == 400:
+            # FastAPI's own, when its JSON reader gives up (nesting too deep for it, say)
+            message = f"the body is not valid JSON this server can read ({e.detail}): send an object of fields"
+            return ApiError(400, message).response()
         if e.status_code == 405:
             return ApiError(405, f"{request.method} is not allowed on {request.url.path}").response()
         return ApiError(e.status_code, str(e.detail)).response()

@@ -9,6 +9,7 @@ with a request is answered in OpenAI's error shape (tensegpt/http_checks.py inst
 
 import asyncio
 import json
+import sys
 import time
 import uuid
 from dataclasses import fields
@@ -217,6 +218,8 @@ class Generation:
         self.echoes = echoes or [""] * choices
         self.texts, self.shown, self.done = [""] * choices, [0] * choices, [None] * choices
         self.counted, self.scored = [0] * choices, [0] * choices
+        # choice -> what failed, for a choice that ended with an error
+        self.errors = {}
         # echo with logprobs: the prompt's tokens and scores come first in each choice's logprobs
         self.prompt_given = [not s.score_prompt for s in sequences]
         try:
@@ -243,6 +246,10 @@ class Generation:
                     self.counted[choice] += output.token is not None
                     if output.finish:
                         self.done[choice] = "stop" if output.finish == "cancelled" else output.finish
+                    if output.error:
+                        self.errors[choice] = output.error
+                        print(f"request {self.id}: choice {choice} ended with an error ({output.error})",
+                              file=sys.stderr, flush=True)  # fmt: skip
                     changed.add(choice)
                 for choice in sorted(changed):
                     new = self.new_text(choice)
@@ -316,8 +323,8 @@ class Generation:
             if not task.done() and await disconnected():
                 task.cancel()
                 return None
-        if "error" in reasons.values():
-            raise ApiError(500, "the server failed while generating (see its log)", kind="server_error")
+        if self.errors:
+            raise ApiError(500, self.failure(), kind="server_error")
         choices = []
         for i, text in enumerate(self.texts):
             said = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": self.echoes[i] + text}
@@ -346,7 +353,14 @@ class Generation:
             yield sse(self.envelope([{"index": i, **piece, "finish_reason": reason, "logprobs": scored}], True))
         if include_usage:
             yield sse(self.envelope([], True) | {"usage": self.usage()})
+        if self.errors:
+            # what OpenAI's and vLLM's streams send when generation fails midway
+            yield sse({"error": {"message": self.failure(), "type": "server_error", "param": None, "code": None}})
         yield sse("[DONE]")
+
+    def failure(self):
+        choice, cause = next(iter(self.errors.items()))
+        return f"the server failed while generating choice {choice}: {cause} (the server's log has request {self.id})"
 
     def logprobs(self, scored, offset=0):
         """

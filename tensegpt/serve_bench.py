@@ -238,13 +238,28 @@ def stall(url):
 
 def load_test(url, card, pid, n_requests, max_tokens, clients=8):
     """
-    n_requests from `clients` clients: every third not streamed, every fifth abandoned after its first piece, every
-    seventh hostile (hostile()), and a client stalled halfway through its body throughout. Every request must get its
-    answer, its refusal, or be abandoned as planned: anything else is an error.
+    n_requests from `clients` clients: every third not streamed (and its text the one it gets alone), every fifth
+    abandoned after its first piece, every seventh hostile (hostile()), and a client stalled halfway through its body
+    throughout. Every request must get its answer, its refusal, or be abandoned as planned: anything else counts.
     """
     path = url + ("/v1/chat/completions" if card["chat"] else "/v1/completions")
-    outcomes = {"complete": 0, "abandoned": 0, "refused": 0, "error": 0, "lost": 0}
+    outcomes = {"complete": 0, "abandoned": 0, "refused": 0, "error": 0, "lost": 0, "different": 0}
     memory = [rss_mb(pid)]
+    whole = [i for i in range(n_requests) if i % 3 == 0 and i % 7 != 3]
+
+    def text_of(reply):
+        choice = reply["choices"][0]
+        return choice["message"]["content"] if card["chat"] else choice["text"]
+
+    # what each request answered whole gets served alone (seeded, so the same text is due under load)
+    alone = {}
+
+    async def served_alone(session, i):
+        if i in whole:
+            async with session.post(path, json=request_body(card, i, max_tokens, stream=False)) as response:
+                alone[i] = text_of(await response.json())
+
+    run_clients(1, n_requests, served_alone)
 
     async def one(session, i):
         if i % 7 == 3:
@@ -264,6 +279,8 @@ def load_test(url, card, pid, n_requests, max_tokens, clients=8):
             if response.status != 200 or not body["stream"]:
                 reply = await response.json()
                 ok = response.status == 200 and reply["choices"][0]["finish_reason"] in ("stop", "length")
+                if ok and text_of(reply) != alone[i]:
+                    return "different"
                 return "complete" if ok else ("error" if "error" in reply else "lost")
             events = []
             async for line in response.content:

@@ -15,9 +15,11 @@ import threading
 import time
 
 import httpx
+import hypothesis
 import pytest
 import torch
 from helpers import ROOT, fine_tune_chat, run_script
+from hypothesis import strategies as st
 
 from model import GPT, GPTConfig
 from tensegpt import sampler
@@ -591,6 +593,11 @@ def test_bad_requests_get_openai_shaped_errors(chat_server, plain_server):
     for key in ("\u00b2", "\u2460", "1\u00b2"):
         e = error_of(post(chat_server, "/v1/chat/completions", {"messages": hi, "logit_bias": {key: 5}}), 400)
         assert e["param"] == "logit_bias" and repr(key) in e["message"]
+    # nesting deeper than any parser's stack, Unicode digits where numbers go: 400s, not 500s
+    deep = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    reply = httpx.post(plain_server.url + "/v1/completions", content=deep, timeout=30)
+    assert "not valid JSON" in error_of(reply, 400)["message"]
+    assert error_of(post(plain_server, "/v1/completions", {"prompt": "a", "max_tokens": "\u0663"}), 400)
     e = error_of(post(plain_server, "/v1/completions", {"prompt": [1, 99999]}), 400)
     assert e["param"] == "prompt" and "99999" in e["message"]
     # the id named is the one outside, not the largest
@@ -613,6 +620,72 @@ def test_bad_requests_get_openai_shaped_errors(chat_server, plain_server):
     chunked = httpx.post(url, content=iter([json.dumps(big).encode()]), timeout=30,
                          headers={"Content-Type": "application/json"})  # fmt: skip
     assert error_of(chunked, 413)
+
+
+FIELDS = [
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "n",
+    "stream",
+    "stream_options",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "min_tokens",
+    "ignore_eos",
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "user",
+]
+
+
+def json_values():
+    """Any JSON value, the edges of numbers included (the smallest floats, huge ints, NaN and infinities)."""
+    numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**70), 2**70),
+                        st.sampled_from([0, 1, -1, 5e-324, 1e-300, 1e308, 2**63, 0.5, 2]))  # fmt: skip
+    leaves = st.one_of(st.none(), st.booleans(), numbers, st.text(max_size=8))
+    return st.recursive(leaves, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                        st.dictionaries(st.text(max_size=4), inner, max_size=3)), max_leaves=6)  # fmt: skip
+
+
+def test_no_body_gets_a_500_or_breaks_the_server(plain_server, chat_server):
+    # hypothesis drives random bodies of the API's own fields at both servers: each gets an answer or a 4xx in
+    # OpenAI's shape, and the server answers a plain request after them all (a bounded loop: 120 bodies)
+    messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "robot"]),
+                                               "content": st.one_of(st.text(max_size=20), json_values())}),
+                        max_size=3)  # fmt: skip
+    prompts = st.one_of(st.text(max_size=20), st.lists(st.integers(-5, 1200), max_size=5), json_values())
+    fields = st.dictionaries(st.sampled_from(FIELDS), json_values(), max_size=6)
+
+    @hypothesis.settings(max_examples=120, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(fields, messages, prompts, st.booleans())
+    def one(body, chat_messages, prompt, chat):
+        server, path = (chat_server, "/v1/chat/completions") if chat else (plain_server, "/v1/completions")
+        body = {("messages" if chat else "prompt"): chat_messages if chat else prompt, **body}
+        # the fields' values as Python's json writes them, NaN and Infinity included (pydantic reads them)
+        reply = httpx.post(server.url + path, content=json.dumps(body), timeout=60,
+                           headers={"Content-Type": "application/json"})  # fmt: skip
+        assert reply.status_code in (200, 400, 404, 503), (body, reply.status_code, reply.text)
+        if reply.status_code != 200:
+            error_of(reply, reply.status_code)
+        elif reply.text.startswith("data: "):
+            assert reply.text.rstrip().endswith("data: [DONE]") and '"finish_reason": "error"' not in reply.text
+        else:
+            assert all(c["finish_reason"] in ("stop", "length") for c in reply.json()["choices"]), body
+
+    one()
+    for server in (plain_server, chat_server):
+        assert httpx.get(server.url + "/health", timeout=30).json()["busy_slots"] == 0
 
 
 def test_a_json_body_is_read_whatever_content_type_it_declares(plain_server):
@@ -769,13 +842,15 @@ def test_the_serving_benchmark_measures_every_row_and_loses_no_request(chat_ckpt
     # every seventh (3, 10, ..., 59) is hostile: 2 at the edges of the ranges, answered; 7 refused with OpenAI's error
     # (cut JSON, out of range, NaN, a huge n, another origin, another Host); of the others every third is answered
     # whole, and every fifth streamed one (5, 20, 25, 35, 40, 50, 55) hangs up after its first piece; a client stalled
-    # mid-body throughout
-    assert {k: report[k] for k in ("complete", "abandoned", "refused", "error", "lost", "tracebacks_in_log")} == {
+    # mid-body throughout; each answered whole is the text it gets alone
+    keys = ("complete", "abandoned", "refused", "error", "lost", "different", "tracebacks_in_log")
+    assert {k: report[k] for k in keys} == {
         "complete": 46,
         "abandoned": 7,
         "refused": 7,
         "error": 0,
         "lost": 0,
+        "different": 0,
         "tracebacks_in_log": 0,
     }
     engine = bench("--engine_only=True", "--streams=1,2")
@@ -847,6 +922,8 @@ def test_a_failed_step_ends_only_the_sequences_that_fail_alone(trained_model, ca
     engine.submit(*sequences)
     outputs = engine.step()
     assert [(o.id, o.finish) for o in outputs if o.finish] == [(bad.id, "error")]
+    # its Output names the cause, for the request's error
+    assert [o.error for o in outputs if o.finish] == ["RuntimeError: probability tensor contains inf"]
     assert engine.busy_slots() == 2 and bad.slot is None
     assert "engine: a step failed (RuntimeError: probability tensor contains inf)" in capsys.readouterr().err
     # the others go on to their end, each with the tokens it makes alone
