@@ -41,6 +41,7 @@ from tensegpt.http_checks import (
     origins_pattern,
 )
 from tensegpt.openai_api import (
+    END_OF_TEXT,
     ApiError,
     ChatRequest,
     CompletionRequest,
@@ -48,6 +49,7 @@ from tensegpt.openai_api import (
     Generation,
     TokenizeRequest,
     check_token_ids,
+    encode_text,
     sequences_of,
     stop_strings,
 )
@@ -158,7 +160,7 @@ def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_bo
         check_model(body.model)
         sent = prompt_list(body.prompt)
         # an empty text starts a new one, like sample.py's empty --start
-        prompts = [tokenizer.encode(p) or [tokenizer.eot] if isinstance(p, str) else p for p in sent]
+        prompts = [encode_text(tokenizer, p) or [tokenizer.eot] if isinstance(p, str) else p for p in sent]
         # echo: each choice's text starts with its prompt as sent (a tokenizer may not give a text back unchanged)
         echoes = [(p if isinstance(p, str) else tokenizer.decode(p)) if body.echo else "" for p in sent]
         return await respond(body, request, prompts, {tokenizer.eot}, echoes)
@@ -196,8 +198,14 @@ def make_app(block_size, vocab_size, tokenizer, engine, name, api_key="", max_bo
             raise ApiError(400, "send a prompt (a text) or messages (a chat), one of the two", "prompt")
         if body.messages is not None and not is_chat:
             raise ApiError(400, f"{name} has no chat template (it was not fine-tuned to chat): send a prompt")
-        ids = chat_prompt(body.messages) if body.messages is not None else tokenizer.encode(body.prompt)
+        ids = chat_prompt(body.messages) if body.messages is not None else encode_text(tokenizer, body.prompt)
         return {"count": len(ids), "max_model_len": block_size, "tokens": ids}
+
+    # vLLM's: what a client needs to count tokens through /tokenize (lm-evaluation-harness finds it by itself)
+    @app.get("/tokenizer_info", dependencies=keyed)
+    def tokenizer_info():
+        return {"eos_token": END_OF_TEXT, "bos_token": None, "pad_token": None, "model_max_length": block_size,
+                "tokenizer_class": type(tokenizer).__name__, "chat_template": None}  # fmt: skip
 
     @app.post("/detokenize", dependencies=keyed)
     def detokenize(body: DetokenizeRequest):

@@ -38,6 +38,8 @@ class Output:
     prompt_scores: list | None = None
     # 'stop', 'length', 'cancelled' or 'error'; with a token: the sequence ended at it
     finish: str | None = None
+    # ended by a stop token: which (its score, with logprobs, in score)
+    stop_token: int | None = None
     # with 'error': what failed
     error: str | None = None
 
@@ -133,8 +135,14 @@ class Engine:
 
     def emit(self, sequence, token, score):
         """A new token (and its score), or the end on a stop token; at its limit, the token ends it."""
+        if sequence.max_tokens == 0:
+            # echo with max_tokens 0: the prompt scored, nothing made
+            return self.end(sequence, "length")
         if token in sequence.stop_tokens:
-            return self.end(sequence, "stop")
+            sequence.stop_scored = None if score is None else (token, score)
+            ended = self.end(sequence, "stop")
+            ended.stop_token, ended.score = token, score
+            return ended
         sequence.tokens.append(token)
         if score is not None:
             sequence.scores.append(score)

@@ -204,8 +204,10 @@ class EngineProcess:
             sequence.prompt_scores = output.prompt_scores
         if output.token is not None:
             sequence.tokens.append(output.token)
-        if output.score is not None:
-            sequence.scores.append(output.score)
+            if output.score is not None:
+                sequence.scores.append(output.score)
+        elif output.stop_token is not None and output.score is not None:
+            sequence.stop_scored = (output.stop_token, output.score)
         if output.finish:
             del self.live[output.id]
         return True

@@ -115,6 +115,18 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+# the end-of-text marker as text, which a completions prompt may hold (lm-evaluation-harness starts texts with it)
+END_OF_TEXT = "<|endoftext|>"
+
+
+def encode_text(tokenizer, text):
+    """A completions prompt's tokens as vLLM reads it: '<|endoftext|>' in it is the end-of-text token, the rest text."""
+    ids = []
+    for i, part in enumerate(text.split(END_OF_TEXT)):
+        ids += ([tokenizer.eot] if i else []) + tokenizer.encode(part)
+    return ids
+
+
 def check_token_ids(ids, vocab_size, param):
     """Refuses, naming param, token ids outside the vocabulary: the first such id, not the largest."""
     outside = [i for i in ids if not 0 <= i < vocab_size]
@@ -160,9 +172,11 @@ def sequences_of(body, prompts, stop_tokens, block_size, vocab_size, max_queue):
     """
     chat = isinstance(body, ChatRequest)
     prompt_param = "messages" if chat else "prompt"
+    # echo with max_tokens 0 scores the prompt and makes nothing (what evaluation tools send, as vLLM takes it)
+    scores_only = getattr(body, "echo", False) and body.max_tokens == 0 and body.max_completion_tokens is None
     for name, value in (("max_tokens", body.max_tokens), ("max_completion_tokens", body.max_completion_tokens)):
-        if value is not None and value < 1:
-            raise ApiError(400, f"{name} must be at least 1; got {value!r}", name)
+        if value is not None and value < 1 and not scores_only:
+            raise ApiError(400, f"{name} must be at least 1 (0 only with echo); got {value!r}", name)
     if not 1 <= body.n <= max_queue:
         raise ApiError(400, f"n must be between 1 and {max_queue}; got {body.n!r}", "n")
     if len(prompts) * body.n > max_queue:
@@ -183,8 +197,9 @@ def sequences_of(body, prompts, stop_tokens, block_size, vocab_size, max_queue):
     logprobs = requested_logprobs(body, chat)
     seed = sampling.seed
     # left out, max_tokens is all the context leaves: the engine ends each sequence at the context's end
-    given = dict(max_tokens=max_tokens or block_size, stop_tokens=frozenset() if body.ignore_eos else stop_tokens,
-                 logprobs=logprobs, score_prompt=getattr(body, "echo", False) and logprobs is not None)  # fmt: skip
+    given = dict(max_tokens=0 if scores_only else max_tokens or block_size, logprobs=logprobs,
+                 stop_tokens=frozenset() if body.ignore_eos else stop_tokens,
+                 score_prompt=getattr(body, "echo", False) and logprobs is not None)  # fmt: skip
     seeded = [Sampling(**vars(sampling) | {"seed": None if seed is None else (seed + i) % 2**63})
               for i in range(len(prompts) * body.n)]  # fmt: skip
     return [Sequence(p, sampling=s, **given) for p, s in zip((p for p in prompts for _ in range(body.n)), seeded)]
@@ -198,6 +213,10 @@ def stop_strings(body):
 
 
 # ----------------------------------------------------------------------------- one request's generation
+
+
+class StopToken(int):
+    """The id of the stop token that ended a choice, in its logprobs: its text is empty, it is not in the answer."""
 
 
 class Generation:
@@ -292,6 +311,10 @@ class Generation:
         end = min(self.counted[choice], len(sequence.scores))
         self.scored[choice] = max(start, end)
         new = list(zip(sequence.tokens[start:end], sequence.scores[start:end], strict=True))
+        if not self.chat and sequence.stop_scored and self.done[choice] and end == len(sequence.tokens):
+            # the stop token's entry last, as vLLM gives it (evaluation tools drop the last entry as the made token's)
+            stop, score = sequence.stop_scored
+            new, sequence.stop_scored = new + [(StopToken(stop), score)], None
         if not self.prompt_given[choice] and len(sequence.prompt_scores) == len(sequence.prompt) - 1:
             # the prompt's first token has no score: nothing came before it
             prompt = [(sequence.prompt[0], None)] + list(zip(sequence.prompt[1:], sequence.prompt_scores, strict=True))
@@ -370,7 +393,8 @@ class Generation:
         """
 
         def text(token):
-            return self.tokenizer.decode([token])
+            # the stop token's entry adds nothing to the text (it is there for its log-probability)
+            return "" if isinstance(token, StopToken) else self.tokenizer.decode([token])
 
         if self.chat:
 

@@ -97,6 +97,8 @@ class Sequence:
     scores: list = field(default_factory=list)
     # with score_prompt: the same for prompt[1:]
     prompt_scores: list = field(default_factory=list)
+    # with logprobs, ended by a stop token: (that token, its score), as vLLM lists it after the new tokens
+    stop_scored: tuple | None = None
     # positions of prompt + tokens held in the cache, and the cache's row
     cached: int = 0
     slot: int = None
