@@ -12,7 +12,7 @@ import json
 import sys
 import time
 import uuid
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Literal
 
 from fastapi.responses import JSONResponse
@@ -173,7 +173,8 @@ def sequences_of(body, prompts, stop_tokens, block_size, vocab_size, max_queue):
     chat = isinstance(body, ChatRequest)
     prompt_param = "messages" if chat else "prompt"
     # echo with max_tokens 0 scores the prompt and makes nothing (what evaluation tools send, as vLLM takes it)
-    scores_only = getattr(body, "echo", False) and body.max_tokens == 0 and body.max_completion_tokens is None
+    echo = getattr(body, "echo", False)
+    scores_only = echo and body.max_tokens == 0 and body.max_completion_tokens is None
     for name, value in (("max_tokens", body.max_tokens), ("max_completion_tokens", body.max_completion_tokens)):
         if value is not None and value < 1 and not scores_only:
             raise ApiError(400, f"{name} must be at least 1 (0 only with echo); got {value!r}", name)
@@ -195,14 +196,16 @@ def sequences_of(body, prompts, stop_tokens, block_size, vocab_size, max_queue):
         raise ApiError(400, message, "max_tokens", "context_length_exceeded")
     sampling = sampling_of(body, vocab_size, max_tokens)
     logprobs = requested_logprobs(body, chat)
-    seed = sampling.seed
     # left out, max_tokens is all the context leaves: the engine ends each sequence at the context's end
     given = dict(max_tokens=0 if scores_only else max_tokens or block_size, logprobs=logprobs,
                  stop_tokens=frozenset() if body.ignore_eos else stop_tokens,
-                 score_prompt=getattr(body, "echo", False) and logprobs is not None)  # fmt: skip
-    seeded = [Sampling(**vars(sampling) | {"seed": None if seed is None else (seed + i) % 2**63})
-              for i in range(len(prompts) * body.n)]  # fmt: skip
-    return [Sequence(p, sampling=s, **given) for p, s in zip((p for p in prompts for _ in range(body.n)), seeded)]
+                 score_prompt=echo and logprobs is not None)  # fmt: skip
+
+    def seeded(choice):
+        return sampling if sampling.seed is None else replace(sampling, seed=(sampling.seed + choice) % 2**63)
+
+    choices = [p for p in prompts for _ in range(body.n)]
+    return [Sequence(prompt, sampling=seeded(i), **given) for i, prompt in enumerate(choices)]
 
 
 def stop_strings(body):
@@ -241,6 +244,8 @@ class Generation:
         self.errors = {}
         # echo with logprobs: the prompt's tokens and scores come first in each choice's logprobs
         self.prompt_given = [not s.score_prompt for s in sequences]
+        # ended by a stop token, with logprobs: its entry handed out
+        self.stop_given = [False] * choices
         try:
             engine.submit(*sequences)
         except QueueFull as e:
@@ -311,10 +316,11 @@ class Generation:
         end = min(self.counted[choice], len(sequence.scores))
         self.scored[choice] = max(start, end)
         new = list(zip(sequence.tokens[start:end], sequence.scores[start:end], strict=True))
-        if not self.chat and sequence.stop_scored and self.done[choice] and end == len(sequence.tokens):
+        last = self.done[choice] and end == len(sequence.tokens)
+        if not self.chat and sequence.stop_scored and last and not self.stop_given[choice]:
             # the stop token's entry last, as vLLM gives it (evaluation tools drop the last entry as the made token's)
             stop, score = sequence.stop_scored
-            new, sequence.stop_scored = new + [(StopToken(stop), score)], None
+            new, self.stop_given[choice] = new + [(StopToken(stop), score)], True
         if not self.prompt_given[choice] and len(sequence.prompt_scores) == len(sequence.prompt) - 1:
             # the prompt's first token has no score: nothing came before it
             prompt = [(sequence.prompt[0], None)] + list(zip(sequence.prompt[1:], sequence.prompt_scores, strict=True))
