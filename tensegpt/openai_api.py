@@ -317,8 +317,9 @@ class Generation:
         self.scored[choice] = max(start, end)
         new = list(zip(sequence.tokens[start:end], sequence.scores[start:end], strict=True))
         last = self.done[choice] and end == len(sequence.tokens)
-        if not self.chat and sequence.stop_scored and last and not self.stop_given[choice]:
-            # the stop token's entry last, as vLLM gives it (evaluation tools drop the last entry as the made token's)
+        if sequence.stop_scored and last and not self.stop_given[choice]:
+            # the stop token's entry last, as vLLM gives it on both routes (evaluation tools drop the last entry as
+            # the made token's)
             stop, score = sequence.stop_scored
             new, self.stop_given[choice] = new + [(StopToken(stop), score)], True
         if not self.prompt_given[choice] and len(sequence.prompt_scores) == len(sequence.prompt) - 1:
@@ -401,6 +402,9 @@ class Generation:
         def text(token):
             # the stop token's entry adds nothing to the text (it is there for its log-probability)
             return "" if isinstance(token, StopToken) else self.tokenizer.decode([token])
+
+        # among the stop token's alternatives, the stop token itself reads as its entry does
+        scored = [(t, s and (s[0], [(t if i == t else i, p) for i, p in s[1]])) for t, s in scored]
 
         if self.chat:
 

@@ -5,9 +5,13 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+
+import httpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -215,3 +219,43 @@ def assert_explicit_attention_is_the_fused_one(model, idx):
         tokens = idx[0, starts][:, None]  # (2, 1)
         step = both(tokens, caches, starts[:, None])  # (2, 1, V)
         torch.testing.assert_close(step[:, 0], full[0, starts])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """python serve.py on a free loopback port, until stop()."""
+
+    def __init__(self, ckpt, *args, env=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.path.join(os.path.dirname(ckpt), f"serve-{self.port}.log"), "w+")
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt={ckpt}", f"--port={self.port}", *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )  # fmt: skip
+        for _ in range(300):  # at most 30 s to start
+            if self.process.poll() is not None:
+                raise AssertionError(f"serve.py exited {self.process.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"serve.py did not answer in 30 s:\n{self.output()}")
+
+    def output(self):
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self.log.close()

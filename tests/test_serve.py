@@ -18,7 +18,7 @@ import httpx
 import hypothesis
 import pytest
 import torch
-from helpers import ROOT, fine_tune_chat, run_script
+from helpers import ROOT, Server, fine_tune_chat, free_port, run_script
 from hypothesis import strategies as st
 
 from model import GPT, GPTConfig
@@ -38,46 +38,6 @@ def chat_ckpt(trained_run, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve_chat")
     base = trained_run / "out" / "trained.pth"
     return fine_tune_chat(folder, base, "--n_embd=64", "--max_iters=60", "--eval_interval=60")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """python serve.py on a free loopback port, until stop()."""
-
-    def __init__(self, ckpt, *args, env=None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(os.path.join(os.path.dirname(ckpt), f"serve-{self.port}.log"), "w+")
-        self.process = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt={ckpt}", f"--port={self.port}", *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-        )  # fmt: skip
-        for _ in range(300):  # at most 30 s to start
-            if self.process.poll() is not None:
-                raise AssertionError(f"serve.py exited {self.process.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"serve.py did not answer in 30 s:\n{self.output()}")
-
-    def output(self):
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -250,9 +210,12 @@ def test_logprobs_and_echo_with_logprobs_as_openai_shapes_them(chat_server, plai
     chat = openai.OpenAI(base_url=chat_server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
     asked = dict(model="out-chat", messages=[{"role": "user", "content": "Negate: The baby sleeps."}], temperature=0,
                  max_tokens=8, logprobs=True, top_logprobs=2)  # fmt: skip
-    answer = chat.chat.completions.create(**asked).choices[0]
-    content = answer.logprobs.content
+    whole = chat.chat.completions.create(**asked)
+    answer, content = whole.choices[0], whole.choices[0].logprobs.content
     assert "".join(e.token for e in content) == answer.message.content
+    # the end of the turn has its entry last, as vLLM gives it (its text empty); usage counts the answer's tokens
+    assert answer.finish_reason == "stop" and len(content) == whole.usage.completion_tokens + 1
+    assert content[-1].token == "" and content[-1].bytes == [] and content[-1].logprob > -1
     for e in content:
         assert [t.token for t in e.top_logprobs][0] == e.token and len(e.top_logprobs) == 2
         assert e.bytes == list(e.token.encode()) and e.top_logprobs[0].logprob == e.logprob <= 0
