@@ -27,7 +27,13 @@ own logits (to float32 rounding): a model.py edited into something the architect
 not compute (an activation, a soft-cap), or a tensor with no place in it, is refused in a
 line that names it. An output layer of its own (untied) is written as one.
 
-Needs the safetensors and transformers packages (pip install safetensors transformers).
+With --format=gguf it writes one GGUF file instead, for llama.cpp, ollama and LM Studio
+(tensegpt/gguf_export.py), its matrices F32, F16, BF16, Q8_0, Q5_0 or Q4_0 (--outtype):
+
+    python export.py --ckpt=out/trained.pth --format=gguf --outtype=q8_0 --out=model.gguf
+
+Needs the safetensors and transformers packages (pip install safetensors transformers),
+and for GGUF the gguf package (pip install gguf).
 """
 
 import fnmatch
@@ -38,14 +44,17 @@ import sys
 from tensegpt import checkpoint as ckpt
 from tensegpt import hf_tokenizer, lora
 from tensegpt.common import UserError, atomic_write, check_writable_folder, main_guard, parse_config
+from tensegpt.gguf_export import OUTTYPES, write_gguf
 from tensegpt.hf import check_logits, export_architecture, peft_adapter, to_hf
 from tensegpt.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256, gpt2_file
 from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 
 DEFAULTS = {
     "ckpt": "out/trained.pth",  # the checkpoint to export
-    "out": "hf-model",  # the folder to write; one that holds other files needs --overwrite=True
-    "overwrite": False,  # True: replace the model files of a non-empty --out folder (other files stay)
+    "format": "hf",  # 'hf' (a Hugging Face folder) or 'gguf' (one file for llama.cpp, ollama and LM Studio)
+    "out": "",  # what to write: the folder (hf), the file (gguf); empty: hf-model or model.gguf
+    "outtype": "f16",  # --format=gguf: the matrices as f32, f16, bf16, q8_0, q5_0 or q4_0 (norms, biases f32)
+    "overwrite": False,  # True: replace the model files of a non-empty --out folder (other files stay), or the file
     "adapter_out": "",  # a LoRA fine-tune: its adapters as a PEFT folder here, the base model in --out; empty: merged
 }
 WRITES = [
@@ -74,6 +83,7 @@ HF_MODEL_FILES = [
 
 def main():
     config = parse_config(DEFAULTS, sys.argv[1:], allow_files=False, doc=__doc__)
+    check_options(config)
     try:
         from safetensors.torch import save
     except ImportError:
@@ -116,8 +126,20 @@ def main():
     if separate:
         adapter_config, adapter_tensors = peft_adapter(model_config, adapters, lora_settings, tokenizer.vocab_size)
 
-    # the tokenizer the model was trained with, in the files transformers reads
+    # the tokenizer the model was trained with, in the files transformers reads (and GGUF carries)
     tokenizer_json = hf_tokenizer.bpe_tokenizer_json(tokenizer_meta)
+    tokenizer_config = hf_tokenizer.tokenizer_config(tokenizer_meta, model_config["block_size"])
+    n_params = sum(t.numel() for t in tensors.values())
+    summary = f"{ARCHITECTURES[architecture]}, {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size:,}"
+    summary += ", chat template" if chat else ""
+    if config["format"] == "gguf":
+        name = os.path.basename(os.path.dirname(os.path.abspath(config["ckpt"])))
+        outtype = config["outtype"]
+        counts = write_gguf(config["out"], hf_config, tensors, tokenizer_json, tokenizer_config, outtype, name)
+        kinds = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+        print(f"wrote {config['out']} (GGUF, {summary}; tensors: {kinds})")
+        return
+
     if tokenizer_meta["tokenizer"] == "gpt2":
         # GPT-2's own vocab.json and merges.txt, byte for byte
         vocab = read_bytes(gpt2_file("encoder.json", ENCODER_JSON_SHA256))
@@ -130,7 +152,7 @@ def main():
         "config.json": as_json(hf_config),
         "generation_config.json": as_json(generation),
         "tokenizer.json": as_json(tokenizer_json),
-        "tokenizer_config.json": as_json(hf_tokenizer.tokenizer_config(tokenizer_meta, model_config["block_size"])),
+        "tokenizer_config.json": as_json(tokenizer_config),
         "vocab.json": vocab,
         "merges.txt": merges,
     }
@@ -148,11 +170,7 @@ def main():
             os.remove(os.path.join(out, name))
     for name, data in files.items():
         atomic_write(os.path.join(out, name), lambda f, data=data: f.write(data))
-    n_params = sum(t.numel() for t in tensors.values())
-    print(
-        f"wrote {out}/config.json, model.safetensors ({ARCHITECTURES[architecture]}, {n_params / 1e6:.2f}M parameters, "
-        f"vocab {tokenizer.vocab_size:,}{', chat template' if chat else ''}), {', '.join(list(files)[2:])}"
-    )
+    print(f"wrote {out}/config.json, model.safetensors ({summary}), {', '.join(list(files)[2:])}")
     if separate:
         adapter_out = config["adapter_out"]
         adapter_config["base_model_name_or_path"] = os.path.abspath(out)
@@ -163,6 +181,24 @@ def main():
         targets = ", ".join(adapter_config["target_modules"])
         whole = " and the adapted embedding whole" if adapter_config["modules_to_save"] else ""
         print(f"wrote {adapter_out}/adapter_config.json, adapter_model.safetensors (PEFT LoRA on {targets}{whole})")
+
+
+def check_options(config):
+    """--format and what goes with it: the default --out of each, --outtype for GGUF only, GGUF's adapters merged."""
+    if config["format"] not in ("hf", "gguf"):
+        raise UserError(f"--format must be hf or gguf, got {config['format']!r}")
+    if config["outtype"] not in OUTTYPES:
+        raise UserError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {config['outtype']!r}")
+    gguf = config["format"] == "gguf"
+    config["out"] = config["out"] or ("model.gguf" if gguf else "hf-model")
+    if not gguf and config["outtype"] != DEFAULTS["outtype"]:
+        raise UserError("--outtype is for --format=gguf; a Hugging Face folder holds float32 weights")
+    if gguf and config["adapter_out"]:
+        raise UserError("a GGUF file holds the LoRA adapters merged in: leave out --adapter_out (or use --format=hf)")
+    if gguf and os.path.isdir(config["out"]):
+        raise UserError(f"--out={config['out']} is a folder; a GGUF export is one file: pass --out=model.gguf")
+    if gguf and os.path.exists(config["out"]) and not config["overwrite"]:
+        raise UserError(f"{config['out']} exists: pass --overwrite=True to replace it, or another --out=FILE")
 
 
 def as_json(value):

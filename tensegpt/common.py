@@ -169,23 +169,32 @@ class _RecordingWriter:
         return getattr(self.f, name)
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, by_name=False):
     """
     write(f) fills a temporary file in path's folder, which then replaces path in one
     rename: a crash at any moment leaves the old file or the new one, never half of one.
     A write that fails (a full disk, a file-size limit, a folder that went away) is a
     one-line UserError that names the path and the reason; the old file stays as it was.
+    by_name: write(name) gets the temporary file's name instead, for a library that opens
+    the file itself (gguf's writer).
     """
     folder = os.path.dirname(os.path.abspath(path))
     kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
     tmp, writer = None, None
     try:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            writer = _RecordingWriter(f)
-            write(writer)
-            f.flush()
-            os.fsync(f.fileno())
+        if by_name:
+            os.close(fd)
+            write(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        else:
+            with os.fdopen(fd, "wb") as f:
+                writer = _RecordingWriter(f)
+                write(writer)
+                f.flush()
+                os.fsync(f.fileno())
         # mkstemp makes the file private (0600); give it the mode a plain open() would
         umask = os.umask(0)
         os.umask(umask)

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 
+import llama_cpp
 import pytest
 import torch
 from helpers import ROOT, run_script, tense_lines
@@ -208,12 +209,21 @@ def test_every_stage_works_or_names_what_the_fork_changed(name, prepared, tmp_pa
 
     # export: written and read back to the same greedy text, or refused in a line that names the difference
     result = script(tmp_path, "export.py", "--ckpt=out/trained.pth", "--out=hf", check=False)
+    as_gguf = script(tmp_path, "export.py", "--ckpt=out/trained.pth", "--format=gguf", "--outtype=f32", check=False)
     if exported is not None:
         one_line_error(result, exported, "nothing was written")
-        assert not (tmp_path / "hf" / "model.safetensors").exists()
+        one_line_error(as_gguf, exported, "nothing was written")
+        assert not (tmp_path / "hf" / "model.safetensors").exists() and not (tmp_path / "model.gguf").exists()
         return
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0 and as_gguf.returncode == 0, result.stderr + as_gguf.stderr
     back = script(tmp_path, "sample.py", "--init_from=hf:hf", *greedy).stdout
     assert back == text
+    # and llama.cpp, reading the GGUF file, writes the same greedy text
+    from tensegpt.tokenizer import from_meta
+
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), n_ctx=64, verbose=False, n_threads=1)
+    reply = llm.create_completion(prompt=from_meta(saved["tokenizer_meta"]).encode("The"), max_tokens=20,
+                                  temperature=0.0, repeat_penalty=1.0)  # fmt: skip
+    assert "The" + reply["choices"][0]["text"] == text.strip()
     if name == "untied":
         assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is False
