@@ -30,6 +30,7 @@ from tensegpt.compiling import compile_now
 from tensegpt.data import open_splits
 from tensegpt.hardware import autocast_for, measure_peak_flops
 from tensegpt.optim import configure_optimizers
+from tensegpt.overfitting import Overfitting, data_budget
 from tensegpt.packing import ChatBatches
 from tensegpt.runlog import format_seconds
 from tensegpt.tokenizer import from_meta as tokenizer_from_meta
@@ -41,6 +42,7 @@ DEFAULTS = {
     "init_from": "scratch",  # 'scratch', 'resume', 'hf:FOLDER', 'gpt2' (to gpt2-xl) or a .pth to fine-tune
     "overwrite": False,  # scratch into an out_dir that has a trained.pth replaces it only if True
     "eval_interval": 250,  # evaluate (and save) every this many iterations
+    "early_stop": 0,  # stop after this many evaluations without a better val loss (patience); 0: run to max_iters
     "eval_iters": 20,  # batches per split in each evaluation
     "log_interval": 25,  # a progress line every this many iterations
     # data
@@ -241,9 +243,12 @@ def main():
         splits["train"], config, device, config["seed"], micro_batches, run.rank, world_size, log.say
     )
     iter_num, best_val_loss = 0, float("inf")
+    # evaluations since the best val loss: memorising is said once, and --early_stop stops the run
+    overfitting = Overfitting(config["early_stop"], run.best_path)
     if resume:
         distributed.restore(start.saved, gpt, optimizers, batches.generator, device.split(":")[0], config["fsdp"])
         iter_num, best_val_loss = start.saved["iter_num"], start.saved["best_val_loss"]
+        overfitting.restore(start.saved.get("overfitting"))
     for note in start.notes:
         log.say(note)
     # the whole weights: under FSDP each rank now keeps only its shard
@@ -254,6 +259,7 @@ def main():
     autocast, scaler = autocast_for(device, run.dtype)
     peak = config["peak_flops"] or measure_peak_flops(device, getattr(torch, run.dtype))
     log.describe(gpt, tokenizer_meta, device, f"{run.dtype}, {gpt.config.attention} attention", world_size, peak)
+    log.say(data_budget(meta["train_tokens"], gpt.num_params(), config))
     if config["compile"] and world_size == 1:
         # compiled now, so that a machine that cannot compile trains uncompiled, said in one line
         config["compile"] = compile_now(model, config, gpt.config.vocab_size, device, autocast, log.say)
@@ -262,7 +268,7 @@ def main():
     def save(paths, reason):
         # every rank: gathering FSDP's shards takes all of them
         state = distributed.training_state(gpt, optimizers, batches.generator, device.split(":")[0])
-        state.update(record, iter_num=iter_num, best_val_loss=best_val_loss)
+        state.update(record, iter_num=iter_num, best_val_loss=best_val_loss, overfitting=overfitting.state())
         if run.rank == 0:
             for path in paths:
                 checkpoint.save(state, path)
@@ -284,12 +290,14 @@ def main():
             log.evaluation(iter_num, losses)
             if iter_num > start_iter:
                 improved, best_val_loss = losses["val"] < best_val_loss, min(best_val_loss, losses["val"])
+                for line in overfitting.after(iter_num, losses, improved):
+                    log.say(line)
                 if improved:
                     save([run.last_path, run.best_path], "best val loss so far")
                 else:
                     save([run.last_path], "latest")
             t_log += time.perf_counter() - t_eval  # ms/iter counts training steps only
-        if iter_num >= config["max_iters"]:
+        if iter_num >= config["max_iters"] or overfitting.stop():
             break
 
         lr = get_lr(iter_num, config)

@@ -32,6 +32,7 @@ RESUME_FREE = {  # how the run is carried out or reported: the saved state serve
     "init_from",
     "overwrite",
     "eval_interval",
+    "early_stop",
     "log_interval",
     "device",
     "dtype",
@@ -92,7 +93,7 @@ def check_train_config(config):
     for key in positive:
         if config[key] <= 0:
             raise UserError(f"config key {key} must be positive, got {config[key]}")
-    for key in ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip"):
+    for key in ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "early_stop"):
         if config[key] < 0:
             raise UserError(f"config key {key} must not be negative, got {config[key]}")
     init = config["init_from"]
