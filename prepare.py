@@ -31,7 +31,9 @@ import sys
 import time
 
 import numpy as np
+import regex
 
+from tensegpt import bpe
 from tensegpt import tokenizer as tok
 from tensegpt.chat import ChatTokenizer, is_chat_file, numbered_contents, read_records
 from tensegpt.common import (
@@ -52,8 +54,9 @@ DEFAULTS = {
     "split": "auto",  # 'random' (seeded choice of examples) or 'last' (the end); auto: random, last for file
     "full_vocab": False,  # True: plain GPT-2 ids (a model with all 50,257 tokens)
     "errors": "strict",  # 'strict': stop at bytes that are not UTF-8; 'replace': use U+FFFD
-    "tokenizer": "gpt2",  # 'gpt2' (BPE), 'char' (one id per character) or 'word' (word level)
-    "vocab_size": 5000,  # word: at most this many ids, the most frequent words first
+    "tokenizer": "gpt2",  # 'gpt2' (GPT-2's BPE), 'bpe' (a BPE learned from the train split), 'char' or 'word'
+    "vocab_size": 5000,  # word: at most this many ids, the most frequent words first; bpe: the tokens to learn
+    "split_pattern": "",  # bpe: the regex that cuts text into pieces before merging; empty: GPT-2's
     "min_frequency": 0,  # rarer tokens get no id (gpt2: kept pieces; word: <unk>); 0: 4 for gpt2, 2 for word
     "vocab_from": "",  # a data folder or checkpoint whose vocabulary to use (to fine-tune it); empty: new
     "val_input": "",  # a .jsonl of conversations held out for validation; empty: val_fraction of --input's
@@ -133,8 +136,20 @@ def check_options(config):
         raise UserError(
             "--example=file is one stream, so its val split is the end of the text: use --split=last (or auto)"
         )
-    if kind not in ("gpt2", "char", "word"):
-        raise UserError(f"--tokenizer must be gpt2, char or word, got {kind!r}")
+    if kind not in ("gpt2", "bpe", "char", "word"):
+        raise UserError(f"--tokenizer must be gpt2, bpe, char or word, got {kind!r}")
+    if kind == "bpe" and not 257 < config["vocab_size"] <= 65536:
+        size = config["vocab_size"]
+        raise UserError(
+            f"--vocab_size must be between 258 and 65536 (256 bytes and end-of-text come first), got {size}"
+        )
+    if config["split_pattern"] and kind != "bpe":
+        raise UserError("--split_pattern applies to --tokenizer=bpe only (the others split as they were made to)")
+    if config["split_pattern"]:
+        try:
+            tok.BPE([bytes([b]) for b in range(256)], config["split_pattern"])
+        except (ValueError, regex.error) as e:
+            raise UserError(f"--split_pattern={config['split_pattern']!r} is not a regular expression: {e}") from None
     if config["full_vocab"] and kind != "gpt2":
         raise UserError(f"--full_vocab applies to --tokenizer=gpt2 only (got --tokenizer={kind})")
     if kind == "word" and not 4 < config["vocab_size"] <= 65536:
@@ -143,13 +158,15 @@ def check_options(config):
     if config["min_frequency"] < 0:
         frequency = config["min_frequency"]
         raise UserError(f"--min_frequency must be 1 or more (0: the tokenizer's default), got {frequency}")
-    if kind != "word" and config["vocab_size"] != DEFAULTS["vocab_size"]:
+    if kind not in ("word", "bpe") and config["vocab_size"] != DEFAULTS["vocab_size"]:
         smaller = " (--min_frequency makes the compact one smaller)" if kind == "gpt2" else ""
         raise UserError(
-            f"--vocab_size applies to --tokenizer=word only; a {kind} vocabulary is what the text uses{smaller}"
+            f"--vocab_size applies to --tokenizer=word and bpe; a {kind} vocabulary is what the text uses{smaller}"
         )
-    if config["min_frequency"] and (kind == "char" or config["full_vocab"]):
+    if config["min_frequency"] and (kind in ("char", "bpe") or config["full_vocab"]):
         keeps = "char keeps every character of the text"
+        if kind == "bpe":
+            keeps = "bpe merges every pair seen twice or more, up to --vocab_size"
         if config["full_vocab"]:
             keeps = "--full_vocab keeps all of GPT-2's tokens"
         raise UserError(f"--min_frequency applies to the compact gpt2 vocabulary and to --tokenizer=word: {keeps}")
@@ -222,7 +239,7 @@ def main():
     for _, examples in read_examples(path, config["errors"], example):
         n_examples += len(examples)
         has_text = has_text or any(not e.isspace() for e in examples if e)
-        if kind != "gpt2":
+        if kind in ("char", "word"):
             counts.update(vocabulary_units(kind, examples))
         if example == "line":
             lines += len(examples)
@@ -242,7 +259,7 @@ def main():
     elif kind == "gpt2":
         # made compact after the train split, once we know which ids it uses
         tokenizer = tok.GPT2()
-    else:
+    elif kind == "char" or kind == "word":
         tokenizer = new_vocabulary(config, counts, path)
     if lines >= 20 and open_lines > lines / 2:
         print(
@@ -252,6 +269,9 @@ def main():
         )
 
     is_val = choose_val(n_examples, config, stream=example == "file")
+    if kind == "bpe" and not config["vocab_from"]:
+        # learned from the train split alone: val stays text the tokenizer never saw
+        tokenizer = new_vocabulary(config, train_pieces(path, config, is_val), path)
 
     # Pass 2 tokenizes the train examples, pass 3 the val ones with the finished tokenizer (the
     # compact vocabulary is the train split's): a batch at a time, GPT-2 on every core.
@@ -322,7 +342,9 @@ def prepare_chat(config):
         base = vocabulary_from(config["vocab_from"], numbered_contents(path, config["val_input"]))
     else:
         texts = [m["content"] for c in conversations["train"] for m in c]
-        if kind != "gpt2":
+        if kind == "bpe":
+            counts = bpe.pieces(texts, config["split_pattern"] or bpe.GPT2_PATTERN)
+        elif kind != "gpt2":
             counts = collections.Counter(vocabulary_units(kind, texts))
         else:
             counts = np.bincount(tok.encode_examples(tok.GPT2(), texts), minlength=tok.GPT2_EOT + 1)
@@ -370,6 +392,16 @@ def choose_val(n, config, stream=False):
     return is_val
 
 
+def train_pieces(path, config, is_val):
+    """How often each piece (bpe.pieces) of the train split's examples occurs: what a bpe vocabulary learns from."""
+    counts, first = collections.Counter(), 0
+    for _, examples in read_examples(path, config["errors"], config["example"]):
+        mine = [e for e, v in zip(examples, is_val[first : first + len(examples)]) if not v]
+        first += len(examples)
+        counts.update(bpe.pieces(mine, config["split_pattern"] or bpe.GPT2_PATTERN))
+    return counts
+
+
 def vocabulary_units(kind, texts):
     """What a char or word vocabulary gives ids to, one item per occurrence in texts (to count)."""
     pieces = texts if kind == "char" else map(tok.Word.pieces, texts)
@@ -383,7 +415,17 @@ def new_vocabulary(config, counts, path):
     """
     kind = config["tokenizer"]
     min_frequency = config["min_frequency"] or MIN_FREQUENCY.get(kind)
-    if kind == "char":
+    if kind == "bpe":
+        started = time.time()
+        tokenizer = tok.BPE.learn(counts, config["vocab_size"], config["split_pattern"] or bpe.GPT2_PATTERN)
+        print(
+            f"bpe: learned {tokenizer.vocab_size - 257:,} merges from {len(counts):,} distinct pieces in "
+            f"{time.time() - started:.1f}s (vocab {tokenizer.vocab_size:,}"
+            + (f"; no pair is seen twice past that, of the {config['vocab_size']:,} asked" if
+               tokenizer.vocab_size < config["vocab_size"] else "") + ")",
+            flush=True,
+        )  # fmt: skip
+    elif kind == "char":
         tokenizer = tok.Char.from_counts(counts)
     elif kind == "word":
         tokenizer = tok.Word.from_counts(counts, config["vocab_size"], min_frequency)

@@ -115,6 +115,11 @@ def quantized(gguf, tensor, tensor_type):
 def write_gguf(path, hf_config, tensors, tokenizer_json, tokenizer_config, outtype, name):
     """The export as one GGUF file at path (written whole, then renamed into place); the tensor types, counted."""
     gguf = import_gguf()
+    if tokenizer_json["pre_tokenizer"]["type"] != "ByteLevel":
+        raise UserError(
+            "cannot export to GGUF: llama.cpp splits text with the patterns it has names for, and a --split_pattern "
+            "of your own has none: prepare with GPT-2's (leave out --split_pattern), or export --format=hf"
+        )
     if problem := gguf_problem(hf_config):
         raise UserError(f"cannot export to GGUF: {problem}; nothing was written")
     tensor_type, file_type = OUTTYPES[outtype]

@@ -20,6 +20,8 @@ import functools
 import json
 import os
 
+from tiktoken_ext.openai_public import r50k_pat_str
+
 from tensegpt.chat import CHAT_TOKENS
 from tensegpt.common import UserError
 from tensegpt.tokenizer import (
@@ -79,29 +81,49 @@ def gpt2_ids_of(tokenizer_meta):
     return list(range(GPT2_EOT + 1))
 
 
-def bpe_tokenizer_json(tokenizer_meta):
-    """tokenizer.json (as a dict) of a gpt2 or gpt2-compact tokenizer, chat tokens included."""
-    spelling = {gpt2_id: text for text, gpt2_id in gpt2_spellings().items()}
+def spell(token):
+    """A token's bytes as GPT-2's files write them: each byte as one printable character (encoder.json's)."""
+    return "".join(byte_spellings()[b] for b in token)
+
+
+@functools.lru_cache(maxsize=1)
+def byte_spellings():
     gpt2 = gpt2_encoding()
-    gpt2_ids = gpt2_ids_of(tokenizer_meta)
-    vocab = {spelling[g]: i for i, g in enumerate(gpt2_ids)}
+    return {gpt2.decode_single_token_bytes(i)[0]: text for text, i in gpt2_spellings().items() if i < 256}
+
+
+def bpe_tokenizer_json(tokenizer_meta):
+    """tokenizer.json (as a dict) of a gpt2, gpt2-compact or bpe tokenizer, chat tokens included."""
+    pattern = tokenizer_meta.get("pattern", r50k_pat_str)
+    if tokenizer_meta["tokenizer"] == "bpe":
+        tokens = [bytes.fromhex(t) for t in tokenizer_meta["tokens"]]
+        vocab = {spell(t): i for i, t in enumerate(tokens)}
+        eot = len(tokens)
+        vocab[ENDOFTEXT] = eot
+    else:
+        gpt2 = gpt2_encoding()
+        gpt2_ids = gpt2_ids_of(tokenizer_meta)
+        eot = gpt2_ids.index(GPT2_EOT)
+        tokens = [gpt2.decode_single_token_bytes(g) for g in gpt2_ids if g != GPT2_EOT]
+        vocab = {spell(gpt2.decode_single_token_bytes(g)) if g != GPT2_EOT else ENDOFTEXT: i
+                 for i, g in enumerate(gpt2_ids)}  # fmt: skip
     if tokenizer_meta["tokenizer"] == "gpt2":
         # GPT-2's own merges, as its merges.txt lists them
         with open(gpt2_file("vocab.bpe", VOCAB_BPE_SHA256), encoding="utf-8") as f:
             merges = [line.split(" ") for line in f.read().split("\n")[1:] if line]
     else:
-        # every pair of kept tokens whose bytes join into a kept token, ordered by that token's id (its rank)
-        id_of = {gpt2.decode_single_token_bytes(g): i for i, g in enumerate(gpt2_ids) if g != GPT2_EOT}
+        # every pair of tokens whose bytes join into a token, ordered by that token's id (its rank)
+        kept = set(tokens)
         merges = []
-        for token in sorted(id_of, key=id_of.get):
+        for token in tokens:
             for cut in range(1, len(token)):
                 left, right = token[:cut], token[cut:]
-                if left in id_of and right in id_of:
-                    merges.append([spelling[gpt2_ids[id_of[left]]], spelling[gpt2_ids[id_of[right]]]])
-    eot = gpt2_ids.index(GPT2_EOT)
+                if left in kept and right in kept:
+                    merges.append([spell(left), spell(right)])
+    size = len(vocab)
     specials = [(ENDOFTEXT, eot)]
     if tokenizer_meta.get("chat_tokens"):
-        specials += [(text, len(gpt2_ids) + k) for k, text in enumerate(CHAT_TOKENS)]
+        specials += [(text, size + k) for k, text in enumerate(CHAT_TOKENS)]
     added = [
         {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
          "special": True}
@@ -113,7 +135,7 @@ def bpe_tokenizer_json(tokenizer_meta):
         "padding": None,
         "added_tokens": added,
         "normalizer": None,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "pre_tokenizer": pre_tokenizer(pattern),
         "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {
@@ -129,6 +151,16 @@ def bpe_tokenizer_json(tokenizer_meta):
             "merges": merges,
         },
     }
+
+
+def pre_tokenizer(pattern):
+    """GPT-2's split and its bytes as characters (ByteLevel); another split pattern as a Split before it."""
+    if pattern == r50k_pat_str:
+        return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+    ]}  # fmt: skip
 
 
 def vocab_and_merges(tokenizer_json):

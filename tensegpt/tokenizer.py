@@ -14,8 +14,9 @@ densely as 0..n-1, so the model's embedding and output layer shrink to n rows. A
 the text never had splits into the learned pieces GPT-2's merges reach, so every text
 encodes.
 
-Beside them, two tokenizers to compare it with: Char (one id per character) and Word
-(the classic word-level tokenizer with a capped vocabulary and <unk>).
+BPE: merges learned from the text itself (tensegpt/bpe.py trains them), encoded by
+tiktoken as GPT-2's are. Beside them, two tokenizers to compare with: Char (one id per
+character) and Word (the classic word-level tokenizer with a capped vocabulary and <unk>).
 
 Every tokenizer here has the same interface: encode(text) -> list of ids,
 decode(ids) -> text, .eot (the end-of-text id) and .vocab_size (how many ids it uses),
@@ -37,6 +38,7 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str  # "<|endoftext|>", the gpt2 regex
 
+from tensegpt import bpe
 from tensegpt.chat import CHAT_TOKENS, ChatTokenizer
 from tensegpt.common import UserError
 
@@ -205,6 +207,47 @@ class CompactGPT2(GPT2):
         return {"tokenizer": "gpt2-compact", "gpt2_ids": self.gpt2_ids, "fallback": self.fallback}
 
 
+class BPE:
+    """
+    A byte-level BPE learned from the text itself (tensegpt/bpe.py): the 256 single bytes, the
+    tokens the merges made (a token's id is its rank), then end-of-text. Encoded by tiktoken
+    from those ranks and the split pattern, as GPT-2's is.
+    """
+
+    name = "bpe"
+
+    def __init__(self, tokens, pattern=bpe.GPT2_PATTERN):
+        if tokens[:256] != [bytes([b]) for b in range(256)] or len(set(tokens)) != len(tokens):
+            raise ValueError("a bpe vocabulary starts with the 256 single bytes, and names each token once")
+        self.tokens, self.pattern = list(tokens), pattern
+        self.eot = len(self.tokens)
+        self.vocab_size = self.eot + 1
+        self.enc = tiktoken.Encoding(
+            name="bpe",
+            pat_str=pattern,
+            mergeable_ranks={token: i for i, token in enumerate(self.tokens)},
+            special_tokens={ENDOFTEXT: self.eot},
+        )
+
+    @classmethod
+    def learn(cls, piece_counts, vocab_size, pattern=bpe.GPT2_PATTERN):
+        """vocab_size tokens at most (end-of-text included) from {piece: occurrences} (bpe.pieces)."""
+        return cls(bpe.token_bytes(bpe.train(piece_counts, vocab_size - 257)), pattern)
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.enc.decode([i for i in ids if 0 <= i < self.eot])
+
+    def unknown(self, text):
+        return []  # byte-level: every text encodes
+
+    def meta(self):
+        # each token's bytes as hex: JSON holds text, and a token may be part of a character
+        return {"tokenizer": "bpe", "tokens": [t.hex() for t in self.tokens], "pattern": self.pattern}
+
+
 class Char:
     """One id per distinct character of the corpus, after end-of-text (id 0)."""
 
@@ -368,6 +411,8 @@ META_TYPES = {  # meta.json's fields and their types; the first four must be the
     "gpt2_ids": list,
     "chars": list,
     "words": list,
+    "tokens": list,
+    "pattern": str,
     "chat_tokens": list,
     "chat": bool,
     "train_conversations": int,
@@ -381,7 +426,12 @@ KIND_WORDS = {
     (int, float): "a number",
     bool: "true or false",
 }
-TOKENIZER_LISTS = {"gpt2-compact": ("gpt2_ids", int), "char": ("chars", str), "word": ("words", str)}
+TOKENIZER_LISTS = {
+    "gpt2-compact": ("gpt2_ids", int),
+    "char": ("chars", str),
+    "word": ("words", str),
+    "bpe": ("tokens", str),
+}
 
 
 def check_meta(meta):
@@ -429,6 +479,8 @@ def base_from_meta(meta):
         return Char(meta["chars"])
     if kind == "word":
         return Word(meta["words"])
+    if kind == "bpe":
+        return BPE([bytes.fromhex(t) for t in meta["tokens"]], meta.get("pattern", bpe.GPT2_PATTERN))
     raise ValueError(f"unknown tokenizer {kind!r}")
 
 
