@@ -17,7 +17,6 @@ and loss.png (runlog.py), the checkpoint (checkpoint.py).
 """
 
 import math
-import os
 import sys
 import time
 
@@ -32,7 +31,6 @@ from tensegpt.hardware import autocast_for, measure_peak_flops
 from tensegpt.optim import configure_optimizers
 from tensegpt.overfitting import Overfitting, data_budget
 from tensegpt.packing import ChatBatches
-from tensegpt.runlog import format_seconds
 from tensegpt.tokenizer import from_meta as tokenizer_from_meta
 
 DEFAULTS = {
@@ -312,16 +310,10 @@ def main():
             t_log, n_logged = time.perf_counter(), 0
         if stop:
             save([run.last_path], "interrupted")
-            args = [a for a in sys.argv[1:] if not a.startswith(("--init_from", "--overwrite"))]
-            log.say(f"interrupted: continue with python train.py {' '.join(args)} --init_from=resume", sys.stderr)
+            log.interrupted(sys.argv[1:])
             sys.exit(130)
 
-    log.say(
-        f"done: best val loss {best_val_loss:.4f}, {format_seconds(time.perf_counter() - t_start)}; "
-        f"{run.best_path} is the best model, {run.last_path} the latest state"
-    )
-    ckpt_flag = "" if run.best_path == os.path.join("out", "trained.pth") else " --ckpt=" + run.best_path
-    log.say(f"sample from it: python sample.py{ckpt_flag}")
+    log.done(best_val_loss, time.perf_counter() - t_start, run.best_path, run.last_path)
     distributed.finish(world_size)
 
 

@@ -35,6 +35,20 @@ class RunLog:
         if self.master:
             print(text, file=file, flush=True)
 
+    def interrupted(self, argv):
+        """After Ctrl-C: the command that goes on from last.pth."""
+        args = [a for a in argv if not a.startswith(("--init_from", "--overwrite"))]
+        self.say(f"interrupted: continue with python train.py {' '.join(args)} --init_from=resume", sys.stderr)
+
+    def done(self, best_val_loss, seconds, best_path, last_path):
+        """The run's last lines: the best val loss, the time, and how to sample from the best model."""
+        self.say(
+            f"done: best val loss {best_val_loss:.4f}, {format_seconds(seconds)}; "
+            f"{best_path} is the best model, {last_path} the latest state"
+        )
+        ckpt_flag = "" if best_path == os.path.join("out", "trained.pth") else " --ckpt=" + best_path
+        self.say(f"sample from it: python sample.py{ckpt_flag}")
+
     def new_log(self):
         """An empty metrics.jsonl: a new run starts a new log (a resumed one appends)."""
         if self.master:

@@ -388,7 +388,7 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
         (
             "prepare.py",
             ["--vocab_size=300"],
-            "--vocab_size applies to --tokenizer=word only; a gpt2 vocabulary is what the text uses "
+            "--vocab_size applies to --tokenizer=word and bpe; a gpt2 vocabulary is what the text uses "
             "(--min_frequency makes the compact one smaller)",
         ),
         (

@@ -72,7 +72,8 @@ def test_every_readme_command_runs_as_written(tmp_path):
     book = "\n\n".join(
         f"Chapter {i}. Once upon a time there was a baby\nwho slept in the garden, and" for i in range(200)
     )
-    for name in ("my.txt", "my_book.txt"):
+    # (alice.txt: docs/tokenizers.md's book, here the same chapters)
+    for name in ("my.txt", "my_book.txt", "alice.txt"):
         (tmp_path / name).write_text(book + "\n", encoding="utf-8")
     (tmp_path / "prompt.txt").write_text("The baby is\n", encoding="utf-8")
     shutil.copytree(os.path.join(ROOT, "config"), tmp_path / "config")
