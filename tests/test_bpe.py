@@ -159,3 +159,19 @@ def test_a_split_pattern_of_its_own_exports_to_transformers_and_is_refused_by_gg
 
     with pytest.raises(UserError, match="a --split_pattern of your own has none"):
         write_gguf(str(tmp_path / "m.gguf"), {}, {}, bpe_tokenizer_json(tokenizer.meta()), {}, "f32", "m")
+
+
+def test_chat_fine_tuning_data_takes_a_bpe_and_exports_its_template(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    run_script("make_tense.py", "--task=chat", "--n=200", cwd=tmp_path)
+    run_script("prepare.py", "--input=tense_chat.jsonl", "--val_input=tense_chat_val.jsonl", "--tokenizer=bpe",
+               "--vocab_size=500", "--out_dir=data-chat", cwd=tmp_path)  # fmt: skip
+    run_script("train.py", os.path.join(ROOT, "config", "tiny.py"), "--chat=True", "--data_dir=data-chat",
+               "--out_dir=out-chat", "--max_iters=4", "--eval_interval=4", "--eval_iters=1", cwd=tmp_path)  # fmt: skip
+    tokenizer = load_model(str(tmp_path / "out-chat" / "trained.pth"))[1]
+    assert tokenizer.base.name == "bpe"
+    run_script("export.py", "--ckpt=out-chat/trained.pth", "--out=hf", cwd=tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    conversation = [{"role": "user", "content": "Negate: The baby is sleeping."}]
+    rendered = hf.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    assert hf(rendered, add_special_tokens=False)["input_ids"] == tokenizer.prompt(conversation)
